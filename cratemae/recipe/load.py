@@ -1,0 +1,139 @@
+"""Reading a recipe: TOML file -> `--set` overrides -> validation, with one-line errors.
+
+Defaults live in the schema, the recipe file overrides them, and `--set a.b=value`
+overrides the file. Every error names the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from pydantic import BaseModel, ValidationError
+
+from cratemae.errors import BadInputError
+from cratemae.recipe.schema import Recipe
+
+__all__ = [
+    "apply_overrides",
+    "diff_recipes",
+    "dump_recipe",
+    "load_recipe",
+    "parse_recipe",
+    "recipe_hash",
+    "unsafe_changes",
+]
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read, override and validate the recipe at `path`; raise `BadInputError` if it is bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: recipe file not found")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise BadInputError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path}: not a text file (expected TOML)") from None
+    return parse_recipe(apply_overrides(raw, overrides), source=str(path))
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate an already-parsed recipe dict; `source` names it in errors."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise BadInputError(_format_validation_error(err, source)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `key.path=value` applied (value parsed as TOML)."""
+    raw = json.loads(json.dumps(raw))  # deep copy of plain TOML data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise BadInputError(f"--set {item!r}: expected key.path=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise BadInputError(f"--set {key}: {where} is a value, not a section")
+            node = child
+        node[leaf] = _parse_value(text.strip())
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (`3`, `1e-4`, `true`, `[0.9, 0.95]`, `"x"`), else the bare text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # lets `--set run.out_dir=runs/x` work without quotes
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `file: key.path: what was expected (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as TOML (unset optional fields are left out)."""
+    return tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True))
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """A short, stable hash of the resolved recipe (stored in checkpoints)."""
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def diff_recipes(old: Recipe, new: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Every key path whose value differs, mapped to (old, new)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    _diff(old.model_dump(mode="json"), new.model_dump(mode="json"), "", out)
+    return out
+
+
+def _diff(a: Any, b: Any, prefix: str, out: dict[str, tuple[Any, Any]]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            _diff(a.get(k), b.get(k), f"{prefix}{k}.", out)
+    elif a != b:
+        out[prefix.rstrip(".")] = (a, b)
+
+
+def unsafe_changes(old: Recipe, new: Recipe) -> list[str]:
+    """The changed key paths that are not marked safe to change on resume."""
+    return [k for k in diff_recipes(old, new) if not _is_safe(Recipe, k.split("."))]
+
+
+def _is_safe(model: type[BaseModel], parts: list[str]) -> bool:
+    field = model.model_fields.get(parts[0])
+    if field is None:
+        return False
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and extra.get("safe_to_change"):
+        return True
+    sub = field.annotation
+    if len(parts) > 1 and isinstance(sub, type) and issubclass(sub, BaseModel):
+        return _is_safe(sub, parts[1:])
+    return False

@@ -1,0 +1,133 @@
+"""The recipe: every setting of a run, as pydantic models that refuse unknown keys.
+
+Sections follow the data flow: `model` -> `data` -> `optim`/`schedule` -> `run`. A field
+marked `safe_to_change` in its `json_schema_extra` may differ when a run is resumed (for
+example the number of epochs); any other change makes resume refuse.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["DataSection", "ModelSection", "OptimSection", "Recipe", "RunSection", "SchedSection"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODEL_NAMES = ("crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+SAFE = {"safe_to_change": True}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSection(_Section):
+    """Which preset, plus optional overrides of `cratemae.model.CrateMAEConfig` fields."""
+
+    name: Literal[MODEL_NAMES] = "crate_mae_base"  # type: ignore[valid-type]
+    img_size: PositiveInt | None = None
+    patch_size: PositiveInt | None = None
+    in_chans: PositiveInt | None = None
+    embed_dim: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
+    decoder_embed_dim: PositiveInt | None = None
+    decoder_depth: PositiveInt | None = None
+    decoder_num_heads: PositiveInt | None = None
+    norm_pix_loss: bool | None = None
+    ista_step_size: Annotated[float, Field(gt=0)] | None = None
+    ista_lambda: Annotated[float, Field(ge=0)] | None = None
+    encoder_visible_only: bool | None = None
+    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.75
+
+    def config_overrides(self) -> dict:
+        """The fields to pass to `create_model(name, **overrides)`: those the recipe sets."""
+        skip = {"name", "mask_ratio"}
+        return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+class DataSection(_Section):
+    """Where the images come from and how they are batched (per device)."""
+
+    train: str | list[str] | None = None
+    val: str | list[str] | None = None
+    batch_size: PositiveInt = 64
+    num_workers: Annotated[int, Field(ge=0)] = Field(8, json_schema_extra=SAFE)
+    # Draw shards with replacement (large clusters): every rank reads `epoch_samples / world`.
+    resampled: bool = False
+    epoch_samples: PositiveInt | None = None
+    shuffle_buffer: Annotated[int, Field(ge=0)] = 1000
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # "gpu" decodes JPEGs with nvJPEG on the device when the CPUs cannot keep up.
+    decode: Literal["cpu", "gpu"] = "cpu"
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("crop_scale must be (low, high) with 0 < low <= high <= 1")
+        return v
+
+
+class OptimSection(_Section):
+    """AdamW. `lr` (absolute) wins over `base_lr` (scaled by effective batch / 256)."""
+
+    base_lr: Annotated[float, Field(gt=0)] = 1.5e-4
+    lr: Annotated[float, Field(gt=0)] | None = None
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: Annotated[float, Field(gt=0)] | None = None
+    accum_steps: PositiveInt = 1
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("betas must each be in [0, 1)")
+        return v
+
+
+class SchedSection(_Section):
+    """Length of the run and of the warm-up, in epochs; `max_steps` caps optimizer steps."""
+
+    epochs: PositiveInt = Field(800, json_schema_extra=SAFE)
+    warmup_epochs: Annotated[float, Field(ge=0)] = 40
+    max_steps: PositiveInt | None = Field(None, json_schema_extra=SAFE)
+
+
+class RunSection(_Section):
+    """Where the run writes, how it logs and checkpoints, and its numerics."""
+
+    out_dir: str = Field("runs/pretrain", json_schema_extra=SAFE)
+    seed: int = 0
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    compile: bool = Field(False, json_schema_extra=SAFE)
+    log_every: PositiveInt = Field(50, json_schema_extra=SAFE)
+    checkpoint_every_steps: PositiveInt | None = Field(None, json_schema_extra=SAFE)
+    checkpoint_every_minutes: Annotated[float, Field(gt=0)] = Field(30, json_schema_extra=SAFE)
+    keep_last: PositiveInt = Field(2, json_schema_extra=SAFE)
+    keep_every_epochs: PositiveInt | None = Field(None, json_schema_extra=SAFE)
+    max_nonfinite: PositiveInt = Field(20, json_schema_extra=SAFE)
+    # Rendezvous for `srun` launches without torchrun (torchrun sets MASTER_ADDR itself).
+    master_addr: str | None = Field(None, json_schema_extra=SAFE)
+    master_port: Annotated[int, Field(gt=0, lt=65536)] | None = Field(
+        None, json_schema_extra=SAFE
+    )
+
+
+class Recipe(_Section):
+    """A whole recipe file. Sections may be omitted; each has defaults."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    schedule: SchedSection = SchedSection()
+    run: RunSection = RunSection()
