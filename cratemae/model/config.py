@@ -1,0 +1,123 @@
+"""The model's only input: a frozen configuration, and the four published presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PRESETS", "CrateMAEConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrateMAEConfig:
+    """Shape and hyper-parameters of a CRATE-MAE model.
+
+    Args:
+        img_size: Training image size in pixels (square).
+        patch_size: Side of a square patch in pixels.
+        in_chans: Image channels.
+        embed_dim: Token width d of the encoder.
+        depth: Number of encoder layers (MSSA + ISTA).
+        num_heads: Number of MSSA heads K in the encoder; each subspace has d/K dimensions.
+        decoder_embed_dim: Token width of the decoder. It must equal `embed_dim`: the
+            decoder inverts the encoder layer by layer and takes the latent as it is.
+        decoder_depth: Number of decoder layers (linear map, minus MSSA).
+        decoder_num_heads: Number of MSSA heads in the decoder.
+        norm_pix_loss: Standardise each target patch by its own mean and variance.
+        ista_step_size: eta, the ISTA step size.
+        ista_lambda: lambda, the sparsity penalty of the ISTA step.
+        encoder_visible_only: MAE-style encoder on the kept tokens only (plus CLS). About 4x
+            fewer encoder tokens at mask ratio 0.75, but a different model from the
+            authors', whose encoder sees mask tokens in every removed position.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    norm_pix_loss: bool = False
+    ista_step_size: float = 0.1
+    ista_lambda: float = 0.5
+    encoder_visible_only: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.decoder_embed_dim != self.embed_dim:
+            raise ValueError(
+                f"decoder_embed_dim ({self.decoder_embed_dim}) must equal embed_dim "
+                f"({self.embed_dim}): the CRATE-MAE decoder takes the latent as it is"
+            )
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(
+                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads {self.decoder_num_heads}"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at the training size."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CrateMAEConfig:
+        """Build from a dict; unknown keys are an error, so a typo never passes silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CrateMAEConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+def _preset(dim: int, heads: int, depth: int) -> dict[str, Any]:
+    # Decoder width, heads and depth equal the encoder's in every published size.
+    return dict(
+        embed_dim=dim,
+        num_heads=heads,
+        depth=depth,
+        decoder_embed_dim=dim,
+        decoder_num_heads=heads,
+        decoder_depth=depth,
+        img_size=224,
+        patch_size=16,
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "crate_mae_tiny": _preset(384, 6, 12),
+    "crate_mae_small": _preset(576, 12, 12),
+    "crate_mae_base": _preset(768, 12, 12),
+    "crate_mae_large": _preset(1024, 16, 24),
+}
