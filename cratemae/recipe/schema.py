@@ -42,7 +42,7 @@ class ModelSection(_Section):
     ista_step_size: Annotated[float, Field(gt=0)] | None = None
     ista_lambda: Annotated[float, Field(ge=0)] | None = None
     encoder_visible_only: bool | None = None
-    mask_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.75
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
 
     def config_overrides(self) -> dict:
         """The fields to pass to `create_model(name, **overrides)`: those the recipe sets."""
@@ -118,9 +118,7 @@ class RunSection(_Section):
     max_nonfinite: PositiveInt = Field(20, json_schema_extra=SAFE)
     # Rendezvous for `srun` launches without torchrun (torchrun sets MASTER_ADDR itself).
     master_addr: str | None = Field(None, json_schema_extra=SAFE)
-    master_port: Annotated[int, Field(gt=0, lt=65536)] | None = Field(
-        None, json_schema_extra=SAFE
-    )
+    master_port: Annotated[int, Field(gt=0, lt=65536)] | None = Field(None, json_schema_extra=SAFE)
 
 
 class Recipe(_Section):
