@@ -1,0 +1,152 @@
+"""Durable file writes and validated safetensors reads.
+
+Durability: a rename is only crash-safe if the data it points at reached the disk first, so
+every file is fsynced before its directory is renamed, and the parent directory is fsynced
+after the rename (otherwise the rename itself may be lost on power failure).
+
+Validation: every failure to read a checkpoint file becomes a one-line `BadInputError` that
+names the file and what is wrong with it, never a safetensors/OS traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cratemae.errors import BadInputError
+
+__all__ = [
+    "FORMAT",
+    "atomic_write_text",
+    "file_digest",
+    "fsync_dir",
+    "fsync_file",
+    "read_json",
+    "read_safetensors",
+    "verify_file",
+    "write_safetensors",
+]
+
+# The value of the `format` metadata key in every file this package writes.
+FORMAT = "cratemae"
+_CHUNK = 1 << 22
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file that was written and closed (possibly by a library) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (creations, renames) to the disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see either the old or the new content, whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """`{"sha256": hex, "bytes": size}` of a file, read in chunks (checkpoints can be GBs)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Write and fsync a safetensors file. Tensors sharing storage (tied weights, views of
+    one buffer) are cloned first, because safetensors refuses to write aliased tensors."""
+    seen: set[int] = set()
+    ready: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone()
+        if t.nbytes:  # empty tensors have no storage worth tracking (ptr may be 0 for all)
+            seen.add(t.untyped_storage().data_ptr())
+        ready[key] = t
+    save_file(ready, str(path), metadata={"format": FORMAT, **metadata})
+    fsync_file(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, or raise BadInputError naming the file."""
+    if not path.is_file():
+        raise BadInputError(f"{path}: missing (incomplete checkpoint?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path}: not valid JSON ({_one_line(exc)})") from exc
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def verify_file(path: Path, expected: Any) -> None:
+    """Check a file against the `{"sha256", "bytes"}` record meta.json keeps for it."""
+    if not isinstance(expected, dict) or not {"sha256", "bytes"} <= expected.keys():
+        raise BadInputError(f"{path}: meta.json has no size/hash record for this file")
+    if not path.is_file():
+        raise BadInputError(f"{path}: missing")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        what = "truncated" if size < expected["bytes"] else "size mismatch"
+        raise BadInputError(f"{path}: {what} ({size} bytes, meta.json records {expected['bytes']})")
+    if file_digest(path)["sha256"] != expected["sha256"]:
+        raise BadInputError(f"{path}: SHA-256 mismatch with meta.json (file is corrupt)")
+
+
+def read_safetensors(
+    path: Path, required: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file written by this package: `(tensors, metadata)`.
+
+    `required` lists metadata keys that must be present besides `format`.
+    """
+    if not path.is_file():
+        raise BadInputError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+        raise BadInputError(f"{path}: not a valid safetensors file ({_one_line(exc)})") from exc
+    if metadata.get("format") != FORMAT:
+        raise BadInputError(f"{path}: not a cratemae file (metadata 'format' is missing or wrong)")
+    missing = [k for k in required if k not in metadata]
+    if missing:
+        raise BadInputError(f"{path}: metadata is missing {', '.join(map(repr, missing))}")
+    return tensors, metadata
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -1,0 +1,153 @@
+"""Find checkpoints and decide whether they are complete.
+
+A checkpoint directory is *complete* when its `meta.json` parses and the two safetensors files
+it records exist with the recorded sizes; it is *verified* when their SHA-256 sums match too.
+Scans (resume, pruning) use the cheap check; loading uses the full one, so a checkpoint is
+never hashed twice just to be found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from cratemae.checkpoints.files import FORMAT, read_json, verify_file
+from cratemae.checkpoints.layout import (
+    CKPT_SUBDIR,
+    LATEST,
+    META,
+    MODEL_FILE,
+    TRAIN_FILE,
+    step_dirs,
+    step_of,
+)
+from cratemae.errors import BadInputError
+
+__all__ = [
+    "check_checkpoint_dir",
+    "ckpt_dir_of",
+    "complete_checkpoints",
+    "find_resume",
+    "newest_complete",
+    "read_latest",
+    "resolve_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+
+def check_checkpoint_dir(path: Path, *, verify_hashes: bool = True) -> dict[str, Any]:
+    """Return the checkpoint's meta.json, or raise BadInputError naming the bad file."""
+    if not path.is_dir():
+        raise BadInputError(f"{path}: not a checkpoint directory (missing)")
+    meta = read_json(path / META)
+    if meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        raise BadInputError(f"{path / META}: not a cratemae checkpoint record")
+    for name in (MODEL_FILE, TRAIN_FILE):
+        expected = meta["files"].get(name)
+        if verify_hashes:
+            verify_file(path / name, expected)
+        else:
+            file = path / name
+            if not file.is_file() or not isinstance(expected, dict):
+                raise BadInputError(f"{file}: missing")
+            if file.stat().st_size != expected.get("bytes"):
+                raise BadInputError(f"{file}: size differs from meta.json (truncated?)")
+    return meta
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The directory name in `ckpt_dir/latest`, or None if there is no readable pointer."""
+    try:
+        name = (ckpt_dir / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    # Only a plain child name is acceptable: the pointer must never lead outside the run.
+    return name if name and os.sep not in name and name not in (".", "..") else None
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Complete checkpoints in `ckpt_dir` with their meta, oldest save first.
+
+    "Oldest" is by recorded save time, then step: a run resumed from an earlier checkpoint
+    saves lower steps after higher ones, and those newer saves are the ones that matter.
+    """
+    found = []
+    for p in step_dirs(ckpt_dir):
+        try:
+            found.append((p, check_checkpoint_dir(p, verify_hashes=False)))
+        except BadInputError as exc:
+            log.debug("skipping incomplete checkpoint: %s", exc)
+    found.sort(key=lambda pm: (float(pm[1].get("wall_time", 0.0)), int(pm[1].get("step", 0))))
+    return found
+
+
+def newest_complete(ckpt_dir: Path, exclude: str | None = None) -> Path | None:
+    """The most recently saved complete checkpoint, other than `exclude`."""
+    found = [p for p, _ in complete_checkpoints(ckpt_dir) if p.name != exclude]
+    return found[-1] if found else None
+
+
+def ckpt_dir_of(path: Path) -> Path:
+    """`RUN_DIR/checkpoints` for a run directory; a checkpoints directory itself is kept."""
+    if (path / CKPT_SUBDIR).is_dir():
+        return path / CKPT_SUBDIR
+    return path
+
+
+def _latest_in(ckpt_dir: Path) -> Path | None:
+    """Where `latest` points if that is complete, else the newest complete checkpoint (a
+    pointer can only be stale if someone edited the directory by hand)."""
+    name = read_latest(ckpt_dir)
+    if name is not None:
+        try:
+            check_checkpoint_dir(ckpt_dir / name, verify_hashes=False)
+            return ckpt_dir / name
+        except BadInputError as exc:
+            log.warning("%s does not name a complete checkpoint (%s); scanning", LATEST, exc)
+    return newest_complete(ckpt_dir)
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """Turn a user-given path into a checkpoint directory or a `.safetensors` weights file.
+
+    Accepts a checkpoint directory, a run directory or its `checkpoints/` (then the checkpoint
+    `latest` names), or a safetensors file.
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.name == META:
+            return p.parent
+        return p
+    if not p.exists():
+        raise BadInputError(f"{p}: no such checkpoint file or directory")
+    if step_of(p.name) is not None or (p / META).exists() or (p / MODEL_FILE).exists():
+        return p
+    ckpt_dir = ckpt_dir_of(p)
+    if (ckpt_dir / LATEST).exists() or step_dirs(ckpt_dir):
+        found = _latest_in(ckpt_dir)
+        if found is None:
+            raise BadInputError(f"{ckpt_dir}: no complete checkpoint in this directory")
+        return found
+    raise BadInputError(f"{p}: not a checkpoint, a run directory or a safetensors file")
+
+
+def find_resume(run_dir: str | os.PathLike[str], resume: str) -> Path | None:
+    """The checkpoint a run should resume from.
+
+    `resume="auto"`: the latest complete checkpoint in `run_dir`, or None if there is none.
+    `resume="never"`: None. Anything else is a path (checkpoint or run directory) that must
+    hold a complete checkpoint, else BadInputError.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        ckpt_dir = Path(run_dir) / CKPT_SUBDIR
+        return _latest_in(ckpt_dir) if ckpt_dir.is_dir() else None
+    found = resolve_checkpoint(resume)
+    if found.is_file():
+        raise BadInputError(f"{found}: a weights file cannot be resumed from; give a checkpoint")
+    check_checkpoint_dir(found, verify_hashes=False)
+    return found
