@@ -1,0 +1,59 @@
+"""`cratemae bench-data`: measure how fast the data pipeline delivers images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cratemae.commands import console
+from cratemae.commands.options import SetOpt
+
+__all__ = ["bench_data"]
+
+
+def bench_data(
+    recipe: Annotated[
+        Path | None, typer.Argument(metavar="RECIPE", help="Recipe whose data section to use.")
+    ] = None,
+    set_: SetOpt = None,
+    data: Annotated[
+        str | None, typer.Option(help="Data to read instead of the recipe's data.train.")
+    ] = None,
+    task: Annotated[str, typer.Option(help="pretrain, probe, finetune or eval.")] = "pretrain",
+    img_size: Annotated[int, typer.Option(help="Output image size.")] = 224,
+    batch_size: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
+    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    batches: Annotated[int, typer.Option(help="Batches to time.")] = 50,
+    json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Measure the data pipeline's throughput (images/s) and the CPU cores it uses.
+
+    Reads, decodes and augments like training does, without a model, so the number is the
+    most a GPU can be fed with these workers. Without a recipe it reads the demo data.
+
+    Examples:
+      $ cratemae bench-data --img-size 32
+      $ cratemae bench-data recipes/base.toml --num-workers 8 --batches 100
+      $ cratemae bench-data --data '/data/in1k/train-{000000..001023}.tar' --task finetune
+    """
+    from cratemae.data.bench import bench_data as run_bench
+    from cratemae.recipe import load_recipe
+    from cratemae.recipe.schema import DataSection
+
+    section = load_recipe(recipe, set_ or []).data if recipe else DataSection(train="demo:train")
+    update = {"train": data} if data else {}
+    if batch_size:
+        update["batch_size"] = batch_size
+    section = DataSection.model_validate({**section.model_dump(), **update})
+    result = run_bench(section, img_size, num_workers, batches, task=task)  # type: ignore[arg-type]
+    if json_:
+        print(json.dumps(result))
+        return
+    console.log(
+        f"{result['images_per_s']:.0f} images/s at {img_size}px, batch {result['batch_size']}, "
+        f"{num_workers} workers; {result['cpu_cores_used']:.2f} of "
+        f"{result['cpu_cores_available']} CPU cores used; start-up {result['startup_s']:.1f}s"
+    )

@@ -1,0 +1,74 @@
+"""`cratemae shard`: turn a folder of images into shuffled WebDataset shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cratemae.commands import console
+
+__all__ = ["shard"]
+
+_SKIPPED_SHOWN = 20
+
+
+def shard(
+    src: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SRC",
+            help="Image folder: class sub-folders (labelled) or images directly (unlabelled).",
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Where to write the shards.")],
+    shard_size_mb: Annotated[float, typer.Option(help="Target shard size in MB.")] = 100,
+    max_per_shard: Annotated[
+        int | None, typer.Option(help="At most this many samples per shard (more shards).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Put this fraction of the images in a val split.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle and of the val split.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the shards of a non-empty OUT_DIR.")
+    ] = False,
+) -> None:
+    """Turn a folder of images into shuffled WebDataset shards plus shards.json.
+
+    Class sub-folders of SRC give the labels (written as KEY.cls; the class names go in
+    shards.json). JPEG files keep their bytes (KEY.jpg), other images are stored losslessly
+    as PNG (KEY.png). Files that are not readable images are listed at the end and left
+    out. Point data.train (and data.val) of a recipe at OUT_DIR to read it.
+
+    Examples:
+      $ cratemae shard ~/photos/train data/shards
+      $ cratemae shard imagenet/train data/in1k --val-fraction 0.01 --shard-size-mb 200
+      $ cratemae shard small_set data/small --max-per-shard 64 --overwrite
+    """
+    from cratemae.data.writer import write_shards  # torch and PIL load lazily
+
+    with console.progress(None, "sharding", every_percent=10, every_seconds=30) as bar:
+        summary = write_shards(
+            src,
+            out_dir,
+            shard_size_mb=shard_size_mb,
+            max_per_shard=max_per_shard,
+            val_fraction=val_fraction,
+            seed=seed,
+            overwrite=overwrite,
+            progress=lambda done, total: bar.set(done, total),
+        )
+    for split, shards in summary.splits.items():
+        console.log(f"{split}: {summary.samples(split)} samples in {len(shards)} shards")
+    if summary.classes:
+        console.log(
+            f"{len(summary.classes)} classes: {', '.join(summary.classes[:10])}"
+            + (", ..." if len(summary.classes) > 10 else "")
+        )
+    console.log(f"wrote {summary.bytes_written / 1e6:.1f} MB to {summary.out_dir}")
+    for path, reason in summary.skipped[:_SKIPPED_SHOWN]:
+        console.warn(f"left out {path}: {reason}")
+    if len(summary.skipped) > _SKIPPED_SHOWN:
+        console.warn(f"... and {len(summary.skipped) - _SKIPPED_SHOWN} more files left out")

@@ -1,0 +1,29 @@
+"""Data: shards and image folders -> per-rank, resumable, seeded batches; shard writing.
+
+Data flows one way (recipe -> data -> model -> engine): this package reads the recipe's
+`DataSection` and knows nothing of models or training. See `cratemae.data.loader` for the
+loader contract and `cratemae.data.plan` for how an epoch is split over ranks and workers.
+"""
+
+from cratemae.data.batch import Batch, EncodedBatch
+from cratemae.data.gpu import gpu_decode_batch
+from cratemae.data.loader import Loader, build_loader
+from cratemae.data.transforms import eval_transform, finetune_transform, pretrain_transform
+from cratemae.data.writer import ShardSummary, write_shards
+
+# The contract's name for the loader type.
+LoaderSpec = Loader
+
+__all__ = [
+    "Batch",
+    "EncodedBatch",
+    "Loader",
+    "LoaderSpec",
+    "ShardSummary",
+    "build_loader",
+    "eval_transform",
+    "finetune_transform",
+    "gpu_decode_batch",
+    "pretrain_transform",
+    "write_shards",
+]

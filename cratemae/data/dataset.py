@@ -1,0 +1,209 @@
+"""The IterableDataset behind the loader: streams of raw samples -> decoded batches.
+
+Each DataLoader worker runs one stream of the plan and yields whole batches (the DataLoader
+is built with batch_size=None); the DataLoader visits workers round-robin, so with stream
+(start_batch + w) % S on worker w the batches arrive in plan order. Batches before
+`start_batch` are cut from the raw sample stream, after the (seeded) shuffle buffer but
+before decoding: resuming costs reading headers and shuffling references, not images.
+
+A bad sample keeps its place: it is replaced by a repeat of a good sample of the same batch
+(all-bad batch: zeros), and counted in the batch's `bad`, so batch shapes never change and
+the count reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from cratemae.data.batch import Batch, EncodedBatch, Failure
+from cratemae.data.decode import BadLog, BadSample, image_bytes, load_rgb, open_image, parse_label
+from cratemae.data.plan import (
+    TAG_BUFFER,
+    TAG_DEAL,
+    TAG_RESAMPLE,
+    TAG_SAMPLE,
+    EpochPlan,
+    StreamSpec,
+    rng_for,
+)
+from cratemae.data.shards import RawSample, Shard, close_files, iter_shard
+from cratemae.data.transforms import BoxTransform, TimmTransform, normalize
+from cratemae.errors import BadInputError
+
+__all__ = ["EpochDataset", "ReadConfig"]
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """Everything a worker needs besides the plan; small and picklable."""
+
+    transform: BoxTransform | TimmTransform
+    labelled: bool
+    shuffle_buffer: int  # 0 = no shuffling inside streams (evaluation)
+    seed: int
+    epoch: int
+    rank: int
+    gpu: bool = False  # yield EncodedBatch (JPEG bytes + boxes) for gpu_decode_batch
+    max_pixels: int = 89_478_485
+
+
+class EpochDataset(IterableDataset):
+    """One rank's epoch; iterate in-process or through DataLoader workers."""
+
+    def __init__(
+        self, shards: tuple[Shard, ...], plan: EpochPlan, cfg: ReadConfig, start_batch: int = 0
+    ) -> None:
+        super().__init__()
+        self.shards, self.plan, self.cfg, self.start_batch = shards, plan, cfg, start_batch
+
+    def __iter__(self) -> Iterator[Batch | EncodedBatch | Failure]:
+        info, n = get_worker_info(), len(self.plan.streams)
+        first = self.start_batch % n
+        close_files()
+        try:
+            if info is None:  # in-process: visit the streams round-robin, as workers would
+                gens = [self._stream(self.plan.streams[(first + i) % n]) for i in range(n)]
+                yield from _round_robin(gens)
+            elif info.id < n:
+                yield from self._stream(self.plan.streams[(first + info.id) % n])
+        except BadInputError as err:  # crosses the process boundary as data, stays one line
+            yield Failure(str(err))
+
+    def _stream(self, spec: StreamSpec) -> Iterator[Batch | EncodedBatch]:
+        raw = self._raw(spec)
+        if self.cfg.shuffle_buffer > 1:
+            rng = rng_for(self.cfg.seed, self.cfg.epoch, TAG_BUFFER, self.cfg.rank, spec.index)
+            raw = _shuffled(raw, self.cfg.shuffle_buffer, rng)
+        log = BadLog()
+        for b in spec.batch_ids():
+            chunk = list(itertools.islice(raw, self.plan.batch_len(b)))
+            if b < self.start_batch:
+                continue  # skipped without decoding
+            while len(chunk) < self.plan.batch_len(b):  # the stream ran dry: count as bad
+                chunk.append(RawSample("(stream)", f"#{len(chunk)}", missing="no more samples"))
+            yield self._batch(chunk, log)
+
+    def _raw(self, spec: StreamSpec) -> Iterator[RawSample]:
+        if spec.mode == "exact":
+            for shard, lo, hi in spec.segments:
+                yield from iter_shard(self.shards[shard], lo, hi)
+            return
+        tag = TAG_RESAMPLE if spec.mode == "resampled" else TAG_DEAL
+        rng = rng_for(self.cfg.seed, self.cfg.epoch, tag, self.cfg.rank, spec.index)
+        if spec.mode == "resampled":
+            draws = (spec.pool[int(rng.integers(len(spec.pool)))] for _ in itertools.count())
+        else:  # dealt: cycle over own shards, reshuffled each pass
+            draws = (i for _ in itertools.count() for i in rng.permutation(spec.pool))
+        empty = 0
+        for i in draws:
+            got = 0
+            for s in iter_shard(self.shards[int(i)]):
+                got += s.missing is None
+                yield s
+            empty = 0 if got else empty + 1
+            if empty >= max(len(spec.pool), 10):
+                raise BadInputError(
+                    f"{self.shards[int(i)].url}: no samples could be read from {empty} shards "
+                    "in a row (see the 'cratemae.data' log)"
+                )
+
+    def _batch(self, chunk: list[RawSample], log: BadLog) -> Batch | EncodedBatch:
+        items, bad = [], Counter()
+        for raw in chunk:
+            try:
+                items.append(self._one(raw))
+            except BadSample as err:
+                log(raw.shard, raw.key, str(err))
+                bad[raw.shard] += 1
+                items.append(None)
+        good = [x for x in items if x is not None]
+        if good:  # fill each bad slot with a repeat of the batch's good samples, in order
+            fill = itertools.cycle(good)
+            items = [x if x is not None else next(fill) for x in items]
+        elif self.cfg.gpu:
+            items = [((_black_jpeg(), (0.0, 0.0, 8.0, 8.0), False), 0)] * len(chunk)
+        else:
+            s = self.cfg.transform.img_size
+            items = [(torch.zeros(3, s, s, dtype=torch.uint8), 0)] * len(chunk)
+        labels = torch.tensor([y for _, y in items]) if self.cfg.labelled else None
+        if self.cfg.gpu:
+            return EncodedBatch.pack(items, labels, sum(bad.values()), dict(bad))
+        x = torch.stack([im for im, _ in items])  # (B, 3, S, S)
+        if x.dtype == torch.uint8:
+            x = normalize(x, self.cfg.transform.mean, self.cfg.transform.std)
+        return Batch(x, labels, sum(bad.values()), dict(bad))
+
+    def _one(self, raw: RawSample) -> tuple:
+        """-> (uint8/float image (3,S,S), label) or, for GPU decode, ((bytes, box, flip), label)."""
+        data = image_bytes(raw)
+        label = parse_label(raw) if self.cfg.labelled else -1
+        rng = np.random.default_rng(
+            [self.cfg.seed % 2**64, self.cfg.epoch, TAG_SAMPLE, _key_hash(raw)]
+        )
+        img = open_image(data, self.cfg.max_pixels)
+        tf = self.cfg.transform
+        if isinstance(tf, TimmTransform):
+            return tf(load_rgb(img), rng), label
+        box, flip = tf.box(*img.size, rng)
+        if self.cfg.gpu:
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                data = _to_jpeg(load_rgb(img))  # nvJPEG takes baseline RGB/grey JPEG only
+            return (data, box, flip), label
+        w, h = img.size
+        scale = max(min(box[2] - box[0], box[3] - box[1]) / tf.img_size, 1.0)
+        rgb = load_rgb(img, draft=(int(w / scale), int(h / scale)))
+        fx, fy = rgb.size[0] / w, rgb.size[1] / h  # draft may have shrunk it 2/4/8x
+        return tf.crop(rgb, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy), flip), label
+
+
+def _key_hash(raw: RawSample) -> int:
+    """64-bit hash of (shard file name, key): the sample's identity for its augmentation."""
+    name = raw.shard.rstrip("/").rsplit("/", 1)[-1]
+    digest = hashlib.blake2b(f"{name}/{raw.key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _to_jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _black_jpeg() -> bytes:
+    """Stand-in for an all-bad batch on the GPU path (the count still says it is bad)."""
+    return _to_jpeg(Image.new("RGB", (8, 8)))
+
+
+def _shuffled(src: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A seeded shuffle buffer: holds `size` raw samples (references, for local tars)."""
+    buf: list = []
+    for item in src:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _round_robin(gens: list[Iterator]) -> Iterator:
+    """Items of several generators in turn, skipping exhausted ones (DataLoader's order)."""
+    active = list(gens)
+    while active:
+        for g in list(active):
+            try:
+                yield next(g)
+            except StopIteration:
+                active.remove(g)

@@ -1,0 +1,181 @@
+"""`build_loader`: the one entry point the training engine uses.
+
+    loader = build_loader(data, split="train", task="pretrain", img_size=224, seed=0, epoch=3,
+                          rank=r, world_size=w, start_batch=k)
+    len(loader)          # batches this iterator yields: epoch_batches - start_batch (all ranks)
+    loader.epoch_batches # batches in the whole epoch
+    loader.num_samples   # samples in the whole epoch on this rank (epoch_batches * batch_size
+                         # when training)
+    for batch in loader: # Batch (or EncodedBatch with data.decode = "gpu")
+
+Training (split "train", task other than "eval") shuffles (shard order per epoch + a seeded
+buffer), drops the remainder and augments; otherwise the order is fixed, every sample kept,
+and the transform is the evaluation one. The bad-sample fraction is checked inside iteration
+after every batch (once 200 samples have been seen); `check_bad_fraction()` is public too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from cratemae.data.batch import Batch, EncodedBatch, Failure
+from cratemae.data.dataset import EpochDataset, ReadConfig
+from cratemae.data.plan import EpochPlan, make_plan
+from cratemae.data.sources import Source, fill_counts, resolve_source
+from cratemae.data.transforms import eval_transform, finetune_transform, pretrain_transform
+from cratemae.errors import BadInputError
+from cratemae.recipe.schema import DataSection
+
+__all__ = ["MIN_SAMPLES_FOR_BAD_CHECK", "Loader", "build_loader"]
+
+log = logging.getLogger("cratemae.data")
+
+Split = Literal["train", "val"]
+Task = Literal["pretrain", "probe", "finetune", "eval"]
+MIN_SAMPLES_FOR_BAD_CHECK = 200
+
+
+def build_loader(
+    data: DataSection,
+    *,
+    split: Split,
+    task: Task,
+    img_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+) -> Loader:
+    """A loader for one epoch of one rank; BadInputError for unusable data or settings."""
+    if split not in ("train", "val") or task not in ("pretrain", "probe", "finetune", "eval"):
+        raise BadInputError(f"build_loader: unknown split {split!r} or task {task!r}")
+    if not 0 <= rank < world_size:
+        raise BadInputError(f"build_loader: rank {rank} outside world size {world_size}")
+    training = split == "train" and task != "eval"
+    gpu = data.decode == "gpu"
+    if gpu and not torch.cuda.is_available():
+        raise BadInputError("data.decode = 'gpu' needs CUDA, which is not available; use 'cpu'")
+    if gpu and training and task == "finetune":
+        raise BadInputError("data.decode = 'gpu' cannot run fine-tuning's RandAugment; use 'cpu'")
+    spec = data.train if split == "train" else data.val
+    source = resolve_source(spec, split)
+    if not source.counts_known and not (training and data.epoch_samples):
+        source = fill_counts(source)
+    streams = max(1, data.num_workers)
+    plan = make_plan(
+        source,
+        split=split,
+        batch_size=data.batch_size,
+        num_streams=streams,
+        training=training,
+        resampled=data.resampled,
+        epoch_samples=data.epoch_samples,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world=world_size,
+    )
+    if not 0 <= start_batch <= plan.num_batches:
+        raise BadInputError(f"start_batch {start_batch} outside 0..{plan.num_batches}")
+    tf = _transform(data, task, training, img_size)
+    cfg = ReadConfig(
+        transform=tf,
+        labelled=task != "pretrain",
+        gpu=gpu,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        shuffle_buffer=data.shuffle_buffer if training else 0,
+    )
+    dataset = EpochDataset(source.shards, plan, cfg, start_batch)
+    return Loader(dataset, plan, source, data, start_batch)
+
+
+def _transform(data: DataSection, task: str, training: bool, img_size: int):
+    """Fine-tuning: timm's RandAugment pipeline; other training: random resized crop + flip;
+    evaluation (and any val split): resize + centre crop."""
+    if task == "finetune" and training:
+        return finetune_transform(img_size, data.mean, data.std)
+    if training:
+        return pretrain_transform(img_size, data.crop_scale, data.mean, data.std)
+    return eval_transform(img_size, data.mean, data.std)
+
+
+class Loader:
+    """Iterates one epoch's batches of one rank; tracks bad samples per shard."""
+
+    def __init__(
+        self,
+        dataset: EpochDataset,
+        plan: EpochPlan,
+        source: Source,
+        data: DataSection,
+        start_batch: int,
+    ) -> None:
+        self.dataset, self.plan, self.source = dataset, plan, source
+        self.data, self.start_batch = data, start_batch
+        self.seen = 0  # sample slots yielded so far (good + bad)
+        self.bad = 0
+        self.bad_by_shard: Counter[str] = Counter()
+
+    @property
+    def epoch_batches(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return self.plan.num_samples
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Class names, when the data carries them (cratemae shard / image folders)."""
+        return self.source.classes
+
+    def __len__(self) -> int:
+        return self.plan.num_batches - self.start_batch
+
+    def __iter__(self) -> Iterator[Batch | EncodedBatch]:
+        workers = self.data.num_workers
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if workers else None,
+        )
+        it = iter(loader)
+        try:
+            for item in it:
+                if isinstance(item, Failure):
+                    raise BadInputError(item.message)
+                self.seen += len(item)
+                if item.bad:
+                    self.bad += item.bad
+                    self.bad_by_shard.update(item.bad_shards)
+                self.check_bad_fraction()
+                yield item
+        finally:
+            del it  # shuts the workers down now, not at garbage collection
+
+    def check_bad_fraction(self) -> None:
+        """BadInputError naming the worst shards if more than data.max_bad_fraction of the
+        samples seen so far (at least 200) were bad."""
+        if (
+            self.seen < MIN_SAMPLES_FOR_BAD_CHECK
+            or self.bad <= self.data.max_bad_fraction * self.seen
+        ):
+            return
+        worst = ", ".join(f"{s} ({n} bad)" for s, n in self.bad_by_shard.most_common(3))
+        raise BadInputError(
+            f"{self.bad} of {self.seen} samples were bad ({100 * self.bad / self.seen:.1f}% > "
+            f"data.max_bad_fraction {100 * self.data.max_bad_fraction:g}%); worst shards: "
+            f"{worst}; the 'cratemae.data' log names the samples"
+        )

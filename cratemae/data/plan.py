@@ -1,0 +1,232 @@
+"""The epoch plan: which samples each rank and each worker reads, in which batches.
+
+Every rank yields the same number of batches, so DDP never waits on a rank that ran dry.
+
+- Known counts ("exact"): the shards are put in a seeded per-epoch order and read as one
+  sequence of N samples. Training gives each rank a contiguous slice of
+  `floor(N / (world * batch)) * batch` samples (the remainder is dropped; which samples fall
+  in it changes each epoch with the shard order), so each sample is seen at most once and
+  all but fewer than world*batch exactly once. Evaluation keeps every sample: ranks get
+  ceil(N / world) samples, a rank one short repeats its last (as DistributedSampler does),
+  and the last batch may be smaller.
+- Unknown counts ("dealt", remote shards): `data.epoch_samples` sets the epoch length; the
+  shuffled shards are dealt to the world's readers, each cycling over its own.
+- `data.resampled`: each reader draws shards with replacement; `data.epoch_samples` (or the
+  known total) sets the epoch length.
+
+Within a rank, batch b is made by reader (stream) b % S, S = max(1, num_workers), and each
+stream reads one contiguous run of the rank's samples: a worker opens few shards and reads
+the ones it skips at most once. Changing num_workers or world size mid-epoch changes which
+samples the rest of that epoch holds; resume with the same values for exact continuation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cratemae.data.sources import Source
+from cratemae.errors import BadInputError
+
+__all__ = ["EpochPlan", "StreamSpec", "make_plan", "rng_for"]
+
+# Distinct tags keep the seeded generators of different purposes independent.
+TAG_ORDER, TAG_DEAL, TAG_RESAMPLE, TAG_BUFFER, TAG_SAMPLE = 11, 12, 13, 14, 15
+
+Segment = tuple[int, int, int]  # (shard index, first sample, end sample)
+
+
+def rng_for(seed: int, epoch: int, tag: int, *more: int) -> np.random.Generator:
+    """A generator determined by (seed, epoch, purpose, ...) alone."""
+    return np.random.default_rng([seed % 2**64, epoch % 2**64, tag, *more])
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What one reader of one rank produces: batches `first, first+step, ...` (rank-local
+    numbering) from `segments` (exact mode) or by cycling over/drawing from `pool`."""
+
+    index: int
+    num_batches: int
+    first: int
+    step: int
+    mode: str  # "exact" | "dealt" | "resampled"
+    segments: tuple[Segment, ...] = ()
+    pool: tuple[int, ...] = ()
+
+    def batch_ids(self) -> range:
+        return range(self.first, self.first + self.num_batches * self.step, self.step)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's epoch: its streams, batch count and sample count."""
+
+    streams: tuple[StreamSpec, ...]
+    num_batches: int
+    num_samples: int
+    batch_size: int
+    last_size: int  # size of the final batch (== batch_size when training)
+    mode: str
+
+    def batch_len(self, b: int) -> int:
+        return self.last_size if b == self.num_batches - 1 else self.batch_size
+
+
+def make_plan(
+    source: Source,
+    *,
+    split: str,
+    batch_size: int,
+    num_streams: int,
+    training: bool,
+    resampled: bool,
+    epoch_samples: int | None,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+) -> EpochPlan:
+    """Plan one rank's epoch; BadInputError when the data cannot feed every reader."""
+    n_shards, readers = len(source.shards), world * num_streams
+    if resampled and training:
+        total = epoch_samples or sum(s.count or 0 for s in source.shards)
+        if not total:
+            raise BadInputError(f"data.{split}: set data.epoch_samples (shard counts unknown)")
+        return _infinite_plan(source, "resampled", total, batch_size, num_streams, rank, world)
+    if n_shards < readers and not source.random_access:
+        raise BadInputError(
+            f"data.{split}: {n_shards} shards for {world} ranks x {num_streams} workers = "
+            f"{readers} readers; use fewer workers (data.num_workers), more shards "
+            "(cratemae shard --max-per-shard), or data.resampled = true"
+        )
+    if not source.counts_known:
+        if not training or not epoch_samples:
+            raise BadInputError(
+                f"data.{split}: sample counts of {source.shards[0].url} ... are unknown; "
+                "set data.epoch_samples, keep the shards local, or write them with cratemae shard"
+            )
+        return _infinite_plan(
+            source,
+            "dealt",
+            epoch_samples,
+            batch_size,
+            num_streams,
+            rank,
+            world,
+            seed=seed,
+            epoch=epoch,
+        )
+    return _exact_plan(source, split, batch_size, num_streams, training, seed, epoch, rank, world)
+
+
+def _exact_plan(
+    source: Source,
+    split: str,
+    batch: int,
+    n_streams: int,
+    training: bool,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+) -> EpochPlan:
+    counts = np.array([s.count for s in source.shards], dtype=np.int64)
+    order = rng_for(seed, epoch, TAG_ORDER).permutation(len(counts)) if training else None
+    order = np.arange(len(counts)) if order is None else order
+    ends = np.cumsum(counts[order])  # global sample position where each ordered shard ends
+    total = int(ends[-1]) if len(ends) else 0
+    if training:
+        per_rank = (total // (world * batch)) * batch
+        if per_rank == 0:
+            raise BadInputError(
+                f"data.{split}: {total} samples cannot fill one batch on each rank "
+                f"({world} ranks x batch {batch}); lower data.batch_size"
+            )
+        segs = _segments(order, ends, rank * per_rank, (rank + 1) * per_rank)
+        n_batches, last, n = per_rank // batch, batch, per_rank
+    else:
+        if total == 0:
+            raise BadInputError(f"data.{split}: no samples")
+        base, extra = divmod(total, world)
+        start = rank * base + min(rank, extra)
+        n = base + (1 if extra else 0)
+        mine = base + (1 if rank < extra else 0)
+        segs = _segments(order, ends, start, start + mine)
+        if mine < n:  # one short: repeat this rank's last sample (or the first, if empty)
+            p = start + mine - 1 if mine else 0
+            segs += _segments(order, ends, p, p + 1)
+        n_batches = math.ceil(n / batch)
+        last = n - (n_batches - 1) * batch
+    streams, offset = [], 0
+    for s in range(n_streams):
+        ids = range(s, n_batches, n_streams)
+        size = sum(last if b == n_batches - 1 else batch for b in ids)
+        streams.append(
+            StreamSpec(
+                s, len(ids), s, n_streams, "exact", segments=_cut(segs, offset, offset + size)
+            )
+        )
+        offset += size
+    return EpochPlan(tuple(streams), n_batches, n, batch, last, "exact")
+
+
+def _segments(order: np.ndarray, ends: np.ndarray, a: int, b: int) -> list[Segment]:
+    """Global positions [a, b) as (shard, lo, hi) pieces of the ordered shards."""
+    out: list[Segment] = []
+    i = bisect.bisect_right(ends.tolist(), a) if a < b else len(ends)
+    while a < b and i < len(ends):
+        start = int(ends[i - 1]) if i else 0
+        hi = min(b, int(ends[i]))
+        if hi > a:
+            out.append((int(order[i]), a - start, hi - start))
+        a, i = hi, i + 1
+    return out
+
+
+def _cut(segs: list[Segment], a: int, b: int) -> tuple[Segment, ...]:
+    """Positions [a, b) of a segment list."""
+    out, pos = [], 0
+    for shard, lo, hi in segs:
+        n = hi - lo
+        x, y = max(a, pos), min(b, pos + n)
+        if x < y:
+            out.append((shard, lo + x - pos, lo + y - pos))
+        pos += n
+    return tuple(out)
+
+
+def _infinite_plan(
+    source: Source,
+    mode: str,
+    total: int,
+    batch: int,
+    n_streams: int,
+    rank: int,
+    world: int,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+) -> EpochPlan:
+    n_batches = total // (world * batch)
+    if n_batches == 0:
+        raise BadInputError(
+            f"epoch of {total} samples cannot fill one batch on each rank "
+            f"({world} ranks x batch {batch}); raise data.epoch_samples or lower data.batch_size"
+        )
+    n_shards = len(source.shards)
+    order = rng_for(seed, epoch, TAG_DEAL).permutation(n_shards)
+    streams = []
+    for s in range(n_streams):
+        reader = rank * n_streams + s
+        pool = (
+            tuple(range(n_shards))
+            if mode == "resampled"
+            else tuple(int(i) for i in order[reader :: world * n_streams])
+        )
+        n = len(range(s, n_batches, n_streams))
+        streams.append(StreamSpec(s, n, s, n_streams, mode, pool=pool))
+    return EpochPlan(tuple(streams), n_batches, n_batches * batch, batch, batch, mode)

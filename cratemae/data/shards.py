@@ -1,0 +1,211 @@
+"""Reading samples out of one shard: a WebDataset tar (local, `pipe:` or URL) or a folder.
+
+A sample is the group of consecutive tar members sharing a key (`KEY.jpg`, `KEY.cls`), as in
+WebDataset. `iter_shard(shard, lo, hi)` yields samples lo..hi-1; the ones before `lo` are
+skipped from their headers alone (local tars seek past the data), which is what makes
+resuming mid-epoch cheap. Local tars hand out references (path, offset, size) instead of
+bytes, so a shuffle buffer holds a few bytes per sample and only decoded samples are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "RawSample",
+    "Ref",
+    "Shard",
+    "close_files",
+    "count_tar_samples",
+    "is_remote",
+    "iter_shard",
+    "read_part",
+    "split_key",
+]
+
+log = logging.getLogger("cratemae.data")
+
+# (path, byte offset, size); size -1 means "the whole file" (image folders).
+Ref = tuple[str, int, int]
+# Members no larger than this are read at once (labels); larger ones become references.
+_EAGER_BYTES = 4096
+# WebDataset's rule: the key is the path up to the first dot of the file name.
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of reading: a tar file/URL, or a slice of an image folder (`files`)."""
+
+    url: str
+    count: int | None = None  # samples in it, when known
+    # Image folders: (file path, label or -1) for each sample, in order.
+    files: tuple[tuple[str, int], ...] | None = None
+
+    @property
+    def name(self) -> str:
+        """The shard's file name: stable when a data set moves, so it seeds augmentations."""
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class RawSample:
+    """An undecoded sample; `missing` says why it could not be read at all."""
+
+    shard: str
+    key: str
+    parts: dict[str, bytes | Ref] = field(default_factory=dict)
+    missing: str | None = None
+
+
+def is_remote(url: str) -> bool:
+    """A `pipe:` command or a URL with a scheme other than file://."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """('dir/KEY', 'ext') for a member name, None for names without an extension."""
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+class _FdCache:
+    """A few open files per process, read with pread (no shared offsets after fork)."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = size
+        self.fds: OrderedDict[str, int] = OrderedDict()
+
+    def read(self, ref: Ref) -> bytes:
+        path, offset, size = ref
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            while len(self.fds) >= self.size:
+                os.close(self.fds.popitem(last=False)[1])
+        self.fds[path] = fd
+        if size < 0:
+            size = os.fstat(fd).st_size
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes")
+        return data
+
+    def close_all(self) -> None:
+        """Forget open files (a shard rewritten since would otherwise read stale)."""
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+
+_FDS = _FdCache()
+
+
+def close_files() -> None:
+    """Close the files `read_part` keeps open in this process; called at each epoch start."""
+    _FDS.close_all()
+
+
+def read_part(part: bytes | Ref) -> bytes:
+    """The bytes of a sample part, reading a reference from disk."""
+    return part if isinstance(part, bytes) else _FDS.read(part)
+
+
+def iter_shard(shard: Shard, lo: int = 0, hi: int | None = None) -> Iterator[RawSample]:
+    """Samples lo..hi-1 of `shard`. With `hi` given, exactly hi-lo samples come out: any the
+    shard fails to deliver (truncated, unreadable) come as `missing` placeholders."""
+    n = 0
+    try:
+        src = _iter_folder(shard, lo, hi) if shard.files is not None else _iter_tar(shard, lo, hi)
+        for sample in src:
+            n += 1
+            yield sample
+        reason = "shard ended early"
+    except (OSError, EOFError, tarfile.TarError, ValueError) as err:
+        reason = f"shard unreadable: {type(err).__name__}: {err}".replace("\n", " ")
+        log.warning("%s: %s (after %d samples)", shard.url, reason, lo + n)
+    want = None if hi is None else hi - lo
+    if want is None and shard.count is not None:
+        want = shard.count - lo
+    missing = (want - n) if want is not None else (0 if reason == "shard ended early" else 1)
+    for i in range(max(missing, 0)):
+        yield RawSample(shard.url, f"#{lo + n + i}", missing=reason)
+
+
+def _iter_folder(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
+    files = shard.files or ()
+    for path, label in files[lo:hi]:
+        ext = Path(path).suffix.lower().lstrip(".") or "img"
+        parts: dict[str, bytes | Ref] = {ext: (path, 0, -1)}
+        if label >= 0:
+            parts["cls"] = str(label).encode()
+        yield RawSample(shard.url, path, parts)  # the key is the file's path: unique, findable
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    path = url.removeprefix("file://")
+    if not is_remote(url) and path.endswith(".tar"):
+        return tarfile.open(path, mode="r:")
+    from webdataset.gopen import gopen  # only for pipes/URLs/compressed tars
+
+    return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+
+
+def _iter_tar(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
+    tf = _open_tar(shard.url)
+    seekable = tf.mode == "r" and not is_remote(shard.url) and shard.url.endswith(".tar")
+    path = shard.url.removeprefix("file://")
+    index, key, parts = -1, None, {}
+    try:
+        while (ti := tf.next()) is not None:
+            tf.members.clear()  # tarfile keeps every header otherwise
+            kx = split_key(ti.name) if ti.isfile() else None
+            if kx is None:
+                continue
+            if kx[0] != key:
+                if key is not None and index >= lo:
+                    yield RawSample(shard.url, key, parts)
+                index, key, parts = index + 1, kx[0], {}
+                if hi is not None and index >= hi:
+                    return
+            if index < lo:
+                continue  # skipped sample: header only, data never read
+            if seekable and ti.size > _EAGER_BYTES:
+                parts[kx[1]] = (path, ti.offset_data, ti.size)
+            else:
+                f = tf.extractfile(ti)
+                parts[kx[1]] = f.read() if f is not None else b""
+        if seekable and os.path.getsize(path) - tf.offset < 1024:
+            # tarfile ends quietly at a cut-off header; the last sample may be incomplete
+            raise tarfile.ReadError("truncated tar (no end-of-archive marker)")
+        if key is not None and index >= lo:
+            yield RawSample(shard.url, key, parts)
+    finally:
+        try:
+            tf.close()
+            if tf.fileobj is not None and not seekable:
+                tf.fileobj.close()
+        except Exception:  # a pipe killed on purpose may complain
+            pass
+
+
+def count_tar_samples(path: str) -> int:
+    """Number of samples (key groups) in a local tar, reading only the headers. A tar that
+    breaks off counts what precedes the break, as reading it will deliver just those."""
+    n, last = 0, None
+    with tarfile.open(path, mode="r:") as tf:
+        try:
+            while (ti := tf.next()) is not None:
+                tf.members.clear()
+                kx = split_key(ti.name) if ti.isfile() else None
+                if kx is not None and kx[0] != last:
+                    n, last = n + 1, kx[0]
+        except (OSError, EOFError, tarfile.TarError) as err:
+            log.warning("%s: unreadable after %d samples (%s)", path, n, err)
+    return n

@@ -1,0 +1,261 @@
+"""`write_shards`: an image folder -> shuffled WebDataset shards plus `shards.json`.
+
+Layout of OUT_DIR: `train-000000.tar`, ... (and `val-000000.tar`, ... with a val fraction),
+and `shards.json` = {"format", "classes" (index = label), "splits": {split: [{"name",
+"samples"}]}, "source", "skipped"}. Members are `KEY.jpg` (JPEG files keep their bytes),
+`KEY.png` (any other image, re-encoded losslessly as PNG; PNG files keep their bytes) and
+`KEY.cls` (label as text) for class-folder sources. KEY is the file's path under SRC, without
+its extension, with characters other than letters, digits, `_`, `-` and `/` made `_`.
+
+Each shard is written under a hidden `.NAME.partial` name, fsynced and renamed: a final-named
+tar is always complete. `shards.json` is written last, the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cratemae.data.cache import atomic_write_json, fsync_dir
+from cratemae.data.decode import BadSample, load_rgb, open_image
+from cratemae.data.sources import INDEX_FORMAT, INDEX_NAME, list_images
+from cratemae.errors import BadInputError
+
+__all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
+
+Progress = Callable[[int, int], None]  # (items done, items in all)
+_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One sample to write: `load()` -> (extension, bytes), raising BadSample if unusable."""
+
+    key: str
+    label: int  # -1: unlabelled
+    load: Callable[[], tuple[str, bytes]]
+    origin: str = ""  # for the report of skipped files
+
+
+@dataclass
+class ShardSummary:
+    """What `write_shards` wrote."""
+
+    out_dir: Path
+    splits: dict[str, list[tuple[str, int]]]  # split -> [(tar name, samples)]
+    classes: tuple[str, ...] | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    bytes_written: int = 0
+
+    def samples(self, split: str) -> int:
+        return sum(n for _, n in self.splits.get(split, []))
+
+
+def load_image_file(path: str) -> tuple[str, bytes]:
+    """A source file -> ("jpg", original bytes) / ("png", original or re-encoded bytes)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise BadSample(f"unreadable: {err.strerror}") from None
+    if not data:
+        raise BadSample("empty file")
+    img = open_image(data)
+    if img.format == "JPEG":
+        load_rgb(img, draft=(64, 64))  # full entropy decode at 1/8 scale: finds truncation
+        return "jpg", data
+    try:
+        img.load()
+    except Exception as err:
+        raise BadSample(f"corrupt image ({type(err).__name__})") from None
+    if img.format == "PNG":
+        return "png", data
+    if img.mode not in _PNG_MODES:
+        img = img.convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "png", buf.getvalue()
+
+
+def write_shards(
+    src: Path,
+    out_dir: Path,
+    *,
+    shard_size_mb: float = 100,
+    max_per_shard: int | None = None,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ShardSummary:
+    """Shard an ImageFolder tree (labelled) or a flat folder of images (unlabelled)."""
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_dir():
+        raise BadInputError(f"{src}: not a directory")
+    if not 0 <= val_fraction < 1:
+        raise BadInputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if out_dir.resolve().is_relative_to(src.resolve()):
+        raise BadInputError(f"{out_dir}: the output must not lie inside the source {src}")
+    files, classes = list_images(src, any_file=True)
+    if not files:
+        raise BadInputError(f"{src}: no files to shard")
+    keys = _unique_keys([os.path.relpath(f, src) for f, _ in files])
+    items = [
+        Item(k, y, lambda f=f: load_image_file(f), f) for k, (f, y) in zip(keys, files, strict=True)
+    ]
+    order = np.random.default_rng(seed).permutation(len(items))
+    items = [items[i] for i in order]
+    n_val = round(len(items) * val_fraction)
+    n_val = max(n_val, 1) if val_fraction > 0 and len(items) > 1 else n_val
+    splits = {"train": items[n_val:]}
+    if n_val:
+        splits["val"] = items[:n_val]
+    return write_dataset(
+        splits,
+        out_dir,
+        classes=classes,
+        shard_size_mb=shard_size_mb,
+        overwrite=overwrite,
+        max_per_shard=max_per_shard,
+        source=str(src),
+        progress=progress,
+    )
+
+
+def write_dataset(
+    splits: dict[str, Sequence[Item]],
+    out_dir: Path,
+    *,
+    classes: tuple[str, ...] | None,
+    shard_size_mb: float = 100,
+    max_per_shard: int | None = None,
+    overwrite: bool = False,
+    source: str = "",
+    progress: Progress | None = None,
+) -> ShardSummary:
+    """Write prepared items as `{split}-NNNNNN.tar` shards and `shards.json` in `out_dir`."""
+    if shard_size_mb <= 0 or (max_per_shard is not None and max_per_shard < 1):
+        raise BadInputError("--shard-size-mb must be > 0 and --max-per-shard >= 1")
+    _prepare_out(Path(out_dir), overwrite)
+    summary = ShardSummary(Path(out_dir), {}, classes)
+    total, done = sum(len(v) for v in splits.values()), 0
+    for split, items in splits.items():
+        sink = _ShardSink(Path(out_dir), split, int(shard_size_mb * 1e6), max_per_shard)
+        try:
+            for item in items:
+                try:
+                    ext, data = item.load()
+                    sink.add(item.key, ext, data, item.label)
+                except BadSample as err:
+                    summary.skipped.append((item.origin or item.key, str(err)))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            sink.finish()
+        finally:
+            sink.abort()  # removes a half-written shard (no-op after finish)
+        summary.splits[split] = sink.done
+        summary.bytes_written += sink.bytes_total
+    index = {
+        "format": INDEX_FORMAT,
+        "classes": list(classes) if classes else None,
+        "splits": {s: [{"name": n, "samples": c} for n, c in v] for s, v in summary.splits.items()},
+        "source": source,
+        "skipped": len(summary.skipped),
+    }
+    atomic_write_json(Path(out_dir) / INDEX_NAME, index)
+    return summary
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise BadInputError(f"{out_dir}: not empty; pass --overwrite to replace its shards")
+        for p in out_dir.iterdir():
+            if p.name == INDEX_NAME or re.fullmatch(
+                r"(train|val)-\d{6}\.tar|\..*\.partial", p.name
+            ):
+                p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _unique_keys(rel_paths: list[str]) -> list[str]:
+    """Tar-safe, unique keys: a key may not contain a dot (WebDataset splits there)."""
+    seen: set[str] = set()
+    out = []
+    for rel in rel_paths:
+        stem = rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
+        base = re.sub(r"[^A-Za-z0-9_/-]", "_", stem.replace(os.sep, "/")).strip("/") or "_"
+        key, n = base, 1
+        while key in seen:
+            key, n = f"{base}_{n}", n + 1
+        seen.add(key)
+        out.append(key)
+    return out
+
+
+class _ShardSink:
+    """Fills `{prefix}-NNNNNN.tar` files one after another, each atomically."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_bytes: int, max_items: int | None) -> None:
+        self.out_dir, self.prefix = out_dir, prefix
+        self.max_bytes, self.max_items = max_bytes, max_items
+        self.done: list[tuple[str, int]] = []
+        self.bytes_total = 0
+        self.file = self.tar = None
+        self.count = self.size = 0
+
+    def add(self, key: str, ext: str, data: bytes, label: int) -> None:
+        cost = len(data) + 2048  # two headers + padding, roughly
+        full = self.max_items is not None and self.count >= self.max_items
+        if self.tar is not None and (full or self.size + cost > self.max_bytes):
+            self.finish()
+        if self.tar is None:
+            self._start()
+        self._member(f"{key}.{ext}", data)
+        if label >= 0:
+            self._member(f"{key}.cls", str(label).encode())
+        self.count, self.size = self.count + 1, self.size + cost
+
+    def _start(self) -> None:
+        self.name = f"{self.prefix}-{len(self.done):06d}.tar"
+        self.tmp = self.out_dir / f".{self.name}.partial"
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self.count = self.size = 0
+
+    def _member(self, name: str, data: bytes) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode = len(data), 0, 0o644  # fixed metadata: same bytes each run
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        self.tar.addfile(ti, io.BytesIO(data))
+
+    def finish(self) -> None:
+        """Close the open shard and give it its final name."""
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.bytes_total += self.file.tell()
+        self.file.close()
+        os.replace(self.tmp, self.out_dir / self.name)
+        fsync_dir(self.out_dir)
+        self.done.append((self.name, self.count))
+        self.file = self.tar = None
+
+    def abort(self) -> None:
+        """Drop a shard left open by an error."""
+        if self.file is not None:
+            self.file.close()
+            self.tmp.unlink(missing_ok=True)
+            self.file = self.tar = None

@@ -1,0 +1,101 @@
+"""Helpers for the data tests: tiny images, hand-made tar shards, corrupt members.
+
+Imported explicitly by tests/test_data_*.py (no conftest: other suites own that file).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cratemae.recipe.schema import DataSection
+
+__all__ = [
+    "data_section",
+    "encode",
+    "isolated_cache",
+    "label_stream",
+    "make_shards",
+    "photo",
+    "solid",
+    "write_tar",
+]
+
+
+def solid(i: int, size: int = 12) -> Image.Image:
+    """An RGB image for sample i: red = i % 256 and blue = 77 everywhere, green a
+    left-to-right ramp (so crops and flips show)."""
+    arr = np.empty((size, size, 3), np.uint8)
+    arr[..., 0], arr[..., 2] = i % 256, 77
+    arr[..., 1] = np.linspace(0, 255, size).round().astype(np.uint8)[None, :]
+    return Image.fromarray(arr)
+
+
+def photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photographs (astronaut, coffee, chelsea, camera...)."""
+    from skimage import data
+
+    return getattr(data, name)()
+
+
+def encode(img: Image.Image | np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar with exactly these members, in order."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def make_shards(
+    root: Path, counts: list[int], *, prefix: str = "train", index: bool = True, size: int = 12
+) -> list[Path]:
+    """Shards of solid images; sample j overall has key `s{shard}_{j}` and label j.
+
+    With `index`, a shards.json gives the counts (as `cratemae shard` would)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths, j = [], 0
+    for s, n in enumerate(counts):
+        members = []
+        for _ in range(n):
+            members += [(f"s{s}_{j}.png", encode(solid(j, size))), (f"s{s}_{j}.cls", b"%d" % j)]
+            j += 1
+        paths.append(write_tar(root / f"{prefix}-{s:06d}.tar", members))
+    if index:
+        entries = [{"name": p.name, "samples": n} for p, n in zip(paths, counts, strict=True)]
+        (root / "shards.json").write_text(json.dumps({"splits": {prefix: entries}}))
+    return paths
+
+
+def data_section(train, **kw) -> DataSection:
+    """A DataSection with small defaults for tests."""
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("shuffle_buffer", 8)
+    return DataSection(train=train, **kw)
+
+
+def label_stream(loader) -> list[int]:
+    """Every label the loader yields, in order."""
+    return [int(y) for b in loader for y in b.labels]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep the demo data set and shard counts out of the user's ~/.cache."""
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path_factory.getbasetemp() / "cratemae-cache"))

@@ -1,0 +1,50 @@
+"""The data benchmark: library function and command."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+    isolated_cache,
+    make_shards,
+)
+from typer.testing import CliRunner
+
+from cratemae.commands.bench_data import bench_data as bench_command
+from cratemae.data.bench import bench_data
+from cratemae.recipe.schema import DataSection
+
+
+def test_bench_data_reports_throughput(tmp_path):
+    make_shards(tmp_path / "d", [16] * 4, size=48)
+    data = DataSection(train=str(tmp_path / "d"), batch_size=8)
+    result = bench_data(data, img_size=32, num_workers=2, batches=6)
+    assert result["batches"] == 6 and result["num_workers"] == 2
+    assert result["images_per_s"] > 0 and result["cpu_cores_used"] > 0
+    assert result["bad"] == 0
+
+
+def test_bench_data_command(tmp_path):
+    make_shards(tmp_path / "d", [16] * 4)
+    app = typer.Typer()
+    app.command()(bench_command)
+    res = CliRunner().invoke(
+        app,
+        [
+            "--data",
+            str(tmp_path / "d"),
+            "--img-size",
+            "16",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+            "--batches",
+            "5",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["batches"] == 5 and result["batch_size"] == 4 and result["images_per_s"] > 0
