@@ -7,6 +7,7 @@ writes to stderr by default, so a command's `--json` result on stdout stays clea
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["Tracker", "error", "is_interactive", "log", "progress", "warn"]
+__all__ = ["LogHandler", "Tracker", "error", "is_interactive", "log", "progress", "warn"]
 
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -90,6 +91,29 @@ def warn(message: str) -> None:
     _prefixed("warning:", "bold yellow", message)
 
 
+class LogHandler(logging.Handler):
+    """Routes the library's `logging` lines (logger `cratemae`) to the console.
+
+    With `hide_metrics`, records logged with `extra={"metrics": True}` (the per-step lines
+    that a progress bar already shows) are left to the run's log file.
+    """
+
+    def __init__(self, hide_metrics: bool = False) -> None:
+        super().__init__(logging.INFO)
+        self.hide_metrics = hide_metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.hide_metrics and getattr(record, "metrics", False):
+            return
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            error(message)
+        elif record.levelno >= logging.WARNING:
+            warn(message)
+        else:
+            log(message)
+
+
 class Tracker:
     """What `progress()` yields: call `advance()` as work completes."""
 
@@ -105,6 +129,15 @@ class Tracker:
             self.info = info
         self._update()
 
+    def set(self, completed: int, total: int | None = None, info: str | None = None) -> None:
+        """Jump to `completed` units (and a new `total`, when it becomes known)."""
+        self.completed = completed
+        if total is not None:
+            self.total = total
+        if info is not None:
+            self.info = info
+        self._update()
+
     def _update(self) -> None:
         """Show the new state; each display overrides this."""
 
@@ -115,7 +148,7 @@ class _RichTracker(Tracker):
         self._bar, self._task = bar, task
 
     def _update(self) -> None:
-        self._bar.update(self._task, completed=self.completed, info=self.info)
+        self._bar.update(self._task, completed=self.completed, total=self.total, info=self.info)
 
 
 def _hms(seconds: float) -> str:

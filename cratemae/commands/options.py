@@ -85,13 +85,14 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def parse_resume(value: str) -> Literal["auto", "never"] | Path:
-    """`--resume`: the word `auto` or `never`, or the path of an existing checkpoint."""
+    """`--resume`: the word `auto` or `never`, or the path of an existing checkpoint (or run)
+    directory; the engine checks that it holds a complete checkpoint."""
     if value == "auto":
         return "auto"
     if value == "never":
         return "never"
     path = Path(value)
-    if not path.is_file():
+    if not path.exists():
         raise BadInputError(
             f"--resume {value}: no such checkpoint (expected auto, never or a path)"
         )

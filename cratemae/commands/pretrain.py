@@ -1,9 +1,14 @@
-"""`cratemae pretrain`: pre-train CRATE-MAE from a recipe (stub until the trainer lands)."""
+"""`cratemae pretrain`: pre-train CRATE-MAE from a recipe."""
 
 from __future__ import annotations
 
+import json
+import logging
+from contextlib import contextmanager
+from typing import Any
+
+from cratemae.commands import console
 from cratemae.commands.options import JsonOpt, OutOpt, RecipeArg, ResumeOpt, SetOpt, parse_resume
-from cratemae.errors import NotBuiltError
 from cratemae.recipe import load_recipe
 
 __all__ = ["pretrain"]
@@ -18,11 +23,47 @@ def pretrain(
 ) -> None:
     """Pre-train CRATE-MAE from a recipe.
 
+    Writes the resolved recipe, metrics.jsonl, log.txt and checkpoints/ into the run
+    directory. Exit status 3 means: stopped by SIGTERM/SIGUSR1 after saving; run the same
+    command again to resume.
+
     Examples:
-      $ cratemae pretrain recipes/pretrain_base.toml
-      $ cratemae pretrain recipes/pretrain_base.toml --set optim.lr=1e-4 --out runs/base
-      $ cratemae pretrain recipes/pretrain_base.toml --resume never --json
+      $ cratemae pretrain recipes/demo.toml
+      $ cratemae pretrain recipes/base.toml --set optim.base_lr=1e-4 --out runs/base
+      $ torchrun --nproc-per-node 8 -m cratemae pretrain recipes/base.toml
+      $ cratemae pretrain recipes/base.toml --resume never --json
     """
-    load_recipe(recipe, set_ or [])
-    parse_resume(resume)
-    raise NotBuiltError("cratemae pretrain is not built yet")
+    r = load_recipe(recipe, set_ or [])
+    where = parse_resume(resume)
+    from cratemae.engine.pretrain import pretrain as run_pretrain  # torch loads lazily
+
+    with _console_logging() as on_log:
+        result = run_pretrain(r, out_dir=out, resume=str(where), on_log=on_log)
+    if json_:
+        print(json.dumps({
+            "run_dir": str(result.run_dir),
+            "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+            "final_loss": result.final_loss,
+            "steps": result.state.step,
+        }))
+
+
+@contextmanager
+def _console_logging():
+    """Library log lines to the console; a progress bar on a terminal, plain lines otherwise."""
+    logger = logging.getLogger("cratemae")
+    interactive = console.is_interactive()
+    handler = console.LogHandler(hide_metrics=interactive)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        if not interactive:
+            yield lambda record: None
+            return
+        with console.progress(None, "pretrain") as bar:
+            def on_log(record: dict[str, Any]) -> None:
+                bar.set(record["step"], record.get("total_steps"),
+                        f"loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s")
+            yield on_log
+    finally:
+        logger.removeHandler(handler)

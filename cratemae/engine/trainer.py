@@ -1,0 +1,296 @@
+"""One training loop for every task: pre-training now, fine-tuning later.
+
+A `Task` supplies the model, the loss of a batch and the data; the `Trainer` does the rest:
+devices and DDP, precision, AdamW and its schedule, gradient accumulation, non-finite
+steps, logging, checkpoints, exact resume and preemption. Every decision that ends or
+saves the run is agreed by all ranks through one small all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cratemae.engine import dist
+from cratemae.engine.optim import build_adamw, lr_at, peak_lr
+from cratemae.engine.precision import resolve_precision
+from cratemae.engine.preemption import PreemptionFlag
+from cratemae.engine.run_dir import MetricsLog, max_memory_gb
+from cratemae.engine.state import TrainState, restore_run, save_run
+from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
+from cratemae.recipe import Recipe
+
+__all__ = ["Preempted", "RunResult", "Task", "Trainer"]
+
+log = logging.getLogger("cratemae")
+
+
+class Preempted(CrateMAEError):
+    """Stopped by a signal after saving a checkpoint: requeue the job to resume."""
+
+    exit_code = EXIT_REQUEUE
+
+
+class Task(Protocol):
+    model: nn.Module  # the bare module whose state dict is checkpointed
+    config: dict[str, Any]  # stored with the weights
+
+    def loader(self, epoch: int, start_batch: int) -> Any: ...  # len() and batches with .bad
+    # `micro` numbers micro-batches over the whole run (step * accum_steps + i): it seeds
+    # anything random in the loss (masks) so that a resumed run repeats it exactly.
+    def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    last_checkpoint: Path | None
+    final_loss: float | None
+    state: TrainState
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, task: Task, run_dir: Path, resume: str | Path | None,
+                 on_log: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.recipe, self.task, self.run_dir = recipe, task, run_dir
+        self.on_log = on_log or (lambda record: None)
+        self.info = dist.get_dist_info()
+        self.device = self.info.device
+        self.precision = resolve_precision(recipe.run.precision, self.device)
+        self.model = task.model.to(self.device)
+        self._plan_steps()
+        self.optimizer = build_adamw(self.model, recipe.optim, self.peak)
+        self.scaler = self.precision.make_scaler()
+        self.state = TrainState()
+        if resume is not None:
+            self.state = restore_run(Path(resume), model=self.model, optimizer=self.optimizer,
+                                     scaler=self.scaler, recipe=recipe)
+        self.forward_model = self._wrap(self.model)
+        self.last_checkpoint: Path | None = Path(resume) if resume is not None else None
+        self.last_saved_step = self.state.step if resume is not None else -1
+        # Rank 0 only; lines logged after the checkpoint by an interrupted run are dropped.
+        self.metrics = (MetricsLog(run_dir / "metrics.jsonl",
+                                   self.state.step if resume is not None else None)
+                        if dist.is_main_process() else None)
+
+    # --- setup -----------------------------------------------------------------------------
+    def _plan_steps(self) -> None:
+        r = self.recipe
+        batches = len(self.task.loader(epoch=0, start_batch=0))
+        self.accum = r.optim.accum_steps
+        self.steps_per_epoch = batches // self.accum
+        if self.steps_per_epoch == 0:
+            raise BadInputError(
+                f"data.train: {batches} batch(es) per rank per epoch, fewer than "
+                f"optim.accum_steps={self.accum}: use a smaller data.batch_size or more data")
+        self.total_steps = r.schedule.epochs * self.steps_per_epoch
+        if r.schedule.max_steps is not None:
+            self.total_steps = min(self.total_steps, r.schedule.max_steps)
+        self.warmup_steps = round(r.schedule.warmup_epochs * self.steps_per_epoch)
+        self.effective_batch = r.data.batch_size * self.accum * self.info.world_size
+        self.peak, lr_note = peak_lr(r.optim, self.effective_batch)
+        log.info("%s; %d steps (%d per epoch), %d warm-up", lr_note, self.total_steps,
+                 self.steps_per_epoch, self.warmup_steps)
+        if self.precision.note:
+            log.info(self.precision.note)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.info.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.recipe.run.compile:
+            model = torch.compile(model)
+        return model
+
+    # --- the loop --------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        """Train to `total_steps`, then save; raise `Preempted` after saving on a signal."""
+        self.model.train()
+        history: list[dict[str, Any]] = []
+        window, consecutive_bad = _Window(), 0
+        last_save = time.monotonic()
+        per_epoch = self.steps_per_epoch * self.accum  # micro-batches used per epoch
+        with PreemptionFlag() as preempt:
+            while self.state.step < self.total_steps:
+                self.current_loader = self.task.loader(epoch=self.state.epoch,
+                                                       start_batch=self.state.batch)
+                batches = iter(self.current_loader)
+                end_of_epoch = False
+                while not end_of_epoch and self.state.step < self.total_steps:
+                    ok = self._train_step(batches, window)
+                    consecutive_bad = 0 if ok else consecutive_bad + 1
+                    if consecutive_bad >= self.recipe.run.max_nonfinite:
+                        raise CrateMAEError(
+                            f"{consecutive_bad} non-finite losses in a row at step "
+                            f"{self.state.step}; last good checkpoint: {self.last_checkpoint}")
+                    end_of_epoch = self.state.batch >= per_epoch
+                    if end_of_epoch:
+                        self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+                    if self._log_due():
+                        history.append(self._log(window))
+                    minutes = (time.monotonic() - last_save) / 60
+                    # No routine save inside a run of skipped steps: the newest checkpoint
+                    # stays one taken after a good step.
+                    stop, save = self._agree(
+                        preempt.requested,
+                        consecutive_bad == 0 and (
+                            minutes >= self.recipe.run.checkpoint_every_minutes
+                            or self._save_due(end_of_epoch)))
+                    if save or stop:
+                        self._save(end_of_epoch)
+                        last_save = time.monotonic()
+                    if stop:
+                        raise Preempted(f"stopped by a signal after saving "
+                                        f"{self.last_checkpoint}; rerun the same command to resume")
+        if self.last_saved_step != self.state.step:
+            self._save(end_of_epoch=self.state.batch == 0)
+        final = history[-1]["loss"] if history else None
+        return RunResult(self.run_dir, self.last_checkpoint, final, self.state, history)
+
+    def _train_step(self, batches: Iterator[Any], window: _Window) -> bool:
+        """One optimizer step over `accum` micro-batches. False if it was skipped because
+        some rank's loss was not finite (then no rank runs backward)."""
+        lr = lr_at(self.state.step, total=self.total_steps, warmup=self.warmup_steps,
+                   peak=self.peak, minimum=self.recipe.optim.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start, finite, losses = time.perf_counter(), True, []
+        for i in range(self.accum):
+            wait = time.perf_counter()
+            batch = next(batches)
+            window.wait += time.perf_counter() - wait
+            self.state.batch += 1
+            window.bad += batch.bad
+            window.images += batch.images.shape[0]
+            if not finite:
+                continue  # keep the data position in step with every other rank
+            last = i == self.accum - 1
+            sync = contextlib.nullcontext() if last or self.info.world_size == 1 else (
+                self.forward_model.no_sync())
+            with sync:
+                with self.precision.autocast():
+                    loss = self.task.loss(self.forward_model, batch,
+                                          self.state.step * self.accum + i)
+                finite = not dist.all_reduce_any(not bool(torch.isfinite(loss.detach())))
+                if finite:
+                    self.scaler.scale(loss / self.accum).backward()
+                    losses.append(loss.detach().float())
+        if finite:
+            self._optimizer_step()
+            window.losses.append(torch.stack(losses).mean())
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_skipped += 1
+            log.warning("non-finite loss at step %d: step skipped", self.state.step)
+        window.lr, window.steps = lr, window.steps + 1
+        window.seconds += time.perf_counter() - start
+        self.state.step += 1
+        return finite
+
+    def _optimizer_step(self) -> None:
+        clip = self.recipe.optim.clip_grad
+        if clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- decisions, logging, saving --------------------------------------------------------
+    def _log_due(self) -> bool:
+        return (self.state.step % self.recipe.run.log_every == 0
+                or self.state.step == self.total_steps)
+
+    def _save_due(self, end_of_epoch: bool) -> bool:
+        run = self.recipe.run
+        by_steps = run.checkpoint_every_steps and self.state.step % run.checkpoint_every_steps == 0
+        by_epoch = (end_of_epoch and run.keep_every_epochs is not None
+                    and self.state.epoch % run.keep_every_epochs == 0)
+        return bool(by_steps or by_epoch)
+
+    def _agree(self, stop: bool, save: bool) -> tuple[bool, bool]:
+        """Every rank takes rank 0's save decision and anyone's stop request."""
+        flags = torch.tensor([float(stop), float(save and dist.is_main_process())],
+                             device=dist.comm_device())
+        flags = dist.all_reduce_max(flags)
+        return bool(flags[0]), bool(flags[1])
+
+    def _save(self, end_of_epoch: bool) -> None:
+        path = save_run(self.run_dir, model=self.model, config=self.task.config,
+                        optimizer=self.optimizer, scaler=self.scaler, state=self.state,
+                        recipe=self.recipe, end_of_epoch=end_of_epoch)
+        self.last_checkpoint = path or self.last_checkpoint
+        self.last_saved_step = self.state.step
+        dist.barrier()
+
+    def _log(self, window: _Window) -> dict[str, Any]:
+        """Reduce the window over ranks, write a metrics line (rank 0), start a new window."""
+        loss = torch.stack(window.losses).mean() if window.losses else torch.tensor(math.nan)
+        totals = torch.tensor([float(loss), float(window.images), float(window.bad)],
+                              dtype=torch.float64, device=dist.comm_device())
+        totals = dist.all_reduce_sum(totals)
+        world = self.info.world_size
+        self.state.bad_samples += int(totals[2])
+        self.state.samples_seen += int(totals[1])
+        self._check_bad_data()
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": float(totals[0]) / world,
+            "lr": window.lr,
+            "images_per_s": float(totals[1]) / max(window.seconds, 1e-9),
+            "data_wait_fraction": window.wait / max(window.seconds, 1e-9),
+            "max_memory_gb": max_memory_gb(self.device),
+            "bad_samples": self.state.bad_samples,
+            "nonfinite_skipped": self.state.nonfinite_skipped,
+            "total_steps": self.total_steps,
+        }
+        if self.metrics is not None:
+            self.metrics.write(record)
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g %.0f img/s data wait %.0f%% "
+                     "mem %.2f GB bad %d", record["step"], self.total_steps, record["epoch"],
+                     record["loss"], record["lr"], record["images_per_s"],
+                     100 * record["data_wait_fraction"], record["max_memory_gb"],
+                     record["bad_samples"], extra={"metrics": True})
+            self.on_log(record)
+        window.reset()
+        return record
+
+    def _check_bad_data(self) -> None:
+        """Stop on every rank if any rank's data is over `data.max_bad_fraction` bad."""
+        error = None
+        check = getattr(self.current_loader, "check_bad_fraction", None)
+        if check is not None:
+            try:
+                check()
+            except BadInputError as err:
+                error = err
+        if dist.all_reduce_any(error is not None):
+            raise error or BadInputError("data: another rank has too many bad samples")
+
+
+@dataclass
+class _Window:
+    """What happened since the last log line (this rank)."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    images: int = 0
+    bad: int = 0
+    steps: int = 0
+    wait: float = 0.0
+    seconds: float = 0.0
+    lr: float = 0.0
+
+    def reset(self) -> None:
+        self.__init__()  # type: ignore[misc]

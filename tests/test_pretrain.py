@@ -1,0 +1,251 @@
+"""The pre-training engine on the built-in demo data: run directory, exact resume,
+preemption, non-finite steps, bad input, two processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cratemae.checkpoints import load_checkpoint
+from cratemae.engine.pretrain import MAETask, pretrain
+from cratemae.engine.trainer import Preempted
+from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
+from cratemae.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo.toml"
+# A smaller model than the demo recipe's, so that each run takes seconds.
+TINY = [
+    "model.embed_dim=64", "model.decoder_embed_dim=64", "model.depth=2", "model.decoder_depth=1",
+    "data.batch_size=32", "schedule.max_steps=8", "schedule.warmup_epochs=0.05",
+    "run.log_every=1",
+]
+METRIC_FIELDS = {"step", "epoch", "loss", "lr", "images_per_s", "data_wait_fraction",
+                 "max_memory_gb", "bad_samples"}
+
+
+@pytest.fixture(autouse=True)
+def demo_cache(tmp_path_factory, monkeypatch):
+    """One demo dataset for the whole session, outside the user's cache."""
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path_factory.getbasetemp() / "cratemae-cache"))
+
+
+def recipe(*sets: str):
+    return load_recipe(DEMO, [*TINY, *sets])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cratemae", *args], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=REPO, **kw)
+
+
+def test_run_directory_holds_recipe_metrics_log_and_checkpoint(tmp_path):
+    result = pretrain(recipe(), out_dir=tmp_path)
+    assert (tmp_path / "recipe.toml").is_file()
+    assert load_recipe(tmp_path / "recipe.toml") == recipe()
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(r.keys() >= METRIC_FIELDS for r in records)
+    assert all(r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in records)
+    assert "step 8/8" in (tmp_path / "log.txt").read_text()
+    ckpt = load_checkpoint(result.last_checkpoint)
+    assert ckpt.meta["step"] == 8 and ckpt.meta["samples_seen"] == 8 * 32
+    assert result.final_loss == records[-1]["loss"]
+
+
+def test_learning_rate_warms_up_per_step_then_follows_a_half_cosine(tmp_path):
+    # Batch 64: 78 steps per epoch; 2 epochs capped at 60 steps; warm-up 0.5 epoch = 39 steps.
+    lrs = []
+    pretrain(load_recipe(DEMO, [*TINY[:4], "schedule.epochs=2", "schedule.max_steps=60",
+                                "run.log_every=1"]),
+             out_dir=tmp_path, on_log=lambda r: lrs.append(r["lr"]))
+    peak = 1.5e-3 * 64 / 256
+    assert len(lrs) == 60
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 39, rel=1e-9)
+    assert lrs[39] == pytest.approx(peak, rel=1e-9)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:40]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[39:]))
+    # half-cosine: halfway through the decay the lr is half the peak
+    assert lrs[39 + 21 // 2] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 10 / 21)))
+
+
+def test_resume_after_signal_repeats_the_uninterrupted_run_exactly(tmp_path):
+    whole = pretrain(recipe(), out_dir=tmp_path / "whole")
+
+    def stop_at_3(record):
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with pytest.raises(Preempted) as stopped:
+        pretrain(recipe(), out_dir=tmp_path / "split", on_log=stop_at_3)
+    assert stopped.value.exit_code == EXIT_REQUEUE
+    first = metrics(tmp_path / "split")
+    assert first[-1]["step"] == 3  # acted on at the end of the step it arrived in
+    resumed = pretrain(recipe(), out_dir=tmp_path / "split")
+    assert resumed.state.step == 8
+    losses_whole = [r["loss"] for r in metrics(tmp_path / "whole")]
+    losses_split = [r["loss"] for r in metrics(tmp_path / "split")]
+    assert losses_split == losses_whole  # bit for bit: data order, masks, optimizer, RNG
+    a = load_checkpoint(whole.last_checkpoint).model_state
+    b = load_checkpoint(resumed.last_checkpoint).model_state
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_mid_epoch_after_crash_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    pretrain(recipe("run.checkpoint_every_steps=3", "schedule.max_steps=5"), out_dir=tmp_path)
+    # Simulate a crash after step 5 that lost checkpoint 5: resume from step 3.
+    ckpts = tmp_path / "checkpoints"
+    resumed = pretrain(recipe(), out_dir=tmp_path, resume=str(ckpts / "step-000000003"))
+    steps = [r["step"] for r in metrics(tmp_path)]
+    assert steps == list(range(1, 9))
+    assert resumed.state.samples_seen == 8 * 32
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
+    real = MAETask.loss
+
+    def sometimes_nan(self, model, batch, micro):
+        loss = real(self, model, batch, micro)
+        return loss * float("nan") if micro in (2, 5) else loss
+
+    monkeypatch.setattr(MAETask, "loss", sometimes_nan)
+    result = pretrain(recipe(), out_dir=tmp_path)
+    records = metrics(tmp_path)
+    assert records[-1]["nonfinite_skipped"] == 2
+    assert [r["step"] for r in records if r["loss"] != r["loss"]] == [3, 6]  # NaN windows
+    weights = load_checkpoint(result.last_checkpoint).model_state
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_too_many_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint(
+        tmp_path, monkeypatch):
+    real = MAETask.loss
+
+    def nan_from_4(self, model, batch, micro):
+        loss = real(self, model, batch, micro)
+        return loss * float("nan") if micro >= 4 else loss
+
+    monkeypatch.setattr(MAETask, "loss", nan_from_4)
+    with pytest.raises(CrateMAEError, match="3 non-finite losses in a row") as err:
+        pretrain(recipe("run.max_nonfinite=3", "run.checkpoint_every_steps=2"), out_dir=tmp_path)
+    assert err.value.exit_code == 1
+    assert "step-000000004" in str(err.value)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-000000004").meta["step"] == 4
+
+
+def test_resume_refuses_an_unsafe_recipe_change_and_allows_a_safe_one(tmp_path):
+    pretrain(recipe("schedule.max_steps=2"), out_dir=tmp_path)
+    with pytest.raises(BadInputError, match=r"optim\.base_lr"):
+        pretrain(recipe("schedule.max_steps=4", "optim.base_lr=1e-2"), out_dir=tmp_path)
+    result = pretrain(recipe("schedule.max_steps=4", "run.log_every=2"), out_dir=tmp_path)
+    assert result.state.step == 4
+
+
+def test_resume_never_refuses_to_mix_a_new_run_into_an_old_one(tmp_path):
+    pretrain(recipe("schedule.max_steps=2"), out_dir=tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(BadInputError, match="already holds checkpoints"):
+        pretrain(recipe("schedule.max_steps=2"), out_dir=tmp_path, resume="never")
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_gradient_accumulation_counts_micro_batches_and_scales_the_lr(tmp_path, caplog):
+    caplog.set_level("INFO", logger="cratemae")
+    result = pretrain(recipe("optim.accum_steps=2", "schedule.max_steps=3"), out_dir=tmp_path)
+    assert result.state.batch == 6 and result.state.samples_seen == 6 * 32
+    assert "effective batch 64" in caplog.text
+
+
+def test_cli_exit_codes_json_and_plain_lines(tmp_path):
+    out = tmp_path / "run"
+    ok = cli("pretrain", str(DEMO), *[f"--set={s}" for s in TINY], "--set",
+             "schedule.max_steps=2", "--out", str(out), "--json")
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and Path(summary["last_checkpoint"]).is_dir()
+    assert "step 2/2" in ok.stderr  # plain log lines when not on a terminal
+    assert "\x1b[" not in ok.stderr
+
+    bad = cli("pretrain", str(DEMO), "--set", "optim.bogus=1", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "optim.bogus" in bad.stderr
+
+    (out / "checkpoints" / "step-000000002" / "model.safetensors").write_bytes(b"junk")
+    corrupt = cli("pretrain", str(DEMO), *[f"--set={s}" for s in TINY], "--out", str(out),
+                  "--resume", str(out / "checkpoints" / "step-000000002"))
+    assert corrupt.returncode == 2
+    assert "model.safetensors" in corrupt.stderr and "Traceback" not in corrupt.stderr
+
+
+def test_sigterm_saves_exits_3_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", str(DEMO), *[f"--set={s}" for s in TINY], "--set",
+            "schedule.max_steps=400", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "cratemae", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+            (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, err
+    assert "requeue" in err.lower() or "resume" in err.lower()
+    stopped_at = load_checkpoint(out / "checkpoints" / (out / "checkpoints" / "latest")
+                                 .read_text().strip()).meta["step"]
+    assert 2 <= stopped_at < 400
+    again = cli(*args[:-4], "--set", f"schedule.max_steps={stopped_at + 2}", "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert f"resumed from {out / 'checkpoints'}" in again.stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, stopped_at + 3))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path):
+    out = tmp_path / "ddp"
+    port = _free_port()
+    args = ["pretrain", str(DEMO), *[f"--set={s}" for s in TINY], "--set",
+            "schedule.max_steps=4", "--out", str(out), "--json"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "cratemae", *args], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1] + results[1][1]
+    ckpt = load_checkpoint(out / "checkpoints" / "step-000000004")
+    assert ckpt.meta["world_size"] == 2
+    assert ckpt.meta["samples_seen"] == 4 * 32 * 2
+    assert "effective batch 64" in (out / "log.txt").read_text()
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one line per step, from rank 0
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns(tmp_path):
+    """The README's first command: the demo recipe's loss falls by at least a third."""
+    pretrain(load_recipe(DEMO), out_dir=tmp_path)
+    records = metrics(tmp_path)
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last <= first * 2 / 3, (first, last)
