@@ -1,0 +1,37 @@
+"""Fixtures shared by every test module: an isolated demo-data cache and a small model
+pre-trained on the demo data (for the commands that read checkpoints)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO / "recipes" / "demo.toml"
+# The demo recipe's model made smaller, so that pre-training it takes seconds.
+TINY_MODEL = [
+    "model.embed_dim=64", "model.decoder_embed_dim=64", "model.depth=2", "model.decoder_depth=1",
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Never touch the user's ~/.cache; subprocesses inherit the variable.
+    if "CRATEMAE_TEST_CACHE" not in os.environ:
+        base = Path(config.rootpath) / ".pytest-cache-data"
+        os.environ["CRATEMAE_TEST_CACHE"] = str(base)
+    os.environ["CRATEMAE_CACHE"] = os.environ["CRATEMAE_TEST_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint directory of the tiny demo model after 150 steps (about 15 s on 2 cores)."""
+    from cratemae.engine.pretrain import pretrain
+    from cratemae.recipe import load_recipe
+
+    recipe = load_recipe(DEMO_RECIPE, [*TINY_MODEL, "schedule.max_steps=150",
+                                       "run.log_every=50"])
+    result = pretrain(recipe, out_dir=tmp_path_factory.mktemp("demo-run"))
+    assert result.last_checkpoint is not None
+    return result.last_checkpoint
