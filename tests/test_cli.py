@@ -284,11 +284,11 @@ def test_default_discovery_reads_the_entry_point_group(monkeypatch: pytest.Monke
 
 
 def test_plugin_group_runs_and_is_guarded() -> None:
-    app = with_builtins(ep("bench", bench))
-    assert re.search(r"^bench\s+Benchmarks\.$", invoke(app, ["--help"]).help, re.M)
-    assert re.search(r"^data\s+Time the data loader\.$", invoke(app, ["bench", "-h"]).help, re.M)
-    assert invoke(app, ["bench", "data"]).out == "bench data ran\n"
-    run = invoke(app, ["bench", "data", "--fail"])
+    app = with_builtins(ep("extras", bench))
+    assert re.search(r"^extras\s+Benchmarks\.$", invoke(app, ["--help"]).help, re.M)
+    assert re.search(r"^data\s+Time the data loader\.$", invoke(app, ["extras", "-h"]).help, re.M)
+    assert invoke(app, ["extras", "data"]).out == "bench data ran\n"
+    run = invoke(app, ["extras", "data", "--fail"])
     assert (run.code, run.err) == (2, "error: no shards\n")
 
 
