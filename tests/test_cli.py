@@ -94,10 +94,10 @@ def union_param(x: int | str = 1) -> None:
 
 NOT_A_COMMAND = 42
 
-bench = typer.Typer(help="Benchmarks.")
+extras = typer.Typer(help="Benchmarks.")
 
 
-@bench.command("data")
+@extras.command("data")
 def bench_data(fail: bool = False) -> None:
     """Time the data loader."""
     if fail:
@@ -284,7 +284,7 @@ def test_default_discovery_reads_the_entry_point_group(monkeypatch: pytest.Monke
 
 
 def test_plugin_group_runs_and_is_guarded() -> None:
-    app = with_builtins(ep("extras", bench))
+    app = with_builtins(ep("extras", extras))
     assert re.search(r"^extras\s+Benchmarks\.$", invoke(app, ["--help"]).help, re.M)
     assert re.search(r"^data\s+Time the data loader\.$", invoke(app, ["extras", "-h"]).help, re.M)
     assert invoke(app, ["extras", "data"]).out == "bench data ran\n"
