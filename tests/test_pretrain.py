@@ -220,26 +220,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path):
+def _launch_env(launcher: str, rank: int, port: int) -> dict[str, str]:
+    if launcher == "torchrun":
+        return {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    # srun with one task per process: rank and rendezvous from SLURM's variables alone
+    return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(port - 20000)}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path, launcher):
     out = tmp_path / "ddp"
-    port = _free_port()
+    port = 20000 + _free_port() % 20000
     args = ["pretrain", str(DEMO), *[f"--set={s}" for s in TINY], "--set",
             "schedule.max_steps=4", "--out", str(out), "--json"]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "cratemae", *args], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    procs = [subprocess.Popen([sys.executable, "-m", "cratemae", *args], cwd=REPO,
+                              env={**clean, **_launch_env(launcher, rank, port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1] + results[1][1]
     ckpt = load_checkpoint(out / "checkpoints" / "step-000000004")
     assert ckpt.meta["world_size"] == 2
     assert ckpt.meta["samples_seen"] == 4 * 32 * 2
-    assert "effective batch 64" in (out / "log.txt").read_text()
-    records = metrics(out)
-    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one line per step, from rank 0
+    log = (out / "log.txt").read_text()
+    assert "2 process(es)" in log and "effective batch 64" in log
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # one line per step, from rank 0
+    assert results[1][0] == ""  # only rank 0 prints the summary
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""`cratemae analyze`: measure what each encoder layer does and draw it. (stub until it lands)."""
+"""`cratemae analyze`: measure what each encoder layer does (stub until it lands)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`cratemae bench`: time complete training steps and print images per second. (stub until it lands)."""
+"""`cratemae bench`: time training steps (stub until it lands)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`cratemae import-authors`: turn the authors' released checkpoint into a cratemae checkpoint. (stub until it lands)."""
+"""`cratemae import-authors`: import the authors' checkpoint (stub until it lands)."""
 
 from __future__ import annotations
 

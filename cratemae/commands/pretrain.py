@@ -39,7 +39,7 @@ def pretrain(
 
     with _console_logging() as on_log:
         result = run_pretrain(r, out_dir=out, resume=str(where), on_log=on_log)
-    if json_:
+    if json_ and result.main_process:
         print(json.dumps({
             "run_dir": str(result.run_dir),
             "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from cratemae.data.batch import Batch, EncodedBatch, Failure
 from cratemae.data.dataset import EpochDataset, ReadConfig
+from cratemae.data.gpu import gpu_decode_batch
 from cratemae.data.plan import EpochPlan, make_plan
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import eval_transform, finetune_transform, pretrain_transform
@@ -52,8 +53,12 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     start_batch: int = 0,
+    decode_device: torch.device | str | None = None,
 ) -> Loader:
-    """A loader for one epoch of one rank; BadInputError for unusable data or settings."""
+    """A loader for one epoch of one rank; BadInputError for unusable data or settings.
+
+    With data.decode = "gpu" it yields `EncodedBatch`es, or, given `decode_device`, `Batch`es
+    decoded there (the decoding then counts as data time in the trainer's figures)."""
     if split not in ("train", "val") or task not in ("pretrain", "probe", "finetune", "eval"):
         raise BadInputError(f"build_loader: unknown split {split!r} or task {task!r}")
     if not 0 <= rank < world_size:
@@ -95,7 +100,10 @@ def build_loader(
         shuffle_buffer=data.shuffle_buffer if training else 0,
     )
     dataset = EpochDataset(source.shards, plan, cfg, start_batch)
-    return Loader(dataset, plan, source, data, start_batch)
+    loader = Loader(dataset, plan, source, data, start_batch)
+    if gpu and decode_device is not None:
+        loader.decode_on = (torch.device(decode_device), img_size)
+    return loader
 
 
 def _transform(data: DataSection, task: str, training: bool, img_size: int):
@@ -124,6 +132,7 @@ class Loader:
         self.seen = 0  # sample slots yielded so far (good + bad)
         self.bad = 0
         self.bad_by_shard: Counter[str] = Counter()
+        self.decode_on: tuple[torch.device, int] | None = None  # (device, img_size)
 
     @property
     def epoch_batches(self) -> int:
@@ -161,6 +170,10 @@ class Loader:
                     self.bad += item.bad
                     self.bad_by_shard.update(item.bad_shards)
                 self.check_bad_fraction()
+                if self.decode_on is not None and isinstance(item, EncodedBatch):
+                    device, size = self.decode_on
+                    item = gpu_decode_batch(item, device, img_size=size, mean=self.data.mean,
+                                            std=self.data.std)
                 yield item
         finally:
             del it  # shuts the workers down now, not at garbage collection

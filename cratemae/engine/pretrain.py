@@ -51,7 +51,7 @@ class MAETask:
         return build_loader(r.data, split="train", task="pretrain",
                             img_size=self.model.config.img_size, seed=r.run.seed, epoch=epoch,
                             rank=self.info.rank, world_size=self.info.world_size,
-                            start_batch=start_batch)
+                            start_batch=start_batch, decode_device=self.info.device)
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         imgs = batch.images.to(self.info.device, non_blocking=True)

@@ -58,6 +58,7 @@ class RunResult:
     final_loss: float | None
     state: TrainState
     history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True  # rank 0: the one that reports
 
 
 class Trainer:
@@ -156,7 +157,8 @@ class Trainer:
         if self.last_saved_step != self.state.step:
             self._save(end_of_epoch=self.state.batch == 0)
         final = history[-1]["loss"] if history else None
-        return RunResult(self.run_dir, self.last_checkpoint, final, self.state, history)
+        return RunResult(self.run_dir, self.last_checkpoint, final, self.state, history,
+                         main_process=dist.is_main_process())
 
     def _train_step(self, batches: Iterator[Any], window: _Window) -> bool:
         """One optimizer step over `accum` micro-batches. False if it was skipped because
