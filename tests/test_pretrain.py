@@ -250,6 +250,7 @@ def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path, laun
     assert "2 process(es)" in log and "effective batch 64" in log
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]  # one line per step, from rank 0
     assert results[1][0] == ""  # only rank 0 prints the summary
+    assert "step 4/4" in results[0][1] and "step 4/4" not in results[1][1]  # and log lines
 
 
 @pytest.mark.slow

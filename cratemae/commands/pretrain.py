@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,9 +36,11 @@ def pretrain(
     """
     r = load_recipe(recipe, set_ or [])
     where = parse_resume(resume)
-    from cratemae.engine.pretrain import pretrain as run_pretrain  # torch loads lazily
+    from cratemae.engine.dist import parse_launch_env  # torch loads lazily
+    from cratemae.engine.pretrain import pretrain as run_pretrain
 
-    with _console_logging() as on_log:
+    main = parse_launch_env(os.environ).rank == 0
+    with _console_logging(main) as on_log:
         result = run_pretrain(r, out_dir=out, resume=str(where), on_log=on_log)
     if json_ and result.main_process:
         print(json.dumps({
@@ -49,11 +52,14 @@ def pretrain(
 
 
 @contextmanager
-def _console_logging():
-    """Library log lines to the console; a progress bar on a terminal, plain lines otherwise."""
+def _console_logging(main: bool):
+    """Library log lines to the console; a progress bar on a terminal, plain lines otherwise.
+    Ranks other than 0 show only warnings and errors, so a launch prints each line once."""
     logger = logging.getLogger("cratemae")
-    interactive = console.is_interactive()
+    interactive = main and console.is_interactive()
     handler = console.LogHandler(hide_metrics=interactive)
+    if not main:
+        handler.setLevel(logging.WARNING)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
