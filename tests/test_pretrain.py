@@ -35,12 +35,6 @@ METRIC_FIELDS = {"step", "epoch", "loss", "lr", "images_per_s", "data_wait_fract
                  "max_memory_gb", "bad_samples"}
 
 
-@pytest.fixture(autouse=True)
-def demo_cache(tmp_path_factory, monkeypatch):
-    """One demo dataset for the whole session, outside the user's cache."""
-    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path_factory.getbasetemp() / "cratemae-cache"))
-
-
 def recipe(*sets: str):
     return load_recipe(DEMO, [*TINY, *sets])
 
