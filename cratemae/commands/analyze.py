@@ -1,17 +1,238 @@
-"""`cratemae analyze`: measure what each encoder layer does (stub until it lands)."""
+"""`cratemae analyze`: measure what each encoder layer does (coding rate, sparsity,
+attention, PCA of features) and draw it."""
 
 from __future__ import annotations
 
-from cratemae.errors import NotBuiltError
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cratemae.commands import console
+from cratemae.commands.options import JsonOpt, require_file
+from cratemae.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from cratemae.analysis import Analysis, LoadedEncoder
 
 __all__ = ["analyze"]
 
+ImagesArg = Annotated[
+    list[Path] | None,
+    typer.Argument(metavar="IMAGE", help="Image files to analyse.", show_default=False),
+]
+CheckpointOpt = Annotated[
+    Path,
+    typer.Option(
+        "--checkpoint",
+        metavar="CKPT",
+        show_default=False,
+        help="Checkpoint to analyse: a checkpoint or run directory, or a weights file.",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        metavar="SHARDS",
+        show_default=False,
+        help="Images from data instead: shards, a folder, or demo:val.",
+    ),
+]
 
-def analyze() -> None:
+
+def analyze(
+    checkpoint: CheckpointOpt,
+    images: ImagesArg = None,
+    data: DataOpt = None,
+    num_images: Annotated[
+        int, typer.Option("--num-images", metavar="N", help="Images to read from --data.")
+    ] = 64,
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="Directory to write into.")
+    ] = Path("analysis"),
+    pca_layer: Annotated[
+        int,
+        typer.Option(
+            "--pca-layer",
+            metavar="L",
+            help="Layer whose patch features the PCA shows (1 = first, -1 = last).",
+        ),
+    ] = -1,
+    pictures: Annotated[
+        int,
+        typer.Option(
+            "--pictures", metavar="N", help="With --data: how many of its images to draw."
+        ),
+    ] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="B")] = 32,
+    device: Annotated[
+        str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run the model.")
+    ] = "auto",
+    json_: JsonOpt = False,
+) -> None:
     """Measure what each encoder layer does and draw it.
 
+    Writes layers.json: per depth, the coding rate R^c of the tokens
+    against the layer's subspaces and their sparsity (mean, std over
+    images); layers.png; and per image drawn, attention-IMAGE.png (CLS
+    attention per head, last two layers) and pca-IMAGE.png (first three
+    principal components of patch features as RGB).
+
     Examples:
-      $ cratemae analyze --help
-      $ cratemae analyze
+      $ cratemae analyze --checkpoint runs/demo photo.jpg other.png
+      $ cratemae analyze --checkpoint runs/demo --data demo:val --num-images 256
+      $ cratemae analyze --checkpoint runs/base --data val-{00..63}.tar --json
+      $ cratemae analyze --checkpoint model.safetensors a.jpg --pca-layer 6
     """
-    raise NotBuiltError("cratemae analyze is not built yet")
+    _check_options(images or [], data, num_images, batch_size, pictures)
+    from cratemae.analysis.plots import require_matplotlib
+
+    require_matplotlib()  # fail before any work is done
+    import torch
+
+    from cratemae.analysis import analyze as run_analysis
+    from cratemae.analysis import load_encoder
+
+    where = _device(device, torch)
+    model = load_encoder(checkpoint, where)
+    if not model.normalization_from_recipe:
+        console.warn(f"{model.path}: no recipe saved with it; assuming ImageNet mean and std")
+    layer = _layer(pca_layer, model.config.depth)
+    total, names, batches = _inputs(model, images or [], data, num_images, batch_size, pictures)
+    with console.progress(total, "analyze") as bar:
+        result = run_analysis(
+            model, batches, names=names, pca_layer=layer, device=where, on_batch=bar.advance
+        )
+    summary = _write(result, model, out, source=data or [str(p) for p in images or []])
+    if json_:
+        print(json.dumps(summary))
+
+
+def _check_options(
+    images: list[Path], data: str | None, num_images: int, batch_size: int, pictures: int
+) -> None:
+    if bool(images) == (data is not None):
+        raise BadInputError("give image files or --data SHARDS (one of the two)")
+    for image in images:
+        require_file(image, "image")
+    for flag, value in (("--num-images", num_images), ("--batch-size", batch_size)):
+        if value < 1:
+            raise BadInputError(f"{flag} {value}: expected a positive number")
+    if pictures < 0:
+        raise BadInputError(f"--pictures {pictures}: expected 0 or more")
+
+
+def _device(name: str, torch: Any) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise BadInputError(f"--device {name}: expected auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {name}: CUDA is not available here")
+    return torch.device(name)
+
+
+def _layer(value: int, depth: int) -> int:
+    """--pca-layer as a 1-based layer number."""
+    if 1 <= value <= depth:
+        return value
+    if -depth <= value <= -1:
+        return depth + 1 + value
+    raise BadInputError(
+        f"--pca-layer {value}: the model has layers 1..{depth} (or -1..-{depth} from the end)"
+    )
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """File stems safe in a file name, made unique (a.jpg, x/a.png -> a, a-2)."""
+    names: list[str] = []
+    for path in paths:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+        name, n = stem, 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.append(name)
+    return names
+
+
+def _inputs(
+    model: LoadedEncoder,
+    images: list[Path],
+    data: str | None,
+    num_images: int,
+    batch_size: int,
+    pictures: int,
+) -> tuple[int, list[str], Iterator[torch.Tensor]]:
+    """(number of images, names of those to draw, batches of normalised images)."""
+    from cratemae.analysis import load_images
+
+    size = model.config.img_size
+    if data is None:
+        return (
+            len(images),
+            _names(images),
+            load_images(images, size, model.mean, model.std, batch_size),
+        )
+    from cratemae.data import build_loader
+    from cratemae.recipe.schema import DataSection
+
+    section = DataSection(
+        val=data, batch_size=batch_size, num_workers=0, mean=model.mean, std=model.std
+    )
+    # Split "val" with the pre-training task: evaluation transform, fixed order, every sample
+    # kept, and no labels needed.
+    loader = build_loader(section, split="val", task="pretrain", img_size=size, seed=0, epoch=0)
+    total = min(num_images, loader.num_samples)
+    if total < num_images:
+        console.warn(f"--data {data} holds {total} images, fewer than --num-images {num_images}")
+    names = [f"sample-{i:04d}" for i in range(min(pictures, total))]
+    return total, names, _take(loader, total)
+
+
+def _take(loader: Any, count: int) -> Iterator[torch.Tensor]:
+    """The first `count` images of the loader, in batches."""
+    left = count
+    for batch in loader:
+        imgs = batch.images[:left]
+        left -= imgs.shape[0]
+        yield imgs
+        if left <= 0:
+            return
+
+
+def _write(result: Analysis, model: LoadedEncoder, out: Path, source: Any) -> dict[str, Any]:
+    """layers.json, layers.png and the pictures; returns what layers.json holds."""
+    from cratemae.analysis.plots import plot_attention, plot_layers, plot_pca
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "checkpoint": str(model.path),
+        "source": source,
+        "pixel_mean": list(model.mean),
+        "pixel_std": list(model.std),
+        **result.to_json(),
+    }
+    (out / "layers.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    written = [
+        out / "layers.json",
+        plot_layers(
+            result.layers,
+            out / "layers.png",
+            title=f"{model.path.name}, {result.num_images} images",
+        ),
+    ]
+    for pic in result.pictures:
+        written.append(plot_attention(pic.image, pic.attention, out / f"attention-{pic.name}.png"))
+        if pic.pca_rgb is not None:
+            written.append(
+                plot_pca(pic.image, pic.pca_rgb, result.pca_layer, out / f"pca-{pic.name}.png")
+            )
+    console.log(f"wrote {len(written)} files to {out}")
+    return summary

@@ -1,0 +1,29 @@
+"""White-box diagnostics: what each encoder layer does to the coding rate and the sparsity
+of the tokens, where the CLS token attends, and how the patch features are organised.
+
+Pure computation here (`measures`, `record`, `summary`, `run`); `plots` draws with
+matplotlib, imported only when a picture is drawn.
+"""
+
+from cratemae.analysis.load import LoadedEncoder, load_encoder, load_images
+from cratemae.analysis.measures import EPS2, coding_rate, sparsity
+from cratemae.analysis.record import LayerRecord, record_layers
+from cratemae.analysis.run import Analysis, Picture, analyze, attention_layers
+from cratemae.analysis.summary import LayerSummary, PatchPCA
+
+__all__ = [
+    "EPS2",
+    "Analysis",
+    "LayerRecord",
+    "LayerSummary",
+    "LoadedEncoder",
+    "PatchPCA",
+    "Picture",
+    "analyze",
+    "attention_layers",
+    "coding_rate",
+    "load_encoder",
+    "load_images",
+    "record_layers",
+    "sparsity",
+]

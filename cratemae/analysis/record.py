@@ -1,0 +1,100 @@
+"""One forward pass of the encoder, measured layer by layer through forward hooks.
+
+Depth 0 is the input to the first layer (patch embedding + positions, CLS in front) and
+depth l (1..L) the output of layer l, its ISTA step. Each depth's coding rate is taken
+against the subspaces U of one layer: layer l's for depth l, and layer 1's for the input,
+so that depths 0 and 1 show what the first layer did against its own subspaces. As the
+notes define it, the tokens go through that layer's first LayerNorm before U.
+
+The hooks only read: the model runs exactly as it would without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from cratemae.analysis.measures import EPS2, coding_rate, sparsity
+from cratemae.model import CrateEncoder, EncoderLayer
+
+__all__ = ["LayerRecord", "record_layers"]
+
+
+@dataclass
+class LayerRecord:
+    """What one batch of images showed, depth by depth (L encoder layers)."""
+
+    coding_rate: torch.Tensor  # (B, L+1) float64: R^c of the tokens at each depth
+    coding_rate_input: torch.Tensor  # (B, L) float64: R^c of layer l's input, its subspaces
+    sparsity: torch.Tensor  # (B, L+1) float64: fraction of non-zero entries
+    # Layer l (1-based) -> (B, K, L_patches): the CLS row of each head's attention, patches only.
+    cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    # (B, L_patches, d): the shared projection LN1(Z) U of the feature layer, patches only.
+    features: torch.Tensor | None = None
+
+
+def _rate(block: EncoderLayer, z: torch.Tensor, eps2: float) -> torch.Tensor:
+    """R^c of tokens z (B, N, d) against the subspaces of `block`: (B,)."""
+    return coding_rate(block.mssa.project(block.norm1(z)), eps2)
+
+
+@torch.no_grad()
+def record_layers(
+    encoder: CrateEncoder,
+    imgs: torch.Tensor,
+    *,
+    attention_layers: Collection[int] = (),
+    feature_layer: int | None = None,
+    eps2: float = EPS2,
+) -> LayerRecord:
+    """Run `encoder` on unmasked images (B, C, H, W) and measure every layer.
+
+    `attention_layers` and `feature_layer` count from 1 (layer 1 is the first).
+    """
+    blocks: list[EncoderLayer] = list(encoder.blocks)  # type: ignore[arg-type]
+    depth, B = len(blocks), imgs.shape[0]
+    rate = torch.full((B, depth + 1), float("nan"), dtype=torch.float64)
+    rate_in = torch.full((B, depth), float("nan"), dtype=torch.float64)
+    sparse = torch.full((B, depth + 1), float("nan"), dtype=torch.float64)
+    record = LayerRecord(rate, rate_in, sparse)
+
+    def on_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        z0 = args[0]  # (B, 1+L, d), what layer 1 receives
+        sparse[:, 0] = sparsity(z0).cpu()
+        rate[:, 0] = _rate(blocks[0], z0, eps2).cpu()
+
+    def on_mssa(i: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]  # (B, 1+L, d) = LN1(Z^{l-1}), the input of layer l = i + 1
+            u = blocks[i].mssa.project(x)  # (B, K, 1+L, p)
+            rate_in[:, i] = coding_rate(u, eps2).cpu()
+            if i + 1 in attention_layers:
+                record.cls_attention[i + 1] = blocks[i].mssa.attention(x)[:, :, 0, 1:].float()
+            if i + 1 == feature_layer:
+                record.features = u.transpose(1, 2).flatten(2)[:, 1:].float()  # (B, L, d)
+
+        return hook
+
+    def on_ista(i: int):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            sparse[:, i + 1] = sparsity(out).cpu()  # out: (B, 1+L, d), Z^l
+            rate[:, i + 1] = _rate(blocks[i], out, eps2).cpu()
+
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(on_input)]
+    for i, block in enumerate(blocks):
+        handles.append(block.mssa.register_forward_pre_hook(on_mssa(i)))
+        handles.append(block.ista.register_forward_hook(on_ista(i)))
+    try:
+        encoder.forward_features(imgs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if rate.isnan().any() or rate_in.isnan().any() or sparse.isnan().any():
+        # A model that stops calling its mssa/ista submodules would leave gaps silently.
+        raise RuntimeError("record_layers: the encoder did not run every MSSA and ISTA module")
+    return record
