@@ -1,15 +1,19 @@
-"""`cratemae export`: write a checkpoint's weights for other tools (stub until it lands)."""
+"""`cratemae export`: write a checkpoint's weights for other tools."""
 
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cratemae.commands.options import CheckpointArg, require_file
-from cratemae.errors import NotBuiltError
+from cratemae.commands import console
+from cratemae.commands.options import CheckpointArg
+from cratemae.errors import BadInputError, CrateMAEError
+
+if TYPE_CHECKING:
+    from cratemae.interop.loading import LoadedModel
 
 __all__ = ["ExportFormat", "export"]
 
@@ -36,10 +40,61 @@ def export(
 ) -> None:
     """Export weights for other tools.
 
+    CKPT is a checkpoint directory, a run directory (its latest checkpoint) or a weights
+    file. safetensors: DIR/model.safetensors + DIR/config.json, readable by every cratemae
+    command and by timm (timm.create_model("crate_mae_base", pretrained=True,
+    pretrained_cfg_overlay=dict(file="DIR/model.safetensors")) after import cratemae).
+    onnx: DIR/model.onnx, the encoder's forward_features with a dynamic batch dimension,
+    checked against PyTorch with onnxruntime when it is installed.
+
     Examples:
-      $ cratemae export runs/base/last.pt --out exported/base
-      $ cratemae export runs/base/last.pt --out exported/base --encoder-only
-      $ cratemae export runs/base/last.pt --out exported/base-onnx --format onnx
+      $ cratemae export runs/base --out exported/base
+      $ cratemae export runs/base/checkpoints/step-000100000 --out exported/base --encoder-only
+      $ cratemae export runs/base --out exported/base-onnx --format onnx
     """
-    require_file(checkpoint, "checkpoint")
-    raise NotBuiltError("cratemae export is not built yet")
+    if not checkpoint.exists():
+        raise BadInputError(f"{checkpoint}: checkpoint not found")
+    if out.is_file():
+        raise BadInputError(f"--out {out}: is a file; expected a directory")
+    from cratemae.interop.loading import load_model
+
+    loaded = load_model(checkpoint)  # checks the weights against their configuration
+    if format_ is ExportFormat.onnx:
+        _export_onnx(loaded, out)
+        return
+    from cratemae.interop.export import export_safetensors
+
+    result = export_safetensors(loaded, out, encoder_only=encoder_only)
+    what = "encoder only" if result.encoder_only else "encoder and decoder"
+    typer.echo(f"wrote {result.file} ({what}) and {result.config_file}")
+    typer.echo(f"sha256 {result.sha256}  {result.file.name}")
+
+
+def _export_onnx(loaded: LoadedModel, out: Path) -> None:
+    from cratemae.checkpoints.files import file_digest
+    from cratemae.interop.export import write_config_json
+    from cratemae.interop.onnx import (
+        ONNX_TOLERANCE,
+        OnnxUnavailableError,
+        check_onnx,
+        export_onnx,
+    )
+
+    file = export_onnx(loaded.encoder, out / "model.onnx")
+    digest = file_digest(file)["sha256"]
+    io = {"input": "images (batch, C, H, W)", "output": "features (batch, 1 + L, d)"}
+    config_file = write_config_json(out, loaded, file=file, sha256=digest,
+                                    extra={"encoder_only": True, "onnx": io})
+    typer.echo(f"wrote {file} (encoder forward_features, dynamic batch) and {config_file}")
+    typer.echo(f"sha256 {digest}  {file.name}")
+    try:
+        diff, scaled = check_onnx(loaded.encoder, file)
+    except OnnxUnavailableError as err:
+        console.warn(f"not checked: {err}")
+        return
+    if scaled > ONNX_TOLERANCE:
+        file.unlink()
+        raise CrateMAEError(f"{file}: onnxruntime differs from PyTorch by {diff:.2e} "
+                            f"(> {ONNX_TOLERANCE:.0e} x (1 + |x|)); file removed")
+    typer.echo(f"checked with onnxruntime: max abs difference {diff:.2e} "
+               f"(tolerance {ONNX_TOLERANCE:.0e} x (1 + |x|))")

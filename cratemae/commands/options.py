@@ -67,13 +67,17 @@ CheckpointOpt = Annotated[
     typer.Option(
         "--checkpoint",
         metavar="CKPT",
-        help="Pre-trained checkpoint to start from.",
+        help="Checkpoint directory, run directory (its latest) or weights file.",
         show_default=False,
     ),
 ]
 CheckpointArg = Annotated[
     Path,
-    typer.Argument(metavar="CKPT", help="Checkpoint file to read.", show_default=False),
+    typer.Argument(
+        metavar="CKPT",
+        help="Checkpoint directory, run directory (its latest) or weights file.",
+        show_default=False,
+    ),
 ]
 
 

@@ -1,16 +1,24 @@
-"""`cratemae reconstruct`: show what the model makes of a masked image (stub until it lands)."""
+"""`cratemae reconstruct`: show what the model makes of a masked image."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from cratemae.commands.options import require_file
-from cratemae.errors import BadInputError, NotBuiltError
+from cratemae.commands import console
+from cratemae.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from cratemae.interop.loading import LoadedModel
 
 __all__ = ["reconstruct"]
+
+RUNS_DIR = Path("runs")
+_CHUNK = 16  # images per forward pass
 
 
 def reconstruct(
@@ -23,7 +31,8 @@ def reconstruct(
         typer.Option(
             "--checkpoint",
             metavar="CKPT",
-            help="Pre-trained checkpoint to use.",
+            help="Checkpoint, run directory or exported weights (default: the newest run "
+            "under ./runs).",
             show_default=False,
         ),
     ] = None,
@@ -33,20 +42,96 @@ def reconstruct(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the random mask.")] = 0,
     out: Annotated[
         Path,
-        typer.Option("--out", metavar="PATH", help="Image to write: original | masked | output."),
+        typer.Option(
+            "--out", metavar="PATH",
+            help="PNG to write: a row per image, original | masked | reconstruction | "
+            "reconstruction + visible.",
+        ),
     ] = Path("reconstruction.png"),
 ) -> None:
     """Mask an image and show the model's reconstruction.
 
+    Prints, per image, the PSNR of the reconstruction over the hidden patches. Every image
+    gets the same seeded mask. Images that cannot be read are reported and skipped; the
+    exit status is then 2.
+
     Examples:
-      $ cratemae reconstruct photo.jpg --checkpoint runs/base/last.pt
-      $ cratemae reconstruct a.jpg b.jpg --checkpoint runs/base/last.pt --mask-ratio 0.9 --seed 1
-      $ cratemae reconstruct photo.jpg --checkpoint runs/base/last.pt --out recon.png
+      $ cratemae reconstruct photo.jpg --checkpoint runs/base
+      $ cratemae reconstruct a.jpg b.png --checkpoint runs/base --mask-ratio 0.9 --seed 1
+      $ cratemae reconstruct photo.jpg --checkpoint exported/base --out recon.png
     """
     if not 0 <= mask_ratio < 1:
         raise BadInputError(f"--mask-ratio {mask_ratio}: expected a value in [0, 1)")
-    for image in images:
-        require_file(image, "image")
-    if checkpoint is not None:
-        require_file(checkpoint, "checkpoint")
-    raise NotBuiltError("cratemae reconstruct is not built yet")
+    present = [image for image in images if _exists(image)]
+    if not present:
+        raise BadInputError("no image to reconstruct")
+    loaded = _load(checkpoint)
+    from cratemae.viz.images import load_image
+
+    size = loaded.config.img_size
+    pixels, names = [], []
+    for image in present:
+        try:
+            pixels.append(load_image(image, size))
+            names.append(image.name)
+        except BadInputError as err:
+            console.error(str(err))
+    if pixels:
+        _run(loaded, pixels, names, mask_ratio=mask_ratio, seed=seed, out=out)
+    failed = len(images) - len(pixels)
+    if failed:
+        raise BadInputError(f"{failed} of {len(images)} images could not be read")
+
+
+def _exists(image: Path) -> bool:
+    if image.is_file():
+        return True
+    console.error(f"{image}: image not found")
+    return False
+
+
+def _load(checkpoint: Path | None) -> LoadedModel:
+    """The model to use: `checkpoint`, else the newest run's under ./runs."""
+    from cratemae.interop.loading import load_model, newest_run_checkpoint
+
+    if checkpoint is None:
+        checkpoint = newest_run_checkpoint(RUNS_DIR)
+        if checkpoint is None:
+            raise BadInputError("no --checkpoint given and no run with a checkpoint under "
+                                "./runs: pass --checkpoint CKPT")
+        console.log(f"using {checkpoint}")
+    loaded = load_model(checkpoint)
+    if not hasattr(loaded.model, "decoder_blocks"):
+        raise BadInputError(f"{loaded.weights_file}: holds only the encoder; reconstruct "
+                            "needs the decoder too (export without --encoder-only)")
+    if not loaded.preprocessing_known:
+        console.warn(f"{loaded.weights_file}: no record of the mean/std it was trained with; "
+                     "assuming ImageNet's")
+    return loaded
+
+
+def _run(loaded: LoadedModel, pixels: list[torch.Tensor], names: list[str], *,
+         mask_ratio: float, seed: int, out: Path) -> None:
+    import torch
+
+    from cratemae.viz.panel import render_reconstructions
+    from cratemae.viz.reconstruction import mask_noise, reconstruct
+
+    batch = torch.stack(pixels)  # (B, 3, S, S)
+    noise = mask_noise(loaded.config.num_patches, seed, batch.shape[0])  # (B, L)
+    results = []
+    for start in range(0, batch.shape[0], _CHUNK):
+        results += reconstruct(
+            loaded.model, batch[start : start + _CHUNK], mean=loaded.mean, std=loaded.std,
+            mask_ratio=mask_ratio, noise=noise[start : start + _CHUNK],
+        )
+    norm_pix = loaded.config.norm_pix_loss
+    if norm_pix:
+        typer.echo("norm_pix_loss model: reconstructions are shown with each patch's true "
+                   "mean and variance (as in MAE's demo)")
+    for name, rec in zip(names, results, strict=True):
+        hidden = int(rec.mask.sum())
+        typer.echo(f"{name}: PSNR {rec.psnr:.2f} dB over {hidden} hidden patches")
+    path = render_reconstructions(list(zip(names, results, strict=True)), out,
+                                  mask_ratio=mask_ratio, norm_pix=norm_pix)
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,226 @@
+"""`cratemae export`: safetensors + config.json read back by cratemae and by timm, ONNX
+checked with onnxruntime, wrapper prefixes dropped, mismatched weights refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cratemae.checkpoints import read_model_weights, write_model_weights
+from cratemae.commands.app import build_app
+from cratemae.interop.loading import load_model
+from cratemae.interop.onnx import ONNX_TOLERANCE
+from cratemae.model import CrateMAEConfig, create_model
+
+ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def cratemae(*args: object):
+    return CliRunner().invoke(build_app(), [str(a) for a in args], env=ENV)
+
+
+def images(config: dict, batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, config["img_size"], config["img_size"], generator=g)
+
+
+@pytest.fixture(scope="module")
+def exported(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo checkpoint exported whole and encoder-only."""
+    out = {}
+    for name, extra in (("full", []), ("encoder", ["--encoder-only"])):
+        out[name] = tmp_path_factory.mktemp(f"export-{name}")
+        run = cratemae("export", demo_checkpoint, "--out", out[name], *extra)
+        assert run.exit_code == 0, run.output
+    return out
+
+
+def test_export_writes_weights_config_and_their_sha256(demo_checkpoint, exported) -> None:
+    original, config = read_model_weights(demo_checkpoint)
+    for name, out in exported.items():
+        file = out / "model.safetensors"
+        weights, written_config = read_model_weights(file)
+        wanted = {k for k in original if name == "full" or k.startswith("encoder.")}
+        assert set(weights) == wanted
+        assert all(torch.equal(weights[k], original[k]) for k in wanted)
+        record = json.loads((out / "config.json").read_text())
+        assert record["model"] == written_config == config
+        assert record["mean"] == [0.5] * 3 and record["std"] == [0.25] * 3  # the demo recipe's
+        assert record["encoder_only"] is (name == "encoder")
+        assert record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def test_export_prints_the_sha256(demo_checkpoint, tmp_path) -> None:
+    run = cratemae("export", demo_checkpoint.parent.parent, "--out", tmp_path)  # a run directory
+    assert run.exit_code == 0, run.output
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert f"sha256 {digest}  model.safetensors" in run.stdout
+
+
+def test_exports_load_back_in_cratemae(demo_checkpoint, exported) -> None:
+    reference = load_model(demo_checkpoint).model
+    x = images(reference.config.to_dict(), 2)
+    full = load_model(exported["full"])
+    encoder = load_model(exported["encoder"] / "model.safetensors")
+    assert type(full.model).__name__ == "CrateMAE"
+    assert type(encoder.model).__name__ == "CrateEncoder"
+    assert (full.mean, full.std) == ((0.5,) * 3, (0.25,) * 3)
+    with torch.no_grad():
+        expected = reference.forward_features(x)
+        assert torch.equal(full.model.forward_features(x), expected)
+        assert torch.equal(encoder.model.forward_features(x), expected)
+
+
+def test_wrapper_prefixes_never_reach_the_file(demo_checkpoint, tmp_path) -> None:
+    weights, config = read_model_weights(demo_checkpoint)
+    wrapped = {f"module._orig_mod.{k}" if i % 2 else f"_orig_mod.{k}": v
+               for i, (k, v) in enumerate(weights.items())}
+    write_model_weights(tmp_path / "wrapped.safetensors", wrapped, config)
+    run = cratemae("export", tmp_path / "wrapped.safetensors", "--out", tmp_path / "out")
+    assert run.exit_code == 0, run.output
+    written, _ = read_model_weights(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(weights)
+
+
+@pytest.mark.parametrize("damage", ["config", "missing key", "shape"])
+def test_weights_not_matching_their_config_are_refused(demo_checkpoint, tmp_path, damage) -> None:
+    weights, config = read_model_weights(demo_checkpoint)
+    if damage == "config":
+        config = {**config, "depth": config["depth"] + 1}
+    elif damage == "missing key":
+        weights.pop("encoder.norm.weight")
+    else:
+        weights["decoder_pred.bias"] = torch.zeros(5)
+    source = write_model_weights(tmp_path / "bad.safetensors", weights, config)
+    run = cratemae("export", source, "--out", tmp_path / "out")
+    assert run.exit_code == 2
+    assert run.stderr.startswith(f"error: {source}: does not match the model")
+    assert len(run.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fine_tuned_classifier_exports_with_its_head(demo_checkpoint, tmp_path) -> None:
+    import timm
+
+    _, config = read_model_weights(demo_checkpoint)
+    classifier = create_model("crate_mae_tiny", **config).encoder.eval()
+    classifier.reset_classifier(5)
+    state = classifier.state_dict()
+    state |= {f"ema.{k}": torch.zeros_like(v) for k, v in classifier.state_dict().items()}
+    source = write_model_weights(tmp_path / "finetuned.safetensors", state, config)
+    run = cratemae("export", source, "--out", tmp_path / "out")
+    assert run.exit_code == 0, run.output
+    written, _ = read_model_weights(tmp_path / "out" / "model.safetensors")
+    assert "encoder.head.weight" in written and not any("ema." in k for k in written)
+    entry = json.loads((tmp_path / "out" / "config.json").read_text())["timm"]
+    file = str(tmp_path / "out" / "model.safetensors")
+    model = timm.create_model(entry["model_name"], pretrained=True, num_classes=5,
+                              pretrained_cfg_overlay=dict(file=file, num_classes=5),
+                              **entry["kwargs"])
+    x = images(config, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), classifier(x))
+
+
+@pytest.mark.parametrize("which", ["full", "encoder"])
+def test_timm_builds_a_classifier_from_an_export(demo_checkpoint, exported, which) -> None:
+    import timm
+
+    record = json.loads((exported[which] / "config.json").read_text())
+    file = exported[which] / "model.safetensors"
+    model = timm.create_model(record["timm"]["model_name"], pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(file)),
+                              **record["timm"]["kwargs"])
+    reference = load_model(demo_checkpoint).model
+    x = images(record["model"], 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), reference.forward_features(x))
+        assert model(x).shape == (2, 7)
+
+
+def test_timm_refuses_hyper_parameters_the_weights_were_not_trained_with(exported) -> None:
+    import timm
+
+    record = json.loads((exported["encoder"] / "config.json").read_text())
+    file = str(exported["encoder"] / "model.safetensors")
+    for field, value in (("ista_lambda", 0.1), ("num_heads", 2)):
+        with pytest.raises(ValueError, match=f"{field}="):
+            timm.create_model(record["timm"]["model_name"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=file),
+                              **{**record["timm"]["kwargs"], field: value})
+
+
+def test_importing_cratemae_registers_with_timm_without_loading_torch() -> None:
+    code = ("import sys, cratemae; assert 'torch' not in sys.modules, 'torch loaded'; "
+            "import timm; print(sorted(timm.list_models('crate_mae_*')))")
+    env = {**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"}  # a failed registration
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    names = ["crate_mae_base", "crate_mae_large", "crate_mae_small", "crate_mae_tiny"]
+    assert proc.stdout.strip() == str(names)
+
+
+def test_timm_presets_have_the_published_sizes() -> None:
+    import timm
+
+    # Encoder-only parameter counts from the notes (without the frozen position table).
+    expected = {"crate_mae_tiny": (5_627_904, 384), "crate_mae_small": (12_423_168, 576)}
+    for name, (count, width) in expected.items():
+        model = timm.create_model(name, num_classes=3)
+        head = 3 * width + 3
+        assert sum(p.numel() for p in model.parameters()) == count + head
+        assert model.pretrained_cfg["num_classes"] == 0
+        with torch.no_grad():  # initialised as the authors do: finite, dictionaries included
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+            assert torch.isfinite(model(torch.randn(1, 3, 224, 224))).all()
+
+
+def _onnx_diff(file: Path, encoder: torch.nn.Module, config: dict) -> tuple[float, float]:
+    """onnxruntime against PyTorch on random batches of 1 and 4: the largest absolute
+    difference, and the largest |onnx - torch| / (1 + |torch|)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # a dynamic batch dimension
+    worst, scaled = 0.0, 0.0
+    for batch in (1, 4):
+        x = images(config, batch, seed=batch)
+        (got,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            expected = encoder.forward_features(x)
+        assert got.shape == expected.shape
+        diff = (torch.from_numpy(got) - expected).abs()
+        worst = max(worst, float(diff.max()))
+        scaled = max(scaled, float((diff / (1 + expected.abs())).max()))
+    return worst, scaled
+
+
+def test_onnx_export_matches_pytorch(demo_checkpoint, tmp_path) -> None:
+    run = cratemae("export", demo_checkpoint, "--out", tmp_path, "--format", "onnx")
+    assert run.exit_code == 0, run.output
+    assert "checked with onnxruntime" in run.stdout
+    loaded = load_model(demo_checkpoint)
+    worst, _ = _onnx_diff(tmp_path / "model.onnx", loaded.encoder, loaded.config.to_dict())
+    assert worst <= 1e-4  # float32, max abs difference, two layers
+
+
+@pytest.mark.slow
+def test_onnx_export_of_the_base_preset_matches_pytorch(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = create_model("crate_mae_base").eval()
+    source = write_model_weights(tmp_path / "base.safetensors", model.state_dict(),
+                                 model.config.to_dict())
+    run = cratemae("export", source, "--out", tmp_path / "onnx", "--format", "onnx")
+    assert run.exit_code == 0, run.output
+    _, scaled = _onnx_diff(tmp_path / "onnx" / "model.onnx", model.encoder,
+                           CrateMAEConfig().to_dict())
+    assert scaled <= ONNX_TOLERANCE  # 12 layers: |diff| <= 1e-4 (1 + |x|)
