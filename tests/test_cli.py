@@ -169,13 +169,6 @@ def files(tmp_path: Path) -> dict[str, str]:
     return {key: str(tmp_path / path) for key, path in paths.items()} | {"dir": str(tmp_path)}
 
 
-STUB_ARGS = {
-    "pretrain": "{recipe} --set optim.lr=1e-4 --resume never --json",
-    "probe": "{recipe} --checkpoint {ckpt} --out {dir}",
-    "finetune": "{recipe} --checkpoint {ckpt} --resume auto",
-    "export": "{ckpt} --out {dir} --format onnx --encoder-only",
-    "reconstruct": "{image} {image} --checkpoint {ckpt} --mask-ratio 0.5 --seed 3",
-}
 
 
 def test_pretrain_without_training_data_exits_2_and_creates_nothing(
@@ -187,14 +180,6 @@ def test_pretrain_without_training_data_exits_2_and_creates_nothing(
     assert run.code == 2, run.all
     assert run.err.splitlines()[-1] == "error: data.train: no training data given in the recipe"
     assert sorted(tmp_path.iterdir()) == before
-
-
-@pytest.mark.parametrize("name", [n for n in BUILTINS if n in ("probe", "finetune")])
-def test_stub_exits_2_not_built(app: typer.Typer, files: dict[str, str], name: str) -> None:
-    run = invoke(app, [name, *STUB_ARGS[name].format(**files).split()])
-    assert run.code == 2, run.all
-    assert run.err == f"error: cratemae {name} is not built yet\n"
-    assert "Traceback" not in run.all
 
 
 @pytest.mark.parametrize(

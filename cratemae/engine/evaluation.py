@@ -1,0 +1,96 @@
+"""Evaluation over every sample of a split, shared by the ranks: where each sample sits in
+the data set, and top-1/top-5 accuracy of a classifier.
+
+An evaluation epoch gives each rank a contiguous run of the data set (a rank one short
+repeats its last sample), read by the loader's streams in round-robin batches. Knowing each
+yielded sample's global position lets results be counted once each and put in data-set
+order, so they do not depend on the number of ranks or workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from cratemae.data import Loader, build_loader
+from cratemae.engine import dist
+from cratemae.engine.precision import Precision
+from cratemae.errors import BadInputError
+from cratemae.recipe.schema import DataSection
+
+__all__ = ["classify", "eval_batches", "sample_positions", "topk_correct"]
+
+Progress = Callable[[int, int], None]  # (images done on this rank, images on this rank)
+
+
+def sample_positions(loader: Loader) -> list[int]:
+    """Global positions (data-set order) of the samples `loader` yields, in yield order."""
+    plan = loader.plan
+    if plan.mode != "exact":
+        raise BadInputError("evaluation needs sample counts (local shards or cratemae shard)")
+    starts, total = [], 0
+    for shard in loader.source.shards:
+        starts.append(total)
+        total += int(shard.count or 0)
+    runs = [[starts[s] + i for s, lo, hi in spec.segments for i in range(lo, hi)]
+            for spec in plan.streams]
+    taken, out = [0] * len(runs), []
+    for b in range(plan.num_batches):  # batch b comes from stream b % S, in order
+        s, n = b % len(runs), plan.batch_len(b)
+        out.extend(runs[s][taken[s]:taken[s] + n])
+        taken[s] += n
+    return out
+
+
+def eval_batches(data: DataSection, split: str, img_size: int,
+                 progress: Progress | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
+    """(batch, global positions (B,)) over this rank's share of `split`, evaluation
+    transform, fixed order; batches without labels are bad input."""
+    info = dist.get_dist_info()
+    loader = build_loader(data, split=split, task="eval",  # type: ignore[arg-type]
+                          img_size=img_size, seed=0, epoch=0, rank=info.rank,
+                          world_size=info.world_size, decode_device=info.device)
+    positions = torch.tensor(sample_positions(loader), dtype=torch.int64)
+    done = 0
+    for batch in loader:
+        if batch.labels is None:
+            raise BadInputError(f"data.{split}: the samples carry no class labels")
+        n = len(batch)
+        yield batch, positions[done:done + n]
+        done += n
+        if progress is not None:
+            progress(done, len(positions))
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, C), (B,) -> (B,) bool: the label is among the k highest logits."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # (B, k)
+    return (top == labels[:, None]).any(dim=-1)
+
+
+@torch.no_grad()
+def classify(model: nn.Module, data: DataSection, img_size: int, precision: Precision,
+             progress: Progress | None = None) -> dict[str, float]:
+    """Top-1/top-5 (percent) of `model` (images -> logits) on data.val, over all ranks,
+    each sample counted once."""
+    info = dist.get_dist_info()
+    was_training = model.training
+    model.eval()
+    seen: set[int] = set()
+    counts = torch.zeros(3, dtype=torch.float64)  # samples, top-1 hits, top-5 hits
+    for batch, pos in eval_batches(data, "val", img_size, progress):
+        with precision.autocast():
+            logits = model(batch.images.to(info.device, non_blocking=True)).float()
+        labels = batch.labels.to(info.device)
+        fresh = torch.tensor([int(p) not in seen for p in pos], device=info.device)
+        seen.update(int(p) for p in pos)
+        counts += torch.stack([fresh.sum(), (topk_correct(logits, labels, 1) & fresh).sum(),
+                               (topk_correct(logits, labels, 5) & fresh).sum()]).double().cpu()
+    model.train(was_training)
+    counts = dist.all_reduce_sum(counts.to(dist.comm_device())).cpu()
+    n = max(float(counts[0]), 1.0)
+    return {"top1": 100 * float(counts[1]) / n, "top5": 100 * float(counts[2]) / n,
+            "images": int(counts[0])}

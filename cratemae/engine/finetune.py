@@ -1,0 +1,174 @@
+"""Full fine-tuning: the pre-trained encoder plus a new linear head, all trained.
+
+The recipe follows MAE's `main_finetune.py`: AdamW with layer-wise lr decay (timm's
+`param_groups_layer_decay` over the encoder's `group_matcher`), warm-up + cosine, label
+smoothing, mixup/cutmix, RandAugment and random erasing (the loader's fine-tuning
+transform), optionally an EMA of the weights; data.val is evaluated every epoch and the
+best weights kept. It runs in the one training loop (`Trainer`), so launch, precision,
+checkpoints, resume and preemption are those of `pretrain`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cratemae.checkpoints import find_resume
+from cratemae.checkpoints.files import atomic_write_text
+from cratemae.data import build_loader
+from cratemae.engine import dist
+from cratemae.engine.backbone import load_encoder
+from cratemae.engine.evaluation import classify
+from cratemae.engine.precision import resolve_precision
+from cratemae.engine.run_dir import log_file
+from cratemae.engine.trainer import RunResult, Trainer
+from cratemae.errors import BadInputError
+from cratemae.model import CrateEncoder
+from cratemae.recipe import Recipe, dump_recipe
+
+__all__ = ["FinetuneTask", "check_labels", "finetune", "resolve_num_classes"]
+
+log = logging.getLogger("cratemae")
+
+
+def resolve_num_classes(recipe: Recipe, wanted: int | None, key: str) -> int:
+    """`wanted`, checked against the class names of data.train when the data has them."""
+    info = dist.get_dist_info()
+    loader = build_loader(recipe.data, split="train", task="eval", img_size=8, seed=0, epoch=0,
+                          rank=info.rank, world_size=info.world_size)
+    classes = loader.classes
+    if wanted is None and classes is None:
+        raise BadInputError(f"{key} is not set and data.train carries no class names: set it")
+    if wanted is not None and classes is not None and wanted != len(classes):
+        raise BadInputError(f"{key} = {wanted}, but data.train has {len(classes)} classes")
+    return wanted if wanted is not None else len(classes)  # type: ignore[arg-type]
+
+
+class FinetuneTask:
+    """Cross-entropy (soft targets under mixup/cutmix) of the encoder's head."""
+
+    def __init__(self, recipe: Recipe, encoder: CrateEncoder, config: dict[str, Any],
+                 num_classes: int) -> None:
+        ft = recipe.finetune
+        self.recipe, self.model, self.config = recipe, encoder, config
+        self.num_classes = num_classes
+        encoder.reset_classifier(num_classes, ft.pool)
+        self.info = dist.get_dist_info()
+        self.ema_decay = ft.ema_decay if ft.ema else None
+        self.eval_every = ft.eval_every_epochs
+        self.precision = resolve_precision(recipe.run.precision, self.info.device)
+        self.mixup = _make_mixup(recipe, num_classes)
+
+    def loader(self, epoch: int, start_batch: int) -> Any:
+        r = self.recipe
+        task = "finetune" if r.finetune.randaugment else "probe"  # probe: crop + flip
+        return build_loader(r.data, split="train", task=task,
+                            img_size=self.model.config.img_size, seed=r.run.seed, epoch=epoch,
+                            rank=self.info.rank, world_size=self.info.world_size,
+                            start_batch=start_batch, decode_device=self.info.device)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        from timm.optim import param_groups_layer_decay
+
+        return param_groups_layer_decay(
+            self.model, weight_decay=self.recipe.optim.weight_decay,
+            no_weight_decay_list=self.model.no_weight_decay(),
+            layer_decay=self.recipe.finetune.layer_decay)
+
+    def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
+        check_labels(batch.labels, self.num_classes, "finetune.num_classes")
+        imgs = batch.images.to(self.info.device, non_blocking=True)
+        labels = batch.labels.to(self.info.device, non_blocking=True)
+        smoothing = self.recipe.finetune.label_smoothing
+        if self.mixup is None:
+            return F.cross_entropy(model(imgs), labels, label_smoothing=smoothing)
+        imgs, targets = _seeded(self.mixup, imgs, labels,
+                                f"{self.recipe.run.seed}/{micro}/{self.info.rank}")
+        return torch.sum(-targets * F.log_softmax(model(imgs), dim=-1), dim=-1).mean()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return classify(model, self.recipe.data, self.model.config.img_size, self.precision)
+
+
+def check_labels(labels: torch.Tensor | None, num_classes: int, key: str,
+                 split: str = "train") -> None:
+    """Bad input if a batch (labels on the CPU) has no labels or one outside the head."""
+    if labels is None:
+        raise BadInputError(f"data.{split}: the samples carry no class labels")
+    if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
+        raise BadInputError(f"data.{split}: label {int(labels.max())} seen, but {key} = "
+                            f"{num_classes} (labels must be 0..{num_classes - 1})")
+
+
+def _make_mixup(recipe: Recipe, num_classes: int) -> Any:
+    ft = recipe.finetune
+    if ft.mixup <= 0 and ft.cutmix <= 0:
+        return None
+    if recipe.data.batch_size % 2:
+        raise BadInputError(f"data.batch_size = {recipe.data.batch_size}: mixup/cutmix pair "
+                            f"each image with another, so it must be even")
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, prob=ft.mixup_prob,
+                 switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing,
+                 num_classes=num_classes)
+
+
+def _seeded(mixup: Any, imgs: torch.Tensor, labels: torch.Tensor,
+            key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup draws from numpy's and python's global generators: seed them by
+    (seed, micro-batch, rank) for the call, so a resumed run mixes exactly as before."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        np.random.seed(zlib.crc32(key.encode()))
+        random.seed(key)
+        return mixup(imgs, labels)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
+def finetune(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None,
+             resume: str = "auto",
+             on_log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
+    """Fine-tune the encoder of `checkpoint` into `out_dir` (default `run.out_dir`) and
+    write `finetune.json` there (final and best top-1/top-5)."""
+    run_dir = Path(out_dir or recipe.run.out_dir)
+    info = dist.init_distributed(recipe.run.master_addr, recipe.run.master_port)
+    try:
+        torch.manual_seed(recipe.run.seed)  # the same head on every rank
+        resume_from = find_resume(run_dir, resume)
+        if resume == "never" and find_resume(run_dir, "auto") is not None:
+            raise BadInputError(f"{run_dir} already holds checkpoints and --resume never would "
+                                f"mix a new run into them: give a new --out")
+        encoder, config = load_encoder(checkpoint, recipe.model)
+        num_classes = resolve_num_classes(recipe, recipe.finetune.num_classes,
+                                          "finetune.num_classes")
+        task = FinetuneTask(recipe, encoder, config, num_classes)
+        if info.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "recipe.toml", dump_recipe(recipe))
+        with log_file(run_dir / "log.txt" if info.rank == 0 else None):
+            log.info("fine-tuning %s (%d classes, %d px) in %s, %d process(es) on %s",
+                     checkpoint, num_classes, encoder.config.img_size, run_dir,
+                     info.world_size, info.device)
+            result = Trainer(recipe, task, run_dir, resume_from, on_log=on_log).fit()
+        if info.rank == 0:
+            summary = {"final": result.evals[-1] if result.evals else None, "best": result.best,
+                       "checkpoint": str(checkpoint), "last_checkpoint": str(
+                           result.last_checkpoint), "recipe": dump_recipe(recipe),
+                       "num_classes": num_classes, "steps": result.state.step}
+            atomic_write_text(run_dir / "finetune.json", json.dumps(summary, indent=1) + "\n")
+        return result
+    finally:
+        dist.destroy_distributed()

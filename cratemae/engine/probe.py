@@ -1,0 +1,197 @@
+"""Linear probing of a frozen pre-trained encoder, by either of two protocols.
+
+- `features` (the authors'): features of the centre-cropped, unmasked image, extracted once
+  over all ranks and cached; multinomial logistic regression for each weight decay of a
+  small grid, chosen by a held-out part of data.train, refitted on all of data.train and
+  scored on data.val.
+- `mae` (MAE's `main_linprobe.py`): BatchNorm without affine + a linear head on the frozen
+  features, trained on augmented images by the one training loop (LARS or SGD), and scored
+  on data.val at the end.
+Both write `probe.json` (top-1/top-5 in percent, the protocol, checkpoint and recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cratemae.checkpoints.files import atomic_write_text
+from cratemae.data import build_loader
+from cratemae.engine import dist
+from cratemae.engine.backbone import checkpoint_digest, config_key, load_encoder
+from cratemae.engine.evaluation import Progress, classify
+from cratemae.engine.features import CACHE_FORMAT, FeatureSpec, cached_features
+from cratemae.engine.finetune import check_labels, resolve_num_classes
+from cratemae.engine.logreg import fit_logreg, select_weight_decay
+from cratemae.engine.precision import resolve_precision
+from cratemae.engine.run_dir import log_file
+from cratemae.engine.trainer import Trainer
+from cratemae.errors import BadInputError
+from cratemae.model import CrateEncoder
+from cratemae.recipe import Recipe, dump_recipe
+
+__all__ = ["LinearProbeModel", "ProbeResult", "probe"]
+
+log = logging.getLogger("cratemae")
+StageProgress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass
+class ProbeResult:
+    out_dir: Path
+    top1: float
+    top5: float
+    summary: dict[str, Any] = field(default_factory=dict)  # what probe.json holds
+    main_process: bool = True
+
+
+def probe(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None,
+          on_progress: StageProgress | None = None,
+          on_log: Callable[[dict[str, Any]], None] | None = None) -> ProbeResult:
+    """Probe the encoder of `checkpoint`; write probe.json, recipe.toml and log.txt into
+    `out_dir` (default `run.out_dir`)."""
+    out = Path(out_dir or recipe.run.out_dir)
+    p = recipe.probe
+    info = dist.init_distributed(recipe.run.master_addr, recipe.run.master_port)
+    try:
+        torch.manual_seed(recipe.run.seed)
+        encoder, config = load_encoder(checkpoint, recipe.model)
+        depth = encoder.config.depth
+        if not -depth <= p.layer < depth:
+            raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} has "
+                                f"{depth} layers (valid: {-depth}..{depth - 1})")
+        num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
+        if info.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "recipe.toml", dump_recipe(recipe))
+        with log_file(out / "log.txt" if info.rank == 0 else None):
+            log.info("probing %s (%s protocol, %d classes, %d px), %d process(es) on %s",
+                     checkpoint, p.protocol, num_classes, encoder.config.img_size,
+                     info.world_size, info.device)
+            run = _features_protocol if p.protocol == "features" else _mae_protocol
+            details = run(recipe, checkpoint, encoder, config, num_classes, out,
+                          on_progress or (lambda what, done, total: None), on_log)
+        summary = {"protocol": p.protocol, "top1": details.pop("top1"),
+                   "top5": details.pop("top5"), "checkpoint": str(checkpoint),
+                   "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
+                   "img_size": encoder.config.img_size, **details,
+                   "recipe": dump_recipe(recipe)}
+        if info.rank == 0:
+            atomic_write_text(out / "probe.json", json.dumps(summary, indent=1) + "\n")
+        return ProbeResult(out, summary["top1"], summary["top5"], summary, info.rank == 0)
+    finally:
+        dist.destroy_distributed()
+
+
+def _stage(on_progress: StageProgress, what: str) -> Progress:
+    return lambda done, total: on_progress(what, done, total)
+
+
+def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
+                       config: dict, num_classes: int, out: Path,
+                       on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
+    p, device = recipe.probe, dist.get_dist_info().device
+    spec = FeatureSpec(p.layer, p.pool, encoder.config.img_size,
+                       resolve_precision(recipe.run.precision, device))
+    digest = checkpoint_digest(checkpoint)
+    sets = {}
+    for split in ("train", "val"):
+        key = config_key(format=CACHE_FORMAT, checkpoint=digest, data=getattr(recipe.data, split),
+                         img_size=spec.img_size, mean=recipe.data.mean, std=recipe.data.std,
+                         layer=p.layer, pool=p.pool, precision=spec.precision.name)
+        sets[split] = cached_features(encoder, recipe.data, split, spec, key=key,
+                                      root=p.cache_dir,
+                                      progress=_stage(on_progress, f"features {split}"))
+        check_labels(sets[split].labels, num_classes, "probe.num_classes", split)
+    train, val = sets["train"], sets["val"]
+    scores = select_weight_decay(train.features, train.labels, num_classes, p.weight_decays,
+                                 p.holdout_fraction, recipe.run.seed, p.max_iter, device)
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first
+    for wd, score in zip(p.weight_decays, scores, strict=True):
+        log.info("weight decay %g: held-out top-1 %.2f%%%s", wd, score,
+                 "  <- chosen" if wd == p.weight_decays[best] else "")
+    fit = fit_logreg(train.features, train.labels, num_classes, p.weight_decays[best],
+                     p.max_iter, device)
+    top1, top5 = fit.accuracy(val.features, val.labels)
+    return {"top1": top1, "top5": top5, "weight_decay": p.weight_decays[best],
+            "grid": [{"weight_decay": wd, "holdout_top1": s}
+                     for wd, s in zip(p.weight_decays, scores, strict=True)],
+            "train_images": len(train.labels), "val_images": len(val.labels),
+            "feature_dim": int(train.features.shape[1]),
+            "features_from_cache": train.from_cache and val.from_cache}
+
+
+class LinearProbeModel(nn.Module):
+    """MAE's linear probe: frozen encoder -> pooled feature -> BatchNorm (no affine) -> head."""
+
+    def __init__(self, encoder: CrateEncoder, num_classes: int, layer: int, pool: str) -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.layer, self.pool = layer, pool
+        d = encoder.embed_dim
+        self.bn = nn.BatchNorm1d(d, affine=False, eps=1e-6)
+        self.head = nn.Linear(d, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True) -> LinearProbeModel:
+        super().train(mode)
+        self.encoder.eval()  # frozen: always in inference mode
+        return self
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, num_classes)."""
+        with torch.no_grad():
+            tokens = self.encoder.forward_intermediates(imgs, [self.layer], norm=True)[0]
+            feats = tokens[:, 1:].mean(dim=1) if self.pool == "avg" else tokens[:, 0]  # (B, d)
+        return self.head(self.bn(feats.float()))
+
+
+class _MAEProbeTask:
+    """Cross-entropy of the probe head on augmented images; scored once, at the end."""
+
+    eval_every = None
+
+    def __init__(self, recipe: Recipe, model: LinearProbeModel, config: dict,
+                 num_classes: int) -> None:
+        self.recipe, self.model, self.config = recipe, model, config
+        self.num_classes = num_classes
+        self.info = dist.get_dist_info()
+        self.img_size = model.encoder.config.img_size
+        self.precision = resolve_precision(recipe.run.precision, self.info.device)
+
+    def loader(self, epoch: int, start_batch: int) -> Any:
+        r = self.recipe
+        return build_loader(r.data, split="train", task="probe", img_size=self.img_size,
+                            seed=r.run.seed, epoch=epoch, rank=self.info.rank,
+                            world_size=self.info.world_size, start_batch=start_batch,
+                            decode_device=self.info.device)
+
+    def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
+        check_labels(batch.labels, self.num_classes, "probe.num_classes")
+        imgs = batch.images.to(self.info.device, non_blocking=True)
+        labels = batch.labels.to(self.info.device, non_blocking=True)
+        return nn.functional.cross_entropy(model(imgs), labels)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return classify(model, self.recipe.data, self.img_size, self.precision)
+
+
+def _mae_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
+                  config: dict, num_classes: int, out: Path,
+                  on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
+    from cratemae.checkpoints import find_resume
+
+    model = LinearProbeModel(encoder, num_classes, recipe.probe.layer, recipe.probe.pool)
+    task = _MAEProbeTask(recipe, model, config, num_classes)
+    result = Trainer(recipe, task, out, find_resume(out, "auto"), on_log=on_log).fit()
+    final = result.evals[-1]
+    return {"top1": final["top1"], "top5": final["top5"], "steps": result.state.step,
+            "val_images": final["images"], "last_checkpoint": str(result.last_checkpoint)}

@@ -1,0 +1,114 @@
+"""`cratemae probe` on the built-in demo data: feature caching, ranks, bad input, and how
+well a demo-pre-trained encoder probes against a randomly initialised one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cratemae.checkpoints import read_model_weights, write_model_weights
+from cratemae.commands.app import build_app
+from cratemae.engine.backbone import load_encoder
+from cratemae.engine.features import FeatureSpec, cached_features
+from cratemae.engine.precision import resolve_precision
+from cratemae.engine.probe import probe
+from cratemae.model import create_model
+from cratemae.recipe import load_recipe
+from cratemae.recipe.schema import ModelSection
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = REPO / "recipes" / "probe" / "demo.toml"
+# data.val stands in for data.train too: 1,000 images keep each run to seconds.
+SMALL = ['data.train="demo:val"', "probe.weight_decays=[1e-4, 1e-2]", "probe.max_iter=100"]
+
+
+def run_cli(*args: str):
+    result = CliRunner().invoke(build_app(), list(args))
+    return result.exit_code, result.stderr if hasattr(result, "stderr") else result.output
+
+
+@pytest.mark.parametrize(("sets", "make_ckpt", "message"), [
+    ([], "decoder_only", "holds no encoder weights"),
+    (["probe.num_classes=5"], None, "probe.num_classes = 5, but data.train has 10 classes"),
+    (["probe.layer=2"], None, "probe.layer = 2, but the encoder of"),
+    (["model.embed_dim=32"], None, "model.embed_dim = 32, but"),
+    (["model.img_size=30"], None, "model.img_size = 30: img_size 30 is not a multiple"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, demo_checkpoint, sets, make_ckpt, message):
+    ckpt = demo_checkpoint
+    if make_ckpt == "decoder_only":
+        weights, config = read_model_weights(demo_checkpoint)
+        ckpt = write_model_weights(tmp_path / "decoder.safetensors", {
+            k: v for k, v in weights.items() if not k.startswith("encoder.")}, config)
+    code, err = run_cli("probe", str(PROBE), "--checkpoint", str(ckpt), "--out",
+                        str(tmp_path / "out"), *[f"--set={s}" for s in sets])
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_feature_cache_returns_identical_features(tmp_path, demo_checkpoint):
+    recipe = load_recipe(PROBE)
+    encoder, _ = load_encoder(demo_checkpoint, recipe.model)
+    spec = FeatureSpec(-1, "token", 32, resolve_precision("fp32", torch.device("cpu")))
+    first = cached_features(encoder, recipe.data, "val", spec, key="k", root=str(tmp_path))
+    again = cached_features(encoder, recipe.data, "val", spec, key="k", root=str(tmp_path))
+    assert not first.from_cache and again.from_cache
+    assert first.features.shape == (1000, 64) and first.labels.shape == (1000,)
+    assert torch.equal(first.features, again.features)
+    assert torch.equal(first.labels, again.labels)
+    other = cached_features(encoder, recipe.data, "val", spec, key="k2", root=str(tmp_path))
+    assert not other.from_cache and torch.equal(first.features, other.features)
+
+
+def test_checkpoints_of_visible_only_models_and_other_image_sizes_load(tmp_path):
+    torch.manual_seed(0)
+    mae = create_model("crate_mae_tiny", img_size=32, patch_size=4, embed_dim=64,
+                       decoder_embed_dim=64, depth=2, decoder_depth=1, num_heads=4,
+                       decoder_num_heads=4, encoder_visible_only=True)
+    ckpt = write_model_weights(tmp_path / "m.safetensors", mae.state_dict(),
+                               mae.config.to_dict())
+    encoder, config = load_encoder(ckpt, ModelSection(img_size=48))
+    assert config["img_size"] == 48 and config["encoder_visible_only"]
+    x = torch.randn(2, 3, 48, 48)
+    assert encoder.forward_features(x).shape == (2, 1 + 12 * 12, 64)
+    reference = mae.encoder.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in encoder.state_dict().items())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoint):
+    one = probe(load_recipe(PROBE, [*SMALL, f'probe.cache_dir="{tmp_path / "c1"}"']),
+                demo_checkpoint, out_dir=tmp_path / "one")
+    port = str(_free_port())
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    args = [sys.executable, "-m", "cratemae", "probe", str(PROBE), "--checkpoint",
+            str(demo_checkpoint), "--out", str(tmp_path / "two"), "--json",
+            *[f"--set={s}" for s in [*SMALL, f'probe.cache_dir="{tmp_path / "c2"}"']]]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**clean, "RANK": str(r), "WORLD_SIZE": "2",
+                                              "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": port})
+             for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1] + outs[1][1]
+    two = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert outs[1][0] == ""  # only rank 0 reports
+    assert "2 process(es)" in (tmp_path / "two" / "log.txt").read_text()
+    print(f"\nprobe top-1: 1 process {one.top1:.2f}%, 2 processes {two['top1']:.2f}%")
+    assert two["top1"] == one.top1 and two["top5"] == one.top5
+    assert two["grid"] == one.summary["grid"]
+    assert json.loads((tmp_path / "one" / "probe.json").read_text())["top1"] == one.top1
