@@ -166,3 +166,20 @@ def test_model_package_imports_no_io_or_upper_layers():
                 )
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open":
                 pytest.fail(f"{path.name} opens a file")
+
+
+def test_encoder_built_alone_has_finite_initial_weights() -> None:
+    from cratemae.model import CrateMAEConfig
+    from cratemae.model.encoder import CrateEncoder
+
+    torch.manual_seed(0)
+    encoder = CrateEncoder(CrateMAEConfig(img_size=32, patch_size=4, embed_dim=64, depth=2,
+                                          num_heads=4, decoder_embed_dim=64,
+                                          decoder_num_heads=4, decoder_depth=1))
+    for name, p in encoder.named_parameters():
+        assert torch.isfinite(p).all(), name
+    bound = (6 / 64) ** 0.5  # Kaiming-uniform, fan-in 64: U(-bound, bound), std bound/sqrt(3)
+    for block in encoder.blocks:
+        D = block.ista.dictionary.detach()
+        assert float(D.abs().max()) <= bound
+        assert abs(float(D.std()) - bound / 3**0.5) < 0.02

@@ -75,6 +75,7 @@ class ISTA(nn.Module):
         self.step_size = step_size
         self.lambd = lambd
         self.dictionary = nn.Parameter(torch.empty(dim, dim))  # D: (d, d)
+        nn.init.kaiming_uniform_(self.dictionary)  # the authors' choice; never left empty
 
     def step_matrix(self) -> torch.Tensor:
         """eta * (D - D^T D): (d, d)."""
@@ -107,6 +108,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.dictionary = nn.Parameter(torch.empty(dim, dim))  # E: (d, d)
+        nn.init.kaiming_uniform_(self.dictionary)
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.mssa = MSSA(dim, num_heads)
 
