@@ -1,13 +1,12 @@
 """The encoder of a checkpoint, and images as it expects them.
 
-The pixel normalisation a model was trained with is part of its recipe, which a checkpoint
-directory keeps in meta.json; a bare weights file falls back to ImageNet's statistics.
+The pixel normalisation a model was trained with comes from its recipe (a checkpoint
+directory's meta.json) or an export's config.json; otherwise ImageNet's statistics are assumed.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cratemae.checkpoints import check_state_dict_matches, read_model_weights
-from cratemae.checkpoints.files import read_json
-from cratemae.checkpoints.layout import META
-from cratemae.checkpoints.resolve import resolve_checkpoint
+from cratemae.checkpoints.layout import MODEL_FILE
 from cratemae.data import eval_transform
 from cratemae.errors import BadInputError
+from cratemae.interop.loading import load_model
 from cratemae.model import CrateEncoder, CrateMAEConfig
-from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["LoadedEncoder", "load_encoder", "load_images"]
 
@@ -49,45 +45,17 @@ class LoadedEncoder:
         return out.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _normalization(target: Path) -> tuple[tuple, tuple] | None:
-    """data.mean and data.std of the recipe saved with a checkpoint directory, if any."""
-    if not (target / META).is_file():
-        return None
-    recipe = read_json(target / META).get("recipe_toml")
-    if not isinstance(recipe, str):
-        return None
-    try:
-        data = tomllib.loads(recipe).get("data", {})
-    except tomllib.TOMLDecodeError:
-        return None
-    return tuple(data.get("mean", IMAGENET_MEAN)), tuple(data.get("std", IMAGENET_STD))
-
-
 def load_encoder(path: str | os.PathLike[str], device: torch.device | str) -> LoadedEncoder:
-    """The encoder of a checkpoint (directory, run directory or weights file), on `device`."""
-    target = resolve_checkpoint(path)
-    weights, config_dict = read_model_weights(target)
-    try:
-        config = CrateMAEConfig.from_dict(config_dict)
-    except (TypeError, ValueError) as err:
-        raise BadInputError(f"{target}: unusable model configuration ({err})") from None
-    encoder = CrateEncoder(config)
-    # A full CRATE-MAE state dict holds the encoder under `encoder.`; an encoder-only one
-    # holds it at the top level.
-    if any(k.startswith("encoder.") for k in weights):
-        weights = {
-            k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")
-        }
-    state = check_state_dict_matches(encoder, weights, str(target))
-    encoder.load_state_dict(state)
-    norm = _normalization(target) if target.is_dir() else None
-    mean, std = norm if norm is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    """The encoder of a checkpoint (directory, run directory or weights file), on `device`,
+    read and checked by the loader every command uses."""
+    loaded = load_model(path)
+    file = loaded.weights_file
     return LoadedEncoder(
-        encoder=encoder.to(device).eval(),
-        path=target,
-        mean=tuple(mean),
-        std=tuple(std),
-        normalization_from_recipe=norm is not None,
+        encoder=loaded.encoder.to(device).eval(),
+        path=file.parent if file.name == MODEL_FILE else file,
+        mean=loaded.mean,
+        std=loaded.std,
+        normalization_from_recipe=loaded.preprocessing_known,
     )
 
 
