@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
-import pickle
+import pickle  # for UnpicklingError only: what torch.load(weights_only=True) raises
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
