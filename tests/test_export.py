@@ -221,6 +221,7 @@ def test_onnx_export_of_the_base_preset_matches_pytorch(tmp_path) -> None:
                                  model.config.to_dict())
     run = cratemae("export", source, "--out", tmp_path / "onnx", "--format", "onnx")
     assert run.exit_code == 0, run.output
-    _, scaled = _onnx_diff(tmp_path / "onnx" / "model.onnx", model.encoder,
-                           CrateMAEConfig().to_dict())
-    assert scaled <= ONNX_TOLERANCE  # 12 layers: |diff| <= 1e-4 (1 + |x|)
+    worst, scaled = _onnx_diff(tmp_path / "onnx" / "model.onnx", model.encoder,
+                               CrateMAEConfig().to_dict())
+    print(f"\nBase preset ONNX vs PyTorch: max |diff| {worst:.1e}, scaled {scaled:.1e}")
+    assert scaled <= ONNX_TOLERANCE  # 12 layers: |diff| <= 5e-4 (1 + |x|)

@@ -22,9 +22,10 @@ __all__ = ["ONNX_TOLERANCE", "OnnxUnavailableError", "check_onnx", "export_onnx"
 
 # Accepted difference between onnxruntime and PyTorch (float32, CPU, random input), per
 # element: |onnx - torch| <= ONNX_TOLERANCE * (1 + |torch|). Features after the final norm
-# reach |x| ~ 7, and 12 layers of float32 matmuls summed in another order differ by a few
-# 1e-5 there; a wrong graph differs by far more.
-ONNX_TOLERANCE = 1e-4
+# reach |x| ~ 7, and 12 layers of float32 matmuls summed in another order differ there by
+# 3e-5 to 1.2e-4 depending on the weights and the input (measured on the Base preset); a
+# wrong graph (a missing layer, a sign) differs by order 1.
+ONNX_TOLERANCE = 5e-4
 OPSET = 17  # LayerNormalization is native from 17; attention exports as MatMul + Softmax
 
 
