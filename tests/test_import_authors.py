@@ -110,9 +110,11 @@ class NotAllowed:
         self.payload = "would run code on load"
 
 
-def test_a_pth_asking_for_other_globals_is_refused(reference, tmp_path) -> None:
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_pth_asking_for_other_globals_is_refused(reference, tmp_path, zip_format) -> None:
     path = tmp_path / "checkpoint.pth"
-    torch.save(mae_checkpoint(reference["model"], extra=NotAllowed()), path)
+    torch.save(mae_checkpoint(reference["model"], extra=NotAllowed()), path,
+               _use_new_zipfile_serialization=zip_format)
     run = cratemae("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
     assert run.exit_code == 2
     assert run.stderr.startswith(f"error: {path}: refused: the file asks to load ")

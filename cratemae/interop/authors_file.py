@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
-import pickle  # for UnpicklingError only: what torch.load(weights_only=True) raises
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,24 +51,33 @@ class AuthorsWeights:
 
 
 def _read_pickle(path: Path) -> Any:
+    """torch.load with weights_only=True, allowing argparse.Namespace only. What the file
+    asks for is listed first, so a refusal can name it."""
+    try:
+        asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive: torch.load below says what is wrong
+        asked = []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _ALLOWED_GLOBALS}
+    refused = sorted(set(asked) - allowed)
+    if refused:
+        raise _refusal(path, refused)
     try:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        try:
-            asked = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not even a readable archive
-            asked = []
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in _ALLOWED_GLOBALS}
-        asked = sorted(set(asked) - allowed)
-        if asked:
-            raise BadInputError(
-                f"{path}: refused: the file asks to load {', '.join(asked)}; only "
-                "argparse.Namespace is allowed (weights_only=True, no unsafe fallback)"
-            ) from None
-        raise BadInputError(f"{path}: not a loadable PyTorch file ({_short(err)})") from None
     except Exception as err:  # a damaged or foreign file fails in many ways inside torch.load
-        raise BadInputError(f"{path}: not a PyTorch checkpoint ({_short(err)})") from None
+        # Files in the legacy (non-zip) format can only be asked by loading them, and the
+        # refusal names the global deep in its message.
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if wanted:
+            raise _refusal(path, [wanted.group(1)]) from None
+        raise BadInputError(f"{path}: not a loadable PyTorch checkpoint ({_short(err)})") from None
+
+
+def _refusal(path: Path, names: list[str]) -> BadInputError:
+    return BadInputError(
+        f"{path}: refused: the file asks to load {', '.join(names)}; only "
+        "argparse.Namespace is allowed (weights_only=True, no unsafe fallback)"
+    )
 
 
 def _short(err: BaseException) -> str:
