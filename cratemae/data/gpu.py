@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cratemae.data.batch import Batch, EncodedBatch
 from cratemae.errors import BadInputError
+from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["gpu_decode_batch"]
 
@@ -22,8 +23,8 @@ def gpu_decode_batch(
     device: torch.device | str,
     *,
     img_size: int,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Batch:
     """EncodedBatch -> Batch on `device`: images float32 (B, 3, img_size, img_size).
 

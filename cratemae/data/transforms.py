@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "BoxTransform",
     "TimmTransform",
@@ -176,8 +178,8 @@ def _patch_posterize(tf: object) -> None:
 def pretrain_transform(
     img_size: int,
     crop_scale: tuple[float, float] = (0.2, 1.0),
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> BoxTransform:
     """RandomResizedCrop(img_size, scale=crop_scale, bicubic) + flip + normalize."""
     return BoxTransform(img_size, mean, std, scale=tuple(crop_scale))
@@ -185,8 +187,8 @@ def pretrain_transform(
 
 def eval_transform(
     img_size: int,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> BoxTransform:
     """Resize the short side to img_size*256/224 (bicubic), centre-crop img_size."""
     return BoxTransform(img_size, mean, std, scale=None)
@@ -194,8 +196,8 @@ def eval_transform(
 
 def finetune_transform(
     img_size: int,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> TimmTransform:
     """timm.data.create_transform(is_training=True, RandAugment m9, random erasing 0.25)."""
     return TimmTransform(img_size, mean, std)

@@ -25,6 +25,7 @@ from cratemae.checkpoints.resolve import complete_checkpoints, resolve_checkpoin
 from cratemae.engine.ema import EMA_PREFIX
 from cratemae.errors import BadInputError
 from cratemae.model import CrateEncoder, CrateMAE, CrateMAEConfig
+from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "CONFIG_FILE",
@@ -36,8 +37,6 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"  # written next to exported weights
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cratemae.model import PRESETS, CrateEncoder, CrateMAE, CrateMAEConfig, authors_to_cratemae
+from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "checkpoint_filter_fn",
@@ -32,8 +33,6 @@ __all__ = [
     "register_timm_models",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Fields to compare with the file's record. num_heads and the ISTA constants change the
 # function but no tensor shape, so a mismatch would otherwise load silently. (in_chans is
 # left to timm, which adapts the patch projection to another channel count.)
