@@ -24,6 +24,7 @@ from cratemae.checkpoints.files import (
 )
 from cratemae.checkpoints.layout import META, MODEL_FILE, TRAIN_FILE
 from cratemae.checkpoints.resolve import check_checkpoint_dir, resolve_checkpoint
+from cratemae.checkpoints.state_dict import strip_wrapper_prefixes
 from cratemae.checkpoints.tree import unflatten_tree
 from cratemae.errors import BadInputError
 
@@ -77,11 +78,12 @@ def read_model_weights(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """`(weights, model_config)` from a checkpoint/run directory or a weights file, reading
-    only `model.safetensors` (verified against meta.json when there is one)."""
+    only `model.safetensors` (verified against meta.json when there is one). Keys come
+    without wrapper prefixes (`module.`, `_orig_mod.`), whatever other tools wrote."""
     target = resolve_checkpoint(path)
     file = target if target.is_file() else target / MODEL_FILE
     weights, config, _ = _read_weights_file(file)
-    return weights, config
+    return strip_wrapper_prefixes(weights), config
 
 
 def write_model_weights(

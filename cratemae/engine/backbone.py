@@ -18,6 +18,7 @@ import torch
 
 from cratemae.checkpoints import check_state_dict_matches, read_model_weights
 from cratemae.checkpoints.files import file_digest
+from cratemae.checkpoints.layout import MODEL_FILE
 from cratemae.checkpoints.resolve import resolve_checkpoint
 from cratemae.engine.ema import EMA_PREFIX
 from cratemae.errors import BadInputError
@@ -30,7 +31,7 @@ __all__ = ["checkpoint_digest", "config_key", "encoder_config", "encoder_state",
 def checkpoint_digest(path: str | Path) -> str:
     """SHA-256 of the checkpoint's model weights file (what the features depend on)."""
     target = resolve_checkpoint(path)
-    file = target if target.is_file() else target / "model.safetensors"
+    file = target if target.is_file() else target / MODEL_FILE
     return file_digest(file)["sha256"]
 
 

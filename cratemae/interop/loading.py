@@ -18,7 +18,6 @@ from typing import Any
 from cratemae.checkpoints import (
     check_state_dict_matches,
     read_model_weights,
-    strip_wrapper_prefixes,
 )
 from cratemae.checkpoints.layout import CKPT_SUBDIR, META, MODEL_FILE
 from cratemae.checkpoints.resolve import complete_checkpoints, resolve_checkpoint
@@ -62,12 +61,11 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Read, check and load the weights at `path` (see the module docstring)."""
     target = resolve_checkpoint(path)
     file = target if target.is_file() else target / MODEL_FILE
-    weights, raw_config = read_model_weights(target)
+    state, raw_config = read_model_weights(target)  # keys without wrapper prefixes
     try:
         config = CrateMAEConfig.from_dict(raw_config)
     except (TypeError, ValueError) as err:
         raise BadInputError(f"{file}: bad model configuration ({err})") from None
-    state = strip_wrapper_prefixes(weights)
     encoder_only = not any(k.startswith("decoder_") or k == "mask_token" for k in state)
     model: CrateMAE | CrateEncoder
     if encoder_only:  # an encoder-only export, or a fine-tuned classifier
