@@ -11,7 +11,7 @@ import pytest
 from data_fixtures import isolated_cache  # noqa: F401 - autouse fixture
 
 from cratemae.data import build_loader
-from cratemae.data.demo import CLASSES, build_demo, ensure_demo
+from cratemae.data.demo import CLASSES, DEMO_VERSION, build_demo, ensure_demo
 from cratemae.recipe.schema import DataSection
 
 
@@ -94,6 +94,6 @@ def test_racing_builds_both_get_the_finished_data_set(tmp_path, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 2 and results[0] == results[1] == tmp_path / "demo-v1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-v1"]
+    assert len(results) == 2 and results[0] == results[1] == tmp_path / f"demo-v{DEMO_VERSION}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"demo-v{DEMO_VERSION}"]
     assert sorted(p.name for p in results[0].iterdir()) == ["shards.json"]

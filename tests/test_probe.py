@@ -112,3 +112,23 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
     assert two["top1"] == one.top1 and two["top5"] == one.top5
     assert two["grid"] == one.summary["grid"]
     assert json.loads((tmp_path / "one" / "probe.json").read_text())["top1"] == one.top1
+
+
+@pytest.mark.slow
+def test_demo_pretrained_encoder_probes_far_above_chance_and_above_random_init(tmp_path):
+    """The README's demo pre-training, then recipes/probe/demo.toml on it and on the same
+    architecture at its initialisation (about 2-3 minutes on 2 cores)."""
+    from cratemae.engine.pretrain import pretrain
+
+    recipe = load_recipe(REPO / "recipes" / "demo.toml", ["run.log_every=100"])
+    trained = pretrain(recipe, out_dir=tmp_path / "run").last_checkpoint
+    torch.manual_seed(recipe.run.seed)
+    model = create_model(recipe.model.name, **recipe.model.config_overrides())
+    random_init = write_model_weights(tmp_path / "random.safetensors", model.state_dict(),
+                                      model.config.to_dict())
+    scores = {name: probe(load_recipe(PROBE, [f'probe.cache_dir="{tmp_path}"']), ckpt,
+                          out_dir=tmp_path / name)
+              for name, ckpt in (("pretrained", trained), ("random", random_init))}
+    print("\ndemo probe top-1: " + ", ".join(f"{n} {r.top1:.2f}%" for n, r in scores.items()))
+    assert scores["pretrained"].top1 >= 50.0  # chance is 10%
+    assert scores["pretrained"].top1 >= scores["random"].top1 + 5.0
