@@ -66,6 +66,7 @@ def test_learning_rate_warms_up_per_step_then_follows_a_half_cosine(tmp_path):
     # Batch 64: 78 steps per epoch; 2 epochs capped at 60 steps; warm-up 0.5 epoch = 39 steps.
     lrs = []
     pretrain(load_recipe(DEMO, [*TINY[:4], "schedule.epochs=2", "schedule.max_steps=60",
+                                "schedule.warmup_epochs=0.5", "optim.base_lr=1.5e-3",
                                 "run.log_every=1"]),
              out_dir=tmp_path, on_log=lambda r: lrs.append(r["lr"]))
     peak = 1.5e-3 * 64 / 256
