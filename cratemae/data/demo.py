@@ -106,7 +106,7 @@ def render(label: int, rng: np.random.Generator) -> np.ndarray:
     m = m.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean(axis=(1, 3))[..., None]  # (32,32,1)
     # A bright shape on a dark background, hues drawn independently: with the contrast's sign
     # fixed, small encoders learn the shapes in minutes (with either sign possible they did
-    # not, in a few thousand steps).
+    # not, in a few hundred steps).
     bg_col = rng.uniform(0.0, 0.35, 3)
     fg_col = rng.uniform(0.65, 1.0, 3)
     g = _G[::SUPERSAMPLE]  # (32,) coarse grid
