@@ -76,6 +76,16 @@ def test_broken_fast_path_fails_the_check(monkeypatch, precision):
                     Precision(precision, "cpu", ""))
 
 
+def test_check_refuses_a_step_matrix_off_by_a_thousandth(monkeypatch):
+    """The float32 tolerance is loose enough for rounding, not for a slightly wrong constant."""
+    step_matrix = ISTA.step_matrix
+    monkeypatch.setattr(ISTA, "step_matrix", lambda self: 1.001 * step_matrix(self))
+    model = _model(CONFIGS[0])
+    with pytest.raises(CheckFailed, match="worst gradient rel. error"):
+        check_paths(model, loss_functions(model), ["fast"], torch.randn(4, 3, 32, 32),
+                    Precision("fp32", "cpu", ""))
+
+
 def test_check_catches_a_wrong_visible_only_decoder(monkeypatch):
     model = _model(CONFIGS[-1])
     decode = CrateMAE.decode

@@ -54,10 +54,11 @@ class Tolerance:
 
 # float32: on the small models of tests/test_model_fast_path.py the paths agree to 1e-5; at
 # 224 px and 24 layers the patch embedding's gradient (a sum of ~800 token gradients of mixed
-# sign) turns float32 rounding into relative errors of 1e-6 to 1.1e-3 in both paths, varying
-# with the draw (benchmarks/NOTES.md). A wrong formula gives errors of order 1.
+# sign) turns float32 rounding into relative errors of 1e-6 to 2.4e-3 in both paths (the
+# compiled fast path's worst), varying with the draw. A step matrix 0.1% off gives 2.5e-2 to
+# 5.5e-2, a wrong formula errors of order 1 (benchmarks/NOTES.md).
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("cpu", "fp32"): Tolerance(1e-4, 3e-3),
+    ("cpu", "fp32"): Tolerance(1e-4, 1e-2),
     ("cuda", "fp32"): Tolerance(1e-3, 5e-3),  # and cuDNN's TF32 convolutions
     ("cuda", "bf16"): Tolerance(2e-2, 5e-2),  # 8-bit mantissas in every product
     ("cuda", "fp16"): Tolerance(5e-3, 2e-2),  # 11-bit mantissas
