@@ -81,7 +81,7 @@ def test_check_refuses_a_step_matrix_off_by_a_thousandth(monkeypatch):
     step_matrix = ISTA.step_matrix
     monkeypatch.setattr(ISTA, "step_matrix", lambda self: 1.001 * step_matrix(self))
     model = _model(CONFIGS[0])
-    with pytest.raises(CheckFailed, match="worst gradient rel. error"):
+    with pytest.raises(CheckFailed, match=r"worst gradient rel\. error"):
         check_paths(model, loss_functions(model), ["fast"], torch.randn(4, 3, 32, 32),
                     Precision("fp32", "cpu", ""))
 
