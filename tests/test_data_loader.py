@@ -136,6 +136,17 @@ def test_too_few_shards_for_ranks_times_workers(shard_dir):
     assert len(_loader(resampled, rank=0, world_size=4)) == 90 // (4 * 2)
 
 
+def test_finetune_loader_uses_the_recipe_policy(shard_dir):
+    data = data_section(str(shard_dir), auto_augment="rand-n3-m5", re_prob=0.5)
+    tf = _loader(data, task="finetune").dataset.cfg.transform.tf
+    names = {type(t).__name__: t for t in tf.transforms}
+    assert names["RandAugment"].num_layers == 3 and names["RandomErasing"].probability == 0.5
+    bad = data.model_copy(update={"auto_augment": "bogus"})
+    with pytest.raises(BadInputError, match=r"^data\.auto_augment: 'bogus' is not a timm"):
+        _loader(bad, task="finetune")
+    assert len(_loader(bad, task="probe")) > 0  # only fine-tuning reads the policy
+
+
 def test_missing_shard_file_names_its_path(shard_dir):
     (shard_dir / "train-000004.tar").unlink()
     with pytest.raises(BadInputError, match=r"train-000004\.tar: shard file not found"):

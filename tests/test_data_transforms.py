@@ -80,6 +80,23 @@ def test_finetune_transform_is_seeded_and_keeps_global_rngs(astronaut):
     assert not torch.equal(a, tf(astronaut, np.random.default_rng(4)))
 
 
+def test_finetune_policy_and_erasing_are_chosen(astronaut):
+    def parts(tf):
+        return {type(t).__name__: t for t in tf.tf.transforms}
+
+    default = parts(finetune_transform(32, MEAN, STD))
+    assert default["RandAugment"].num_layers == 2  # MAE's rand-m9-mstd0.5-inc1
+    assert {op.magnitude for op in default["RandAugment"].ops} == {9}
+    assert default["RandomErasing"].probability == 0.25
+    chosen = parts(finetune_transform(32, MEAN, STD, auto_augment="rand-n3-m14", re_prob=0.0))
+    assert chosen["RandAugment"].num_layers == 3
+    assert {op.magnitude for op in chosen["RandAugment"].ops} == {14}
+    assert "RandomErasing" not in chosen
+    assert "AutoAugment" in parts(finetune_transform(32, MEAN, STD, auto_augment="original"))
+    with pytest.raises(ValueError, match=r"'rand-q3' is not a timm augmentation policy"):
+        finetune_transform(32, MEAN, STD, auto_augment="rand-q3")
+
+
 @pytest.mark.parametrize(
     ("mode", "fmt"), [("L", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("RGBA", "PNG"), ("LA", "PNG")]
 )

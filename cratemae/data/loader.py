@@ -110,7 +110,11 @@ def _transform(data: DataSection, task: str, training: bool, img_size: int):
     """Fine-tuning: timm's RandAugment pipeline; other training: random resized crop + flip;
     evaluation (and any val split): resize + centre crop."""
     if task == "finetune" and training:
-        return finetune_transform(img_size, data.mean, data.std)
+        try:
+            return finetune_transform(img_size, data.mean, data.std, data.auto_augment,
+                                      data.re_prob)
+        except ValueError as err:
+            raise BadInputError(f"data.auto_augment: {err}") from None
     if training:
         return pretrain_transform(img_size, data.crop_scale, data.mean, data.std)
     return eval_transform(img_size, data.mean, data.std)

@@ -6,8 +6,9 @@ the epoch runs whole or resumes mid-way, with any number of workers.
 
 - `pretrain_transform`: RandomResizedCrop(scale=data.crop_scale, bicubic) + h-flip.
 - `eval_transform`: resize short side to img_size*256/224 (bicubic) + centre crop.
-- `finetune_transform`: timm's training transform (RandAugment rand-m9-mstd0.5-inc1,
-  random erasing 0.25); mixup/cutmix belong to the training step.
+- `finetune_transform`: timm's training transform (by default MAE's RandAugment
+  rand-m9-mstd0.5-inc1 and random erasing 0.25; `data.auto_augment`, `data.re_prob`);
+  mixup/cutmix belong to the training step.
 The crop-based two also expose `box()`/`crop()`, which the GPU-decode path reuses.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
+from cratemae.recipe.schema import DEFAULT_AUTO_AUGMENT, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "BoxTransform",
@@ -121,21 +122,35 @@ class TimmTransform:
     """timm's fine-tuning transform, with its global RNGs seeded from `rng` per call and
     restored afterwards (so an in-process loader does not disturb the training RNGs)."""
 
-    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        auto_augment: str = DEFAULT_AUTO_AUGMENT,
+        re_prob: float = 0.25,
+    ) -> None:
         from timm.data import create_transform
 
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
-        self.tf = create_transform(
-            input_size=img_size,
-            is_training=True,
-            auto_augment="rand-m9-mstd0.5-inc1",
-            interpolation="bicubic",
-            re_prob=0.25,
-            re_mode="pixel",
-            re_count=1,
-            mean=self.mean,
-            std=self.std,
-        )
+        try:
+            self.tf = create_transform(
+                input_size=img_size,
+                is_training=True,
+                auto_augment=auto_augment,
+                interpolation="bicubic",
+                re_prob=re_prob,
+                re_mode="pixel",
+                re_count=1,
+                mean=self.mean,
+                std=self.std,
+            )
+        except (AssertionError, KeyError, ValueError) as err:  # timm asserts on its parser
+            raise ValueError(
+                f"{auto_augment!r} is not a timm augmentation policy "
+                f"(e.g. {DEFAULT_AUTO_AUGMENT!r}, 'rand-n2-m5', 'original', 'augmix-m5')"
+                + (f": {err}" if str(err) else "")
+            ) from None
         _patch_posterize(self.tf)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
@@ -198,6 +213,10 @@ def finetune_transform(
     img_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    auto_augment: str = DEFAULT_AUTO_AUGMENT,
+    re_prob: float = 0.25,
 ) -> TimmTransform:
-    """timm.data.create_transform(is_training=True, RandAugment m9, random erasing 0.25)."""
-    return TimmTransform(img_size, mean, std)
+    """timm.data.create_transform(is_training=True, the `auto_augment` policy (MAE's
+    RandAugment by default), random erasing with probability `re_prob`); ValueError for a
+    policy timm does not know."""
+    return TimmTransform(img_size, mean, std, auto_augment, re_prob)
