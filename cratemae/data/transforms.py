@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cratemae.recipe.schema import DEFAULT_AUTO_AUGMENT, IMAGENET_MEAN, IMAGENET_STD
+from cratemae.recipe.schema import (
+    DEFAULT_AUTO_AUGMENT,
+    DEFAULT_RE_PROB,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
 
 __all__ = [
     "BoxTransform",
@@ -128,7 +133,7 @@ class TimmTransform:
         mean: Sequence[float],
         std: Sequence[float],
         auto_augment: str = DEFAULT_AUTO_AUGMENT,
-        re_prob: float = 0.25,
+        re_prob: float = DEFAULT_RE_PROB,
     ) -> None:
         from timm.data import create_transform
 
@@ -214,7 +219,7 @@ def finetune_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     auto_augment: str = DEFAULT_AUTO_AUGMENT,
-    re_prob: float = 0.25,
+    re_prob: float = DEFAULT_RE_PROB,
 ) -> TimmTransform:
     """timm.data.create_transform(is_training=True, the `auto_augment` policy (MAE's
     RandAugment by default), random erasing with probability `re_prob`); ValueError for a

@@ -27,6 +27,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # MAE's fine-tuning RandAugment (timm's syntax)
+DEFAULT_RE_PROB = 0.25  # MAE's random erasing
 MODEL_NAMES = ("crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large")
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -80,7 +81,7 @@ class DataSection(_Section):
     # string ("rand-n2-m5-p1.0", "original", "augmix-m5"; "" for none, where timm jitters
     # colour by 0.4 instead) and the probability of random erasing.
     auto_augment: str = DEFAULT_AUTO_AUGMENT
-    re_prob: Annotated[float, Field(ge=0, le=1)] = 0.25
+    re_prob: Annotated[float, Field(ge=0, le=1)] = DEFAULT_RE_PROB
     max_bad_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
     # "gpu" decodes JPEGs with nvJPEG on the device when the CPUs cannot keep up.
     decode: Literal["cpu", "gpu"] = "cpu"
