@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from cratemae.engine.bench import BenchSpec, run_bench
+from cratemae.bench.speed import BenchSpec, run_bench
 from cratemae.errors import CrateMAEError
 
 BASE = dict(model="crate_mae_base", img_size=224, batch_size=256, precision="bf16")

@@ -15,6 +15,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-call_after_import("timm", "cratemae.interop.timm_models:register_timm_models")
+call_after_import("timm", "cratemae.weights.timm_models:register_timm_models")
 
 __all__ = ["__version__"]

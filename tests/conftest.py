@@ -27,8 +27,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint directory of the tiny demo model after 150 steps (about 15 s on 2 cores)."""
-    from cratemae.engine.pretrain import pretrain
     from cratemae.recipe import load_recipe
+    from cratemae.tasks.pretrain import pretrain
 
     recipe = load_recipe(DEMO_RECIPE, [*TINY_MODEL, "schedule.max_steps=150",
                                        "run.log_every=50"])

@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cratemae.bench.speed import CheckFailed, check_paths, forward_flops, loss_functions
 from cratemae.commands.app import build_app
-from cratemae.engine.bench import CheckFailed, check_paths, forward_flops, loss_functions
-from cratemae.engine.precision import Precision
+from cratemae.distributed.precision import Precision
 from cratemae.model import CrateMAE, CrateMAEConfig, preset_config
 from cratemae.model.layers import ISTA
 

@@ -11,8 +11,8 @@ from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
 )
 from typer.testing import CliRunner
 
+from cratemae.bench.data import bench_data
 from cratemae.commands.bench_data import bench_data as bench_command
-from cratemae.data.bench import bench_data
 from cratemae.recipe.schema import DataSection
 
 

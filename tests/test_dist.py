@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cratemae.engine.dist import (
+from cratemae.distributed.dist import (
     DistInfo,
     LaunchEnv,
     all_gather_tensors,
@@ -122,7 +122,7 @@ _WORKER = r"""
 import json, sys, torch
 from cratemae.checkpoints import collect_rng_state, pack_rng_state, unpack_rng_state
 from cratemae.checkpoints import restore_rng_state
-from cratemae.engine import dist as d
+from cratemae.distributed import dist as d
 
 info = d.init_distributed(master_addr=sys.argv[1] or None, timeout_s=30)
 r = info.rank

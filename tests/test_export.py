@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from cratemae.checkpoints import read_model_weights, write_model_weights
 from cratemae.commands.app import build_app
-from cratemae.interop.loading import load_model
-from cratemae.interop.onnx import ONNX_TOLERANCE
 from cratemae.model import CrateMAEConfig, create_model
+from cratemae.weights.loading import load_model
+from cratemae.weights.onnx import ONNX_TOLERANCE
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 

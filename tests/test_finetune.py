@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 from cratemae.checkpoints import load_checkpoint, read_model_weights
 from cratemae.commands.app import build_app
 from cratemae.data.demo import CLASSES, render
-from cratemae.engine.finetune import finetune
-from cratemae.engine.probe import probe
-from cratemae.engine.trainer import Preempted
 from cratemae.recipe import load_recipe
+from cratemae.tasks.finetune import finetune
+from cratemae.tasks.probe import probe
+from cratemae.train.trainer import Preempted
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune" / "demo.toml"
@@ -90,8 +90,8 @@ def test_evaluates_every_epoch_keeps_best_and_last_and_resumes_exactly(
 
 
 def test_layer_wise_lr_decay_scales_each_depth(folders, demo_checkpoint):
-    from cratemae.engine.backbone import load_encoder
-    from cratemae.engine.finetune import FinetuneTask
+    from cratemae.tasks.finetune import FinetuneTask
+    from cratemae.weights.backbone import load_encoder
 
     recipe = small(folders, "finetune.layer_decay=0.5")
     encoder, config = load_encoder(demo_checkpoint, recipe.model)

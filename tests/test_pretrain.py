@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from cratemae.checkpoints import load_checkpoint
-from cratemae.engine.pretrain import MAETask, pretrain
-from cratemae.engine.trainer import Preempted
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.recipe import load_recipe
+from cratemae.tasks.pretrain import MAETask, pretrain
+from cratemae.train.trainer import Preempted
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.toml"

@@ -16,13 +16,13 @@ from typer.testing import CliRunner
 
 from cratemae.checkpoints import read_model_weights, write_model_weights
 from cratemae.commands.app import build_app
-from cratemae.engine.backbone import load_encoder
-from cratemae.engine.features import FeatureSpec, cached_features
-from cratemae.engine.precision import resolve_precision
-from cratemae.engine.probe import probe
+from cratemae.distributed.precision import resolve_precision
+from cratemae.eval.features import FeatureSpec, cached_features
 from cratemae.model import create_model
 from cratemae.recipe import load_recipe
 from cratemae.recipe.schema import ModelSection
+from cratemae.tasks.probe import probe
+from cratemae.weights.backbone import load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "recipes" / "probe" / "demo.toml"
@@ -118,7 +118,7 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
 def test_demo_pretrained_encoder_probes_far_above_chance_and_above_random_init(tmp_path):
     """The README's demo pre-training, then recipes/probe/demo.toml on it and on the same
     architecture at its initialisation (about 2-3 minutes on 2 cores)."""
-    from cratemae.engine.pretrain import pretrain
+    from cratemae.tasks.pretrain import pretrain
 
     recipe = load_recipe(REPO / "recipes" / "demo.toml", ["run.log_every=100"])
     trained = pretrain(recipe, out_dir=tmp_path / "run").last_checkpoint

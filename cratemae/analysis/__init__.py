@@ -3,6 +3,8 @@ of the tokens, where the CLS token attends, and how the patch features are organ
 
 Pure computation here (`measures`, `record`, `summary`, `run`); `plots` draws with
 matplotlib, imported only when a picture is drawn.
+
+May import: errors, recipe, data, model, checkpoints, weights.
 """
 
 from cratemae.analysis.load import LoadedEncoder, load_encoder, load_images

@@ -17,8 +17,8 @@ import torch
 from cratemae.checkpoints.layout import MODEL_FILE
 from cratemae.data import eval_transform
 from cratemae.errors import BadInputError
-from cratemae.interop.loading import load_model
 from cratemae.model import CrateEncoder, CrateMAEConfig
+from cratemae.weights.loading import load_model
 
 __all__ = ["LoadedEncoder", "load_encoder", "load_images"]
 

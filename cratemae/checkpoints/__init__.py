@@ -3,6 +3,8 @@
 Plain `dict[str, Tensor]` and JSON in, safetensors + JSON on disk (never pickle), so a
 checkpoint can be inspected, and loaded without executing anything. See `store` for the
 on-disk layout and the crash-safety argument.
+
+May import: errors.
 """
 
 from cratemae.checkpoints.load import (

@@ -12,6 +12,7 @@ from pathlib import Path
 
 __all__ = [
     "CKPT_SUBDIR",
+    "EMA_PREFIX",
     "LATEST",
     "META",
     "MODEL_FILE",
@@ -27,6 +28,8 @@ LATEST = "latest"
 MODEL_FILE = "model.safetensors"
 TRAIN_FILE = "train_state.safetensors"
 META = "meta.json"
+# A weight average is saved beside the model, its keys under this prefix.
+EMA_PREFIX = "ema."
 
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 # Temporary names start with a dot so that nothing scanning for `step-*` ever picks them up.

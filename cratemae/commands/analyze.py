@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from cratemae.commands import console
-from cratemae.commands.options import JsonOpt, require_file
+from cratemae.commands._cli_utils import JsonOpt, require_file
 from cratemae.errors import BadInputError
 
 if TYPE_CHECKING:

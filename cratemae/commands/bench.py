@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cratemae.commands import console
-from cratemae.commands.options import JsonOpt
+from cratemae.commands._cli_utils import JsonOpt
 from cratemae.errors import BadInputError
 
 __all__ = ["bench"]
@@ -57,7 +57,7 @@ def bench(
         raise BadInputError(f"--device {device}: expected cuda or cpu")
     import torch  # lazily: --help stays fast
 
-    from cratemae.engine.bench import BenchSpec, run_bench
+    from cratemae.bench.speed import BenchSpec, run_bench
 
     spec = BenchSpec(
         model=model, img_size=img_size, batch_size=batch_size, steps=steps, warmup=warmup,

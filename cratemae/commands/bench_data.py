@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from cratemae.commands import console
-from cratemae.commands.options import SetOpt
+from cratemae.commands._cli_utils import SetOpt
 
 __all__ = ["bench_data"]
 
@@ -39,7 +39,7 @@ def bench_data(
       $ cratemae bench-data recipes/base.toml --num-workers 8 --batches 100
       $ cratemae bench-data --data '/data/in1k/train-{000000..001023}.tar' --task finetune
     """
-    from cratemae.data.bench import bench_data as run_bench
+    from cratemae.bench.data import bench_data as run_bench
     from cratemae.recipe import load_recipe
     from cratemae.recipe.schema import DataSection
 

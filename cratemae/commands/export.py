@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cratemae.commands import console
-from cratemae.commands.options import CheckpointArg
+from cratemae.commands._cli_utils import CheckpointArg
 from cratemae.errors import BadInputError, CrateMAEError
 
 if TYPE_CHECKING:
-    from cratemae.interop.loading import LoadedModel
+    from cratemae.weights.loading import LoadedModel
 
 __all__ = ["ExportFormat", "export"]
 
@@ -56,13 +56,13 @@ def export(
         raise BadInputError(f"{checkpoint}: checkpoint not found")
     if out.is_file():
         raise BadInputError(f"--out {out}: is a file; expected a directory")
-    from cratemae.interop.loading import load_model
+    from cratemae.weights.loading import load_model
 
     loaded = load_model(checkpoint)  # checks the weights against their configuration
     if format_ is ExportFormat.onnx:
         _export_onnx(loaded, out)
         return
-    from cratemae.interop.export import export_safetensors
+    from cratemae.weights.export import export_safetensors
 
     result = export_safetensors(loaded, out, encoder_only=encoder_only)
     what = "encoder only" if result.encoder_only else "encoder and decoder"
@@ -72,8 +72,8 @@ def export(
 
 def _export_onnx(loaded: LoadedModel, out: Path) -> None:
     from cratemae.checkpoints.files import file_digest
-    from cratemae.interop.export import write_config_json
-    from cratemae.interop.onnx import (
+    from cratemae.weights.export import write_config_json
+    from cratemae.weights.onnx import (
         ONNX_TOLERANCE,
         OnnxUnavailableError,
         check_onnx,

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 
-from cratemae.commands.options import (
+from cratemae.commands._cli_utils import (
     CheckpointOpt,
     JsonOpt,
     OutOpt,
     RecipeArg,
     ResumeOpt,
     SetOpt,
+    command_console,
     parse_resume,
+    require_checkpoint,
 )
-from cratemae.commands.probe import console_progress, require_checkpoint
 from cratemae.recipe import load_recipe
 
 __all__ = ["finetune"]
@@ -44,9 +45,9 @@ def finetune(
     r = load_recipe(recipe, set_ or [])
     require_checkpoint(checkpoint)
     where = parse_resume(resume)
-    from cratemae.engine.finetune import finetune as run_finetune  # torch loads lazily
+    from cratemae.tasks.finetune import finetune as run_finetune  # torch loads lazily
 
-    with console_progress("finetune") as (_, on_log):
+    with command_console("finetune") as (_, on_log):
         result = run_finetune(r, checkpoint, out_dir=out, resume=str(where), on_log=on_log)
     if not result.main_process:
         return

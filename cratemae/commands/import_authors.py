@@ -55,9 +55,9 @@ def import_authors(
         raise BadInputError(f"--preset {preset}: expected one of {', '.join(PRESET_NAMES)}")
     if out.is_file():
         raise BadInputError(f"--out {out}: is a file; expected a directory")
-    from cratemae.interop.authors_file import build_authors_model, read_authors_file
-    from cratemae.interop.export import export_safetensors
-    from cratemae.interop.loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+    from cratemae.weights.authors_file import build_authors_model, read_authors_file
+    from cratemae.weights.export import export_safetensors
+    from cratemae.weights.loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
     weights = read_authors_file(path)
     overrides: dict[str, object] = {}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
-from contextlib import contextmanager
-from typing import Any
 
-from cratemae.commands import console
-from cratemae.commands.options import JsonOpt, OutOpt, RecipeArg, ResumeOpt, SetOpt, parse_resume
+from cratemae.commands._cli_utils import (
+    JsonOpt,
+    OutOpt,
+    RecipeArg,
+    ResumeOpt,
+    SetOpt,
+    command_console,
+    parse_resume,
+)
 from cratemae.recipe import load_recipe
 
 __all__ = ["pretrain"]
@@ -36,11 +39,9 @@ def pretrain(
     """
     r = load_recipe(recipe, set_ or [])
     where = parse_resume(resume)
-    from cratemae.engine.dist import parse_launch_env  # torch loads lazily
-    from cratemae.engine.pretrain import pretrain as run_pretrain
+    from cratemae.tasks.pretrain import pretrain as run_pretrain  # torch loads lazily
 
-    main = parse_launch_env(os.environ).rank == 0
-    with _console_logging(main) as on_log:
+    with command_console("pretrain") as (_, on_log):
         result = run_pretrain(r, out_dir=out, resume=str(where), on_log=on_log)
     if json_ and result.main_process:
         print(json.dumps({
@@ -50,26 +51,3 @@ def pretrain(
             "steps": result.state.step,
         }))
 
-
-@contextmanager
-def _console_logging(main: bool):
-    """Library log lines to the console; a progress bar on a terminal, plain lines otherwise.
-    Ranks other than 0 show only warnings and errors, so a launch prints each line once."""
-    logger = logging.getLogger("cratemae")
-    interactive = main and console.is_interactive()
-    handler = console.LogHandler(hide_metrics=interactive)
-    if not main:
-        handler.setLevel(logging.WARNING)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        if not interactive:
-            yield lambda record: None
-            return
-        with console.progress(None, "pretrain") as bar:
-            def on_log(record: dict[str, Any]) -> None:
-                bar.set(record["step"], record.get("total_steps"),
-                        f"loss {record['loss']:.4f} {record['images_per_s']:.0f} img/s")
-            yield on_log
-    finally:
-        logger.removeHandler(handler)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
-from typing import Any
 
-from cratemae.commands import console
-from cratemae.commands.options import CheckpointOpt, JsonOpt, OutOpt, RecipeArg, SetOpt
-from cratemae.errors import BadInputError
+from cratemae.commands._cli_utils import (
+    CheckpointOpt,
+    JsonOpt,
+    OutOpt,
+    RecipeArg,
+    SetOpt,
+    command_console,
+    require_checkpoint,
+)
 from cratemae.recipe import load_recipe
 
-__all__ = ["probe", "require_checkpoint"]
+__all__ = ["probe"]
 
 
 def probe(
@@ -39,9 +40,9 @@ def probe(
     """
     r = load_recipe(recipe, set_ or [])
     require_checkpoint(checkpoint)
-    from cratemae.engine.probe import probe as run_probe  # torch loads lazily
+    from cratemae.tasks.probe import probe as run_probe  # torch loads lazily
 
-    with console_progress("probe") as (on_progress, on_log):
+    with command_console("probe") as (on_progress, on_log):
         result = run_probe(r, checkpoint, out_dir=out, on_progress=on_progress, on_log=on_log)
     if not result.main_process:
         return
@@ -61,42 +62,3 @@ def probe(
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
-
-def require_checkpoint(path: Path) -> Path:
-    """A checkpoint is a directory (checkpoint or run) or a weights file: it must exist."""
-    if not path.exists():
-        raise BadInputError(f"{path}: checkpoint not found")
-    return path
-
-
-@contextmanager
-def console_progress(name: str) -> Iterator[tuple[Any, Any]]:
-    """Library log lines to the console, and progress: a bar per stage on a terminal
-    (feature extraction, training steps), plain log lines otherwise."""
-    logger = logging.getLogger("cratemae")
-    interactive = console.is_interactive()
-    handler = console.LogHandler(hide_metrics=interactive)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        if not interactive:
-            yield (lambda what, done, total: None), (lambda record: None)
-            return
-        with ExitStack() as stack:
-            bars: dict[str, console.Tracker] = {}
-
-            def bar(what: str, total: int | None) -> console.Tracker:
-                if what not in bars:
-                    bars[what] = stack.enter_context(console.progress(total, f"{name}: {what}"))
-                return bars[what]
-
-            def on_progress(what: str, done: int, total: int) -> None:
-                bar(what, total).set(done, total)
-
-            def on_log(record: dict[str, Any]) -> None:
-                bar("train", record.get("total_steps")).set(
-                    record["step"], record.get("total_steps"), f"loss {record['loss']:.4f}")
-
-            yield on_progress, on_log
-    finally:
-        logger.removeHandler(handler)

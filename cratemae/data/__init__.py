@@ -1,8 +1,10 @@
 """Data: shards and image folders -> per-rank, resumable, seeded batches; shard writing.
 
-Data flows one way (recipe -> data -> model -> engine): this package reads the recipe's
-`DataSection` and knows nothing of models or training. See `cratemae.data.loader` for the
+Data flows one way (recipe -> data -> model -> training loop): this package reads the
+recipe's `DataSection` and knows nothing of models or training. See `cratemae.data.loader` for the
 loader contract and `cratemae.data.plan` for how an epoch is split over ranks and workers.
+
+May import: errors, recipe.
 """
 
 from cratemae.data.batch import Batch, EncodedBatch

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from cratemae.data.cache import cache_dir
-from cratemae.data.sources import INDEX_NAME
+from cratemae.data.folders import INDEX_NAME
 from cratemae.data.writer import Item, ShardSummary, write_dataset
 
 __all__ = ["CLASSES", "DEMO_SIZES", "build_demo", "demo_dir", "ensure_demo", "render"]

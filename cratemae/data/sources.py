@@ -19,32 +19,18 @@ import logging
 import os
 import tarfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cratemae.data.cache import atomic_write_json, cache_dir
+from cratemae.data.folders import INDEX_NAME, list_images, read_index
 from cratemae.data.shards import Shard, count_tar_samples, is_remote
 from cratemae.errors import BadInputError
 
-__all__ = [
-    "IMAGE_EXTS",
-    "INDEX_FORMAT",
-    "INDEX_NAME",
-    "Source",
-    "fill_counts",
-    "list_images",
-    "read_index",
-    "resolve_source",
-]
+__all__ = ["Source", "fill_counts", "resolve_source"]
 
 log = logging.getLogger("cratemae.data")
 
-INDEX_NAME = "shards.json"
-INDEX_FORMAT = "cratemae-shards/1"
-IMAGE_EXTS = frozenset(
-    ["jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"]
-)
 # Image folders are cut into virtual shards of this many files (they read randomly, so the
 # size only sets how finely the epoch's order is shuffled).
 FOLDER_SHARD = 256
@@ -111,21 +97,6 @@ def _resolve_one(spec: str, split: str) -> Source:
     return Source(tuple(shards))
 
 
-def read_index(directory: Path) -> dict:
-    """The parsed, checked `shards.json` of a directory written by `cratemae shard`."""
-    path = directory / INDEX_NAME
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        splits = index["splits"]
-        for entries in splits.values():
-            for e in entries:
-                if not isinstance(e["name"], str) or int(e["samples"]) < 0:
-                    raise ValueError(e)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise BadInputError(f"{path}: not a valid {INDEX_NAME} ({type(err).__name__})") from None
-    return index
-
-
 def _from_index(directory: Path, split: str, field: str) -> Source:
     index = read_index(directory)
     if split not in index["splits"]:
@@ -157,42 +128,6 @@ def _indexed_count(path: Path) -> int | None:
                 counts.update({e["name"]: int(e["samples"]) for e in entries})
         _INDEX_CACHE[d] = counts
     return _INDEX_CACHE[d].get(path.name)
-
-
-def list_images(
-    root: Path, any_file: bool = False
-) -> tuple[list[tuple[str, int]], tuple[str, ...] | None]:
-    """Image files under `root` as (path, label), sorted; class folders give labels
-    (sorted names -> 0, 1, ...), a flat folder gives label -1 and no classes. `any_file`
-    lists every non-hidden file, so a writer can report the ones that are not images."""
-    keep = _is_visible if any_file else _is_image_name
-    top = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    dirs = [p for p in top if p.is_dir()]
-    flat = [str(p) for p in top if p.is_file() and keep(p.name)]
-    class_files = {d.name: _walk_images(d, keep) for d in dirs}
-    class_files = {k: v for k, v in class_files.items() if v}
-    if class_files and flat:
-        raise BadInputError(f"{root}: has both images and class folders; move {flat[0]} into one")
-    if not class_files:
-        return [(f, -1) for f in flat], None
-    classes = tuple(sorted(class_files))
-    return [(f, i) for i, c in enumerate(classes) for f in class_files[c]], classes
-
-
-def _is_image_name(name: str) -> bool:
-    return name.rpartition(".")[2].lower() in IMAGE_EXTS and not name.startswith(".")
-
-
-def _is_visible(name: str) -> bool:
-    return not name.startswith(".")
-
-
-def _walk_images(d: Path, keep: Callable[[str], bool]) -> list[str]:
-    out = []
-    for base, subdirs, files in os.walk(d, followlinks=True):
-        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
-        out += [os.path.join(base, f) for f in sorted(files) if keep(f)]
-    return out
 
 
 def _from_folder(root: Path, split: str) -> Source:

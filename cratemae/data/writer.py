@@ -25,7 +25,7 @@ import numpy as np
 
 from cratemae.data.cache import atomic_write_json, fsync_dir
 from cratemae.data.decode import BadSample, load_rgb, open_image
-from cratemae.data.sources import INDEX_FORMAT, INDEX_NAME, list_images
+from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images
 from cratemae.errors import BadInputError
 
 __all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]

@@ -1,4 +1,8 @@
-"""The CRATE-MAE model. Pure PyTorch: no recipe, engine, command or file I/O imports."""
+"""The CRATE-MAE model: layers named after the paper, the encoder, the autoencoder, its
+configuration and presets. Pure PyTorch: no file or terminal I/O.
+
+May import: nothing else of cratemae.
+"""
 
 from cratemae.model.authors import authors_to_cratemae, load_authors_state_dict
 from cratemae.model.config import PRESETS, CrateMAEConfig

@@ -1,4 +1,7 @@
-"""Recipes: TOML files validated by pydantic, overridable with `--set key.path=value`."""
+"""Recipes: TOML files validated by pydantic, overridable with `--set key.path=value`.
+
+May import: errors, model.
+"""
 
 from cratemae.recipe.load import (
     apply_overrides,

@@ -1,3 +1,6 @@
-"""Pictures of what a model does: masked-image reconstructions."""
+"""Pictures of what a model does: masked-image reconstructions.
+
+May import: errors, recipe, data, model, weights.
+"""
 
 __all__: list[str] = []

@@ -14,12 +14,12 @@ from torch import nn
 from cratemae.checkpoints import find_resume
 from cratemae.checkpoints.files import atomic_write_text
 from cratemae.data import build_loader
-from cratemae.engine import dist
-from cratemae.engine.run_dir import log_file
-from cratemae.engine.trainer import RunResult, Trainer
+from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, create_model
 from cratemae.recipe import Recipe, dump_recipe
+from cratemae.train.run_dir import log_file
+from cratemae.train.trainer import RunResult, Trainer
 
 __all__ = ["MAETask", "build_mae", "pretrain"]
 

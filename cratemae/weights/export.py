@@ -18,8 +18,8 @@ from typing import Any
 
 from cratemae.checkpoints import write_model_weights
 from cratemae.checkpoints.files import atomic_write_text, file_digest
-from cratemae.interop.loading import CONFIG_FILE, LoadedModel
 from cratemae.model import PRESETS, CrateEncoder, CrateMAEConfig
+from cratemae.weights.loading import CONFIG_FILE, LoadedModel
 
 __all__ = ["ExportResult", "export_safetensors", "timm_call", "write_config_json"]
 

@@ -22,7 +22,7 @@ from cratemae.checkpoints import (
     save_checkpoint,
     unpack_rng_state,
 )
-from cratemae.engine import dist
+from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.recipe import Recipe, diff_recipes, dump_recipe, recipe_hash, unsafe_changes
 from cratemae.recipe.load import parse_recipe

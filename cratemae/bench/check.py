@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cratemae.engine.precision import Precision
+from cratemae.distributed.precision import Precision
 from cratemae.errors import BadInputError, CrateMAEError
 from cratemae.model import CrateMAE
 from cratemae.model.reference import reference_forward

@@ -17,7 +17,7 @@ from torch import nn
 
 from cratemae.checkpoints import write_model_weights
 from cratemae.checkpoints.files import atomic_write_text
-from cratemae.engine import dist
+from cratemae.distributed import dist
 
 __all__ = ["BestKeeper"]
 

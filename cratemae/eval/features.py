@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cratemae.data.cache import cache_dir, fsync_dir
-from cratemae.engine import dist
-from cratemae.engine.evaluation import Progress, eval_batches
-from cratemae.engine.precision import Precision
+from cratemae.distributed import dist
+from cratemae.distributed.precision import Precision
+from cratemae.eval.classify import Progress, eval_batches
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
 

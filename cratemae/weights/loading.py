@@ -19,9 +19,8 @@ from cratemae.checkpoints import (
     check_state_dict_matches,
     read_model_weights,
 )
-from cratemae.checkpoints.layout import CKPT_SUBDIR, META, MODEL_FILE
+from cratemae.checkpoints.layout import CKPT_SUBDIR, EMA_PREFIX, META, MODEL_FILE
 from cratemae.checkpoints.resolve import complete_checkpoints, resolve_checkpoint
-from cratemae.engine.ema import EMA_PREFIX
 from cratemae.errors import BadInputError
 from cratemae.model import CrateEncoder, CrateMAE, CrateMAEConfig
 from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD

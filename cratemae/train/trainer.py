@@ -13,7 +13,7 @@ Optional task hooks (fine-tuning uses them all):
 - `evaluate(model) -> dict` with `top1`/`top5`, and `eval_every: int | None` (epochs; None:
   only at the end): evaluated at those epoch ends and once at the end of training, the
   average too when there is one, each logged to metrics.jsonl; the best weights are kept in
-  `RUN_DIR/best/` (see `cratemae.engine.best`).
+  `RUN_DIR/best/` (see `cratemae.train.best`).
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cratemae.engine import dist
-from cratemae.engine.best import BestKeeper
-from cratemae.engine.ema import WeightEMA, WithEMA
-from cratemae.engine.optim import build_adamw, lr_at, param_groups, peak_lr
-from cratemae.engine.optimizers import build_optimizer
-from cratemae.engine.precision import resolve_precision
-from cratemae.engine.preemption import PreemptionFlag
-from cratemae.engine.run_dir import MetricsLog, max_memory_gb
-from cratemae.engine.state import TrainState, restore_run, save_run
+from cratemae.distributed import dist
+from cratemae.distributed.precision import resolve_precision
+from cratemae.distributed.preemption import PreemptionFlag
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.recipe import Recipe
+from cratemae.train.best import BestKeeper
+from cratemae.train.ema import WeightEMA, WithEMA
+from cratemae.train.optim import build_adamw, lr_at, param_groups, peak_lr
+from cratemae.train.optimizers import build_optimizer
+from cratemae.train.run_dir import MetricsLog, max_memory_gb
+from cratemae.train.state import TrainState, restore_run, save_run
 
 __all__ = ["Preempted", "RunResult", "Task", "Trainer"]
 

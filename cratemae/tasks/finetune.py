@@ -26,32 +26,20 @@ from torch import nn
 from cratemae.checkpoints import find_resume
 from cratemae.checkpoints.files import atomic_write_text
 from cratemae.data import build_loader
-from cratemae.engine import dist
-from cratemae.engine.backbone import load_encoder
-from cratemae.engine.evaluation import classify
-from cratemae.engine.precision import resolve_precision
-from cratemae.engine.run_dir import log_file
-from cratemae.engine.trainer import RunResult, Trainer
+from cratemae.distributed import dist
+from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
+from cratemae.eval.classify import classify
+from cratemae.eval.labels import check_labels, resolve_num_classes
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
+from cratemae.train.run_dir import log_file
+from cratemae.train.trainer import RunResult, Trainer
+from cratemae.weights.backbone import load_encoder
 
-__all__ = ["FinetuneTask", "check_labels", "finetune", "resolve_num_classes"]
+__all__ = ["FinetuneTask", "finetune"]
 
 log = logging.getLogger("cratemae")
-
-
-def resolve_num_classes(recipe: Recipe, wanted: int | None, key: str) -> int:
-    """`wanted`, checked against the class names of data.train when the data has them."""
-    info = dist.get_dist_info()
-    loader = build_loader(recipe.data, split="train", task="eval", img_size=8, seed=0, epoch=0,
-                          rank=info.rank, world_size=info.world_size)
-    classes = loader.classes
-    if wanted is None and classes is None:
-        raise BadInputError(f"{key} is not set and data.train carries no class names: set it")
-    if wanted is not None and classes is not None and wanted != len(classes):
-        raise BadInputError(f"{key} = {wanted}, but data.train has {len(classes)} classes")
-    return wanted if wanted is not None else len(classes)  # type: ignore[arg-type]
 
 
 class FinetuneTask:
@@ -98,16 +86,6 @@ class FinetuneTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return classify(model, self.recipe.data, self.model.config.img_size, self.precision)
-
-
-def check_labels(labels: torch.Tensor | None, num_classes: int, key: str,
-                 split: str = "train") -> None:
-    """Bad input if a batch (labels on the CPU) has no labels or one outside the head."""
-    if labels is None:
-        raise BadInputError(f"data.{split}: the samples carry no class labels")
-    if labels.numel() and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
-        raise BadInputError(f"data.{split}: label {int(labels.max())} seen, but {key} = "
-                            f"{num_classes} (labels must be 0..{num_classes - 1})")
 
 
 def _make_mixup(recipe: Recipe, num_classes: int) -> Any:

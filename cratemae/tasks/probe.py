@@ -24,18 +24,18 @@ from torch import nn
 
 from cratemae.checkpoints.files import atomic_write_text
 from cratemae.data import build_loader
-from cratemae.engine import dist
-from cratemae.engine.backbone import checkpoint_digest, config_key, load_encoder
-from cratemae.engine.evaluation import Progress, classify
-from cratemae.engine.features import CACHE_FORMAT, FeatureSpec, cached_features
-from cratemae.engine.finetune import check_labels, resolve_num_classes
-from cratemae.engine.logreg import fit_logreg, select_weight_decay
-from cratemae.engine.precision import resolve_precision
-from cratemae.engine.run_dir import log_file
-from cratemae.engine.trainer import Trainer
+from cratemae.distributed import dist
+from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
+from cratemae.eval.classify import Progress, classify
+from cratemae.eval.features import CACHE_FORMAT, FeatureSpec, cached_features
+from cratemae.eval.labels import check_labels, resolve_num_classes
+from cratemae.eval.logreg import fit_logreg, select_weight_decay
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
+from cratemae.train.run_dir import log_file
+from cratemae.train.trainer import Trainer
+from cratemae.weights.backbone import checkpoint_digest, config_key, load_encoder
 
 __all__ = ["LinearProbeModel", "ProbeResult", "probe"]
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cratemae.engine import dist
-from cratemae.engine.evaluation import topk_correct
+from cratemae.distributed import dist
+from cratemae.eval.classify import topk_correct
 
 __all__ = ["LinearFit", "fit_logreg", "holdout_split", "select_weight_decay"]
 

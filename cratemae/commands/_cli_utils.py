@@ -1,4 +1,5 @@
-"""Options shared by several commands, defined once as `Annotated` aliases.
+"""What commands share: options defined once as `Annotated` aliases, input checks, and the
+console set-up of a command that runs the library (log lines, progress, one line per rank).
 
 A command declares `recipe: RecipeArg` or `set_: SetOpt = None` and gets the same flag
 name, metavar and help text as every other command. Checks that Typer cannot express
@@ -8,11 +9,16 @@ name, metavar and help text as every other command. Checks that Typer cannot exp
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
+from cratemae.commands import console
 from cratemae.errors import BadInputError
 
 __all__ = [
@@ -23,7 +29,9 @@ __all__ = [
     "RecipeArg",
     "ResumeOpt",
     "SetOpt",
+    "command_console",
     "parse_resume",
+    "require_checkpoint",
     "require_file",
 ]
 
@@ -101,3 +109,62 @@ def parse_resume(value: str) -> Literal["auto", "never"] | Path:
             f"--resume {value}: no such checkpoint (expected auto, never or a path)"
         )
     return path
+
+
+def require_checkpoint(path: Path) -> Path:
+    """A checkpoint is a directory (checkpoint or run) or a weights file: it must exist."""
+    if not path.exists():
+        raise BadInputError(f"{path}: checkpoint not found")
+    return path
+
+
+def _main_rank(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    from cratemae.distributed.dist import parse_launch_env  # torch loads lazily
+
+    return parse_launch_env(env).rank == 0
+
+
+StageProgress = Callable[[str, int, int], None]  # (what, done, total)
+LogCallback = Callable[[dict[str, Any]], None]  # one metrics record
+
+
+@contextmanager
+def command_console(name: str) -> Iterator[tuple[StageProgress, LogCallback]]:
+    """Library log lines to the console while a command runs, and its progress: a bar per
+    stage on a terminal (feature extraction, training steps), plain log lines otherwise.
+    Ranks other than 0 show only warnings and errors, so a launch prints each line once.
+
+    Yields `(on_progress, on_log)` for the library's callbacks."""
+    logger = logging.getLogger("cratemae")
+    main = _main_rank()
+    interactive = main and console.is_interactive()
+    handler = console.LogHandler(hide_metrics=interactive)
+    if not main:
+        handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        if not interactive:
+            yield (lambda what, done, total: None), (lambda record: None)
+            return
+        with ExitStack() as stack:
+            bars: dict[str, console.Tracker] = {}
+
+            def bar(what: str, total: int | None) -> console.Tracker:
+                if what not in bars:
+                    bars[what] = stack.enter_context(console.progress(total, f"{name}: {what}"))
+                return bars[what]
+
+            def on_progress(what: str, done: int, total: int) -> None:
+                bar(what, total).set(done, total)
+
+            def on_log(record: dict[str, Any]) -> None:
+                info = f"loss {record['loss']:.4f}"
+                if "images_per_s" in record:
+                    info += f" {record['images_per_s']:.0f} img/s"
+                bar("train", record.get("total_steps")).set(
+                    record["step"], record.get("total_steps"), info)
+
+            yield on_progress, on_log
+    finally:
+        logger.removeHandler(handler)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cratemae.engine.bench_check import (
+from cratemae.bench.check import (
     TOLERANCES,
     CheckFailed,
     LossFn,
@@ -30,13 +30,13 @@ from cratemae.engine.bench_check import (
     Tolerance,
     check_paths,
 )
-from cratemae.engine.optim import build_adamw
-from cratemae.engine.precision import Precision, resolve_precision
-from cratemae.engine.run_dir import max_memory_gb
+from cratemae.distributed.precision import Precision, resolve_precision
 from cratemae.errors import BadInputError, CrateMAEError
 from cratemae.model import CrateMAE, CrateMAEConfig, create_model
 from cratemae.model.reference import reference_forward
 from cratemae.recipe import OptimSection
+from cratemae.train.optim import build_adamw
+from cratemae.train.run_dir import max_memory_gb
 
 __all__ = [
     "TOLERANCES",

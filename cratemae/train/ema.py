@@ -12,9 +12,10 @@ import copy
 import torch
 from torch import nn
 
+from cratemae.checkpoints.layout import EMA_PREFIX
+
 __all__ = ["EMA_PREFIX", "WeightEMA", "WithEMA"]
 
-EMA_PREFIX = "ema."
 
 
 class WeightEMA:

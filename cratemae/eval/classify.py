@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from cratemae.data import Loader, build_loader
-from cratemae.engine import dist
-from cratemae.engine.precision import Precision
+from cratemae.distributed import dist
+from cratemae.distributed.precision import Precision
 from cratemae.errors import BadInputError
 from cratemae.recipe.schema import DataSection
 

@@ -18,9 +18,8 @@ import torch
 
 from cratemae.checkpoints import check_state_dict_matches, read_model_weights
 from cratemae.checkpoints.files import file_digest
-from cratemae.checkpoints.layout import MODEL_FILE
+from cratemae.checkpoints.layout import EMA_PREFIX, MODEL_FILE
 from cratemae.checkpoints.resolve import resolve_checkpoint
-from cratemae.engine.ema import EMA_PREFIX
 from cratemae.errors import BadInputError
 from cratemae.model import CrateEncoder, CrateMAEConfig
 from cratemae.recipe.schema import ModelSection
