@@ -202,3 +202,27 @@ def test_packages_are_the_concerns_of_the_layout() -> None:
     for module in MODULES:
         counts[package_of(module)] += 1
     assert max(counts.values()) < 20  # no package gathers every concern again
+
+
+def test_files_are_replaced_only_through_the_atomic_helper() -> None:
+    """No module but `cratemae.fs` writes a file in place (`write_text`, `write_bytes`, or
+    `open` for writing): a failure then never leaves a half-written file where a good one
+    was. Appending (metrics.jsonl, log.txt) adds lines and is not a replacement; a tar
+    written into the helper's open file (`fileobj=`) is the helper's write."""
+    found = []
+    for module, path in MODULES.items():
+        if module == "cratemae.fs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name in ("write_text", "write_bytes"):
+                found.append(f"{module}:{node.lineno} {name}")
+            if name == "open" and not any(k.arg == "fileobj" for k in node.keywords):
+                modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+                modes += [k.value.value for k in node.keywords
+                          if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+                if any(isinstance(m, str) and ("w" in m or "x" in m) for m in modes):
+                    found.append(f"{module}:{node.lineno} open({modes[0]!r})")
+    assert found == []

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cratemae.checkpoints import read_model_weights, write_model_weights
 from cratemae.commands.app import build_app
 from cratemae.model import CrateMAEConfig, create_model
-from cratemae.weights.loading import load_model
+from cratemae.weights.load import load_model
 from cratemae.weights.onnx import ONNX_TOLERANCE
 
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -227,3 +227,56 @@ def test_onnx_export_of_the_base_preset_matches_pytorch(tmp_path) -> None:
                                CrateMAEConfig().to_dict())
     print(f"\nBase preset ONNX vs PyTorch: max |diff| {worst:.1e}, scaled {scaled:.1e}")
     assert scaled <= ONNX_TOLERANCE  # 12 layers: |diff| <= 5e-4 (1 + |x|)
+
+
+@pytest.fixture(scope="module")
+def small_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random model's weights file: the ONNX checks need no training."""
+    torch.manual_seed(0)
+    model = create_model("crate_mae_tiny", img_size=32, patch_size=8, embed_dim=64, num_heads=2,
+                         depth=2, decoder_embed_dim=64, decoder_num_heads=2, decoder_depth=1)
+    return write_model_weights(tmp_path_factory.mktemp("small") / "model.safetensors",
+                               model.state_dict(), model.config.to_dict())
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_onnx_over_tolerance_writes_nothing_and_keeps_a_previous_export(
+    small_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, previous: bool
+) -> None:
+    import cratemae.weights.onnx as onnx_mod
+
+    out = tmp_path / "out"
+    before = {}
+    if previous:  # an earlier export in the same place
+        out.mkdir()
+        before = {"model.onnx": b"previous onnx", "config.json": b'{"previous": true}\n'}
+        for name, data in before.items():
+            (out / name).write_bytes(data)
+    monkeypatch.setattr(onnx_mod, "ONNX_TOLERANCE", -1.0)  # any difference is too much
+    run = cratemae("export", small_weights, "--out", out, "--format", "onnx")
+    assert run.exit_code == 1, run.output
+    assert len(run.stderr.splitlines()) == 1
+    assert run.stderr.startswith(f"error: {out / 'model.onnx'}: onnxruntime differs from PyTorch")
+    assert run.stderr.rstrip().endswith("not written")
+    # nothing new, no temporary; an earlier export is left whole
+    found = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+    assert found == before
+
+
+def test_onnx_export_function_keeps_the_previous_file_when_over_tolerance(
+    small_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cratemae.weights.onnx as onnx_mod
+    from cratemae.errors import CrateMAEError
+
+    encoder = load_model(small_weights).encoder
+    result = onnx_mod.export_onnx(encoder, tmp_path / "model.onnx")  # within tolerance
+    assert result.file == tmp_path / "model.onnx" and result.max_scaled <= ONNX_TOLERANCE
+    good = result.file.read_bytes()
+    with torch.no_grad():
+        encoder.norm.weight.mul_(-1)  # a different model: its export must not replace the file
+    monkeypatch.setattr(onnx_mod, "ONNX_TOLERANCE", -1.0)
+    with pytest.raises(CrateMAEError, match="not written"):
+        onnx_mod.export_onnx(encoder, tmp_path / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    assert result.file.read_bytes() == good

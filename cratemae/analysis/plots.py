@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cratemae.errors import BadInputError
+from cratemae.fs import atomic_path
 
 __all__ = [
     "MissingDependencyError",
@@ -40,7 +41,10 @@ def require_matplotlib() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    """Write the picture atomically. The format is named, not guessed from the file name:
+    the temporary name does not end in `.png`."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=DPI, bbox_inches="tight")
     return path
 
 

@@ -1,8 +1,8 @@
-"""Durable file writes and validated safetensors reads.
+"""Checkpoint files: safetensors written atomically (through `cratemae.fs`), and read back
+validated.
 
-Durability: a rename is only crash-safe if the data it points at reached the disk first, so
-every file is fsynced before its directory is renamed, and the parent directory is fsynced
-after the rename (otherwise the rename itself may be lost on power failure).
+Durability: every file is written to a temporary name, fsynced and renamed into place by
+`cratemae.fs`, so a crash never leaves a half-written file under a final name.
 
 Validation: every failure to read a checkpoint file becomes a one-line `BadInputError` that
 names the file and what is wrong with it, never a safetensors/OS traceback.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cratemae.errors import BadInputError
+from cratemae.fs import atomic_path
 
 __all__ = [
     "FORMAT",
-    "atomic_write_text",
     "file_digest",
-    "fsync_dir",
-    "fsync_file",
     "read_json",
     "read_safetensors",
     "verify_file",
@@ -37,35 +34,6 @@ __all__ = [
 # The value of the `format` metadata key in every file this package writes.
 FORMAT = "cratemae"
 _CHUNK = 1 << 22
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file that was written and closed (possibly by a library) to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory's entries (creations, renames) to the disk."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see either the old or the new content, whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def file_digest(path: Path) -> dict[str, Any]:
@@ -82,8 +50,9 @@ def file_digest(path: Path) -> dict[str, Any]:
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 ) -> None:
-    """Write and fsync a safetensors file. Tensors sharing storage (tied weights, views of
-    one buffer) are cloned first, because safetensors refuses to write aliased tensors."""
+    """Write a safetensors file atomically (a temporary name, fsynced and renamed). Tensors
+    sharing storage (tied weights, views of one buffer) are cloned first, because
+    safetensors refuses to write aliased tensors."""
     seen: set[int] = set()
     ready: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -94,8 +63,8 @@ def write_safetensors(
         if t.nbytes:  # empty tensors have no storage worth tracking (ptr may be 0 for all)
             seen.add(t.untyped_storage().data_ptr())
         ready[key] = t
-    save_file(ready, str(path), metadata={"format": FORMAT, **metadata})
-    fsync_file(path)
+    with atomic_path(path) as tmp:
+        save_file(ready, str(tmp), metadata={"format": FORMAT, **metadata})
 
 
 def read_json(path: Path) -> dict[str, Any]:

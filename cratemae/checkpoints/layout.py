@@ -33,7 +33,7 @@ EMA_PREFIX = "ema."
 
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 # Temporary names start with a dot so that nothing scanning for `step-*` ever picks them up.
-_TMP_RE = re.compile(r"^\.(step-\d+\.(tmp|old|del)-\d+|latest\.tmp-\d+)$")
+_TMP_RE = re.compile(r"^\.(step-\d+\.(tmp|old|del)-\d+|latest\.tmp-\d+(-[0-9a-f]{8})?)$")
 
 
 def step_dir_name(step: int) -> str:

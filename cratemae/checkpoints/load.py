@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from cratemae.checkpoints.files import (
-    fsync_dir,
     read_json,
     read_safetensors,
     verify_file,
@@ -90,16 +89,9 @@ def write_model_weights(
     path: str | os.PathLike[str], model_state: dict[str, torch.Tensor], model_config: dict[str, Any]
 ) -> Path:
     """Write a standalone weights file that `read_model_weights`/`load_checkpoint` accept
-    (for export). Written to a temporary name and renamed, so it is never seen half-written."""
+    (for export). Written atomically, so it is never seen half-written."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    try:
-        write_safetensors(tmp, model_state, {"kind": "model", "config": json.dumps(model_config)})
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(final.parent)
+    write_safetensors(final, model_state, {"kind": "model", "config": json.dumps(model_config)})
     return final
 
 

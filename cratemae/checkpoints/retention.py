@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cratemae.checkpoints.files import fsync_dir
 from cratemae.checkpoints.resolve import ckpt_dir_of, complete_checkpoints, read_latest
+from cratemae.fs import fsync_dir
 
 __all__ = ["completed_epoch", "prune_checkpoints"]
 

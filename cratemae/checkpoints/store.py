@@ -1,10 +1,11 @@
 """Write a checkpoint so that a crash or `kill -9` at any moment leaves the previous one usable.
 
-The sequence: write every file into `.step-N.tmp-PID/` and fsync it, write `meta.json` last
-(its presence marks the directory complete, and it records each file's size and SHA-256),
-fsync the directory, rename it to `step-N/`, fsync the parent, and only then repoint `latest`
-with an atomic `os.replace`. A reader therefore sees either no `step-N/` or a complete one,
-and `latest` always names a complete checkpoint.
+The sequence: write every file into `.step-N.tmp-PID/` (each through `cratemae.fs`: a
+temporary name, fsynced, renamed), write `meta.json` last (its presence marks the directory
+complete, and it records each file's size and SHA-256), fsync the directory, rename it to
+`step-N/`, fsync the parent, and only then repoint `latest` with an atomic `os.replace`. A
+reader therefore sees either no `step-N/` or a complete one, and `latest` always names a
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from typing import Any
 
 import torch
 
-from cratemae.checkpoints.files import (
-    FORMAT,
-    atomic_write_text,
-    file_digest,
-    fsync_dir,
-    write_safetensors,
-)
+from cratemae.checkpoints.files import FORMAT, file_digest, write_safetensors
 from cratemae.checkpoints.layout import (
     CKPT_SUBDIR,
     LATEST,
@@ -37,6 +32,7 @@ from cratemae.checkpoints.layout import (
 )
 from cratemae.checkpoints.resolve import newest_complete, read_latest
 from cratemae.checkpoints.tree import flatten_tree
+from cratemae.fs import atomic_write_json, atomic_write_text, fsync_dir
 
 __all__ = ["FORMAT_VERSION", "REQUIRED_META", "RESERVED_META", "save_checkpoint"]
 
@@ -98,10 +94,7 @@ def save_checkpoint(
             {"kind": "train_state", "skeleton": json.dumps(skeleton)},
         )
         record["files"] = {name: file_digest(tmp / name) for name in (MODEL_FILE, TRAIN_FILE)}
-        with open(tmp / META, "w", encoding="utf-8") as f:
-            f.write(json.dumps(record, indent=2, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_json(tmp / META, record, indent=2)
         fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

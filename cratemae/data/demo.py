@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from PIL import Image
 from cratemae.data.cache import cache_dir
 from cratemae.data.folders import INDEX_NAME
 from cratemae.data.writer import Item, ShardSummary, write_dataset
+from cratemae.fs import temp_path
 
 __all__ = ["CLASSES", "DEMO_SIZES", "build_demo", "demo_dir", "ensure_demo", "render"]
 
@@ -57,7 +57,8 @@ def ensure_demo() -> Path:
     if (final / INDEX_NAME).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".building", dir=final.parent))
+    tmp = temp_path(final)  # unique per process and thread
+    tmp.mkdir()  # the umask's permissions (mkdtemp's 0o700 would hide a shared cache)
     try:
         build_demo(tmp)
         try:

@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from cratemae.data.cache import atomic_write_json, cache_dir
+from cratemae.data.cache import cache_dir
 from cratemae.data.folders import INDEX_NAME, list_images, read_index
 from cratemae.data.shards import Shard, count_tar_samples, is_remote
 from cratemae.errors import BadInputError
+from cratemae.fs import atomic_write_json
 
 __all__ = ["Source", "fill_counts", "resolve_source"]
 

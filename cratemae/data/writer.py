@@ -7,8 +7,9 @@ and `shards.json` = {"format", "classes" (index = label), "splits": {split: [{"n
 `KEY.cls` (label as text) for class-folder sources. KEY is the file's path under SRC, without
 its extension, with characters other than letters, digits, `_`, `-` and `/` made `_`.
 
-Each shard is written under a hidden `.NAME.partial` name, fsynced and renamed: a final-named
-tar is always complete. `shards.json` is written last, the same way.
+Each shard is written under a hidden temporary name (`cratemae.fs`: `.NAME.tmp-PID-RANDOM`),
+fsynced and renamed: a final-named tar is always complete. `shards.json` is written last, the
+same way.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cratemae.data.cache import atomic_write_json, fsync_dir
 from cratemae.data.decode import BadSample, load_rgb, open_image
 from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images
 from cratemae.errors import BadInputError
+from cratemae.fs import AtomicFile, atomic_write_json, is_temp_name
 
 __all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
 
@@ -180,9 +181,10 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise BadInputError(f"{out_dir}: not empty; pass --overwrite to replace its shards")
         for p in out_dir.iterdir():
-            if p.name == INDEX_NAME or re.fullmatch(
-                r"(train|val)-\d{6}\.tar|\..*\.partial", p.name
-            ):
+            # shards, the index, and temporaries of an interrupted write (`.*.partial`: the
+            # name older versions used)
+            if (p.name == INDEX_NAME or is_temp_name(p.name)
+                    or re.fullmatch(r"(train|val)-\d{6}\.tar|\..*\.partial", p.name)):
                 p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -210,7 +212,8 @@ class _ShardSink:
         self.max_bytes, self.max_items = max_bytes, max_items
         self.done: list[tuple[str, int]] = []
         self.bytes_total = 0
-        self.file = self.tar = None
+        self.out: AtomicFile | None = None
+        self.tar: tarfile.TarFile | None = None
         self.count = self.size = 0
 
     def add(self, key: str, ext: str, data: bytes, label: int) -> None:
@@ -227,9 +230,8 @@ class _ShardSink:
 
     def _start(self) -> None:
         self.name = f"{self.prefix}-{len(self.done):06d}.tar"
-        self.tmp = self.out_dir / f".{self.name}.partial"
-        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self.out = AtomicFile(self.out_dir / self.name, "wb")  # committed in finish
+        self.tar = tarfile.open(fileobj=self.out.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self.count = self.size = 0
 
     def _member(self, name: str, data: bytes) -> None:
@@ -241,21 +243,16 @@ class _ShardSink:
 
     def finish(self) -> None:
         """Close the open shard and give it its final name."""
-        if self.tar is None:
+        if self.tar is None or self.out is None:
             return
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.bytes_total += self.file.tell()
-        self.file.close()
-        os.replace(self.tmp, self.out_dir / self.name)
-        fsync_dir(self.out_dir)
+        self.bytes_total += self.out.file.tell()
+        self.out.commit()
         self.done.append((self.name, self.count))
-        self.file = self.tar = None
+        self.out = self.tar = None
 
     def abort(self) -> None:
         """Drop a shard left open by an error."""
-        if self.file is not None:
-            self.file.close()
-            self.tmp.unlink(missing_ok=True)
-            self.file = self.tar = None
+        if self.out is not None:
+            self.out.discard()
+            self.out = self.tar = None

@@ -11,17 +11,17 @@ reads the file instead of the images.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cratemae.data.cache import cache_dir, fsync_dir
+from cratemae.data.cache import cache_dir
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision
 from cratemae.eval.classify import Progress, eval_batches
+from cratemae.fs import atomic_path
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
 
@@ -112,14 +112,8 @@ def cached_features(encoder: CrateEncoder, data: DataSection, split: str, spec: 
 
 
 def _write(path: Path, result: FeatureSet, key: str) -> None:
-    """Write via a temporary name and rename: readers see all of the file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """Write atomically: readers on other ranks or in later runs see all of the file or none."""
+    with atomic_path(path) as tmp:
         save_file({"features": result.features.contiguous(), "labels": result.labels},
                   str(tmp), metadata={"format": CACHE_FORMAT, "key": key})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
     log.info("features cached in %s", path)

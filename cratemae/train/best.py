@@ -16,8 +16,8 @@ from typing import Any
 from torch import nn
 
 from cratemae.checkpoints import write_model_weights
-from cratemae.checkpoints.files import atomic_write_text
 from cratemae.distributed import dist
+from cratemae.fs import atomic_write_json
 
 __all__ = ["BestKeeper"]
 
@@ -52,7 +52,7 @@ class BestKeeper:
         if dist.is_main_process():
             state = {k: v.detach().cpu() for k, v in candidates[prefix].state_dict().items()}
             write_model_weights(self.dir / "model.safetensors", state, self.config)
-            atomic_write_text(self.dir / "best.json", json.dumps(self.record, indent=1) + "\n")
+            atomic_write_json(self.dir / "best.json", self.record, indent=1)
             log.info("new best top-1 %.2f%% at step %d (%s weights) saved in %s", top1,
                      record["step"], self.record["weights"], self.dir)
         return True

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cratemae.checkpoints.files import atomic_write_text
+from cratemae.fs import atomic_write_text
 
 __all__ = ["MetricsLog", "log_file", "max_memory_gb"]
 

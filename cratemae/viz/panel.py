@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from cratemae.fs import atomic_path
 from cratemae.viz.reconstruction import Reconstruction
 
 __all__ = ["MIN_PANEL", "render_reconstructions"]
@@ -69,6 +70,6 @@ def render_reconstructions(
             canvas.paste(_to_pil(panel, scale), (_GAP + col * (side + _GAP), y))
         y += side + _GAP
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    with atomic_path(path) as tmp:  # never a half-drawn picture under the final name
+        canvas.save(tmp, format="PNG")
     return path

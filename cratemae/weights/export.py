@@ -10,16 +10,16 @@ the configuration, and never carry `module.`/`_orig_mod.` prefixes.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cratemae.checkpoints import write_model_weights
-from cratemae.checkpoints.files import atomic_write_text, file_digest
+from cratemae.checkpoints.files import file_digest
+from cratemae.fs import atomic_write_json
 from cratemae.model import PRESETS, CrateEncoder, CrateMAEConfig
-from cratemae.weights.loading import CONFIG_FILE, LoadedModel
+from cratemae.weights.load import CONFIG_FILE, LoadedModel
 
 __all__ = ["ExportResult", "export_safetensors", "timm_call", "write_config_json"]
 
@@ -76,7 +76,7 @@ def write_config_json(
         **extra,
     }
     path = out_dir / CONFIG_FILE
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_json(path, record, indent=2)
     return path
 
 
