@@ -1,15 +1,28 @@
-"""AdamW with the usual no-decay rules, and the learning-rate schedule as a pure function."""
+"""The optimizer a recipe names, over parameter groups, and the learning-rate schedule as pure
+functions.
+
+One builder, `configure_optimizers` (nanoGPT's name), for every caller: AdamW for
+pre-training and fine-tuning, SGD and LARS (MAE's linear probe) for the `mae` probe. Groups
+may carry an `lr_scale` (layer-wise lr decay), which the trainer multiplies into the
+scheduled lr at every step.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from cratemae.recipe import OptimSection
 
-__all__ = ["build_adamw", "lr_at", "param_groups", "peak_lr"]
+__all__ = ["LARS", "configure_optimizers", "lr_at", "param_groups", "peak_lr"]
+
+# The devices with a fused (one kernel for all tensors) AdamW that we run on; on a CPU the
+# per-tensor loop costs about 4x the fused step.
+_FUSED_DEVICES = ("cuda", "cpu")
 
 
 def peak_lr(optim: OptimSection, effective_batch: int) -> tuple[float, str]:
@@ -21,28 +34,42 @@ def peak_lr(optim: OptimSection, effective_batch: int) -> tuple[float, str]:
                 f"{effective_batch} / 256")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decay on weight matrices; none on biases, norms, CLS and mask tokens."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+def param_groups(model: nn.Module, weight_decay: float,
+                 skip: Collection[str] = ()) -> list[dict[str, Any]]:
+    """[decay, no decay]: no decay on 1-D tensors (norms), biases and the names in `skip`;
+    everything else that trains is decayed. With no `skip` this is MAE's pre-training rule
+    (timm's `add_weight_decay(model, weight_decay)`, called with no skip list), so the CLS and
+    mask tokens, (1, 1, d), are decayed. Always both groups, decay first and in
+    `named_parameters` order, whatever the weight decay (timm merges them when it is 0 and
+    puts no-decay first): torch matches a saved optimizer state to the groups by position and
+    size, so the layout must not move. (Pre-training checkpoints saved while the tokens were
+    not decayed hold two tensors fewer in the decay group: resuming one is refused with one
+    line, by `restore_run`.)"""
+    from timm.optim import param_groups_weight_decay
+
+    # 1.0, not weight_decay: any non-zero value only labels timm's decay group.
+    split = param_groups_weight_decay(model, 1.0, no_weight_decay_list=skip)
+    decay = [p for g in split if g["weight_decay"] for p in g["params"]]
+    no_decay = [p for g in split if not g["weight_decay"] for p in g["params"]]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def build_adamw(model: nn.Module, optim: OptimSection, lr: float) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused (one kernel for all tensors) on CUDA and CPU: on a
-    CPU the per-tensor loop costs about 4x the fused step."""
-    device = next(model.parameters()).device
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        param_groups(model, optim.weight_decay), lr=lr, betas=optim.betas, fused=fused or None
-    )
+def configure_optimizers(model: nn.Module, optim: OptimSection, lr: float,
+                         groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    """`optim.name` over `groups` (default: `param_groups(model, optim.weight_decay)`), each
+    group with its own weight_decay and maybe an `lr_scale`. AdamW is fused wherever every
+    parameter's device has the fused kernel (CPU and CUDA), whoever supplies the groups."""
+    if groups is None:
+        groups = param_groups(model, optim.weight_decay)
+    if optim.name == "adamw":
+        fused = all(p.device.type in _FUSED_DEVICES for g in groups for p in g["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, fused=fused or None)
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum)
+    return LARS(groups, lr=lr, momentum=optim.momentum)
 
 
 def lr_at(step: int, *, total: int, warmup: int, peak: float, minimum: float) -> float:
@@ -51,3 +78,46 @@ def lr_at(step: int, *, total: int, warmup: int, peak: float, minimum: float) ->
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017), a copy of MAE's
+    `util/lars.py` (from MoCo v3): weight decay and the trust ratio apply to tensors of 2+
+    dimensions only, the ratio being trust_coefficient * ||w|| / ||g + wd * w||.
+
+    Not timm's `timm.optim.Lars`, which computes something else: it adapts only when the
+    group's weight decay is non-zero (unless `always_adapt`), and MAE's probe runs with
+    weight decay 0, where it would be plain SGD; with `always_adapt` it scales 1-D tensors
+    (biases) too; and it divides by ||g|| + wd * ||w|| + eps, not by the norm of the update
+    itself. The two agree only on 2-D+ tensors with weight decay 0 and `always_adapt`
+    (tests/test_optim.py holds that, and this class to MAE's formula).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.0, weight_decay: float = 0.0,
+                 momentum: float = 0.9, trust_coefficient: float = 0.001) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0,
+                                    torch.where(update_norm > 0,
+                                                g["trust_coefficient"] * param_norm / update_norm,
+                                                one), one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
