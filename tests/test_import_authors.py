@@ -17,7 +17,7 @@ from cratemae.checkpoints import read_model_weights
 from cratemae.commands.app import build_app
 from cratemae.model import unpatchify
 from cratemae.viz.reconstruction import reconstruct
-from cratemae.weights.loading import load_model
+from cratemae.weights.load import load_model
 
 # The authors' weights and outputs on a small configuration (tests/data/REFERENCE.md).
 REFERENCE = Path(__file__).resolve().parent / "data" / "official-crate-mae-tiny.safetensors"

@@ -1,62 +1,36 @@
 """The encoder of a checkpoint, and images as it expects them.
 
-The pixel normalisation a model was trained with comes from its recipe (a checkpoint
-directory's meta.json) or an export's config.json; otherwise ImageNet's statistics are assumed.
+Both come from the one implementation every command uses: the encoder from
+`cratemae.weights.load` (with the pixel normalisation its recipe or export recorded, else
+ImageNet's), the pixels of an image file from `cratemae.data.decode.read_image_file`, so
+that `analyze` sees what `reconstruct` sees.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cratemae.checkpoints.layout import MODEL_FILE
 from cratemae.data import eval_transform
-from cratemae.errors import BadInputError
-from cratemae.model import CrateEncoder, CrateMAEConfig
-from cratemae.weights.loading import load_model
+from cratemae.data.decode import read_image_file
+from cratemae.weights.load import LoadedModel
+from cratemae.weights.load import load_encoder as _load_encoder
 
 __all__ = ["LoadedEncoder", "load_encoder", "load_images"]
 
-
-@dataclass(frozen=True)
-class LoadedEncoder:
-    """An encoder in eval mode, with what is needed to feed it and to show its input."""
-
-    encoder: CrateEncoder
-    path: Path  # the checkpoint directory or weights file actually read
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    normalization_from_recipe: bool  # False: ImageNet statistics were assumed
-
-    @property
-    def config(self) -> CrateMAEConfig:
-        return self.encoder.config
-
-    def unnormalize(self, imgs: torch.Tensor) -> np.ndarray:
-        """Normalised (B, 3, H, W) -> (B, H, W, 3) float32 in [0, 1], for display."""
-        mean = torch.tensor(self.mean, device=imgs.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=imgs.device).view(3, 1, 1)
-        out = (imgs.float() * std + mean).clamp(0, 1)
-        return out.permute(0, 2, 3, 1).cpu().numpy()
+# What analyze works on: the one loader's result (`.encoder`, `.config`, `.mean`, `.std`,
+# `.path`, `.preprocessing_known`, `.unnormalize`).
+LoadedEncoder = LoadedModel
 
 
 def load_encoder(path: str | os.PathLike[str], device: torch.device | str) -> LoadedEncoder:
     """The encoder of a checkpoint (directory, run directory or weights file), on `device`,
-    read and checked by the loader every command uses."""
-    loaded = load_model(path)
-    file = loaded.weights_file
-    return LoadedEncoder(
-        encoder=loaded.encoder.to(device).eval(),
-        path=file.parent if file.name == MODEL_FILE else file,
-        mean=loaded.mean,
-        std=loaded.std,
-        normalization_from_recipe=loaded.preprocessing_known,
-    )
+    in eval mode: `cratemae.weights.load.load_encoder`."""
+    return _load_encoder(path, device=device)
 
 
 def load_images(
@@ -68,17 +42,8 @@ def load_images(
 ) -> Iterator[torch.Tensor]:
     """Image files -> batches (B, 3, img_size, img_size), resized and centre-cropped as for
     evaluation, normalised; read one batch at a time."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     tf = eval_transform(img_size, mean, std)
     rng = np.random.default_rng(0)  # the centre crop draws nothing; the transform wants one
     for start in range(0, len(paths), batch_size):
-        batch = []
-        for path in paths[start : start + batch_size]:
-            try:
-                with Image.open(path) as img:
-                    rgb = ImageOps.exif_transpose(img).convert("RGB")
-            except (OSError, UnidentifiedImageError, ValueError) as err:
-                raise BadInputError(f"{path}: cannot read the image ({err})") from None
-            batch.append(tf(rgb, rng))
+        batch = [tf(read_image_file(path), rng) for path in paths[start : start + batch_size]]
         yield torch.stack(batch)

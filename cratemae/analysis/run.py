@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from cratemae.analysis.load import LoadedEncoder
 from cratemae.analysis.measures import EPS2
 from cratemae.analysis.record import record_layers
 from cratemae.analysis.summary import LayerSummary, PatchPCA
+
+if TYPE_CHECKING:
+    from cratemae.weights.load import LoadedModel
 
 __all__ = ["Analysis", "Picture", "analyze", "attention_layers"]
 
@@ -56,7 +58,7 @@ def attention_layers(depth: int) -> list[int]:
 
 
 def analyze(
-    model: LoadedEncoder,
+    model: LoadedModel,
     batches: Iterable[torch.Tensor],
     *,
     names: Sequence[str],

@@ -18,7 +18,8 @@ from cratemae.errors import BadInputError
 if TYPE_CHECKING:
     import torch
 
-    from cratemae.analysis import Analysis, LoadedEncoder
+    from cratemae.analysis import Analysis
+    from cratemae.weights.load import LoadedModel
 
 __all__ = ["analyze"]
 
@@ -72,7 +73,8 @@ def analyze(
     ] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="B")] = 32,
     device: Annotated[
-        str, typer.Option("--device", metavar="auto|cpu|cuda", help="Where to run the model.")
+        str, typer.Option("--device", metavar="auto|cpu|cuda|cuda:N",
+                          help="Where to run the model.")
     ] = "auto",
     json_: JsonOpt = False,
 ) -> None:
@@ -94,14 +96,13 @@ def analyze(
     from cratemae.analysis.plots import require_matplotlib
 
     require_matplotlib()  # fail before any work is done
-    import torch
-
     from cratemae.analysis import analyze as run_analysis
-    from cratemae.analysis import load_encoder
+    from cratemae.distributed.device import choose_device
+    from cratemae.weights.load import load_encoder
 
-    where = _device(device, torch)
-    model = load_encoder(checkpoint, where)
-    if not model.normalization_from_recipe:
+    where = choose_device(device)
+    model = load_encoder(checkpoint, device=where)
+    if not model.preprocessing_known:
         console.warn(f"{model.path}: no recipe saved with it; assuming ImageNet mean and std")
     layer = _layer(pca_layer, model.config.depth)
     total, names, batches = _inputs(model, images or [], data, num_images, batch_size, pictures)
@@ -126,16 +127,6 @@ def _check_options(
             raise BadInputError(f"{flag} {value}: expected a positive number")
     if pictures < 0:
         raise BadInputError(f"--pictures {pictures}: expected 0 or more")
-
-
-def _device(name: str, torch: Any) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise BadInputError(f"--device {name}: expected auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError(f"--device {name}: CUDA is not available here")
-    return torch.device(name)
 
 
 def _layer(value: int, depth: int) -> int:
@@ -163,7 +154,7 @@ def _names(paths: list[Path]) -> list[str]:
 
 
 def _inputs(
-    model: LoadedEncoder,
+    model: LoadedModel,
     images: list[Path],
     data: str | None,
     num_images: int,
@@ -188,7 +179,8 @@ def _inputs(
     )
     # Split "val" with the pre-training task: evaluation transform, fixed order, every sample
     # kept, and no labels needed.
-    loader = build_loader(section, split="val", task="pretrain", img_size=size, seed=0, epoch=0)
+    loader = build_loader(section, split="val", labels=False, img_size=size, seed=0,
+                          epoch=0)
     total = min(num_images, loader.num_samples)
     if total < num_images:
         console.warn(f"--data {data} holds {total} images, fewer than --num-images {num_images}")
@@ -207,7 +199,7 @@ def _take(loader: Any, count: int) -> Iterator[torch.Tensor]:
             return
 
 
-def _write(result: Analysis, model: LoadedEncoder, out: Path, source: Any) -> dict[str, Any]:
+def _write(result: Analysis, model: LoadedModel, out: Path, source: Any) -> dict[str, Any]:
     """layers.json, layers.png and the pictures; returns what layers.json holds."""
     from cratemae.analysis.plots import plot_attention, plot_layers, plot_pca
 
@@ -219,7 +211,9 @@ def _write(result: Analysis, model: LoadedEncoder, out: Path, source: Any) -> di
         "pixel_std": list(model.std),
         **result.to_json(),
     }
-    (out / "layers.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    from cratemae.fs import atomic_write_text
+
+    atomic_write_text(out / "layers.json", json.dumps(summary, indent=2) + "\n")
     written = [
         out / "layers.json",
         plot_layers(

@@ -57,7 +57,7 @@ def import_authors(
         raise BadInputError(f"--out {out}: is a file; expected a directory")
     from cratemae.weights.authors_file import build_authors_model, read_authors_file
     from cratemae.weights.export import export_safetensors
-    from cratemae.weights.loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+    from cratemae.weights.load import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
     weights = read_authors_file(path)
     overrides: dict[str, object] = {}

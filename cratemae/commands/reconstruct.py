@@ -13,7 +13,7 @@ from cratemae.errors import BadInputError
 if TYPE_CHECKING:
     import torch
 
-    from cratemae.weights.loading import LoadedModel
+    from cratemae.weights.load import LoadedModel
 
 __all__ = ["reconstruct"]
 
@@ -92,7 +92,7 @@ def _exists(image: Path) -> bool:
 
 def _load(checkpoint: Path | None) -> LoadedModel:
     """The model to use: `checkpoint`, else the newest run's under ./runs."""
-    from cratemae.weights.loading import load_model, newest_run_checkpoint
+    from cratemae.weights.load import load_model, newest_run_checkpoint
 
     if checkpoint is None:
         checkpoint = newest_run_checkpoint(RUNS_DIR)

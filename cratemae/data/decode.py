@@ -3,16 +3,21 @@
 Bad images (corrupt, truncated, not an image, empty, too large) raise `BadSample`, which the
 loader counts and skips; a missing or malformed label raises `BadInputError`, because a
 labelled run with unlabelled data is a mistake to fix, not noise to skip.
+
+`read_image_file` is the same decoding for one file a person names at inference
+(`reconstruct`, `analyze`): there a bad image is a `BadInputError` naming the file.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cratemae.data.shards import RawSample, read_part
 from cratemae.errors import BadInputError
@@ -26,6 +31,7 @@ __all__ = [
     "load_rgb",
     "open_image",
     "parse_label",
+    "read_image_file",
 ]
 
 # Larger images are decompression bombs to skip: PIL's own warning threshold (~9459^2 px).
@@ -88,6 +94,40 @@ def load_rgb(img: Image.Image, draft: tuple[int, int] | None = None) -> Image.Im
     except Exception as err:  # truncated/corrupt data surfaces here
         msg = str(err).replace("\n", " ")[:120]
         raise BadSample(f"corrupt image ({type(err).__name__}: {msg})") from None
+
+
+def read_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file -> upright 8-bit RGB, as every inference command reads one.
+
+    The size in the header is checked before anything is decoded (`open_image`: PIL's
+    decompression-bomb limit, then `max_pixels`); the EXIF orientation is applied; then
+    `load_rgb`'s conversion, so greyscale, palette, CMYK and 16-bit files give the pixels
+    training gives them, except that transparent pixels are shown over white, as a viewer
+    shows them. Any failure is one `BadInputError` line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: image not found")
+    try:
+        with open_image(path.read_bytes(), max_pixels) as img:
+            upright = ImageOps.exif_transpose(img)  # decodes; a copy when already upright
+        return load_rgb(_over_white(upright))
+    except BadSample as err:
+        reason = str(err)
+    except Exception as err:  # OSError, PIL's own: a damaged file fails in many ways
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+    raise BadInputError(f"{path}: cannot read image: {reason}")
+
+
+def _over_white(img: Image.Image) -> Image.Image:
+    """Transparent pixels over white (RGB); an image without transparency as it is."""
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return img
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def parse_label(sample: RawSample) -> int:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from cratemae.errors import BadInputError
+from cratemae.data.decode import read_image_file
 
 __all__ = ["load_image", "to_square"]
 
@@ -24,32 +23,10 @@ def to_square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Greyscale, palette, CMYK, 16-bit and transparent images as 8-bit RGB; transparent
-    pixels over white, as a viewer shows them."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping at 255.
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
-    return image.convert("RGB")
-
-
 def load_image(path: str | os.PathLike[str], size: int) -> torch.Tensor:
-    """An image file -> float32 (3, size, size) in [0, 1], upright (EXIF orientation
-    applied), resized and centre-cropped. BadInputError naming the file if it cannot be."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: image not found")
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            square = to_square(_to_rgb(image), size)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        reason = " ".join(str(err).split())[:120] or type(err).__name__
-        raise BadInputError(f"{path}: cannot read image ({reason})") from None
+    """An image file -> float32 (3, size, size) in [0, 1]: read as every inference command
+    reads one (`read_image_file`: upright, 8-bit RGB, size-checked), resized and
+    centre-cropped. BadInputError naming the file if it cannot be."""
+    square = to_square(read_image_file(path), size)
     array = np.asarray(square, dtype=np.float32) / 255.0  # (S, S, 3)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -27,13 +27,8 @@ import torch
 
 from cratemae.checkpoints import check_state_dict_matches
 from cratemae.errors import BadInputError
-from cratemae.model import (
-    CrateMAE,
-    CrateMAEConfig,
-    authors_to_cratemae,
-    load_authors_state_dict,
-    preset_config,
-)
+from cratemae.model import CrateMAE, CrateMAEConfig, preset_config
+from cratemae.weights.load import checkpoint_filter_fn
 
 __all__ = ["AuthorsWeights", "build_authors_model", "read_authors_file"]
 
@@ -172,11 +167,8 @@ def build_authors_model(
     except ValueError as err:
         raise BadInputError(f"{path}: {err}") from None
     model = CrateMAE(config)
-    renamed, unknown = authors_to_cratemae(weights.state)
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:5]) + (", ..." if len(unknown) > 5 else "")
-        raise BadInputError(f"{path}: {len(unknown)} key(s) in no known layout: {shown}")
-    # Short, counted lists of what is missing or mis-shaped, before anything is copied.
-    check_state_dict_matches(model, renamed, str(path))
-    load_authors_state_dict(model, weights.state)
+    # The one key mapper translates their names (a key of no known kind is refused there);
+    # then short, counted lists of what is missing or mis-shaped, before anything is copied.
+    state = checkpoint_filter_fn(weights.state, model, str(path))
+    model.load_state_dict(check_state_dict_matches(model, state, str(path)), strict=True)
     return model.eval()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cratemae.model import PRESETS, CrateEncoder, CrateMAE, CrateMAEConfig, authors_to_cratemae
+from cratemae.model import PRESETS, CrateEncoder, CrateMAE, CrateMAEConfig
 from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -127,18 +127,6 @@ def register_timm_models() -> None:
             register_model(fn)
 
 
-def _encoder_part(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder's weights under `CrateEncoder`'s own names, from any known layout."""
-    if any(k.startswith("blocks.") and ".layers.0." in k for k in state):  # the authors'
-        state, unknown = authors_to_cratemae(state)
-        if unknown:
-            raise ValueError(f"keys in no known layout: {', '.join(sorted(unknown)[:5])}")
-    if any(k.startswith("encoder.") for k in state):  # a CrateMAE state dict, full or not
-        return {k.removeprefix("encoder."): v for k, v in state.items()
-                if k.startswith("encoder.")}
-    return dict(state)
-
-
 def _file_config(model: torch.nn.Module) -> tuple[str, dict[str, Any] | None]:
     """The weights file timm is loading, and the cratemae config stored in it, if any."""
     file = str((getattr(model, "pretrained_cfg", None) or {}).get("file") or "the weights")
@@ -160,11 +148,14 @@ def checkpoint_filter_fn(
     result holds exactly the model's weights (a classification head aside), and a file that
     records a configuration must agree with the model's hyper-parameters.
     """
+    from cratemae.errors import BadInputError
+    from cratemae.weights.load import checkpoint_filter_fn as to_model_keys
+
     file, config = _file_config(model)
     try:
-        state = _encoder_part(state_dict)
-    except ValueError as err:
-        raise ValueError(f"{file}: {err}") from None
+        state = to_model_keys(state_dict, model, file)  # the one key mapper of every loader
+    except BadInputError as err:
+        raise ValueError(str(err)) from None
     if config is not None:
         ours = model.config.to_dict()
         differ = [f"{k}={config[k]!r} (model {ours[k]!r})" for k in _CHECKED_FIELDS
