@@ -40,11 +40,16 @@ def masked_patch_loss(
 
     With `norm_pix`, each target patch is standardised by its own mean and (unbiased)
     variance plus 1e-6, as in MAE.
+
+    Computed in the wider of the two inputs' precisions, and at least float32: a float64
+    model keeps float64, as in the authors' code (which casts nothing), and bf16 / fp16
+    predictions under autocast are measured in float32.
     """
     target = patchify(imgs, patch_size)  # (B, L, p*p*C)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
-    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    per_patch = ((pred.to(dtype) - target.to(dtype)) ** 2).mean(dim=-1)  # (B, L)
     return (per_patch * mask).sum() / mask.sum()

@@ -1,7 +1,8 @@
 """The authors' computation, written plainly: the yardstick, never the product.
 
 Explicit softmax attention, the three-matmul ISTA step, MAE's concatenate-and-gather
-masking. It reads the parameters of a `CrateMAE`, so gradients flow to them and the fast
+masking, MAE's loss as written (no casts: it runs in the inputs' precision). It reads the
+parameters (and the position table) of a `CrateMAE`, so gradients flow to them and the fast
 path can be checked against it on any configuration and any input.
 """
 
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 from cratemae.model.crate_mae import CrateMAE, MAEOutput
 from cratemae.model.layers import MSSA, DecoderLayer, EncoderLayer
-from cratemae.model.patches import masked_patch_loss
 
 __all__ = ["reference_features", "reference_forward"]
 
@@ -37,6 +37,20 @@ def _encoder_layer(layer: EncoderLayer, x: torch.Tensor) -> torch.Tensor:
 def _decoder_layer(layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
     x = F.linear(layer.norm1(x), layer.dictionary)
     return x - _mssa(layer.mssa, layer.norm2(x))
+
+
+def _loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int,
+          norm_pix: bool) -> torch.Tensor:
+    """MAE's `patchify` and `forward_loss`, line for line."""
+    B, C, H, W = imgs.shape
+    target = torch.einsum("nchpwq->nhwpqc", imgs.reshape(B, C, H // p, p, W // p, p))
+    target = target.reshape(B, (H // p) * (W // p), p * p * C)  # (B, L, p*p*C)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L)
+    return (loss * mask).sum() / mask.sum()
 
 
 def _full_table(model: CrateMAE, imgs: torch.Tensor) -> torch.Tensor:
@@ -82,7 +96,7 @@ def reference_forward(
     for layer in model.decoder_blocks:
         y = _decoder_layer(layer, y)
     pred = model.decoder_pred(model.decoder_norm(y))[:, 1:]
-    loss = masked_patch_loss(imgs, pred, mask, cfg.patch_size, norm_pix=cfg.norm_pix_loss)
+    loss = _loss(imgs, pred, mask, cfg.patch_size, cfg.norm_pix_loss)
     return MAEOutput(loss=loss, pred=pred, mask=mask, latent=latent)
 
 
