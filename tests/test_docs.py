@@ -32,6 +32,7 @@ def test_ci_runs_the_readme_test_command_from_a_fresh_environment() -> None:
     assert "set -euo pipefail" in lines
     assert "rm -rf .venv" in lines
     assert lines.index("rm -rf .venv") < lines.index(setup_commands()[1])
+    assert "not slow" not in setup_commands()[1]  # CI runs the slow tests (the wheel's) too
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.toml")), ids=str)
@@ -43,6 +44,21 @@ def test_readme_commands_exist() -> None:
     from importlib import metadata
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    used = set(re.findall(r"^cratemae ([a-z-]+)", readme, re.M))
+    used = set(re.findall(r"^cratemae ([a-z][a-z-]*)", readme, re.M))  # not `--version`
     registered = {ep.name for ep in metadata.entry_points(group="cratemae.commands")}
     assert used and used <= registered, used - registered
+
+
+def test_readme_recipes_run_from_a_clone_and_by_name_from_an_installed_package() -> None:
+    """Each `recipes/NAME.toml` the README (or a shipped recipe's comment) runs is a file of
+    the clone and the shipped recipe `NAME`, which is what an installed package runs."""
+    from cratemae.recipe import find_recipe
+
+    texts = [(REPO / "README.md").read_text(encoding="utf-8")]
+    texts += [p.read_text(encoding="utf-8") for p in (REPO / "recipes").rglob("*.toml")]
+    paths = {m for text in texts for m in re.findall(r"\brecipes/[a-z0-9_/]+\.toml\b", text)}
+    assert "recipes/base.toml" in paths and "recipes/probe/cifar10.toml" in paths
+    for path in sorted(paths):
+        assert (REPO / path).is_file(), path
+        name = path.removeprefix("recipes/").removesuffix(".toml")
+        assert find_recipe(name).read_text() == (REPO / path).read_text(), path

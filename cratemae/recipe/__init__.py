@@ -1,4 +1,5 @@
-"""Recipes: TOML files validated by pydantic, overridable with `--set key.path=value`.
+"""Recipes: TOML files validated by pydantic, overridable with `--set key.path=value`; the
+shipped ones (`recipes/` in a clone, `cratemae.recipes` when installed) are found by name.
 
 May import: errors, model.
 """
@@ -20,6 +21,7 @@ from cratemae.recipe.schema import (
     RunSection,
     SchedSection,
 )
+from cratemae.recipe.shipped import ShippedRecipe, find_recipe, list_recipes, resolve_recipe
 
 __all__ = [
     "DataSection",
@@ -28,11 +30,15 @@ __all__ = [
     "Recipe",
     "RunSection",
     "SchedSection",
+    "ShippedRecipe",
     "apply_overrides",
     "diff_recipes",
     "dump_recipe",
+    "find_recipe",
+    "list_recipes",
     "load_recipe",
     "parse_recipe",
     "recipe_hash",
+    "resolve_recipe",
     "unsafe_changes",
 ]

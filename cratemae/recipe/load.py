@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from cratemae.errors import BadInputError
 from cratemae.recipe.schema import Recipe
+from cratemae.recipe.shipped import resolve_recipe
 
 __all__ = [
     "apply_overrides",
@@ -31,17 +32,16 @@ __all__ = [
 
 
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read, override and validate the recipe at `path`; raise `BadInputError` if it is bad."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: recipe file not found")
+    """Read, override and validate the recipe at `path` (an existing file, else the name of a
+    shipped recipe: `demo`, `probe/cifar10`); raise `BadInputError` if it is bad."""
+    file = resolve_recipe(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
-        raise BadInputError(f"{path}: invalid TOML: {err}") from None
+        raise BadInputError(f"{file}: invalid TOML: {err}") from None
     except UnicodeDecodeError:
-        raise BadInputError(f"{path}: not a text file (expected TOML)") from None
-    return parse_recipe(apply_overrides(raw, overrides), source=str(path))
+        raise BadInputError(f"{file}: not a text file (expected TOML)") from None
+    return parse_recipe(apply_overrides(raw, overrides), source=str(file))
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
