@@ -20,7 +20,6 @@ __all__ = [
     "EXIT_REQUEUE",
     "BadInputError",
     "CrateMAEError",
-    "NotBuiltError",
 ]
 
 
@@ -37,11 +36,5 @@ class CrateMAEError(Exception):
 
 class BadInputError(CrateMAEError):
     """The user's input is wrong: a recipe, a data path, a checkpoint, an option."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
-class NotBuiltError(CrateMAEError):
-    """A command that is registered but whose implementation has not landed yet."""
 
     exit_code = EXIT_BAD_INPUT

@@ -1,6 +1,7 @@
 """Helpers for the data tests: tiny images, hand-made tar shards, corrupt members.
 
-Imported explicitly by tests/test_data_*.py (no conftest: other suites own that file).
+Imported explicitly by tests/test_data_*.py, and by the training tests for small data sets
+with a known number of corrupt samples (`shards_with_bad`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "label_stream",
     "make_shards",
     "photo",
+    "shards_with_bad",
     "solid",
     "write_tar",
 ]
@@ -80,6 +82,36 @@ def make_shards(
         entries = [{"name": p.name, "samples": n} for p, n in zip(paths, counts, strict=True)]
         (root / "shards.json").write_text(json.dumps({"splits": {prefix: entries}}))
     return paths
+
+
+# Three ways a sample can be bad, each skipped and counted by the loader (see decode.py).
+CORRUPT = (
+    lambda key: [(f"{key}.jpg", b"this is a text file, not a JPEG"), (f"{key}.cls", b"0")],
+    lambda key: [(f"{key}.png", b""), (f"{key}.cls", b"0")],  # zero-byte member
+    lambda key: [(f"{key}.txt", b"no image in this sample"), (f"{key}.cls", b"0")],
+)
+
+
+def shards_with_bad(
+    root: Path, counts: list[int], bad: set[int], *, size: int = 12
+) -> tuple[Path, int]:
+    """Shards `train-*.tar` with a shards.json, like `make_shards`, but the samples numbered
+    in `bad` (over all shards) are corrupt, the three kinds in turn. -> (root, len(bad))."""
+    root.mkdir(parents=True, exist_ok=True)
+    j, entries = 0, []
+    for s, n in enumerate(counts):
+        members = []
+        for _ in range(n):
+            key = f"s{s}_{j}"
+            members += (CORRUPT[len([b for b in bad if b < j]) % len(CORRUPT)](key) if j in bad
+                        else [(f"{key}.png", encode(solid(j, size))), (f"{key}.cls", b"%d" % j)])
+            j += 1
+        entries.append({"name": write_tar(root / f"train-{s:06d}.tar", members).name,
+                        "samples": n})
+    if not bad <= set(range(j)):
+        raise ValueError(f"bad samples {sorted(bad)} outside 0..{j - 1}")
+    (root / "shards.json").write_text(json.dumps({"splits": {"train": entries}}))
+    return root, len(bad)
 
 
 def data_section(train, **kw) -> DataSection:

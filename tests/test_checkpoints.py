@@ -176,7 +176,8 @@ def test_latest_points_at_newest_and_find_resume(tmp_path: Path) -> None:
     assert latest.read_text().strip() == "step-000000030"
     assert ck.load_checkpoint(tmp_path).step == 30
     assert ck.find_resume(tmp_path, "auto") == paths[2]
-    assert ck.find_resume(tmp_path, "never") is None
+    with pytest.raises(BadInputError, match="--resume never would mix"):
+        ck.find_resume(tmp_path, "never")  # a fresh run into a directory with checkpoints
     assert ck.find_resume(tmp_path, str(paths[0])) == paths[0]
     with pytest.raises(BadInputError, match="no such checkpoint"):
         ck.find_resume(tmp_path, str(tmp_path / "nope"))

@@ -158,7 +158,7 @@ def test_help_lists_exit_codes(app: typer.Typer) -> None:
     assert "3 stopped to be requeued" in " ".join(lines(invoke(app, ["--help"]).out))
 
 
-# -- stubs and recipe errors ------------------------------------------------------------------
+# -- input checks and recipe errors ---------------------------------------------------------
 
 
 @pytest.fixture
@@ -192,7 +192,7 @@ def test_pretrain_without_training_data_exits_2_and_creates_nothing(
         ("pretrain {recipe} --resume {dir}/nope.pt", "--resume {dir}/nope.pt: no such checkpoint"),
     ],
 )
-def test_stub_checks_its_options(
+def test_commands_check_their_options(
     app: typer.Typer, files: dict[str, str], args: str, message: str
 ) -> None:
     run = invoke(app, args.format(**files).split())

@@ -47,7 +47,7 @@ def test_demo_is_deterministic(demo, tmp_path):
 
 def test_demo_resolves_and_is_balanced_and_colour_blind(demo):
     data = DataSection(train="demo:train", val="demo:val", batch_size=500, num_workers=0)
-    kw = dict(task="eval", img_size=32, seed=0, epoch=0)
+    kw = dict(augment="none", img_size=32, seed=0, epoch=0)
     batches = list(build_loader(data, split="train", **kw))
     x = np.concatenate([b.images.numpy() for b in batches])  # (5000, 3, 32, 32)
     y = np.concatenate([b.labels.numpy() for b in batches])

@@ -43,7 +43,7 @@ def test_gpu_decode_refuses_a_cpu_device():
 def test_gpu_decode_option_without_cuda_is_a_bad_input(tmp_path):
     make_shards(tmp_path / "d", [8, 8])
     data = data_section(str(tmp_path / "d"), decode="gpu")
-    kw = dict(split="train", task="pretrain", img_size=16, seed=0, epoch=0)
+    kw = dict(split="train", augment="crop", labels=False, img_size=16, seed=0, epoch=0)
     if torch.cuda.is_available():
         batch = next(iter(build_loader(data, **kw)))
         assert isinstance(batch, EncodedBatch) and len(batch) == 4

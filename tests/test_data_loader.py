@@ -24,7 +24,7 @@ UNEVEN = [7, 13, 5, 11, 9, 20, 3, 12, 4, 6]  # 90 samples in 10 uneven shards
 
 def _loader(data, **kw):
     kw.setdefault("split", "train")
-    kw.setdefault("task", "probe")
+    kw.setdefault("augment", "crop")
     kw.setdefault("img_size", 8)
     kw.setdefault("seed", 0)
     kw.setdefault("epoch", 0)
@@ -60,7 +60,7 @@ def test_eval_keeps_every_sample_and_equal_batches(shard_dir):
     data = data_section(str(shard_dir), val=str(shard_dir), num_workers=2, batch_size=8)
     # The dir's index has only a train split; the val pattern reads the tar files directly.
     data = data.model_copy(update={"val": str(shard_dir / "train-{000000..000009}.tar")})
-    loaders = [_loader(data, split="val", task="eval", rank=r, world_size=4) for r in range(4)]
+    loaders = [_loader(data, split="val", augment="none", rank=r, world_size=4) for r in range(4)]
     labels = [label_stream(x) for x in loaders]
     assert len({len(x) for x in loaders}) == 1  # 23 samples per rank -> 3 batches each
     assert Counter(len(x) for x in labels) == {23: 4}
@@ -100,9 +100,9 @@ def test_augmentation_is_per_sample_not_per_worker(shard_dir):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_start_batch_equals_tail_of_full_epoch(shard_dir, workers):
     data = data_section(str(shard_dir), num_workers=workers, batch_size=4)
-    full = list(_loader(data, task="probe", epoch=5, rank=1, world_size=2))
+    full = list(_loader(data, augment="crop", epoch=5, rank=1, world_size=2))
     for k in (3, 4):
-        tail = list(_loader(data, task="probe", epoch=5, rank=1, world_size=2, start_batch=k))
+        tail = list(_loader(data, augment="crop", epoch=5, rank=1, world_size=2, start_batch=k))
         assert len(tail) == len(full) - k
         for a, b in zip(full[k:], tail, strict=True):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
@@ -120,7 +120,7 @@ def test_resume_does_not_decode_skipped_images(shard_dir, monkeypatch):
 
 def test_pretrain_batches_are_normalized_images_without_labels(shard_dir):
     data = data_section(str(shard_dir), batch_size=4)
-    batch = next(iter(_loader(data, task="pretrain", img_size=16)))
+    batch = next(iter(_loader(data, augment="crop", labels=False, img_size=16)))
     assert isinstance(batch, Batch) and batch.labels is None and batch.bad == 0
     assert batch.images.shape == (4, 3, 16, 16) and batch.images.dtype == torch.float32
     # solid images: the normalized value of the blue channel (77) everywhere
@@ -138,13 +138,13 @@ def test_too_few_shards_for_ranks_times_workers(shard_dir):
 
 def test_finetune_loader_uses_the_recipe_policy(shard_dir):
     data = data_section(str(shard_dir), auto_augment="rand-n3-m5", re_prob=0.5)
-    tf = _loader(data, task="finetune").dataset.cfg.transform.tf
+    tf = _loader(data, augment="randaugment").dataset.cfg.transform.tf
     names = {type(t).__name__: t for t in tf.transforms}
     assert names["RandAugment"].num_layers == 3 and names["RandomErasing"].probability == 0.5
     bad = data.model_copy(update={"auto_augment": "bogus"})
     with pytest.raises(BadInputError, match=r"^data\.auto_augment: 'bogus' is not a timm"):
-        _loader(bad, task="finetune")
-    assert len(_loader(bad, task="probe")) > 0  # only fine-tuning reads the policy
+        _loader(bad, augment="randaugment")
+    assert len(_loader(bad, augment="crop")) > 0  # only fine-tuning reads the policy
 
 
 def test_missing_shard_file_names_its_path(shard_dir):
@@ -187,13 +187,13 @@ def test_image_folders(tmp_path):
         for i in range(5):
             solid(10 * c + i).save(tmp_path / "tree" / name / f"{i}.png")
     data = data_section(str(tmp_path / "tree"), val=str(tmp_path / "tree"), batch_size=2)
-    loader = _loader(data, split="val", task="eval")
+    loader = _loader(data, split="val", augment="none")
     assert loader.classes == ("cat", "dog")
     assert sorted(label_stream(loader)) == [0] * 5 + [1] * 5
     (tmp_path / "flat").mkdir()
     for i in range(6):
         solid(i).save(tmp_path / "flat" / f"{i}.png")
     flat = data_section(str(tmp_path / "flat"), batch_size=3, num_workers=2)
-    assert sum(len(b) for b in _loader(flat, task="pretrain")) == 6
+    assert sum(len(b) for b in _loader(flat, augment="crop", labels=False)) == 6
     with pytest.raises(BadInputError, match=r"has no cls label"):
-        list(_loader(flat, task="probe"))
+        list(_loader(flat, augment="crop"))

@@ -91,7 +91,7 @@ def test_evaluates_every_epoch_keeps_best_and_last_and_resumes_exactly(
 
 def test_layer_wise_lr_decay_scales_each_depth(folders, demo_checkpoint):
     from cratemae.tasks.finetune import FinetuneTask
-    from cratemae.weights.backbone import load_encoder
+    from cratemae.weights.load import load_encoder
 
     recipe = small(folders, "finetune.layer_decay=0.5")
     encoder, config = load_encoder(demo_checkpoint, recipe.model)

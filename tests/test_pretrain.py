@@ -1,5 +1,6 @@
 """The pre-training engine on the built-in demo data: run directory, exact resume,
-preemption, non-finite steps, bad input, two processes."""
+preemption, non-finite steps, corrupt samples counted, bad input, two processes (more on
+resume in tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import shards_with_bad
 
 from cratemae.checkpoints import load_checkpoint
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
@@ -109,6 +111,18 @@ def test_resume_mid_epoch_after_crash_drops_metrics_logged_after_the_checkpoint(
     steps = [r["step"] for r in metrics(tmp_path)]
     assert steps == list(range(1, 9))
     assert resumed.state.samples_seen == 8 * 32
+
+
+def test_metrics_count_every_corrupt_sample_the_run_read(tmp_path):
+    # 40 samples of 12 px, 7 of them corrupt; batches of 8: one epoch is 5 steps and reads all.
+    data, corrupt = shards_with_bad(tmp_path / "data", [24, 16], {0, 3, 9, 10, 23, 24, 39})
+    result = pretrain(recipe(f'data.train="{data}"', "model.img_size=16", "data.batch_size=8",
+                             "data.shuffle_buffer=8", "data.max_bad_fraction=0.5",
+                             "schedule.max_steps=5"), out_dir=tmp_path / "run")
+    counts = [r["bad_samples"] for r in metrics(tmp_path / "run")]
+    assert len(counts) == 5 and counts == sorted(counts)  # a running total, logged every step
+    assert counts[-1] == corrupt == 7
+    assert load_checkpoint(result.last_checkpoint).meta["bad_samples"] == corrupt
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):

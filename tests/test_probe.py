@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cratemae.checkpoints import read_model_weights, write_model_weights
+from cratemae.checkpoints import load_checkpoint, read_model_weights, write_model_weights
 from cratemae.commands.app import build_app
 from cratemae.distributed.precision import resolve_precision
 from cratemae.eval.features import FeatureSpec, cached_features
@@ -22,7 +22,7 @@ from cratemae.model import create_model
 from cratemae.recipe import load_recipe
 from cratemae.recipe.schema import ModelSection
 from cratemae.tasks.probe import probe
-from cratemae.weights.backbone import load_encoder
+from cratemae.weights.load import load_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "recipes" / "probe" / "demo.toml"
@@ -81,6 +81,43 @@ def test_checkpoints_of_visible_only_models_and_other_image_sizes_load(tmp_path)
     assert encoder.forward_features(x).shape == (2, 1 + 12 * 12, 64)
     reference = mae.encoder.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in encoder.state_dict().items())
+
+
+def test_mae_protocol_trains_the_head_on_a_frozen_encoder(tmp_path):
+    """probe.protocol = "mae": a few LARS steps of BatchNorm + linear head on demo:val, then
+    scored on it; probe.json says what ran, and the encoder's weights never moved."""
+    torch.manual_seed(0)
+    mae = create_model("crate_mae_tiny", img_size=32, patch_size=4, embed_dim=64,
+                       decoder_embed_dim=64, depth=2, decoder_depth=1, num_heads=4,
+                       decoder_num_heads=4)
+    ckpt = write_model_weights(tmp_path / "mae.safetensors", mae.state_dict(),
+                               mae.config.to_dict())
+    recipe = load_recipe(PROBE, [
+        'probe.protocol="mae"', 'data.train="demo:val"', "data.batch_size=64",
+        'optim.name="lars"', "optim.base_lr=0.1", "optim.weight_decay=0",
+        "schedule.epochs=1", "schedule.max_steps=3", "schedule.warmup_epochs=0",
+        "run.log_every=1"])
+    result = probe(recipe, ckpt, out_dir=tmp_path / "out")
+
+    summary = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert summary == result.summary
+    assert {"protocol": "mae", "checkpoint": str(ckpt), "num_classes": 10, "pool": "token",
+            "layer": -1, "img_size": 32, "steps": 3, "val_images": 1000}.items() <= summary.items()
+    assert 0 <= summary["top1"] <= summary["top5"] <= 100 and summary["top1"] == result.top1
+    assert load_recipe(tmp_path / "out" / "recipe.toml") == recipe
+    assert summary["recipe"] == (tmp_path / "out" / "recipe.toml").read_text()
+    records = [json.loads(line) for line in
+               (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert records[-1]["kind"] == "eval" and records[-1]["top1"] == summary["top1"]
+
+    trained = load_checkpoint(summary["last_checkpoint"]).model_state
+    encoder = {f"encoder.{k}": v for k, v in mae.encoder.state_dict().items()}
+    assert encoder.keys() <= trained.keys()
+    moved = [k for k, v in encoder.items() if not torch.equal(trained[k], v)]
+    assert not moved, f"the frozen encoder changed: {moved}"
+    assert trained["head.bias"].abs().sum() > 0  # initialised to zeros: the head trained
+    assert trained["bn.running_var"].ne(1).any()  # BatchNorm saw the features
 
 
 def _free_port() -> int:

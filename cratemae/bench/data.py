@@ -22,6 +22,15 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+# What each task reads: its augmentation, and whether samples must carry labels.
+TASK_LOADING = {
+    "pretrain": ("crop", False),
+    "probe": ("crop", True),
+    "finetune": ("randaugment", True),
+    "eval": ("none", True),
+}
+
+
 def bench_data(
     data: DataSection,
     img_size: int,
@@ -35,7 +44,9 @@ def bench_data(
     """Run the loader for up to `batches` batches; images/s from the first batch's arrival
     to the last (start-up is reported apart), and CPU cores used over the whole run."""
     data = data.model_copy(update={"num_workers": num_workers})
-    loader = build_loader(data, split=split, task=task, img_size=img_size, seed=seed, epoch=0)  # type: ignore[arg-type]
+    augment, labels = TASK_LOADING[task]
+    loader = build_loader(data, split=split, augment=augment, labels=labels,  # type: ignore[arg-type]
+                          img_size=img_size, seed=seed, epoch=0)
     n = min(batches, len(loader))
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     t_first, images, it = t0, 0, iter(loader)

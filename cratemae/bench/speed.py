@@ -1,9 +1,10 @@
-"""Time complete training steps of the real training path, after checking them.
+"""Time complete training steps of the training loop, after checking them.
 
-A step is what `Trainer._train_step` runs for one micro-batch (accum_steps 1, no clipping):
-the model's forward and masked-patch loss under `Precision.autocast()`, backward through the
-`GradScaler`, the AdamW step of `build_adamw`, zero_grad. The input is random and already on
-the device (no data loading), so the figure is what the model can do, not the pipeline.
+A timed step is `Trainer.train_step`, the loop's own step (accum_steps 1, no clipping):
+the task's loss under the precision's autocast, the all-ranks finite check, backward through
+the `GradScaler`, the AdamW step of `configure_optimizers`, zero_grad. The task feeds one
+random batch already on the device (no data loading), so the figure is what the model can
+do, not the pipeline.
 
 Before anything is timed, every path to be timed is run once on the timing batch and its
 loss and gradients are compared with the reference (`cratemae.model.reference`, the
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import logging
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,13 +34,14 @@ from cratemae.bench.check import (
     Tolerance,
     check_paths,
 )
-from cratemae.distributed.precision import Precision, resolve_precision
+from cratemae.distributed.device import choose_device
 from cratemae.errors import BadInputError, CrateMAEError
 from cratemae.model import CrateMAE, CrateMAEConfig, create_model
 from cratemae.model.reference import reference_forward
-from cratemae.recipe import OptimSection
-from cratemae.train.optim import build_adamw
+from cratemae.recipe import DataSection, OptimSection, Recipe, RunSection, SchedSection
 from cratemae.train.run_dir import max_memory_gb
+from cratemae.train.task import Task
+from cratemae.train.trainer import Trainer
 
 __all__ = [
     "TOLERANCES",
@@ -122,36 +127,61 @@ def forward_flops(
     return float(L * 2 * d * patch + encoder + decoder + n_dec * 2 * d * patch)
 
 
-# --- the step, as the trainer runs it --------------------------------------------------------
+# --- the step: the training loop's own ------------------------------------------------------
 @dataclass
-class _Parts:
-    model: CrateMAE
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    precision: Precision
-    device: torch.device
+class _Fixed:
+    """A batch as the loop sees one: images on the device, no bad samples."""
+
+    images: torch.Tensor
+    bad: int = 0
 
 
+class _FixedBatches:
+    """An endless epoch of the same batch."""
+
+    def __init__(self, imgs: torch.Tensor) -> None:
+        self.batch = _Fixed(imgs)
+
+    def __len__(self) -> int:
+        return 2**40
+
+    def __iter__(self) -> Iterator[_Fixed]:
+        while True:
+            yield self.batch
+
+    def bad_fraction_error(self, final: bool = False) -> None:
+        return None
 
 
-def _training_step(parts: _Parts, loss_fn: LossFn, imgs: torch.Tensor) -> torch.Tensor:
-    """One optimizer step as `Trainer._train_step` / `_optimizer_step` run it."""
-    noise = torch.rand(imgs.shape[0], parts.model.config.num_patches, device=imgs.device)
-    with parts.precision.autocast():
-        loss = loss_fn(imgs, noise)
-    parts.scaler.scale(loss).backward()
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+class _BenchTask(Task):
+    """Pre-training's loss on the fixed batch, by the path being timed: "fast" (the model
+    as the loop runs it, compiled with --compile, called as `MAETask.loss` calls it) or
+    "reference" (`reference_forward` on the same parameters, always eager)."""
+
+    def __init__(self, model: CrateMAE, imgs: torch.Tensor, mask_ratio: float) -> None:
+        self.model, self.config = model, model.config.to_dict()
+        self.batches, self.mask_ratio = _FixedBatches(imgs), mask_ratio
+        self.path = "fast"
+
+    def loader(self, epoch: int, start_batch: int) -> _FixedBatches:
+        return self.batches
+
+    def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
+        imgs = batch.images
+        noise = torch.rand(imgs.shape[0], self.model.config.num_patches, device=imgs.device)
+        return loss_functions(self.model, forward_model=model,
+                              mask_ratio=self.mask_ratio)[self.path](imgs, noise)
 
 
 def loss_functions(
-    model: CrateMAE, *, compile: bool = False, mask_ratio: float = 0.75
+    model: CrateMAE, *, forward_model: nn.Module | None = None, compile: bool = False,
+    mask_ratio: float = 0.75,
 ) -> dict[str, LossFn]:
-    """"fast": the model's forward (compiled if asked), called as `MAETask.loss` calls it;
-    "reference": `reference_forward` on the same parameters (always eager)."""
-    forward_model: nn.Module = torch.compile(model) if compile else model
+    """"fast": `forward_model` (default: the model, compiled if asked), called as
+    `MAETask.loss` calls it; "reference": `reference_forward` on the model's parameters
+    (always eager)."""
+    if forward_model is None:
+        forward_model = torch.compile(model) if compile else model
 
     def fast(imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return forward_model(imgs, mask_ratio=mask_ratio, noise=noise).loss
@@ -168,53 +198,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_step(parts: _Parts, loss_fn: LossFn, imgs: torch.Tensor, timing: PathTiming) -> None:
-    device = parts.device
+def _timed_step(trainer: Trainer, timing: PathTiming) -> None:
+    device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    loss = _training_step(parts, loss_fn, imgs)
+    finite = _step(trainer, timing.path)
     _sync(device)
     timing.step_seconds.append(time.perf_counter() - start)
     # CUDA: this path's peak allocation; CPU: the process's peak RSS (a high-water mark).
     timing.peak_memory_gib = max(timing.peak_memory_gib, max_memory_gb(device))
-    if not torch.isfinite(loss):
+    if not finite:
         raise CrateMAEError(f"{timing.path}: non-finite loss during timing")
 
 
-def _time_paths(
-    parts: _Parts, loss_fns: dict[str, LossFn], timings: list[PathTiming], imgs: torch.Tensor,
-    spec: BenchSpec,
-) -> None:
+def _step(trainer: Trainer, path: str) -> bool:
+    task = trainer.task
+    assert isinstance(task, _BenchTask)
+    task.path = path
+    return trainer.train_step(iter(task.batches))
+
+
+def _time_paths(trainer: Trainer, timings: list[PathTiming], spec: BenchSpec) -> None:
     """Warm up each path, then time them step by step in turn (A, B, A, B, ...), so that a
     change in machine load affects every path alike."""
     for timing in timings:
         log.info("warm-up: %d step(s) of the %s path", spec.warmup, timing.path)
         for _ in range(spec.warmup):
-            _training_step(parts, loss_fns[timing.path], imgs)
-    _sync(parts.device)
+            _step(trainer, timing.path)
+    _sync(trainer.device)
     for i in range(spec.steps):
         for timing in timings:
-            _timed_step(parts, loss_fns[timing.path], imgs, timing)
+            _timed_step(trainer, timing)
         log.info("timed step %d/%d: %s", i + 1, spec.steps, ", ".join(
-            f"{t.path} {imgs.shape[0] / t.step_seconds[-1]:.1f} img/s" for t in timings))
+            f"{t.path} {spec.batch_size / t.step_seconds[-1]:.1f} img/s" for t in timings))
 
 
 # --- the whole benchmark ---------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadInputError(f"--device {name}: expected cuda or cpu") from None
-    if device.type not in ("cuda", "cpu"):
-        raise BadInputError(f"--device {name}: expected cuda or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
-def _build(spec: BenchSpec, device: torch.device) -> _Parts:
+def _check_spec(spec: BenchSpec) -> None:
     if spec.precision not in ("bf16", "fp16", "fp32"):
         raise BadInputError(f"--precision {spec.precision}: expected bf16, fp16 or fp32")
     for name in ("batch_size", "steps"):
@@ -222,18 +244,30 @@ def _build(spec: BenchSpec, device: torch.device) -> _Parts:
             raise BadInputError(f"--{name.replace('_', '-')} must be at least 1")
     if spec.warmup < 0:
         raise BadInputError("--warmup must be 0 or more")
+
+
+def _build(spec: BenchSpec, device: torch.device, run_dir: Path) -> Trainer:
+    """The training loop over the fixed batch: the recipe's defaults, but for the spec's
+    model, precision and compile, a constant lr of 1e-4, and no data loading."""
+    _check_spec(spec)
     torch.manual_seed(spec.seed)
     try:
         model = create_model(spec.model, img_size=spec.img_size,
                              encoder_visible_only=spec.visible_only)
     except ValueError as err:
         raise BadInputError(f"--model/--img-size: {err}") from None
-    model = model.to(device).train()
-    precision = resolve_precision(spec.precision, device)
-    if precision.note:
-        log.info(precision.note.replace("run.precision", "--precision"))
-    optimizer = build_adamw(model, OptimSection(), lr=1e-4)  # the recipe defaults
-    return _Parts(model, optimizer, precision.make_scaler(), precision, device)
+    cfg = model.config
+    imgs = torch.randn(spec.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
+                       generator=torch.Generator().manual_seed(spec.seed)).to(device)
+    recipe = Recipe(
+        data=DataSection(batch_size=spec.batch_size),
+        optim=OptimSection(lr=1e-4, min_lr=1e-4),
+        schedule=SchedSection(epochs=1, warmup_epochs=0,
+                              max_steps=(spec.warmup + spec.steps) * (1 + spec.reference)),
+        run=RunSection(precision=spec.precision, compile=spec.compile, out_dir=str(run_dir)),
+    )
+    return Trainer(recipe, _BenchTask(model, imgs, spec.mask_ratio), run_dir, None,
+                   device=device)
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
@@ -243,23 +277,32 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     images/s (median, min, max over the timed steps), step time, peak memory, GFLOP per
     image and achieved TFLOP/s; with the reference, `speedup` (ratio of the medians).
     """
-    device = _device(spec.device)
-    parts = _build(spec, device)
-    loss_fns = loss_functions(parts.model, compile=spec.compile, mask_ratio=spec.mask_ratio)
+    device = choose_device(spec.device)
+    with tempfile.TemporaryDirectory(prefix="cratemae-bench-") as where:
+        trainer = _build(spec, device, Path(where))  # writes nothing there: never saves
+        return _run(spec, trainer)
+
+
+def _run(spec: BenchSpec, trainer: Trainer) -> dict[str, Any]:
+    device, precision = trainer.device, trainer.precision
+    task = trainer.task
+    assert isinstance(task, _BenchTask)
+    model, imgs = task.model, task.batches.batch.images
+    model.train()
+    loss_fns = loss_functions(model, forward_model=trainer.forward_model,
+                              mask_ratio=spec.mask_ratio)
     paths = ["fast", "reference"] if spec.reference else ["fast"]
-    cfg = parts.model.config
-    imgs = torch.randn(spec.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
-                       generator=torch.Generator().manual_seed(spec.seed)).to(device)
-    checks = check_paths(parts.model, loss_fns, paths, imgs, parts.precision, spec.mask_ratio)
+    cfg = model.config
+    checks = check_paths(model, loss_fns, paths, imgs, precision, spec.mask_ratio)
     timings = [
         PathTiming(path, TRAIN_FLOPS_FACTOR * forward_flops(
             cfg, algorithm=path, mask_ratio=spec.mask_ratio)) for path in paths
     ]
-    _time_paths(parts, loss_fns, timings, imgs, spec)
+    _time_paths(trainer, timings, spec)
     result: dict[str, Any] = {
-        "spec": vars(spec) | {"precision_in_effect": parts.precision.name},
+        "spec": vars(spec) | {"precision_in_effect": precision.name},
         "device_name": _device_name(device),
-        "precision_note": parts.precision.note,
+        "precision_note": precision.note,
         "memory_kind": "max allocated (CUDA)" if device.type == "cuda" else "peak RSS (process)",
         "flop_count": f"matrix products only, training = {TRAIN_FLOPS_FACTOR} x forward",
         "checks": {c.path: asdict(c) for c in checks},

@@ -13,7 +13,7 @@ from cratemae.checkpoints.load import (
     read_model_weights,
     write_model_weights,
 )
-from cratemae.checkpoints.resolve import find_resume
+from cratemae.checkpoints.resolve import Resume, find_resume
 from cratemae.checkpoints.retention import completed_epoch, prune_checkpoints
 from cratemae.checkpoints.rng import (
     collect_rng_state,
@@ -28,6 +28,7 @@ from cratemae.checkpoints.tree import flatten_tree, unflatten_tree
 __all__ = [
     "REQUIRED_META",
     "Checkpoint",
+    "Resume",
     "check_state_dict_matches",
     "collect_rng_state",
     "completed_epoch",

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cratemae.checkpoints.files import FORMAT, read_json, verify_file
 from cratemae.checkpoints.layout import (
@@ -26,6 +27,7 @@ from cratemae.checkpoints.layout import (
 from cratemae.errors import BadInputError
 
 __all__ = [
+    "Resume",
     "check_checkpoint_dir",
     "ckpt_dir_of",
     "complete_checkpoints",
@@ -134,19 +136,51 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     raise BadInputError(f"{p}: not a checkpoint, a run directory or a safetensors file")
 
 
-def find_resume(run_dir: str | os.PathLike[str], resume: str) -> Path | None:
-    """The checkpoint a run should resume from.
+@dataclass(frozen=True)
+class Resume:
+    """Where a run continues from, parsed once from `--resume` (or a library caller).
 
-    `resume="auto"`: the latest complete checkpoint in `run_dir`, or None if there is none.
-    `resume="never"`: None. Anything else is a path (checkpoint or run directory) that must
-    hold a complete checkpoint, else BadInputError.
+    "auto": the newest complete checkpoint in the run directory, if there is one; "never":
+    a fresh run, refused if the directory already holds checkpoints (a new run would mix
+    into them); anything else: the path of a checkpoint or run directory.
     """
-    if resume == "never":
+
+    mode: Literal["auto", "never", "path"]
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, value: str | os.PathLike[str] | Resume) -> Resume:
+        """BadInputError for a path that does not exist."""
+        if isinstance(value, Resume):
+            return value
+        if value in ("auto", "never"):
+            return cls(value)  # type: ignore[arg-type]
+        path = Path(value)
+        if not path.exists():
+            raise BadInputError(
+                f"--resume {value}: no such checkpoint (expected auto, never or a path)")
+        return cls("path", path)
+
+
+def find_resume(run_dir: str | os.PathLike[str],
+                resume: str | os.PathLike[str] | Resume) -> Path | None:
+    """The checkpoint a run in `run_dir` should resume from (see `Resume`), or None.
+
+    A path must hold a complete checkpoint, else BadInputError.
+    """
+    resume = Resume.parse(resume)
+    ckpt_dir = Path(run_dir) / CKPT_SUBDIR
+    latest = _latest_in(ckpt_dir) if ckpt_dir.is_dir() else None
+    if resume.mode == "never":
+        if latest is not None:
+            raise BadInputError(
+                f"{run_dir} already holds checkpoints and --resume never would mix a new run "
+                f"into them: give a new --out, or remove the directory first")
         return None
-    if resume == "auto":
-        ckpt_dir = Path(run_dir) / CKPT_SUBDIR
-        return _latest_in(ckpt_dir) if ckpt_dir.is_dir() else None
-    found = resolve_checkpoint(resume)
+    if resume.mode == "auto":
+        return latest
+    assert resume.path is not None
+    found = resolve_checkpoint(resume.path)
     if found.is_file():
         raise BadInputError(f"{found}: a weights file cannot be resumed from; give a checkpoint")
     check_checkpoint_dir(found, verify_hashes=False)

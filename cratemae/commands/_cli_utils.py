@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
@@ -30,15 +30,19 @@ __all__ = [
     "ResumeOpt",
     "SetOpt",
     "command_console",
-    "parse_resume",
     "require_checkpoint",
     "require_file",
 ]
 
 RecipeArg = Annotated[
     Path,
-    typer.Argument(metavar="RECIPE", help="Recipe file (TOML).", show_default=False),
-]
+    typer.Argument(
+        metavar="RECIPE",
+        help="Recipe file (TOML), or the name of a shipped recipe ('cratemae recipes' lists "
+        "them); an existing file wins.",
+        show_default=False,
+    ),
+]  # `load_recipe` resolves it: cratemae.recipe.shipped
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -93,21 +97,6 @@ def require_file(path: Path, what: str) -> Path:
     """Return `path` if it is an existing file, else raise `BadInputError` naming it."""
     if not path.is_file():
         raise BadInputError(f"{path}: {what} not found")
-    return path
-
-
-def parse_resume(value: str) -> Literal["auto", "never"] | Path:
-    """`--resume`: the word `auto` or `never`, or the path of an existing checkpoint (or run)
-    directory; the engine checks that it holds a complete checkpoint."""
-    if value == "auto":
-        return "auto"
-    if value == "never":
-        return "never"
-    path = Path(value)
-    if not path.exists():
-        raise BadInputError(
-            f"--resume {value}: no such checkpoint (expected auto, never or a path)"
-        )
     return path
 
 

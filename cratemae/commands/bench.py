@@ -10,7 +10,6 @@ import typer
 
 from cratemae.commands import console
 from cratemae.commands._cli_utils import JsonOpt
-from cratemae.errors import BadInputError
 
 __all__ = ["bench"]
 
@@ -53,16 +52,15 @@ def bench(
       $ cratemae bench --compile --precision bf16
       $ cratemae bench --compile --visible-only --json
     """
-    if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise BadInputError(f"--device {device}: expected cuda or cpu")
-    import torch  # lazily: --help stays fast
+    from cratemae.bench.speed import BenchSpec, run_bench  # torch loads lazily
+    from cratemae.distributed.device import choose_device
 
-    from cratemae.bench.speed import BenchSpec, run_bench
+    chosen = choose_device(device)
 
     spec = BenchSpec(
         model=model, img_size=img_size, batch_size=batch_size, steps=steps, warmup=warmup,
         precision=precision, compile=compile_, visible_only=visible_only, reference=reference,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=str(chosen),
     )
     logger = logging.getLogger("cratemae")
     handler = console.LogHandler()

@@ -12,7 +12,6 @@ from cratemae.commands._cli_utils import (
     ResumeOpt,
     SetOpt,
     command_console,
-    parse_resume,
     require_checkpoint,
 )
 from cratemae.recipe import load_recipe
@@ -44,11 +43,12 @@ def finetune(
     """
     r = load_recipe(recipe, set_ or [])
     require_checkpoint(checkpoint)
-    where = parse_resume(resume)
-    from cratemae.tasks.finetune import finetune as run_finetune  # torch loads lazily
+    from cratemae.checkpoints import Resume  # torch loads lazily
+    from cratemae.tasks.finetune import finetune as run_finetune
 
+    where = Resume.parse(resume)
     with command_console("finetune") as (_, on_log):
-        result = run_finetune(r, checkpoint, out_dir=out, resume=str(where), on_log=on_log)
+        result = run_finetune(r, checkpoint, out_dir=out, resume=where, on_log=on_log)
     if not result.main_process:
         return
     final = result.evals[-1] if result.evals else {}

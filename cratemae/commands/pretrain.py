@@ -11,7 +11,6 @@ from cratemae.commands._cli_utils import (
     ResumeOpt,
     SetOpt,
     command_console,
-    parse_resume,
 )
 from cratemae.recipe import load_recipe
 
@@ -38,11 +37,12 @@ def pretrain(
       $ cratemae pretrain recipes/base.toml --resume never --json
     """
     r = load_recipe(recipe, set_ or [])
-    where = parse_resume(resume)
-    from cratemae.tasks.pretrain import pretrain as run_pretrain  # torch loads lazily
+    from cratemae.checkpoints import Resume  # torch loads lazily
+    from cratemae.tasks.pretrain import pretrain as run_pretrain
 
+    where = Resume.parse(resume)
     with command_console("pretrain") as (_, on_log):
-        result = run_pretrain(r, out_dir=out, resume=str(where), on_log=on_log)
+        result = run_pretrain(r, out_dir=out, resume=where, on_log=on_log)
     if json_ and result.main_process:
         print(json.dumps({
             "run_dir": str(result.run_dir),

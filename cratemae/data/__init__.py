@@ -13,14 +13,10 @@ from cratemae.data.loader import Loader, build_loader
 from cratemae.data.transforms import eval_transform, finetune_transform, pretrain_transform
 from cratemae.data.writer import ShardSummary, write_shards
 
-# The contract's name for the loader type.
-LoaderSpec = Loader
-
 __all__ = [
     "Batch",
     "EncodedBatch",
     "Loader",
-    "LoaderSpec",
     "ShardSummary",
     "build_loader",
     "eval_transform",

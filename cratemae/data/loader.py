@@ -1,17 +1,20 @@
 """`build_loader`: the one entry point the training engine uses.
 
-    loader = build_loader(data, split="train", task="pretrain", img_size=224, seed=0, epoch=3,
-                          rank=r, world_size=w, start_batch=k)
+    loader = build_loader(data, split="train", augment="crop", labels=False, img_size=224,
+                          seed=0, epoch=3, rank=r, world_size=w, start_batch=k)
     len(loader)          # batches this iterator yields: epoch_batches - start_batch (all ranks)
     loader.epoch_batches # batches in the whole epoch
     loader.num_samples   # samples in the whole epoch on this rank (epoch_batches * batch_size
                          # when training)
     for batch in loader: # Batch (or EncodedBatch with data.decode = "gpu")
 
-Training (split "train", task other than "eval") shuffles (shard order per epoch + a seeded
-buffer), drops the remainder and augments; otherwise the order is fixed, every sample kept,
-and the transform is the evaluation one. The bad-sample fraction is checked inside iteration
-after every batch (once 200 samples have been seen); `check_bad_fraction()` is public too.
+Training (split "train" with an augmentation) shuffles (shard order per epoch + a seeded
+buffer), drops the remainder and augments; otherwise (`augment="none"`, or the val split)
+the order is fixed, every sample kept, and the transform is the evaluation one. Bad samples
+are counted as batches are yielded; `bad_fraction_error()` decides whether there were too
+many, and the consumers (the training loop at every step, evaluation at the end of a split)
+agree on it across ranks before they stop, so no rank stops alone while the others wait in
+a collective.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ __all__ = ["MIN_SAMPLES_FOR_BAD_CHECK", "Loader", "build_loader"]
 log = logging.getLogger("cratemae.data")
 
 Split = Literal["train", "val"]
-Task = Literal["pretrain", "probe", "finetune", "eval"]
+# "crop": random resized crop + flip (pre-training, MAE's probe, light fine-tuning);
+# "randaugment": fine-tuning's timm pipeline (data.auto_augment, data.re_prob); "none": the
+# evaluation transform (resize + centre crop) and a fixed order.
+Augment = Literal["none", "crop", "randaugment"]
 MIN_SAMPLES_FOR_BAD_CHECK = 200
 
 
@@ -46,7 +52,6 @@ def build_loader(
     data: DataSection,
     *,
     split: Split,
-    task: Task,
     img_size: int,
     seed: int,
     epoch: int,
@@ -54,20 +59,24 @@ def build_loader(
     world_size: int = 1,
     start_batch: int = 0,
     decode_device: torch.device | str | None = None,
+    augment: Augment = "none",
+    labels: bool = True,
 ) -> Loader:
     """A loader for one epoch of one rank; BadInputError for unusable data or settings.
 
+    `augment` chooses the transform (see `Augment`); `labels`: samples must carry class
+    labels (an unlabelled sample is bad), else labels are read where present.
     With data.decode = "gpu" it yields `EncodedBatch`es, or, given `decode_device`, `Batch`es
     decoded there (the decoding then counts as data time in the trainer's figures)."""
-    if split not in ("train", "val") or task not in ("pretrain", "probe", "finetune", "eval"):
-        raise BadInputError(f"build_loader: unknown split {split!r} or task {task!r}")
+    if split not in ("train", "val") or augment not in ("none", "crop", "randaugment"):
+        raise BadInputError(f"build_loader: unknown split {split!r} or augment {augment!r}")
     if not 0 <= rank < world_size:
         raise BadInputError(f"build_loader: rank {rank} outside world size {world_size}")
-    training = split == "train" and task != "eval"
+    training = split == "train" and augment != "none"
     gpu = data.decode == "gpu"
     if gpu and not torch.cuda.is_available():
         raise BadInputError("data.decode = 'gpu' needs CUDA, which is not available; use 'cpu'")
-    if gpu and training and task == "finetune":
+    if gpu and training and augment == "randaugment":
         raise BadInputError("data.decode = 'gpu' cannot run fine-tuning's RandAugment; use 'cpu'")
     spec = data.train if split == "train" else data.val
     source = resolve_source(spec, split)
@@ -89,10 +98,10 @@ def build_loader(
     )
     if not 0 <= start_batch <= plan.num_batches:
         raise BadInputError(f"start_batch {start_batch} outside 0..{plan.num_batches}")
-    tf = _transform(data, task, training, img_size)
+    tf = _transform(data, augment if training else "none", img_size)
     cfg = ReadConfig(
         transform=tf,
-        labelled=task != "pretrain",
+        labelled=labels,
         gpu=gpu,
         seed=seed,
         epoch=epoch,
@@ -106,16 +115,15 @@ def build_loader(
     return loader
 
 
-def _transform(data: DataSection, task: str, training: bool, img_size: int):
-    """Fine-tuning: timm's RandAugment pipeline; other training: random resized crop + flip;
-    evaluation (and any val split): resize + centre crop."""
-    if task == "finetune" and training:
+def _transform(data: DataSection, augment: Augment, img_size: int):
+    """The transform `augment` names, with the recipe's normalisation."""
+    if augment == "randaugment":
         try:
             return finetune_transform(img_size, data.mean, data.std, data.auto_augment,
                                       data.re_prob)
         except ValueError as err:
             raise BadInputError(f"data.auto_augment: {err}") from None
-    if training:
+    if augment == "crop":
         return pretrain_transform(img_size, data.crop_scale, data.mean, data.std)
     return eval_transform(img_size, data.mean, data.std)
 
@@ -163,6 +171,9 @@ class Loader:
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=2 if workers else None,
+            # Its base seed from a generator of its own, not torch's global one: a resumed
+            # run, which starts one more iterator, continues the global stream exactly.
+            generator=torch.Generator(),
         )
         it = iter(loader)
         try:
@@ -173,7 +184,6 @@ class Loader:
                 if item.bad:
                     self.bad += item.bad
                     self.bad_by_shard.update(item.bad_shards)
-                self.check_bad_fraction()
                 if self.decode_on is not None and isinstance(item, EncodedBatch):
                     device, size = self.decode_on
                     item = gpu_decode_batch(item, device, img_size=size, mean=self.data.mean,
@@ -182,16 +192,16 @@ class Loader:
         finally:
             del it  # shuts the workers down now, not at garbage collection
 
-    def check_bad_fraction(self) -> None:
-        """BadInputError naming the worst shards if more than data.max_bad_fraction of the
-        samples seen so far (at least 200) were bad."""
-        if (
-            self.seen < MIN_SAMPLES_FOR_BAD_CHECK
-            or self.bad <= self.data.max_bad_fraction * self.seen
-        ):
-            return
+    def bad_fraction_error(self, final: bool = False) -> BadInputError | None:
+        """The error to stop with if more than data.max_bad_fraction of the samples seen so
+        far were bad, naming the worst shards; None otherwise. Until 200 samples have been
+        seen the fraction is too noisy to act on, unless `final` (the data are all seen)."""
+        if self.seen == 0 or (self.seen < MIN_SAMPLES_FOR_BAD_CHECK and not final):
+            return None
+        if self.bad <= self.data.max_bad_fraction * self.seen:
+            return None
         worst = ", ".join(f"{s} ({n} bad)" for s, n in self.bad_by_shard.most_common(3))
-        raise BadInputError(
+        return BadInputError(
             f"{self.bad} of {self.seen} samples were bad ({100 * self.bad / self.seen:.1f}% > "
             f"data.max_bad_fraction {100 * self.data.max_bad_fraction:g}%); worst shards: "
             f"{worst}; the 'cratemae.data' log names the samples"

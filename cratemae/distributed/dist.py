@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from cratemae.distributed.device import choose_device
 from cratemae.errors import BadInputError
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "init_distributed",
     "is_main_process",
     "parse_launch_env",
+    "raise_together",
 ]
 
 DEFAULT_PORT = 29500
@@ -148,19 +150,11 @@ def parse_launch_env(
 
 
 def _pick_device(local_rank: int) -> torch.device:
-    """cuda:local_rank when each process sees every GPU of its node; cuda:0 when the launcher
-    gave each task its own GPU (`srun --gpus-per-task=1` leaves one visible device)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    if count == 1:
-        index = 0
-    elif local_rank < count:
-        index = local_rank
-    else:
-        raise BadInputError(f"local rank {local_rank} but only {count} GPUs are visible")
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
+    """This process's device (`choose_device`), made current when it is a GPU."""
+    device = choose_device("auto", local_rank=local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def init_distributed(
@@ -231,6 +225,13 @@ def all_reduce_any(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def raise_together(error: Exception | None, elsewhere: str) -> None:
+    """Raise on every rank if any rank has an error: this rank's own, or a BadInputError
+    saying `elsewhere` (one rank alone raising would leave the others in a collective)."""
+    if all_reduce_any(error is not None):
+        raise error or BadInputError(elsewhere)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def eval_batches(data: DataSection, split: str, img_size: int,
     """(batch, global positions (B,)) over this rank's share of `split`, evaluation
     transform, fixed order; batches without labels are bad input."""
     info = dist.get_dist_info()
-    loader = build_loader(data, split=split, task="eval",  # type: ignore[arg-type]
+    loader = build_loader(data, split=split, augment="none",  # type: ignore[arg-type]
                           img_size=img_size, seed=0, epoch=0, rank=info.rank,
                           world_size=info.world_size, decode_device=info.device)
     positions = torch.tensor(sample_positions(loader), dtype=torch.int64)
@@ -63,6 +63,8 @@ def eval_batches(data: DataSection, split: str, img_size: int,
         done += n
         if progress is not None:
             progress(done, len(positions))
+    dist.raise_together(loader.bad_fraction_error(final=True),
+                        f"data.{split}: another rank has too many bad samples")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ __all__ = ["check_labels", "resolve_num_classes"]
 def resolve_num_classes(recipe: Recipe, wanted: int | None, key: str) -> int:
     """`wanted`, checked against the class names of data.train when the data has them."""
     info = dist.get_dist_info()
-    loader = build_loader(recipe.data, split="train", task="eval", img_size=8, seed=0, epoch=0,
+    loader = build_loader(recipe.data, split="train", augment="none", img_size=8, seed=0, epoch=0,
                           rank=info.rank, world_size=info.world_size)
     classes = loader.classes
     if wanted is None and classes is None:

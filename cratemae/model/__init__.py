@@ -4,14 +4,20 @@ configuration and presets. Pure PyTorch: no file or terminal I/O.
 May import: nothing else of cratemae.
 """
 
-from cratemae.model.authors import authors_to_cratemae, load_authors_state_dict
-from cratemae.model.config import PRESETS, CrateMAEConfig
-from cratemae.model.crate_mae import CrateMAE, MAEOutput
-from cratemae.model.encoder import CrateEncoder
-from cratemae.model.factory import create_model, preset_config
-from cratemae.model.layers import ISTA, MSSA, DecoderLayer, EncoderLayer
-from cratemae.model.masking import random_masking
-from cratemae.model.patches import masked_patch_loss, patchify, unpatchify
+from typing import Any
+
+# Names are imported on first use (PEP 562), so that reading a recipe, which needs only the
+# configuration, does not import torch: the command line stays fast to start.
+_WHERE = {
+    "authors_to_cratemae": "authors", "load_authors_state_dict": "authors",
+    "PRESETS": "config", "CrateMAEConfig": "config",
+    "CrateMAE": "crate_mae", "MAEOutput": "crate_mae",
+    "CrateEncoder": "encoder",
+    "create_model": "factory", "preset_config": "factory",
+    "ISTA": "layers", "MSSA": "layers", "DecoderLayer": "layers", "EncoderLayer": "layers",
+    "random_masking": "masking",
+    "masked_patch_loss": "patches", "patchify": "patches", "unpatchify": "patches",
+}
 
 __all__ = [
     "ISTA",
@@ -32,3 +38,13 @@ __all__ = [
     "random_masking",
     "unpatchify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cratemae.model' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"cratemae.model.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

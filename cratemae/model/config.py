@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["PRESETS", "CrateMAEConfig"]
+
+# Bounds of a field, in its metadata: checked here, and turned into the recipe's validation
+# (`cratemae.recipe.schema.ModelSection` is derived from this class).
+POSITIVE = {"gt": 0}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,34 +37,31 @@ class CrateMAEConfig:
             authors', whose encoder sees mask tokens in every removed position.
     """
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    decoder_embed_dim: int = 768
-    decoder_depth: int = 12
-    decoder_num_heads: int = 12
+    img_size: int = field(default=224, metadata=POSITIVE)
+    patch_size: int = field(default=16, metadata=POSITIVE)
+    in_chans: int = field(default=3, metadata=POSITIVE)
+    embed_dim: int = field(default=768, metadata=POSITIVE)
+    depth: int = field(default=12, metadata=POSITIVE)
+    num_heads: int = field(default=12, metadata=POSITIVE)
+    decoder_embed_dim: int = field(default=768, metadata=POSITIVE)
+    decoder_depth: int = field(default=12, metadata=POSITIVE)
+    decoder_num_heads: int = field(default=12, metadata=POSITIVE)
     norm_pix_loss: bool = False
-    ista_step_size: float = 0.1
-    ista_lambda: float = 0.5
+    ista_step_size: float = field(default=0.1, metadata=POSITIVE)
+    ista_lambda: float = field(default=0.5, metadata={"ge": 0})
     encoder_visible_only: bool = False
 
     def __post_init__(self) -> None:
-        for name in (
-            "img_size",
-            "patch_size",
-            "in_chans",
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "decoder_embed_dim",
-            "decoder_depth",
-            "decoder_num_heads",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value}")
+            if "gt" in f.metadata and not value > f.metadata["gt"]:
+                raise ValueError(f"{f.name} must be positive, got {value}"
+                                 if f.metadata["gt"] == 0 else
+                                 f"{f.name} must be above {f.metadata['gt']}, got {value}")
+            if "ge" in f.metadata and not value >= f.metadata["ge"]:
+                raise ValueError(f"{f.name} must be at least {f.metadata['ge']}, got {value}")
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"

@@ -9,9 +9,13 @@ example the number of epochs); any other change makes resume refuse.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import dataclasses
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from cratemae.model.config import PRESETS, CrateMAEConfig
 
 __all__ = [
     "DataSection",
@@ -28,7 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # MAE's fine-tuning RandAugment (timm's syntax)
 DEFAULT_RE_PROB = 0.25  # MAE's random erasing
-MODEL_NAMES = ("crate_mae_tiny", "crate_mae_small", "crate_mae_base", "crate_mae_large")
+MODEL_NAMES = tuple(PRESETS)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 SAFE = {"safe_to_change": True}
@@ -38,29 +42,34 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-class ModelSection(_Section):
-    """Which preset, plus optional overrides of `cratemae.model.CrateMAEConfig` fields."""
-
-    name: Literal[MODEL_NAMES] = "crate_mae_base"  # type: ignore[valid-type]
-    img_size: PositiveInt | None = None
-    patch_size: PositiveInt | None = None
-    in_chans: PositiveInt | None = None
-    embed_dim: PositiveInt | None = None
-    depth: PositiveInt | None = None
-    num_heads: PositiveInt | None = None
-    decoder_embed_dim: PositiveInt | None = None
-    decoder_depth: PositiveInt | None = None
-    decoder_num_heads: PositiveInt | None = None
-    norm_pix_loss: bool | None = None
-    ista_step_size: Annotated[float, Field(gt=0)] | None = None
-    ista_lambda: Annotated[float, Field(ge=0)] | None = None
-    encoder_visible_only: bool | None = None
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
-
-    def config_overrides(self) -> dict:
+class _ModelSectionBase(_Section):
+    def config_overrides(self) -> dict[str, Any]:
         """The fields to pass to `create_model(name, **overrides)`: those the recipe sets."""
         skip = {"name", "mask_ratio"}
         return {k: v for k, v in self.model_dump().items() if k not in skip and v is not None}
+
+
+def _model_section_fields() -> dict[str, Any]:
+    """The model section's keys: `name` (a preset), every field of `CrateMAEConfig` (unset:
+    the preset's value), with the bounds its metadata declares, and the mask ratio."""
+    hints = typing.get_type_hints(CrateMAEConfig)
+    fields: dict[str, Any] = {"name": (Literal[MODEL_NAMES], "crate_mae_base")}
+    for f in dataclasses.fields(CrateMAEConfig):
+        bounds = {k: v for k, v in f.metadata.items() if k in ("gt", "ge")}
+        kind = Annotated[hints[f.name], Field(**bounds)] if bounds else hints[f.name]
+        fields[f.name] = (kind | None, None)
+    fields["mask_ratio"] = (Annotated[float, Field(gt=0, lt=1)], 0.75)
+    return fields
+
+
+ModelSection = create_model(
+    "ModelSection",
+    __base__=_ModelSectionBase,
+    __module__=__name__,
+    __doc__="Which preset, plus optional overrides of `cratemae.model.CrateMAEConfig` fields "
+            "(declared there: names, types and bounds), and the pre-training mask ratio.",
+    **_model_section_fields(),
+)
 
 
 class DataSection(_Section):

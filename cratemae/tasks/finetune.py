@@ -23,26 +23,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cratemae.checkpoints import find_resume
-from cratemae.checkpoints.files import atomic_write_text
+from cratemae.checkpoints import Resume
 from cratemae.data import build_loader
 from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import classify
 from cratemae.eval.labels import check_labels, resolve_num_classes
+from cratemae.fs import atomic_write_text
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
-from cratemae.train.run_dir import log_file
+from cratemae.train.setup import RunSetup
+from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer
-from cratemae.weights.backbone import load_encoder
+from cratemae.weights.load import load_encoder
 
 __all__ = ["FinetuneTask", "finetune"]
 
 log = logging.getLogger("cratemae")
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     """Cross-entropy (soft targets under mixup/cutmix) of the encoder's head."""
 
     def __init__(self, recipe: Recipe, encoder: CrateEncoder, config: dict[str, Any],
@@ -59,8 +60,8 @@ class FinetuneTask:
 
     def loader(self, epoch: int, start_batch: int) -> Any:
         r = self.recipe
-        task = "finetune" if r.finetune.randaugment else "probe"  # probe: crop + flip
-        return build_loader(r.data, split="train", task=task,
+        augment = "randaugment" if r.finetune.randaugment else "crop"
+        return build_loader(r.data, split="train", augment=augment,
                             img_size=self.model.config.img_size, seed=r.run.seed, epoch=epoch,
                             rank=self.info.rank, world_size=self.info.world_size,
                             start_batch=start_batch, decode_device=self.info.device)
@@ -117,36 +118,24 @@ def _seeded(mixup: Any, imgs: torch.Tensor, labels: torch.Tensor,
 
 
 def finetune(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None,
-             resume: str = "auto",
+             resume: str | Path | Resume = "auto",
              on_log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Fine-tune the encoder of `checkpoint` into `out_dir` (default `run.out_dir`) and
     write `finetune.json` there (final and best top-1/top-5)."""
-    run_dir = Path(out_dir or recipe.run.out_dir)
-    info = dist.init_distributed(recipe.run.master_addr, recipe.run.master_port)
-    try:
-        torch.manual_seed(recipe.run.seed)  # the same head on every rank
-        resume_from = find_resume(run_dir, resume)
-        if resume == "never" and find_resume(run_dir, "auto") is not None:
-            raise BadInputError(f"{run_dir} already holds checkpoints and --resume never would "
-                                f"mix a new run into them: give a new --out")
+    with RunSetup(recipe, out_dir, resume=resume) as run:  # the same new head on every rank
         encoder, config = load_encoder(checkpoint, recipe.model)
         num_classes = resolve_num_classes(recipe, recipe.finetune.num_classes,
                                           "finetune.num_classes")
         task = FinetuneTask(recipe, encoder, config, num_classes)
-        if info.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "recipe.toml", dump_recipe(recipe))
-        with log_file(run_dir / "log.txt" if info.rank == 0 else None):
+        with run.open_run_dir() as run_dir:
             log.info("fine-tuning %s (%d classes, %d px) in %s, %d process(es) on %s",
                      checkpoint, num_classes, encoder.config.img_size, run_dir,
-                     info.world_size, info.device)
-            result = Trainer(recipe, task, run_dir, resume_from, on_log=on_log).fit()
-        if info.rank == 0:
+                     run.info.world_size, run.info.device)
+            result = Trainer(recipe, task, run_dir, run.resume_from, on_log=on_log).fit()
+        if run.main_process:
             summary = {"final": result.evals[-1] if result.evals else None, "best": result.best,
                        "checkpoint": str(checkpoint), "last_checkpoint": str(
                            result.last_checkpoint), "recipe": dump_recipe(recipe),
                        "num_classes": num_classes, "steps": result.state.step}
             atomic_write_text(run_dir / "finetune.json", json.dumps(summary, indent=1) + "\n")
         return result
-    finally:
-        dist.destroy_distributed()

@@ -11,14 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cratemae.checkpoints import find_resume
-from cratemae.checkpoints.files import atomic_write_text
+from cratemae.checkpoints import Resume
 from cratemae.data import build_loader
 from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, create_model
-from cratemae.recipe import Recipe, dump_recipe
-from cratemae.train.run_dir import log_file
+from cratemae.recipe import Recipe
+from cratemae.train.optim import param_groups
+from cratemae.train.setup import RunSetup
+from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer
 
 __all__ = ["MAETask", "build_mae", "pretrain"]
@@ -34,7 +35,7 @@ def build_mae(recipe: Recipe) -> CrateMAE:
         raise BadInputError(f"model: {err}") from None
 
 
-class MAETask:
+class MAETask(Task):
     """Reconstruct masked patches. Masks are drawn from a generator seeded by (seed,
     micro-batch, rank), so a resumed run masks exactly as an uninterrupted one would."""
 
@@ -48,10 +49,16 @@ class MAETask:
         r = self.recipe
         if r.data.train is None:
             raise BadInputError("data.train: no training data given in the recipe")
-        return build_loader(r.data, split="train", task="pretrain",
+        return build_loader(r.data, split="train", augment="crop", labels=False,
                             img_size=self.model.config.img_size, seed=r.run.seed, epoch=epoch,
                             rank=self.info.rank, world_size=self.info.world_size,
                             start_batch=start_batch, decode_device=self.info.device)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """MAE's pre-training groups, what the authors trained with: every weight matrix and
+        the CLS and mask tokens decay, biases and norms do not (the model's
+        `no_weight_decay()` is the fine-tuning convention and is not used here)."""
+        return param_groups(self.model, self.recipe.optim.weight_decay)
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         imgs = batch.images.to(self.info.device, non_blocking=True)
@@ -68,28 +75,16 @@ class MAETask:
         return torch.rand(batch_size, L, generator=self._gen, device=device)
 
 
-def pretrain(recipe: Recipe, *, out_dir: Path | None = None, resume: str = "auto",
+def pretrain(recipe: Recipe, *, out_dir: Path | None = None,
+             resume: str | Path | Resume = "auto",
              on_log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """Pre-train from `recipe` into `out_dir` (default `run.out_dir`), resuming per `resume`
     ("auto", "never" or a checkpoint path). Works alone, under torchrun and under srun."""
-    run_dir = Path(out_dir or recipe.run.out_dir)
-    info = dist.init_distributed(recipe.run.master_addr, recipe.run.master_port)
-    try:
-        torch.manual_seed(recipe.run.seed + info.rank)
-        resume_from = find_resume(run_dir, resume)
-        if resume == "never" and find_resume(run_dir, "auto") is not None:
-            raise BadInputError(
-                f"{run_dir} already holds checkpoints and --resume never would mix a new run "
-                f"into them: give a new --out, or remove the directory first")
+    with RunSetup(recipe, out_dir, resume=resume, seed_per_rank=True) as run:
         task = MAETask(recipe, build_mae(recipe))
         task.loader(epoch=0, start_batch=0)  # bad data stops the run before it writes anything
-        if info.rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "recipe.toml", dump_recipe(recipe))
-        with log_file(run_dir / "log.txt" if info.rank == 0 else None):
-            log.info("run directory %s, %d process(es) on %s", run_dir, info.world_size,
-                     info.device)
-            trainer = Trainer(recipe, task, run_dir, resume_from, on_log=on_log)
+        with run.open_run_dir():
+            log.info("run directory %s, %d process(es) on %s", run.run_dir,
+                     run.info.world_size, run.info.device)
+            trainer = Trainer(recipe, task, run.run_dir, run.resume_from, on_log=on_log)
             return trainer.fit()
-    finally:
-        dist.destroy_distributed()

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from cratemae.checkpoints.files import atomic_write_text
 from cratemae.data import build_loader
 from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
@@ -31,11 +30,13 @@ from cratemae.eval.classify import Progress, classify
 from cratemae.eval.features import CACHE_FORMAT, FeatureSpec, cached_features
 from cratemae.eval.labels import check_labels, resolve_num_classes
 from cratemae.eval.logreg import fit_logreg, select_weight_decay
+from cratemae.fs import atomic_write_text
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
-from cratemae.train.run_dir import log_file
+from cratemae.train.setup import RunSetup
+from cratemae.train.task import Task
 from cratemae.train.trainer import Trainer
-from cratemae.weights.backbone import checkpoint_digest, config_key, load_encoder
+from cratemae.weights.load import checkpoint_digest, config_key, load_encoder
 
 __all__ = ["LinearProbeModel", "ProbeResult", "probe"]
 
@@ -56,38 +57,31 @@ def probe(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None
           on_progress: StageProgress | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> ProbeResult:
     """Probe the encoder of `checkpoint`; write probe.json, recipe.toml and log.txt into
-    `out_dir` (default `run.out_dir`)."""
-    out = Path(out_dir or recipe.run.out_dir)
+    `out_dir` (default `run.out_dir`). The `mae` protocol resumes an interrupted probe
+    from the newest checkpoint there."""
     p = recipe.probe
-    info = dist.init_distributed(recipe.run.master_addr, recipe.run.master_port)
-    try:
-        torch.manual_seed(recipe.run.seed)
+    with RunSetup(recipe, out_dir, resume="auto") as run:
         encoder, config = load_encoder(checkpoint, recipe.model)
         depth = encoder.config.depth
         if not -depth <= p.layer < depth:
             raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} has "
                                 f"{depth} layers (valid: {-depth}..{depth - 1})")
         num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
-        if info.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "recipe.toml", dump_recipe(recipe))
-        with log_file(out / "log.txt" if info.rank == 0 else None):
+        with run.open_run_dir() as out:
             log.info("probing %s (%s protocol, %d classes, %d px), %d process(es) on %s",
                      checkpoint, p.protocol, num_classes, encoder.config.img_size,
-                     info.world_size, info.device)
-            run = _features_protocol if p.protocol == "features" else _mae_protocol
-            details = run(recipe, checkpoint, encoder, config, num_classes, out,
-                          on_progress or (lambda what, done, total: None), on_log)
+                     run.info.world_size, run.info.device)
+            protocol = _features_protocol if p.protocol == "features" else _mae_protocol
+            details = protocol(recipe, checkpoint, encoder, config, num_classes, run,
+                               on_progress or (lambda what, done, total: None), on_log)
         summary = {"protocol": p.protocol, "top1": details.pop("top1"),
                    "top5": details.pop("top5"), "checkpoint": str(checkpoint),
                    "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
                    "img_size": encoder.config.img_size, **details,
                    "recipe": dump_recipe(recipe)}
-        if info.rank == 0:
+        if run.main_process:
             atomic_write_text(out / "probe.json", json.dumps(summary, indent=1) + "\n")
-        return ProbeResult(out, summary["top1"], summary["top5"], summary, info.rank == 0)
-    finally:
-        dist.destroy_distributed()
+        return ProbeResult(out, summary["top1"], summary["top5"], summary, run.main_process)
 
 
 def _stage(on_progress: StageProgress, what: str) -> Progress:
@@ -95,7 +89,7 @@ def _stage(on_progress: StageProgress, what: str) -> Progress:
 
 
 def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
-                       config: dict, num_classes: int, out: Path,
+                       config: dict, num_classes: int, run: RunSetup,
                        on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
     p, device = recipe.probe, dist.get_dist_info().device
     spec = FeatureSpec(p.layer, p.pool, encoder.config.img_size,
@@ -154,10 +148,8 @@ class LinearProbeModel(nn.Module):
         return self.head(self.bn(feats.float()))
 
 
-class _MAEProbeTask:
+class _MAEProbeTask(Task):
     """Cross-entropy of the probe head on augmented images; scored once, at the end."""
-
-    eval_every = None
 
     def __init__(self, recipe: Recipe, model: LinearProbeModel, config: dict,
                  num_classes: int) -> None:
@@ -169,7 +161,7 @@ class _MAEProbeTask:
 
     def loader(self, epoch: int, start_batch: int) -> Any:
         r = self.recipe
-        return build_loader(r.data, split="train", task="probe", img_size=self.img_size,
+        return build_loader(r.data, split="train", augment="crop", img_size=self.img_size,
                             seed=r.run.seed, epoch=epoch, rank=self.info.rank,
                             world_size=self.info.world_size, start_batch=start_batch,
                             decode_device=self.info.device)
@@ -185,13 +177,11 @@ class _MAEProbeTask:
 
 
 def _mae_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
-                  config: dict, num_classes: int, out: Path,
+                  config: dict, num_classes: int, run: RunSetup,
                   on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
-    from cratemae.checkpoints import find_resume
-
     model = LinearProbeModel(encoder, num_classes, recipe.probe.layer, recipe.probe.pool)
     task = _MAEProbeTask(recipe, model, config, num_classes)
-    result = Trainer(recipe, task, out, find_resume(out, "auto"), on_log=on_log).fit()
+    result = Trainer(recipe, task, run.run_dir, run.resume_from, on_log=on_log).fit()
     final = result.evals[-1]
     return {"top1": final["top1"], "top5": final["top5"], "steps": result.state.step,
             "val_images": final["images"], "last_checkpoint": str(result.last_checkpoint)}

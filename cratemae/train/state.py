@@ -97,7 +97,11 @@ def restore_run(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
     try:
         optimizer.load_state_dict(ckpt.optimizer_state)
     except (ValueError, KeyError) as err:
-        raise BadInputError(f"{ckpt.path}: optimizer state does not fit the model: {err}") from None
+        raise BadInputError(
+            f"{ckpt.path}: optimizer state does not fit the model ({err}); pre-training "
+            f"checkpoints saved before the CLS and mask tokens were decayed (CHANGELOG, 0.1.0) "
+            f"hold other weight-decay groups: finish such a run with the version that started "
+            f"it, or start a new run with a new --out") from None
     model.load_state_dict(weights)
     if ckpt.scaler_state:
         scaler.load_state_dict(ckpt.scaler_state)
@@ -124,6 +128,6 @@ def _check_recipe(saved_toml: str, recipe: Recipe, source: Path) -> None:
     if unsafe:
         raise BadInputError(
             f"{source}: the recipe changed since this checkpoint in keys that cannot change on "
-            f"resume: {', '.join(unsafe)} (start a new run with --out, or --resume never)")
+            f"resume: {', '.join(unsafe)} (start a new run with a new --out)")
     for key, (old, new) in diff_recipes(saved, recipe).items():
         log.info("recipe change on resume: %s %r -> %r", key, old, new)

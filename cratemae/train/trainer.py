@@ -1,19 +1,14 @@
 """One training loop for every task: pre-training, fine-tuning, MAE's linear probe.
 
-A `Task` supplies the model, the loss of a batch and the data; the `Trainer` does the rest:
-devices and DDP, precision, the optimizer and its schedule, gradient accumulation,
-non-finite steps, logging, checkpoints, exact resume and preemption. Every decision that
-ends or saves the run is agreed by all ranks through one small all-reduce per step.
-
-Optional task hooks (fine-tuning uses them all):
-- `param_groups() -> list[dict]`: optimizer groups, each maybe with an `lr_scale` that
-  multiplies the scheduled lr (layer-wise lr decay); default: decay / no-decay groups.
-- `ema_decay: float | None`: keep an exponential moving average of the weights (saved in
-  the checkpoints under `ema.`, so resume continues it).
-- `evaluate(model) -> dict` with `top1`/`top5`, and `eval_every: int | None` (epochs; None:
-  only at the end): evaluated at those epoch ends and once at the end of training, the
-  average too when there is one, each logged to metrics.jsonl; the best weights are kept in
-  `RUN_DIR/best/` (see `cratemae.train.best`).
+A `Task` (`cratemae.train.task`) supplies the model, the loss of a batch and the data, and
+declares its optional behaviour (its own optimizer groups, a weight average, evaluation); the
+`Trainer` does the rest: devices and DDP, precision, the optimizer and its schedule, gradient
+accumulation, non-finite steps, logging, checkpoints, exact resume and preemption. Every
+decision that ends or saves the run (a signal, a save, too many bad samples) is agreed by all
+ranks through one small all-reduce per step, so no rank stops alone while the others wait.
+A task that evaluates is evaluated at the epochs it names and once at the end of training,
+the average too when there is one, each logged to metrics.jsonl; the best weights are kept
+in `RUN_DIR/best/` (see `cratemae.train.best`).
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,12 +33,12 @@ from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.recipe import Recipe
 from cratemae.train.best import BestKeeper
 from cratemae.train.ema import WeightEMA, WithEMA
-from cratemae.train.optim import build_adamw, lr_at, param_groups, peak_lr
-from cratemae.train.optimizers import build_optimizer
+from cratemae.train.optim import configure_optimizers, lr_at, peak_lr
 from cratemae.train.run_dir import MetricsLog, max_memory_gb
 from cratemae.train.state import TrainState, restore_run, save_run
+from cratemae.train.task import Task
 
-__all__ = ["Preempted", "RunResult", "Task", "Trainer"]
+__all__ = ["Preempted", "RunResult", "Trainer"]
 
 log = logging.getLogger("cratemae")
 
@@ -52,16 +47,6 @@ class Preempted(CrateMAEError):
     """Stopped by a signal after saving a checkpoint: requeue the job to resume."""
 
     exit_code = EXIT_REQUEUE
-
-
-class Task(Protocol):
-    model: nn.Module  # the bare module whose state dict is checkpointed
-    config: dict[str, Any]  # stored with the weights
-
-    def loader(self, epoch: int, start_batch: int) -> Any: ...  # len() and batches with .bad
-    # `micro` numbers micro-batches over the whole run (step * accum_steps + i): it seeds
-    # anything random in the loss (masks) so that a resumed run repeats it exactly.
-    def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -78,18 +63,18 @@ class RunResult:
 
 class Trainer:
     def __init__(self, recipe: Recipe, task: Task, run_dir: Path, resume: str | Path | None,
-                 on_log: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_log: Callable[[dict[str, Any]], None] | None = None,
+                 device: torch.device | None = None) -> None:
         self.recipe, self.task, self.run_dir = recipe, task, run_dir
         self.on_log = on_log or (lambda record: None)
         self.info = dist.get_dist_info()
-        self.device = self.info.device
+        self.device = device or self.info.device
         self.precision = resolve_precision(recipe.run.precision, self.device)
         self.model = task.model.to(self.device)
         self._plan_steps()
         self.optimizer = self._build_optimizer()
         self.scaler = self.precision.make_scaler()
-        decay = getattr(task, "ema_decay", None)
-        self.ema = WeightEMA(self.model, decay) if decay else None
+        self.ema = WeightEMA(self.model, task.ema_decay) if task.ema_decay else None
         # What checkpoints hold: the model, and its average when there is one.
         self.saved: Any = WithEMA(self.model, self.ema) if self.ema else self.model
         self.state = TrainState()
@@ -98,7 +83,7 @@ class Trainer:
                                      scaler=self.scaler, recipe=recipe)
         self.best = (BestKeeper(run_dir, task.config,
                                 self.state.step if resume is not None else None)
-                     if hasattr(task, "evaluate") else None)
+                     if task.evaluates else None)
         self.evals: list[dict[str, Any]] = []
         self.forward_model = self._wrap(self.model)
         self.last_checkpoint: Path | None = Path(resume) if resume is not None else None
@@ -130,11 +115,8 @@ class Trainer:
             log.info(self.precision.note)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        optim, groups = self.recipe.optim, getattr(self.task, "param_groups", None)
-        if groups is None and optim.name == "adamw":
-            return build_adamw(self.model, optim, self.peak)
-        chosen = groups() if groups is not None else param_groups(self.model, optim.weight_decay)
-        return build_optimizer(chosen, optim, self.peak)
+        return configure_optimizers(self.model, self.recipe.optim, self.peak,
+                                    self.task.param_groups())
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.info.world_size > 1:
@@ -159,7 +141,7 @@ class Trainer:
                 batches = iter(self.current_loader)
                 end_of_epoch = False
                 while not end_of_epoch and self.state.step < self.total_steps:
-                    ok = self._train_step(batches, window)
+                    ok = self.train_step(batches, window)
                     consecutive_bad = 0 if ok else consecutive_bad + 1
                     if consecutive_bad >= self.recipe.run.max_nonfinite:
                         raise CrateMAEError(
@@ -179,7 +161,8 @@ class Trainer:
                         preempt.requested,
                         consecutive_bad == 0 and (
                             minutes >= self.recipe.run.checkpoint_every_minutes
-                            or self._save_due(end_of_epoch)))
+                            or self._save_due(end_of_epoch)),
+                        self.current_loader.bad_fraction_error(final=end_of_epoch))
                     if save or stop:
                         self._save(end_of_epoch)
                         last_save = time.monotonic()
@@ -196,9 +179,11 @@ class Trainer:
                          main_process=dist.is_main_process(), evals=self.evals,
                          best=self.best.record if self.best is not None else None)
 
-    def _train_step(self, batches: Iterator[Any], window: _Window) -> bool:
-        """One optimizer step over `accum` micro-batches. False if it was skipped because
-        some rank's loss was not finite (then no rank runs backward)."""
+    def train_step(self, batches: Iterator[Any], window: _Window | None = None) -> bool:
+        """One optimizer step over `accum` micro-batches of `batches`, counted in `window`.
+        False if it was skipped because some rank's loss was not finite (then no rank runs
+        backward). `cratemae bench` times this very step."""
+        window = window if window is not None else _Window()
         lr = lr_at(self.state.step, total=self.total_steps, warmup=self.warmup_steps,
                    peak=self.peak, minimum=self.recipe.optim.min_lr)
         for group in self.optimizer.param_groups:
@@ -260,7 +245,7 @@ class Trainer:
         return bool(by_steps or by_epoch)
 
     def _eval_due(self) -> bool:
-        every = getattr(self.task, "eval_every", None)
+        every = self.task.eval_every
         return self.best is not None and every is not None and self.state.epoch % every == 0
 
     def _evaluate(self) -> None:
@@ -268,10 +253,10 @@ class Trainer:
         record: dict[str, Any] = {"kind": "eval", "step": self.state.step,
                                   "epoch": self.state.epoch}
         candidates = {"": self.model}
-        record.update(self.task.evaluate(self.model))  # type: ignore[attr-defined]
+        record.update(self.task.evaluate(self.model))
         if self.ema is not None:
             candidates["ema_"] = self.ema.module
-            scores = self.task.evaluate(self.ema.module)  # type: ignore[attr-defined]
+            scores = self.task.evaluate(self.ema.module)
             record.update({f"ema_{k}": v for k, v in scores.items()})
         assert self.best is not None
         record["best"] = self.best.offer(record, candidates)
@@ -283,11 +268,15 @@ class Trainer:
         log.info("eval at step %d (%d epochs done): top-1 %.2f%% top-5 %.2f%%%s",
                  record["step"], record["epoch"], record["top1"], record["top5"], ema)
 
-    def _agree(self, stop: bool, save: bool) -> tuple[bool, bool]:
-        """Every rank takes rank 0's save decision and anyone's stop request."""
-        flags = torch.tensor([float(stop), float(save and dist.is_main_process())],
-                             device=dist.comm_device())
+    def _agree(self, stop: bool, save: bool,
+               bad_data: Exception | None) -> tuple[bool, bool]:
+        """Every rank takes rank 0's save decision and anyone's stop request; every rank
+        raises if any rank's data is over `data.max_bad_fraction` bad."""
+        flags = torch.tensor([float(stop), float(save and dist.is_main_process()),
+                              float(bad_data is not None)], device=dist.comm_device())
         flags = dist.all_reduce_max(flags)
+        if flags[2]:
+            raise bad_data or BadInputError("data: another rank has too many bad samples")
         return bool(flags[0]), bool(flags[1])
 
     def _save(self, end_of_epoch: bool) -> None:
@@ -307,7 +296,6 @@ class Trainer:
         world = self.info.world_size
         self.state.bad_samples += int(totals[2])
         self.state.samples_seen += int(totals[1])
-        self._check_bad_data()
         record = {
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -330,18 +318,6 @@ class Trainer:
             self.on_log(record)
         window.reset()
         return record
-
-    def _check_bad_data(self) -> None:
-        """Stop on every rank if any rank's data is over `data.max_bad_fraction` bad."""
-        error = None
-        check = getattr(self.current_loader, "check_bad_fraction", None)
-        if check is not None:
-            try:
-                check()
-            except BadInputError as err:
-                error = err
-        if dist.all_reduce_any(error is not None):
-            raise error or BadInputError("data: another rank has too many bad samples")
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""Setting up a run, the same for every task: the launch, the seed, where to resume from, and
+the run directory (the resolved recipe and the log file).
+
+    with RunSetup(recipe, out_dir, resume="auto") as run:   # process group, seed, resume
+        task = ...                                           # bad input stops here, unwritten
+        with run.open_run_dir():                             # recipe.toml, log.txt
+            Trainer(recipe, task, run.run_dir, run.resume_from).fit()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from cratemae.checkpoints import Resume, find_resume
+from cratemae.distributed import dist
+from cratemae.fs import atomic_write_text
+from cratemae.recipe import Recipe, dump_recipe
+from cratemae.train.run_dir import log_file
+
+__all__ = ["RunSetup"]
+
+
+class RunSetup:
+    """Entering joins the launch (torchrun, srun or a single process), seeds torch
+    (`run.seed`, plus the rank with `seed_per_rank`: different masks per rank; without it
+    every rank draws the same new head), and finds the checkpoint to resume from (`resume`:
+    see `cratemae.checkpoints.Resume`; None: the task never resumes). Leaving ends the
+    process group. Nothing is written until `open_run_dir()`."""
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path | None = None, *,
+                 resume: str | Path | Resume | None = "auto",
+                 seed_per_rank: bool = False) -> None:
+        self.recipe = recipe
+        self.run_dir = Path(out_dir or recipe.run.out_dir)
+        self.resume = None if resume is None else Resume.parse(resume)
+        self.seed_per_rank = seed_per_rank
+        self.resume_from: Path | None = None
+
+    def __enter__(self) -> RunSetup:
+        run = self.recipe.run
+        self.info = dist.init_distributed(run.master_addr, run.master_port)
+        try:
+            torch.manual_seed(run.seed + (self.info.rank if self.seed_per_rank else 0))
+            if self.resume is not None:
+                self.resume_from = find_resume(self.run_dir, self.resume)
+        except BaseException:
+            dist.destroy_distributed()
+            raise
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        dist.destroy_distributed()
+
+    @property
+    def main_process(self) -> bool:
+        return self.info.rank == 0
+
+    @contextmanager
+    def open_run_dir(self) -> Iterator[Path]:
+        """Create the run directory and write the resolved recipe (rank 0), and copy the
+        log lines into its log.txt while the block runs."""
+        if self.main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "recipe.toml", dump_recipe(self.recipe))
+        with log_file(self.run_dir / "log.txt" if self.main_process else None):
+            yield self.run_dir
