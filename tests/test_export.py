@@ -1,5 +1,6 @@
-"""`cratemae export`: safetensors + config.json read back by cratemae and by timm, ONNX
-checked with onnxruntime, wrapper prefixes dropped, mismatched weights refused."""
+"""`cratemae export`: a directory in timm's Hub layout (model.safetensors, config.json,
+README.md) read back by cratemae and by timm's `local-dir:`, ONNX checked with onnxruntime,
+wrapper prefixes dropped, mismatched weights refused, explicit timm registration."""
 
 from __future__ import annotations
 
@@ -104,13 +105,17 @@ def test_weights_not_matching_their_config_are_refused(demo_checkpoint, tmp_path
     source = write_model_weights(tmp_path / "bad.safetensors", weights, config)
     run = cratemae("export", source, "--out", tmp_path / "out")
     assert run.exit_code == 2
-    assert run.stderr.startswith(f"error: {source}: does not match the model")
+    expected = ("its configuration says depth" if damage == "config"
+                else "does not match the model")
+    assert run.stderr.startswith(f"error: {source}: {expected}")
     assert len(run.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
 def test_a_fine_tuned_classifier_exports_with_its_head(demo_checkpoint, tmp_path) -> None:
     import timm
+
+    from cratemae.weights import timm_models  # noqa: F401  (registers crate_mae_*)
 
     _, config = read_model_weights(demo_checkpoint)
     classifier = create_model("crate_mae_tiny", **config).encoder.eval()
@@ -136,6 +141,8 @@ def test_a_fine_tuned_classifier_exports_with_its_head(demo_checkpoint, tmp_path
 def test_timm_builds_a_classifier_from_an_export(demo_checkpoint, exported, which) -> None:
     import timm
 
+    from cratemae.weights import timm_models  # noqa: F401  (registers crate_mae_*)
+
     record = json.loads((exported[which] / "config.json").read_text())
     file = exported[which] / "model.safetensors"
     model = timm.create_model(record["timm"]["model_name"], pretrained=True, num_classes=7,
@@ -151,6 +158,8 @@ def test_timm_builds_a_classifier_from_an_export(demo_checkpoint, exported, whic
 def test_timm_refuses_hyper_parameters_the_weights_were_not_trained_with(exported) -> None:
     import timm
 
+    from cratemae.weights import timm_models  # noqa: F401  (registers crate_mae_*)
+
     record = json.loads((exported["encoder"] / "config.json").read_text())
     file = str(exported["encoder"] / "model.safetensors")
     for field, value in (("ista_lambda", 0.1), ("num_heads", 2)):
@@ -160,12 +169,26 @@ def test_timm_refuses_hyper_parameters_the_weights_were_not_trained_with(exporte
                               **{**record["timm"]["kwargs"], field: value})
 
 
-def test_importing_cratemae_registers_with_timm_without_loading_torch() -> None:
-    code = ("import sys, cratemae; assert 'torch' not in sys.modules, 'torch loaded'; "
-            "import timm; print(sorted(timm.list_models('crate_mae_*')))")
-    env = {**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"}  # a failed registration
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, env=env)
+
+
+def test_registration_is_explicit_and_the_cli_loads_neither_torch_nor_timm() -> None:
+    code = ("import sys, cratemae, cratemae.weights\n"
+            "from cratemae.commands.app import build_app\n"
+            "from typer.testing import CliRunner\n"
+            "assert CliRunner().invoke(build_app(), ['--help']).exit_code == 0\n"
+            "loaded = sorted({'torch', 'timm'} & set(sys.modules))\n"
+            "assert not loaded, f'loaded {loaded}'\n"
+            "hooks = [f for f in sys.meta_path if 'cratemae' in type(f).__module__]\n"
+            "assert not hooks, hooks\n"
+            "import timm\n"
+            "assert timm.list_models('crate_mae_*') == [], 'registered without asking'\n"
+            "import cratemae.weights.timm_models\n"
+            "print(sorted(timm.list_models('crate_mae_*')))")
+    proc = _run_python(code)
     assert proc.returncode == 0, proc.stderr
     names = ["crate_mae_base", "crate_mae_large", "crate_mae_small", "crate_mae_tiny"]
     assert proc.stdout.strip() == str(names)
@@ -174,13 +197,15 @@ def test_importing_cratemae_registers_with_timm_without_loading_torch() -> None:
 def test_timm_presets_have_the_published_sizes() -> None:
     import timm
 
+    from cratemae.weights import timm_models  # noqa: F401  (registers crate_mae_*)
+
     # Encoder-only parameter counts from the notes (without the frozen position table).
     expected = {"crate_mae_tiny": (5_627_904, 384), "crate_mae_small": (12_423_168, 576)}
     for name, (count, width) in expected.items():
         model = timm.create_model(name, num_classes=3)
         head = 3 * width + 3
         assert sum(p.numel() for p in model.parameters()) == count + head
-        assert model.pretrained_cfg["num_classes"] == 0
+        assert model.pretrained_cfg["num_classes"] == 3  # the model built (no weights)
         with torch.no_grad():  # initialised as the authors do: finite, dictionaries included
             assert all(torch.isfinite(p).all() for p in model.parameters())
             assert torch.isfinite(model(torch.randn(1, 3, 224, 224))).all()
@@ -280,3 +305,81 @@ def test_onnx_export_function_keeps_the_previous_file_when_over_tolerance(
         onnx_mod.export_onnx(encoder, tmp_path / "model.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
     assert result.file.read_bytes() == good
+
+
+# --- timm's Hub layout: local-dir: / hf-hub: ---------------------------------------------------
+@pytest.mark.parametrize("which", ["full", "encoder"])
+def test_local_dir_loads_an_export_with_no_other_argument(demo_checkpoint, exported,
+                                                          which) -> None:
+    import timm
+    from timm.data import resolve_data_config
+
+    from cratemae.weights import timm_models  # noqa: F401  (registers crate_mae_*)
+
+    model = timm.create_model(f"local-dir:{exported[which]}", pretrained=True).eval()
+    reference = load_model(demo_checkpoint).model
+    x = images(reference.config.to_dict(), 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), reference.forward_features(x),
+                                   rtol=0, atol=1e-6)
+    data = resolve_data_config({}, model=model)
+    assert tuple(data["input_size"]) == (3, 32, 32)  # the demo's size, not 224
+    assert tuple(data["mean"]) == (0.5,) * 3 and tuple(data["std"]) == (0.25,) * 3
+    assert data["crop_pct"] == 0.875 and data["interpolation"] == "bicubic"
+    record = json.loads((exported[which] / "config.json").read_text())
+    assert record["architecture"] == record["timm"]["model_name"] and record["num_classes"] == 0
+    assert record["num_features"] == 64
+    assert {k: record["model"][k] for k in record["model_args"] if k != "global_pool"} == {
+        k: v for k, v in record["model_args"].items() if k != "global_pool"}
+    assert load_model(exported[which]).config == reference.config  # and cratemae reads it
+
+
+def test_a_classifier_export_keeps_its_head_and_class_names(demo_checkpoint, tmp_path) -> None:
+    import timm
+
+    from cratemae.weights import timm_models  # noqa: F401  (registers crate_mae_*)
+
+    _, config = read_model_weights(demo_checkpoint)
+    torch.manual_seed(0)
+    classifier = create_model("crate_mae_tiny", **config).encoder.eval()
+    classifier.reset_classifier(3, global_pool="avg")  # the weights file does not say "avg"
+    run = tmp_path / "run"  # a fine-tuning run directory: RUN/checkpoints/step-N/...
+    source = write_model_weights(run / "checkpoints" / "step-000000004" / "model.safetensors",
+                                 classifier.state_dict(), config)
+    (source.parent / "meta.json").write_text(json.dumps(
+        {"recipe_toml": '[data]\ntrain = "pets/train"\n\n[finetune]\npool = "avg"\n'}))
+    names = ["cat", "dog", "eel"]
+    (run / "finetune.json").write_text(json.dumps({"top1": 91.5, "class_names": names}))
+    result = cratemae("export", source, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    assert model.num_classes == 3 and model.global_pool == "avg"
+    assert model.pretrained_cfg["label_names"] == names
+    x = images(config, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), classifier(x), rtol=0, atol=1e-6)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "91.5" in card and "finetune.json" in card and "Classes: 3; pooling `avg`" in card
+    assert "train: `pets/train`" in card
+
+
+def test_the_model_card_says_what_the_weights_are(exported) -> None:
+    card = (exported["full"] / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: timm" in card
+    for text in ("crate_mae_tiny", "width 64, 2 layers", "Parameters:", "mean [0.5, 0.5, 0.5]",
+                 'timm.create_model("local-dir:PATH", pretrained=True)', "Written by: `cratemae",
+                 "```toml", "TODO: state the licence"):
+        assert text in card, text
+
+
+def test_export_files_are_readable_by_others_under_umask_022(demo_checkpoint, tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        run = cratemae("export", demo_checkpoint, "--out", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert run.exit_code == 0, run.output
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors"]
+    for name in files:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name

@@ -134,9 +134,10 @@ def test_encoder_is_a_timm_style_classifier():
     )
     scales = sorted({g["lr_scale"] for g in groups})
     assert len(scales) == 3 + 2  # stem, three blocks, norm + head
-    inter = enc.forward_intermediates(imgs, [0, -1], norm=True)
+    inter = enc.layer_tokens(imgs, [0, -1], norm=True)  # whole sequences, in the order asked
     torch.testing.assert_close(inter[1], feats)
     assert inter[0].shape == feats.shape and not torch.allclose(inter[0], feats)
+    assert torch.equal(enc.layer_tokens(imgs, [-1, 0], norm=True)[1], inter[0])
 
 
 def test_model_package_imports_no_io_or_upper_layers():

@@ -52,7 +52,7 @@ class FeatureSet:
 def _encode(encoder: CrateEncoder, images: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """(B, C, H, W) -> (B, d) float32."""
     with spec.precision.autocast():
-        tokens = encoder.forward_intermediates(images, [spec.layer], norm=True)[0]  # (B, 1+L, d)
+        tokens = encoder.layer_tokens(images, [spec.layer], norm=True)[0]  # (B, 1+L, d)
     pooled = tokens[:, 1:].mean(dim=1) if spec.pool == "avg" else tokens[:, 0]
     return pooled.float()
 

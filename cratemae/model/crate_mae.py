@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from cratemae.model.config import CrateMAEConfig
 from cratemae.model.encoder import FINAL_NORM_EPS, CrateEncoder
@@ -46,6 +47,7 @@ class CrateMAE(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(d, eps=FINAL_NORM_EPS)
         self.decoder_pred = nn.Linear(d, config.patch_size**2 * config.in_chans)
+        self.grad_checkpointing = False
         self.init_weights()
 
     @torch.no_grad()
@@ -117,12 +119,19 @@ class CrateMAE(nn.Module):
             full = full.scatter(1, ids_keep[..., None].expand(-1, -1, d), latent[:, 1:])
             x = torch.cat([latent[:, :1], full], dim=1)
         for block in self.decoder_blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """The encoder on the whole, unmasked image, after the final norm: (B, 1+L, d)."""
         return self.encoder.forward_features(imgs)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder layer in the backward pass instead of keeping
+        its activations (the same gradients, less memory, about one more forward pass)."""
+        self.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -10,14 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ISTA", "MSSA", "DecoderLayer", "EncoderLayer", "PatchEmbed"]
+__all__ = ["ISTA", "MSSA", "DecoderLayer", "DropPath", "EncoderLayer", "PatchEmbed"]
 
 # Block LayerNorms use PyTorch's default eps, as in the authors' code.
 BLOCK_NORM_EPS = 1e-5
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens: (B, C, H, W) -> (B, H/p * W/p, d)."""
+    """Non-overlapping patches -> tokens: (B, C, H, W) -> (B, H/p * W/p, d).
+
+    The size check (sides a multiple of p) is the encoder's `_checked_images`, a torch.fx
+    leaf: a branch on the input's shape here would stop torch.fx from tracing the model.
+    """
 
     def __init__(self, *, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -25,9 +29,6 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        if imgs.shape[-2] % p or imgs.shape[-1] % p:
-            raise ValueError(f"image size {tuple(imgs.shape[-2:])} is not a multiple of {p}")
         return self.proj(imgs).flatten(2).transpose(1, 2)  # (B, L, d), row-major patches
 
 
@@ -86,18 +87,40 @@ class ISTA(nn.Module):
         return F.relu(y + y @ self.step_matrix() - self.step_size * self.lambd)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random `drop_prob` of
+    the samples and scale the others by 1 / (1 - drop_prob); the identity in eval."""
+
+    def __init__(self, drop_prob: float) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, d)
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+
 class EncoderLayer(nn.Module):
-    """Compress (MSSA, with a residual), then sparsify (ISTA, without one)."""
+    """Compress (MSSA, with a residual), then sparsify (ISTA, without one).
+
+    `drop_path` (stochastic depth) acts on the MSSA residual branch only: ISTA has no
+    residual around it, so there is no branch to drop there. It is the identity unless the
+    encoder's `drop_path_rate` sets it, so the computation is otherwise unchanged.
+    """
 
     def __init__(self, dim: int, num_heads: int, *, step_size: float, lambd: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.mssa = MSSA(dim, num_heads)
+        self.drop_path: nn.Module = nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=BLOCK_NORM_EPS)
         self.ista = ISTA(dim, step_size=step_size, lambd=lambd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mssa(self.norm1(x))
+        x = x + self.drop_path(self.mssa(self.norm1(x)))
         return self.ista(self.norm2(x))
 
 

@@ -1,30 +1,50 @@
-"""Write weights for other tools: `model.safetensors` + `config.json`, or ONNX.
+"""Write weights for other tools: a directory in timm's Hub layout, or ONNX.
 
-`model.safetensors` is a cratemae weights file (keys as in `CrateMAE`, the configuration in
-its metadata), so every cratemae command reads it back; timm reads it through the
-registered `crate_mae_*` models. `config.json` repeats the configuration for people and
-other tools, with the preprocessing the weights expect and the timm call that loads them.
+`cratemae export` writes DIR/model.safetensors, DIR/config.json and DIR/README.md: what
+`timm.create_model("local-dir:DIR", pretrained=True)` loads with no other argument (after
+`import cratemae.weights.timm_models`), and what `hf-hub:` serves once DIR is uploaded.
+
+- model.safetensors is a cratemae weights file (keys as in `CrateMAE`, the configuration in
+  its metadata), so every cratemae command reads the directory back; timm's loader maps
+  the keys with the registered models' `checkpoint_filter_fn`.
+- config.json holds timm's fields (`architecture`, `num_classes`, `num_features`,
+  `global_pool`, `model_args`, `pretrained_cfg` with the input size, mean/std, crop and
+  interpolation the weights were trained with, `label_names` of a classifier when known)
+  and cratemae's own record beside them (`format`, `model`, `mean`, `std`, `sha256`, ...).
+- README.md is a model card: architecture, parameters, recipe, data, scores found in the
+  run directory, the command that wrote it, and a licence placeholder.
+
 The weights written are those of a model they were just loaded into, so they always fit
 the configuration, and never carry `module.`/`_orig_mod.` prefixes.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cratemae.checkpoints import write_model_weights
 from cratemae.checkpoints.files import file_digest
-from cratemae.fs import atomic_write_json
+from cratemae.checkpoints.layout import META
+from cratemae.fs import atomic_write_json, atomic_write_text, strict_json
 from cratemae.model import PRESETS, CrateEncoder, CrateMAEConfig
-from cratemae.weights.load import CONFIG_FILE, LoadedModel
+from cratemae.weights.load import CONFIG_FILE, IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
-__all__ = ["ExportResult", "export_safetensors", "timm_call", "write_config_json"]
+__all__ = ["ExportResult", "export_safetensors", "pretrained_cfg", "timm_call",
+           "write_config_json", "write_model_card"]
 
 _TIMM_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                 "ista_step_size", "ista_lambda")
+CARD_FILE = "README.md"
+SCORE_FILES = ("finetune.json", "probe.json")
+# The evaluation resize is the short side to img_size * 256/224, then a centre crop.
+CROP_PCT = 224 / 256
 
 
 @dataclass(frozen=True)
@@ -35,18 +55,42 @@ class ExportResult:
     sha256: str
     config_file: Path
     encoder_only: bool
+    card_file: Path | None = None
+
+
+def pretrained_cfg(
+    img_size: int,
+    *,
+    in_chans: int = 3,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    num_classes: int = 0,
+) -> dict[str, Any]:
+    """timm's pretrained config for weights trained at `img_size` with `mean`/`std`: what
+    `resolve_data_config({}, model=m)` turns into the transform. No download location."""
+    return dict(
+        url="", num_classes=num_classes, input_size=(in_chans, img_size, img_size),
+        fixed_input_size=False, interpolation="bicubic", crop_pct=CROP_PCT,
+        mean=tuple(mean), std=tuple(std), first_conv="patch_embed.proj", classifier="head",
+        license="mit", paper_ids="arXiv:2404.02446",
+        paper_name="Masked Completion via Structured Diffusion with White-Box Transformers",
+    )
 
 
 def timm_call(config: CrateMAEConfig) -> dict[str, Any]:
     """The registered timm model for an encoder and the keyword arguments that make
-    `timm.create_model` build exactly it: the preset of the same width (else base), and
-    every field that differs from that preset."""
+    `timm.create_model` build exactly it: the preset of the nearest width, and every field
+    that differs from that preset."""
     fields = config.to_dict()
-    name = next((n for n, p in PRESETS.items() if p["embed_dim"] == config.embed_dim),
-                "crate_mae_base")
+    name = _architecture(config)
     preset = {**CrateMAEConfig().to_dict(), **PRESETS[name]}
     kwargs = {k: fields[k] for k in _TIMM_FIELDS if fields[k] != preset[k]}
     return {"model_name": name, "kwargs": kwargs}
+
+
+def _architecture(config: CrateMAEConfig) -> str:
+    """The preset of the nearest width (the name timm registers; `model_args` do the rest)."""
+    return min(PRESETS, key=lambda n: abs(PRESETS[n]["embed_dim"] - config.embed_dim))
 
 
 def _timm_entry(loaded: LoadedModel) -> dict[str, Any]:
@@ -59,11 +103,38 @@ def _timm_entry(loaded: LoadedModel) -> dict[str, Any]:
     return entry
 
 
+def _hub_fields(loaded: LoadedModel, label_names: list[str] | None,
+                global_pool: str | None) -> dict[str, Any]:
+    """timm's Hub config: what `local-dir:`/`hf-hub:` build the model from. `global_pool`:
+    the pooling a classifier's head was trained on (weights files do not record it)."""
+    config, encoder = loaded.config, loaded.encoder
+    pool = global_pool if encoder.num_classes and global_pool else encoder.global_pool
+    fields = config.to_dict()
+    cfg = pretrained_cfg(config.img_size, in_chans=config.in_chans, mean=loaded.mean,
+                         std=loaded.std, num_classes=encoder.num_classes)
+    model_args = {k: fields[k] for k in _TIMM_FIELDS}
+    model_args["global_pool"] = pool
+    hub: dict[str, Any] = {
+        "architecture": _architecture(config),
+        "num_classes": encoder.num_classes,
+        "num_features": encoder.num_features,
+        "global_pool": pool,
+        "model_args": model_args,
+        "pretrained_cfg": cfg,
+    }
+    if label_names and len(label_names) == encoder.num_classes:
+        hub["label_names"] = list(label_names)
+    return hub
+
+
 def write_config_json(
-    out_dir: Path, loaded: LoadedModel, *, file: Path, sha256: str, extra: dict[str, Any]
+    out_dir: Path, loaded: LoadedModel, *, file: Path, sha256: str, extra: dict[str, Any],
+    label_names: list[str] | None = None, global_pool: str | None = None,
 ) -> Path:
-    """`config.json`: model configuration, preprocessing, provenance, timm call."""
+    """`config.json`: timm's Hub fields, then cratemae's record (model configuration,
+    preprocessing, provenance, the timm call for a weights file given directly)."""
     record = {
+        **_hub_fields(loaded, label_names, global_pool),
         "format": "cratemae",
         "file": file.name,
         "sha256": sha256,
@@ -80,11 +151,113 @@ def write_config_json(
     return path
 
 
+# --- the model card -------------------------------------------------------------------------
+def _run_dirs(weights_file: Path) -> list[Path]:
+    """Where a run's records may be: the checkpoint directory and up to two levels above
+    (RUN/checkpoints/step-N/model.safetensors, RUN/best/model.safetensors)."""
+    here = weights_file.parent
+    return [here, here.parent, here.parent.parent]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_records(weights_file: Path) -> dict[str, Any]:
+    """What the run directory says about the weights: scores (finetune.json, probe.json),
+    the recipe (meta.json of the checkpoint) and the head's pooling in it, class names if a
+    record holds them."""
+    found: dict[str, Any] = {"scores": {}, "recipe_toml": None, "label_names": None}
+    for where in _run_dirs(weights_file):
+        for name in SCORE_FILES:
+            record = _read_json(where / name) if name not in found["scores"] else None
+            if record is not None:
+                found["scores"][name] = record
+                names = record.get("class_names") or record.get("label_names")
+                if isinstance(names, list) and found["label_names"] is None:
+                    found["label_names"] = [str(n) for n in names]
+        meta = _read_json(where / META) if found["recipe_toml"] is None else None
+        if meta is not None and isinstance(meta.get("recipe_toml"), str):
+            found["recipe_toml"] = meta["recipe_toml"]
+    found["global_pool"] = _recipe(found["recipe_toml"]).get("finetune", {}).get("pool")
+    return found
+
+
+def _recipe(recipe_toml: str | None) -> dict[str, Any]:
+    try:
+        return tomllib.loads(recipe_toml or "")
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
+def _data_lines(recipe_toml: str | None) -> list[str]:
+    data = _recipe(recipe_toml).get("data", {})
+    return [f"- {k}: `{data[k]}`" for k in ("train", "val", "mean", "std") if k in data]
+
+
+def model_card(loaded: LoadedModel, records: dict[str, Any], command: str) -> str:
+    """README.md in the Hugging Face model card format (YAML front matter, then text)."""
+    config, encoder = loaded.config, loaded.encoder
+    name = _architecture(config)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    enc_params = sum(p.numel() for p in encoder.parameters())
+    what = "an image classifier" if encoder.num_classes else "an image encoder"
+    lines = [
+        "---", "tags:", "- image-classification", "- timm", "- cratemae",
+        "library_name: timm", "license: other  # TODO: choose the licence of these weights",
+        "---", f"# {name} (CRATE-MAE), {what}", "",
+        "White-box CRATE encoder (MSSA + ISTA layers) pre-trained as a masked autoencoder "
+        "with [cratemae](https://github.com/) (Pai et al., ICLR 2024, arXiv:2404.02446).", "",
+        "## Model details", "",
+        f"- Architecture: `{name}`: width {config.embed_dim}, {config.depth} layers, "
+        f"{config.num_heads} heads, patch {config.patch_size}, {config.img_size} px",
+        f"- Parameters: {params:,} in the file ({enc_params:,} in the encoder)",
+        f"- Classes: {encoder.num_classes or 'none (features)'}; pooling "
+        f"`{records.get('global_pool') or encoder.global_pool}`",
+        f"- Preprocessing: resize to {config.img_size / CROP_PCT:.0f} px, centre crop "
+        f"{config.img_size} px (bicubic), mean {list(loaded.mean)}, std {list(loaded.std)}"
+        + ("" if loaded.preprocessing_known else " (assumed: ImageNet's)"),
+        "", "## Usage", "", "```python", "import timm",
+        "import cratemae.weights.timm_models  # registers the crate_mae_* models", "",
+        'model = timm.create_model("local-dir:PATH", pretrained=True).eval()  '
+        '# or "hf-hub:USER/REPO"',
+        "cfg = timm.data.resolve_data_config({}, model=model)",
+        "transform = timm.data.create_transform(**cfg)", "```", "",
+        "## Training", "",
+    ]
+    lines += _data_lines(records.get("recipe_toml")) or ["- data: not recorded"]
+    if records.get("recipe_toml"):
+        lines += ["", "<details><summary>Recipe</summary>", "", "```toml",
+                  records["recipe_toml"].rstrip(), "```", "", "</details>"]
+    lines += ["", "## Scores", ""]
+    scores = records.get("scores") or {}
+    lines += [f"- {n}: `{strict_json(s)}`" for n, s in scores.items()] or [
+        "- none found in the run directory"]
+    lines += ["", "## Provenance", "", f"- Weights from: `{loaded.weights_file}`",
+              f"- Written by: `{command}`", "",
+              "## Licence", "", "TODO: state the licence of these weights and of the data "
+              "they were trained on.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out_dir: Path, loaded: LoadedModel, records: dict[str, Any],
+                     command: str | None = None) -> Path:
+    path = out_dir / CARD_FILE
+    command = command or shlex.join(["cratemae", *sys.argv[1:]])
+    atomic_write_text(path, model_card(loaded, records, command))
+    return path
+
+
 def export_safetensors(
-    loaded: LoadedModel, out_dir: str | os.PathLike[str], *, encoder_only: bool
+    loaded: LoadedModel, out_dir: str | os.PathLike[str], *, encoder_only: bool,
+    command: str | None = None,
 ) -> ExportResult:
     """Write `out_dir/model.safetensors` (the whole model, or the encoder's `encoder.*`
-    weights only) and `out_dir/config.json`."""
+    weights only), `out_dir/config.json` and the model card `out_dir/README.md`."""
     out = Path(out_dir)
     state = loaded.model.state_dict()  # (name -> tensor), exactly the model's keys
     if isinstance(loaded.model, CrateEncoder):
@@ -94,7 +267,11 @@ def export_safetensors(
     file = write_model_weights(out / "model.safetensors", state, loaded.config.to_dict())
     digest = file_digest(file)["sha256"]
     encoder_only = encoder_only or isinstance(loaded.model, CrateEncoder)
+    records = run_records(loaded.weights_file)
     config_file = write_config_json(out, loaded, file=file, sha256=digest,
-                                    extra={"encoder_only": encoder_only})
+                                    extra={"encoder_only": encoder_only},
+                                    label_names=records["label_names"],
+                                    global_pool=records["global_pool"])
+    card = write_model_card(out, loaded, records, command)
     return ExportResult(file=file, sha256=digest, config_file=config_file,
-                        encoder_only=encoder_only)
+                        encoder_only=encoder_only, card_file=card)

@@ -1,28 +1,33 @@
 """The CRATE-MAE encoders as timm models: `crate_mae_{tiny,small,base,large}`.
 
-    import cratemae, timm
-    model = timm.create_model(
-        "crate_mae_base", pretrained=True, num_classes=10,
-        pretrained_cfg_overlay=dict(file="exported/base/model.safetensors"),
-    )
+Importing this module registers them with timm (nothing else does: `import cratemae` and
+the command line never import torch or timm):
 
-`cratemae/__init__.py` calls `register_timm_models()` once timm is imported. The weights
-file may be a `cratemae export` (full or `--encoder-only`), any cratemae weights file, or a
-state dict in the authors' key layout; `checkpoint_filter_fn` keeps the encoder part and
-refuses, naming the file, weights or hyper-parameters that do not fit the model built.
-Architecture arguments other than the preset's are given as keyword arguments
-(`img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4`).
+    import timm
+    import cratemae.weights.timm_models  # registers crate_mae_*
+    model = timm.create_model("local-dir:exported/base", pretrained=True)  # a cratemae export
+    model = timm.create_model("crate_mae_base", num_classes=10, drop_path_rate=0.1)
+
+A `cratemae export` directory is in timm's Hub layout (config.json with the architecture,
+its arguments and the preprocessing; model.safetensors), so `local-dir:` (or `hf-hub:`
+once uploaded) needs no other argument. A weights file may also be given directly:
+`pretrained=True, pretrained_cfg_overlay=dict(file="…/model.safetensors")` with the
+architecture's arguments as keywords. `checkpoint_filter_fn` keeps the encoder part of any
+cratemae weights or the authors' layout, and refuses, naming the file, weights or
+hyper-parameters that do not fit the model built.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import build_model_with_cfg, is_model, register_model
 
 from cratemae.model import PRESETS, CrateEncoder, CrateMAE, CrateMAEConfig
-from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
+from cratemae.weights.export import pretrained_cfg
 
 __all__ = [
     "checkpoint_filter_fn",
@@ -38,23 +43,21 @@ __all__ = [
 # left to timm, which adapts the patch projection to another channel count.)
 _CHECKED_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "ista_step_size",
                    "ista_lambda")
-
-
-def _cfg(variant: str) -> dict[str, Any]:
-    """timm's pretrained config: no download location (weights come from a file given in
-    `pretrained_cfg_overlay`), no classifier in the weights, the authors' preprocessing."""
-    size = PRESETS[variant]["img_size"]
-    return dict(
-        url="", num_classes=0, input_size=(3, size, size), fixed_input_size=False,
-        interpolation="bicubic", crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        first_conv="patch_embed.proj", classifier="head", license="mit",
-        paper_ids="arXiv:2404.02446",
-        paper_name="Masked Completion via Structured Diffusion with White-Box Transformers",
-    )
+_DEFAULT_OUT_INDICES = 3  # features_only: the last three layers, as timm's ViT
 
 
 # Read by timm's `register_model` from this module (old-style: one dict per architecture).
-default_cfgs = {name: _cfg(name) for name in PRESETS}
+default_cfgs = {name: pretrained_cfg(PRESETS[name]["img_size"]) for name in PRESETS}
+
+
+def _square(img_size: int | tuple[int, int] | list[int]) -> int:
+    if isinstance(img_size, int):
+        return img_size
+    h, w = img_size
+    if h != w:
+        raise ValueError(f"CRATE-MAE encoders are built for square images, got img_size "
+                         f"{tuple(img_size)} (dynamic_img_size=True takes any size later)")
+    return int(h)
 
 
 def _build_encoder(
@@ -63,35 +66,50 @@ def _build_encoder(
     global_pool: str = "token",
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
+    dynamic_img_size: bool = True,
     img_size: int | tuple[int, int] = 224,
     **fields: Any,
 ) -> CrateEncoder:
     """What timm's builder instantiates: `CrateEncoder` from a preset's fields + kwargs."""
-    if drop_rate or drop_path_rate:
-        raise ValueError("CRATE-MAE encoders have no dropout: drop_rate/drop_path_rate must be 0")
-    if not isinstance(img_size, int):
-        h, w = img_size
-        if h != w:
-            raise ValueError(f"CRATE-MAE encoders take square images, got img_size {img_size}")
-        img_size = h
+    if drop_rate:
+        raise ValueError("CRATE-MAE encoders have no classifier dropout: drop_rate must be 0 "
+                         "(drop_path_rate, stochastic depth, is supported)")
     # The decoder fields only have to be consistent; the encoder never reads them.
     dim, heads = fields.get("embed_dim", 768), fields.get("num_heads", 12)
     fields.update(decoder_embed_dim=dim, decoder_num_heads=heads, decoder_depth=1)
-    config = CrateMAEConfig.from_dict({**fields, "img_size": img_size})
-    # `CrateEncoder` alone leaves its ISTA dictionaries uninitialised (torch.empty); the
+    config = CrateMAEConfig.from_dict({**fields, "img_size": _square(img_size)})
+    # `CrateEncoder` alone leaves its ISTA dictionaries at PyTorch's default; the
     # autoencoder initialises every part as the authors do, so take its encoder.
     encoder = CrateMAE(config).encoder
     encoder.reset_classifier(num_classes, global_pool)
+    encoder.set_drop_path_rate(drop_path_rate)
+    encoder.dynamic_img_size = dynamic_img_size
     return encoder
 
 
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> CrateEncoder:
-    from timm.models import build_model_with_cfg
+def _real_input(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """pretrained_cfg entries for the model actually built: its input size, and whether
+    that size is fixed, so `resolve_data_config` feeds it images of the right size."""
+    size = kwargs.get("img_size", PRESETS[variant]["img_size"])
+    h = w = size if isinstance(size, int) else None
+    if h is None:
+        h, w = size
+    return dict(input_size=(kwargs.get("in_chans", 3), h, w),
+                fixed_input_size=not kwargs.get("dynamic_img_size", True))
 
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> CrateEncoder:
     preset = {k: v for k, v in PRESETS[variant].items() if not k.startswith("decoder_")}
+    kwargs = {**preset, **kwargs}
+    real = _real_input(variant, kwargs)
+    if not pretrained:  # no weights to describe: the config describes the model built
+        real["num_classes"] = kwargs.get("num_classes", 0)
+    overlay = {**real, **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    out_indices = kwargs.pop("out_indices", _DEFAULT_OUT_INDICES)
     return build_model_with_cfg(
         _build_encoder, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        **{**preset, **kwargs},
+        pretrained_cfg_overlay=overlay,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs,
     )
 
 
@@ -119,18 +137,19 @@ _ENTRYPOINTS = (crate_mae_tiny, crate_mae_small, crate_mae_base, crate_mae_large
 
 
 def register_timm_models() -> None:
-    """Register the four encoders with timm (once; later calls do nothing)."""
-    from timm.models import is_model, register_model
-
+    """Register the four encoders with timm (done on import; later calls do nothing)."""
     for fn in _ENTRYPOINTS:
         if not is_model(fn.__name__):
             register_model(fn)
 
 
 def _file_config(model: torch.nn.Module) -> tuple[str, dict[str, Any] | None]:
-    """The weights file timm is loading, and the cratemae config stored in it, if any."""
+    """The weights file timm is loading, and the cratemae config stored in it, if any.
+    (`local-dir:` names the directory; the file in it is model.safetensors.)"""
     file = str((getattr(model, "pretrained_cfg", None) or {}).get("file") or "the weights")
-    if not file.endswith(".safetensors"):
+    if Path(file).is_dir():
+        file = str(Path(file) / "model.safetensors")
+    if not file.endswith(".safetensors") or not Path(file).is_file():
         return file, None
     from safetensors import safe_open
 
@@ -170,3 +189,6 @@ def checkpoint_filter_fn(
         raise ValueError(f"{file}: does not fit {type(model).__name__}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     return state
+
+
+register_timm_models()
