@@ -3,6 +3,7 @@ behaviour declared here with defaults (a task overrides what it needs)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +17,8 @@ class Task:
 
     Required: `model` (the bare module whose state dict is checkpointed), `config` (stored
     with the weights), `loader()` and `loss()`. Optional, with the defaults below:
-    `param_groups()`, `ema_decay`, `evaluate()` and `eval_every`.
+    `param_groups()`, `ema_decay`, `evaluate()` and `eval_every`, `monitor()` and
+    `monitor_every`.
     """
 
     model: nn.Module
@@ -27,6 +29,8 @@ class Task:
     # Evaluate every this many epochs (None: only once, at the end of training), when the
     # task evaluates at all (see `evaluates`).
     eval_every: int | None = None
+    # Call `monitor` every this many optimizer steps and at the end of training (None: never).
+    monitor_every: int | None = None
 
     def loader(self, epoch: int, start_batch: int) -> Any:
         """One epoch of this rank's batches from `start_batch` on: `len()`, batches with
@@ -53,3 +57,10 @@ class Task:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Scores of `model` on the validation data (`top1`, `top5`, ...), on every rank."""
         raise NotImplementedError
+
+    def monitor(self, model: nn.Module, step: int, run_dir: Path) -> dict[str, Any] | None:
+        """Watch the bare `model` during training (validation loss, pictures under `run_dir`):
+        called on rank 0 alone, in eval mode and without gradients, while the other ranks
+        wait. The result (numbers, lists of numbers, strings) becomes one `"kind": "eval"`
+        line of metrics.jsonl and goes to the loggers; None: nothing to log."""
+        return None

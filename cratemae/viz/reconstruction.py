@@ -75,8 +75,8 @@ def reconstruct(
 ) -> list[Reconstruction]:
     """pixels (B, 3, S, S) in [0, 1] -> one `Reconstruction` per image."""
     cfg = model.config
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
     imgs = (pixels - m) / s
     out = model(imgs, mask_ratio=mask_ratio, noise=noise)
     pred = _as_image_patches(out.pred.float(), imgs, cfg.patch_size, cfg.norm_pix_loss)
