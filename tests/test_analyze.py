@@ -259,4 +259,20 @@ def test_missing_matplotlib_names_the_package(
     code, err = run_cli("--checkpoint", str(demo_checkpoint), str(photos[0]))
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
-    assert "pip install matplotlib" in err
+    assert "pip install 'cratemae[plot]'" in err
+
+
+def test_without_checkpoint_the_newest_run_is_used(
+    demo_checkpoint: Path, photos: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(str(photos[0]))
+    assert code == 2
+    assert err == ("error: no --checkpoint given and no run with a checkpoint under ./runs: "
+                   "pass --checkpoint CKPT\n")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(demo_checkpoint.parent.parent)
+    code, err = run_cli(str(photos[0]))
+    assert code == 0, err
+    assert "using runs/demo/checkpoints/" in err
+    assert (tmp_path / "analysis" / "layers.json").is_file()

@@ -154,6 +154,21 @@ def test_command_help_shows_examples_line_by_line(app: typer.Typer, name: str) -
         assert example in shown, f"{example!r} is not on a line of its own"
 
 
+def test_help_shows_no_python_type_names(app: typer.Typer) -> None:
+    """Flags without `<bool>`, lists without `list[Path]`: the words a user reads."""
+    names = sorted(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+    assert {"pretrain", "reconstruct", "analyze", "bench-data"} <= set(names)
+    for name in names:
+        run = invoke(app, [name, "--help"])
+        assert run.code == 0, name
+        bad = re.findall(r"<(?:bool|int|str|float|Path|list\[[^]]*\])>|list\[\w+\]", run.out)
+        assert not bad, f"{name} --help shows {bad}"
+    shown = lines(invoke(app, ["reconstruct", "--help"]).out)
+    assert any(re.match(r"\* +IMAGE\.\.\. +Image files", line) for line in shown)
+    assert any(re.match(r"--seed +INTEGER +Seed", line) for line in shown)
+    assert any(re.match(r"--help +-h +Show this message", line) for line in shown)
+
+
 def test_help_lists_exit_codes(app: typer.Typer) -> None:
     assert "3 stopped to be requeued" in " ".join(lines(invoke(app, ["--help"]).out))
 
@@ -202,7 +217,8 @@ def test_commands_check_their_options(
 
 
 BAD_RECIPES = {
-    "unknown key": ('[model]\nnme = "x"\n', [], "model.nme: unknown key"),
+    "unknown key": ('[model]\nnme = "x"\n', [],
+                    "model.nme: unknown key (did you mean model.name?)"),
     "wrong type": ('[optim]\nlr = "fast"\n', [], "optim.lr: Input should be a valid number"),
     "missing file": (None, [], "recipe file not found"),
     "invalid toml": ("[model\n", [], "invalid TOML"),
@@ -226,7 +242,9 @@ def test_bad_recipe_is_one_line_exit_2(
     assert len(run.err.splitlines()) == 1, run.err
     assert run.err.startswith("error: ")
     assert expected in run.err
-    if case != "bad --set syntax":
+    if case == "bad --set type":  # the value came from the --set, not from the file
+        assert run.err.startswith("error: --set model.depth=-1: model.depth: "), run.err
+    elif case != "bad --set syntax":
         assert f"{recipe}: " in run.err
     assert "Traceback" not in run.all
 
@@ -240,7 +258,8 @@ def test_debug_shows_traceback(app: typer.Typer, tmp_path: Path, how: str) -> No
     assert run.code == 2
     assert "Traceback (most recent call last)" in run.err
     assert "BadInputError" in run.err
-    assert run.err.splitlines()[-1] == f"error: {recipe}: model.nme: unknown key"
+    assert run.err.splitlines()[-1] == (f"error: {recipe}: model.nme: unknown key "
+                                        "(did you mean model.name?)")
 
 
 # -- plugins ----------------------------------------------------------------------------------

@@ -162,10 +162,10 @@ def test_resampled_epoch_length_and_determinism(shard_dir):
     assert len(a) == 20 and a == label_stream(_loader(data, rank=1, world_size=2))
 
 
-def test_pipe_urls_with_unknown_counts_need_epoch_samples(shard_dir):
+def test_pipe_urls_are_counted_by_one_pass_or_dealt_with_epoch_samples(shard_dir):
     pattern = f"pipe:cat {shard_dir}/train-{{000000..000009}}.tar"
-    with pytest.raises(BadInputError, match="epoch_samples"):
-        _loader(data_section(pattern))
+    counted = _loader(data_section(pattern, batch_size=10))  # counts found by one pass
+    assert counted.num_samples == 90 and sorted(label_stream(counted)) == list(range(90))
     data = data_section(pattern, epoch_samples=48, num_workers=2)
     loaders = [_loader(data, rank=r, world_size=2) for r in range(2)]
     labels = [label_stream(x) for x in loaders]

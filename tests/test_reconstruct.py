@@ -16,7 +16,7 @@ from cratemae.checkpoints import write_model_weights
 from cratemae.commands.app import build_app
 from cratemae.model import create_model, patchify
 from cratemae.viz.images import load_image
-from cratemae.viz.panel import MIN_PANEL
+from cratemae.viz.panel import LEGEND_HEIGHT, MIN_PANEL, _legend
 from cratemae.viz.reconstruction import _as_image_patches
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -78,7 +78,8 @@ def test_every_kind_of_photo_is_reconstructed(demo_checkpoint, photos, tmp_path)
     assert [line.split(":")[0] for line in lines] == [p.name for p in photos.values()]
     figure = Image.open(out)
     side = 32 * math.ceil(MIN_PANEL / 32)
-    assert figure.size == (4 * side + 5 * GAP, TEXT + 5 * (TEXT + side + GAP) + GAP)
+    assert figure.size == (4 * side + 5 * GAP,
+                           TEXT + 5 * (TEXT + side + GAP) + GAP + LEGEND_HEIGHT)
 
 
 def test_printed_psnr_is_that_of_the_picture_over_the_seeded_mask(
@@ -139,7 +140,7 @@ def test_unreadable_and_missing_images_are_reported_and_the_rest_processed(
     assert any(line.startswith(f"error: {broken}: cannot read image") for line in err)
     assert err[-1] == "error: 2 of 3 images could not be read"
     assert "coffee.webp: PSNR" in run.stdout
-    assert Image.open(out).height == TEXT + (TEXT + 32 * 7 + GAP) + GAP  # one row
+    assert Image.open(out).height == TEXT + (TEXT + 32 * 7 + GAP) + GAP + LEGEND_HEIGHT
 
 
 def test_without_checkpoint_the_newest_run_is_used(demo_checkpoint, photos, tmp_path,
@@ -147,8 +148,8 @@ def test_without_checkpoint_the_newest_run_is_used(demo_checkpoint, photos, tmp_
     monkeypatch.chdir(tmp_path)
     run = cratemae("reconstruct", photos["jpeg"])
     assert run.exit_code == 2
-    assert run.stderr == ("error: no --checkpoint given and no run with a checkpoint under "
-                          "./runs: pass --checkpoint CKPT\n")
+    assert run.stderr == ("error: no --checkpoint given and no pre-training run (one whose "
+                          "weights hold the decoder) under ./runs: pass --checkpoint CKPT\n")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(demo_checkpoint.parent.parent)
     run = cratemae("reconstruct", photos["jpeg"])
@@ -190,3 +191,55 @@ def test_norm_pix_model_says_so(photos, tmp_path) -> None:
     assert run.exit_code == 0, run.output
     assert "shown with each patch's true mean and variance" in run.stdout
     assert "assuming ImageNet's" in run.stderr  # a bare weights file records no mean/std
+
+
+def test_without_checkpoint_a_newer_finetune_run_is_passed_over(demo_checkpoint, photos,
+                                                                tmp_path, monkeypatch) -> None:
+    """The README's sequence: pretrain, then fine-tune; the fine-tune run is newer but holds
+    no decoder, so reconstruct takes the pre-training run and says so."""
+    from cratemae.recipe import load_recipe
+    from cratemae.tasks.finetune import finetune
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/finetune/demo.toml",
+                         ["schedule.max_steps=1", "data.batch_size=8"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(demo_checkpoint.parent.parent)
+    finetune(recipe, demo_checkpoint, out_dir=tmp_path / "runs" / "demo-finetune")
+    run = cratemae("reconstruct", photos["jpeg"])
+    assert run.exit_code == 0, run.output
+    assert "using runs/demo/checkpoints/" in run.stderr
+    assert "newest pre-training run" in run.stderr
+
+
+def test_out_extension_chooses_the_format_and_unknown_ones_are_refused(
+        demo_checkpoint, photos, tmp_path) -> None:
+    for name, magic in (("x.jpg", b"\xff\xd8\xff"), ("x.JPEG", b"\xff\xd8\xff"),
+                        ("x.png", b"\x89PNG"), ("x.webp", b"RIFF")):
+        run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+                       "--out", tmp_path / name)
+        assert run.exit_code == 0, run.output
+        assert (tmp_path / name).read_bytes().startswith(magic), name
+    run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+                   "--out", tmp_path / "x.gif")
+    assert run.exit_code == 2
+    assert run.stderr == (f"error: --out {tmp_path / 'x.gif'}: unknown picture format '.gif'; "
+                          "name it .png, .jpg, .jpeg or .webp\n")
+    assert not (tmp_path / "x.gif").exists()
+
+
+def test_mask_ratio_zero_prints_no_nan_and_the_legend_is_drawn(demo_checkpoint, photos,
+                                                               tmp_path) -> None:
+    out = tmp_path / "figure.png"
+    run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+                   "--mask-ratio", 0, "--out", out)
+    assert run.exit_code == 0, run.output
+    assert "nan" not in run.output.lower()
+    assert "astronaut.jpg: no hidden patches at --mask-ratio 0, so no PSNR" in run.stdout
+    legend = np.asarray(Image.open(out).convert("L"))[-LEGEND_HEIGHT:]
+    assert (legend < 128).sum() > 500  # four lines of dark text under the last row
+    text = " ".join(_legend(32, 4))
+    assert "Model input: 32x32 px, patches of 4x4 px" in text
+    assert "on visible patches it is unconstrained" in text
+    for column in ("original:", "masked:", "reconstruction:", "reconstruction + visible:"):
+        assert column in text

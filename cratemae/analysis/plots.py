@@ -35,7 +35,7 @@ def require_matplotlib() -> Any:
         from matplotlib import figure
     except ImportError:
         raise MissingDependencyError(
-            "drawing needs matplotlib, which is not installed: pip install matplotlib"
+            "drawing needs matplotlib, which is not installed: pip install 'cratemae[plot]'"
         ) from None
     return figure
 

@@ -3,7 +3,6 @@ attention, PCA of features) and draw it."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import typer
 from cratemae.commands import console
 from cratemae.commands._cli_utils import JsonOpt, require_file
 from cratemae.errors import BadInputError
+from cratemae.fs import strict_json
 
 if TYPE_CHECKING:
     import torch
@@ -25,15 +25,17 @@ __all__ = ["analyze"]
 
 ImagesArg = Annotated[
     list[Path] | None,
-    typer.Argument(metavar="IMAGE", help="Image files to analyse.", show_default=False),
+    typer.Argument(metavar="IMAGE...", help="Image files to analyse.", show_default=False),
 ]
+RUNS_DIR = Path("runs")
 CheckpointOpt = Annotated[
-    Path,
+    Path | None,
     typer.Option(
         "--checkpoint",
         metavar="CKPT",
         show_default=False,
-        help="Checkpoint to analyse: a checkpoint or run directory, or a weights file.",
+        help="Checkpoint to analyse: a checkpoint or run directory, or a weights file "
+        "(default: the newest run under ./runs).",
     ),
 ]
 DataOpt = Annotated[
@@ -48,8 +50,8 @@ DataOpt = Annotated[
 
 
 def analyze(
-    checkpoint: CheckpointOpt,
     images: ImagesArg = None,
+    checkpoint: CheckpointOpt = None,
     data: DataOpt = None,
     num_images: Annotated[
         int, typer.Option("--num-images", metavar="N", help="Images to read from --data.")
@@ -87,6 +89,7 @@ def analyze(
     principal components of patch features as RGB).
 
     Examples:
+      $ cratemae analyze photo.jpg other.png        # the newest run under ./runs
       $ cratemae analyze --checkpoint runs/demo photo.jpg other.png
       $ cratemae analyze --checkpoint runs/demo --data demo:val --num-images 256
       $ cratemae analyze --checkpoint runs/base --data val-{00..63}.tar --json
@@ -101,7 +104,7 @@ def analyze(
     from cratemae.weights.load import load_encoder
 
     where = choose_device(device)
-    model = load_encoder(checkpoint, device=where)
+    model = load_encoder(_checkpoint(checkpoint), device=where)
     if not model.preprocessing_known:
         console.warn(f"{model.path}: no recipe saved with it; assuming ImageNet mean and std")
     layer = _layer(pca_layer, model.config.depth)
@@ -112,7 +115,21 @@ def analyze(
         )
     summary = _write(result, model, out, source=data or [str(p) for p in images or []])
     if json_:
-        print(json.dumps(summary))
+        print(strict_json(summary))
+
+
+def _checkpoint(checkpoint: Path | None) -> Path:
+    """`--checkpoint`, else the newest run's latest checkpoint under ./runs (said so)."""
+    if checkpoint is not None:
+        return checkpoint
+    from cratemae.weights.load import newest_run_checkpoint
+
+    found = newest_run_checkpoint(RUNS_DIR)
+    if found is None:
+        raise BadInputError("no --checkpoint given and no run with a checkpoint under ./runs: "
+                            "pass --checkpoint CKPT")
+    console.log(f"using {found} (the newest run under ./runs; --checkpoint chooses another)")
+    return found
 
 
 def _check_options(
@@ -211,9 +228,9 @@ def _write(result: Analysis, model: LoadedModel, out: Path, source: Any) -> dict
         "pixel_std": list(model.std),
         **result.to_json(),
     }
-    from cratemae.fs import atomic_write_text
+    from cratemae.fs import atomic_write_json
 
-    atomic_write_text(out / "layers.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out / "layers.json", summary, indent=2)
     written = [
         out / "layers.json",
         plot_layers(

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cratemae.commands import console
 from cratemae.commands._cli_utils import SetOpt
+from cratemae.fs import strict_json
+
+if TYPE_CHECKING:
+    from cratemae.recipe import Recipe
 
 __all__ = ["bench_data"]
+
+DEFAULT_IMG_SIZE = 224  # without a recipe
 
 
 def bench_data(
@@ -20,10 +25,17 @@ def bench_data(
     ] = None,
     set_: SetOpt = None,
     data: Annotated[
-        str | None, typer.Option(help="Data to read instead of the recipe's data.train.")
+        str | None, typer.Option(metavar="SHARDS",
+                                 help="Data to read instead of the recipe's data.train.")
     ] = None,
-    task: Annotated[str, typer.Option(help="pretrain, probe, finetune or eval.")] = "pretrain",
-    img_size: Annotated[int, typer.Option(help="Output image size.")] = 224,
+    task: Annotated[str, typer.Option(metavar="pretrain|probe|finetune|eval",
+                                      help="Which task's reading and augmentation.")
+                    ] = "pretrain",
+    img_size: Annotated[
+        int | None,
+        typer.Option(help="Output image size (default: the recipe's model image size; "
+                     "224 without a recipe).", show_default=False),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     batches: Annotated[int, typer.Option(help="Batches to time.")] = 50,
@@ -43,17 +55,29 @@ def bench_data(
     from cratemae.recipe import load_recipe
     from cratemae.recipe.schema import DataSection
 
-    section = load_recipe(recipe, set_ or []).data if recipe else DataSection(train="demo:train")
+    loaded = load_recipe(recipe, set_ or []) if recipe else None
+    section = loaded.data if loaded else DataSection(train="demo:train")
+    if img_size is None:
+        img_size = _recipe_img_size(loaded) if loaded else DEFAULT_IMG_SIZE
     update = {"train": data} if data else {}
     if batch_size:
         update["batch_size"] = batch_size
     section = DataSection.model_validate({**section.model_dump(), **update})
     result = run_bench(section, img_size, num_workers, batches, task=task)  # type: ignore[arg-type]
     if json_:
-        print(json.dumps(result))
+        print(strict_json(result))
         return
     console.log(
         f"{result['images_per_s']:.0f} images/s at {img_size}px, batch {result['batch_size']}, "
         f"{num_workers} workers; {result['cpu_cores_used']:.2f} of "
         f"{result['cpu_cores_available']} CPU cores used; start-up {result['startup_s']:.1f}s"
     )
+
+
+def _recipe_img_size(recipe: Recipe) -> int:
+    """The image size the recipe's model takes: model.img_size, else its preset's."""
+    from cratemae.model.factory import preset_config
+
+    if recipe.model.img_size is not None:
+        return int(recipe.model.img_size)
+    return preset_config(recipe.model.name).img_size

@@ -31,8 +31,8 @@ def reconstruct(
         typer.Option(
             "--checkpoint",
             metavar="CKPT",
-            help="Checkpoint, run directory or exported weights (default: the newest run "
-            "under ./runs).",
+            help="Checkpoint, run directory or exported weights with the decoder (default: "
+            "the newest pre-training run under ./runs).",
             show_default=False,
         ),
     ] = None,
@@ -44,8 +44,8 @@ def reconstruct(
         Path,
         typer.Option(
             "--out", metavar="PATH",
-            help="PNG to write: a row per image, original | masked | reconstruction | "
-            "reconstruction + visible.",
+            help="Picture to write (.png, .jpg or .webp): a row per image, original | masked "
+            "| reconstruction | reconstruction + visible, and a legend.",
         ),
     ] = Path("reconstruction.png"),
 ) -> None:
@@ -58,10 +58,14 @@ def reconstruct(
     Examples:
       $ cratemae reconstruct photo.jpg --checkpoint runs/base
       $ cratemae reconstruct a.jpg b.png --checkpoint runs/base --mask-ratio 0.9 --seed 1
-      $ cratemae reconstruct photo.jpg --checkpoint exported/base --out recon.png
+      $ cratemae reconstruct photo.jpg --checkpoint exported/base --out recon.jpg
+      $ cratemae reconstruct photo.jpg      # the newest pre-training run under ./runs
     """
     if not 0 <= mask_ratio < 1:
         raise BadInputError(f"--mask-ratio {mask_ratio}: expected a value in [0, 1)")
+    from cratemae.viz.panel import picture_format
+
+    picture_format(out)  # an unknown extension is refused before any work
     present = [image for image in images if _exists(image)]
     if not present:
         raise BadInputError("no image to reconstruct")
@@ -95,15 +99,19 @@ def _load(checkpoint: Path | None) -> LoadedModel:
     from cratemae.weights.load import load_model, newest_run_checkpoint
 
     if checkpoint is None:
-        checkpoint = newest_run_checkpoint(RUNS_DIR)
+        # Only pre-training runs hold the decoder; the newest run is often a fine-tune.
+        checkpoint = newest_run_checkpoint(RUNS_DIR, needs_decoder=True)
         if checkpoint is None:
-            raise BadInputError("no --checkpoint given and no run with a checkpoint under "
-                                "./runs: pass --checkpoint CKPT")
-        console.log(f"using {checkpoint}")
+            raise BadInputError("no --checkpoint given and no pre-training run (one whose "
+                                "weights hold the decoder) under ./runs: pass --checkpoint CKPT")
+        console.log(f"using {checkpoint} (the newest pre-training run under ./runs; "
+                    "--checkpoint chooses another)")
     loaded = load_model(checkpoint)
     if not hasattr(loaded.model, "decoder_blocks"):
         raise BadInputError(f"{loaded.weights_file}: holds only the encoder; reconstruct "
-                            "needs the decoder too (export without --encoder-only)")
+                            "needs the decoder too: give a pre-training run (fine-tune and "
+                            "probe runs hold no decoder) or an export made without "
+                            "--encoder-only")
     if not loaded.preprocessing_known:
         console.warn(f"{loaded.weights_file}: no record of the mean/std it was trained with; "
                      "assuming ImageNet's")
@@ -131,7 +139,11 @@ def _run(loaded: LoadedModel, pixels: list[torch.Tensor], names: list[str], *,
                    "mean and variance (as in MAE's demo)")
     for name, rec in zip(names, results, strict=True):
         hidden = int(rec.mask.sum())
-        typer.echo(f"{name}: PSNR {rec.psnr:.2f} dB over {hidden} hidden patches")
+        if hidden:
+            typer.echo(f"{name}: PSNR {rec.psnr:.2f} dB over {hidden} hidden patches")
+        else:  # --mask-ratio 0 (or too few patches to hide one): nothing to score
+            typer.echo(f"{name}: no hidden patches at --mask-ratio {mask_ratio:g}, so no PSNR")
     path = render_reconstructions(list(zip(names, results, strict=True)), out,
-                                  mask_ratio=mask_ratio, norm_pix=norm_pix)
+                                  mask_ratio=mask_ratio, norm_pix=norm_pix,
+                                  patch_size=loaded.config.patch_size)
     typer.echo(f"wrote {path}")

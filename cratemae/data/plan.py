@@ -9,7 +9,8 @@ Every rank yields the same number of batches, so DDP never waits on a rank that 
   all but fewer than world*batch exactly once. Evaluation keeps every sample: ranks get
   ceil(N / world) samples, a rank one short repeats its last (as DistributedSampler does),
   and the last batch may be smaller.
-- Unknown counts ("dealt", remote shards): `data.epoch_samples` sets the epoch length; the
+- Unknown counts ("dealt", remote shards when training with `data.epoch_samples`; without
+  it the sources count them by one pass): `data.epoch_samples` sets the epoch length; the
   shuffled shards are dealt to the world's readers, each cycling over its own.
 - `data.resampled`: each reader draws shards with replacement; `data.epoch_samples` (or the
   known total) sets the epoch length.
@@ -95,7 +96,8 @@ def make_plan(
     if resampled and training:
         total = epoch_samples or sum(s.count or 0 for s in source.shards)
         if not total:
-            raise BadInputError(f"data.{split}: set data.epoch_samples (shard counts unknown)")
+            raise BadInputError(f"data.{split}: the sample counts of its shards are unknown: "
+                                "give data.epoch_samples (samples per epoch)")
         return _infinite_plan(source, "resampled", total, batch_size, num_streams, rank, world)
     if n_shards < readers and not source.random_access:
         raise BadInputError(
@@ -106,8 +108,9 @@ def make_plan(
     if not source.counts_known:
         if not training or not epoch_samples:
             raise BadInputError(
-                f"data.{split}: sample counts of {source.shards[0].url} ... are unknown; "
-                "set data.epoch_samples, keep the shards local, or write them with cratemae shard"
+                f"data.{split}: the sample counts of {source.shards[0].url} ... are unknown: "
+                "give data.epoch_samples (samples per epoch, training only), or write the "
+                "shards with cratemae shard (which records them)"
             )
         return _infinite_plan(
             source,

@@ -9,6 +9,7 @@ bytes, so a shuffle buffer holds a few bytes per sample and only decoded samples
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -22,7 +23,9 @@ __all__ = [
     "RawSample",
     "Ref",
     "Shard",
+    "ShardUnreachable",
     "close_files",
+    "count_stream_samples",
     "count_tar_samples",
     "is_remote",
     "iter_shard",
@@ -53,6 +56,11 @@ class Shard:
     def name(self) -> str:
         """The shard's file name: stable when a data set moves, so it seeds augmentations."""
         return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+class ShardUnreachable(OSError):
+    """No tar data came from a `pipe:` command or URL at all (a wrong host or path, no
+    network): said so with the URL, not as tarfile's "empty file"."""
 
 
 @dataclass
@@ -127,6 +135,9 @@ def iter_shard(shard: Shard, lo: int = 0, hi: int | None = None) -> Iterator[Raw
             n += 1
             yield sample
         reason = "shard ended early"
+    except ShardUnreachable as err:
+        reason = str(err).replace("\n", " ")
+        log.warning("%s", reason)
     except (OSError, EOFError, tarfile.TarError, ValueError) as err:
         reason = f"shard unreadable: {type(err).__name__}: {err}".replace("\n", " ")
         log.warning("%s: %s (after %d samples)", shard.url, reason, lo + n)
@@ -154,7 +165,22 @@ def _open_tar(url: str) -> tarfile.TarFile:
         return tarfile.open(path, mode="r:")
     from webdataset.gopen import gopen  # only for pipes/URLs/compressed tars
 
-    return tarfile.open(fileobj=gopen(url, "rb"), mode="r|*")
+    try:
+        stream = gopen(url, "rb")
+    except (OSError, ValueError) as err:
+        raise ShardUnreachable(f"{url}: unreachable ({err})") from None
+    try:
+        return tarfile.open(fileobj=stream, mode="r|*")
+    except (OSError, tarfile.TarError) as err:
+        _close_quietly(stream)
+        if isinstance(err, OSError) or "empty file" in str(err):
+            raise ShardUnreachable(f"{url}: unreachable: no data came from it ({err})") from None
+        raise
+
+
+def _close_quietly(stream: object) -> None:
+    with contextlib.suppress(Exception):  # a failed pipe reports its exit status on close
+        stream.close()  # type: ignore[attr-defined]
 
 
 def _iter_tar(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
@@ -193,6 +219,23 @@ def _iter_tar(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
                 tf.fileobj.close()
         except Exception:  # a pipe killed on purpose may complain
             pass
+
+
+def count_stream_samples(url: str) -> int:
+    """Number of samples in a `pipe:`/URL shard: one pass over its stream, reading the
+    headers while the data streams by. ShardUnreachable when no data comes at all."""
+    n, last = 0, None
+    tf = _open_tar(url)
+    try:
+        while (ti := tf.next()) is not None:
+            tf.members.clear()
+            kx = split_key(ti.name) if ti.isfile() else None
+            if kx is not None and kx[0] != last:
+                n, last = n + 1, kx[0]
+    finally:
+        _close_quietly(tf)
+        _close_quietly(tf.fileobj)
+    return n
 
 
 def count_tar_samples(path: str) -> int:

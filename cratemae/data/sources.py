@@ -1,22 +1,30 @@
 """From `data.train` / `data.val` to a list of shards, with sample counts where knowable.
 
 Accepted forms (a list mixes them):
-- a brace pattern of tar files, `/data/in1k/train-{000000..001023}.tar`;
-- a `pipe:` command or `http(s)://` URL pattern (counts unknown: see `cratemae.data.plan`);
+- a brace pattern of tar files, `/data/in1k/train-{000000..001023}.tar`, or a glob of local
+  ones, `/data/in1k/train-*.tar` (a URL cannot be globbed: the message says to use braces);
+- a `pipe:` command or `http(s)://` URL pattern;
 - a directory written by `cratemae shard` (its `shards.json` gives names and counts):
   `data.train` reads its `train` split and `data.val` its `val` split;
-- a directory of tar files, or of images (class sub-folders give labels; flat = unlabelled);
+- a directory of tar files: all of them, unless their names say they hold several splits
+  (`train-*.tar` beside `val-*.tar`), then those of the split asked for; a directory of
+  images (class sub-folders give labels; flat = unlabelled), or one whose sub-folders are
+  the splits (`train/`, `val/`), read as the split asked for;
 - `demo:train` / `demo:val`, the built-in demo data set.
-Counts of local tars without a `shards.json` are found by reading their headers once, and
-cached under the cache directory keyed by path, size and modification time.
+Counts of tars without a `shards.json` are found by reading them once (local tars: their
+headers; `pipe:`/URL shards: one pass over the stream, unless training with
+`data.epoch_samples`) and cached under the cache directory, keyed by path, size and
+modification time (remote shards: by URL).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +32,13 @@ from pathlib import Path
 
 from cratemae.data.cache import cache_dir
 from cratemae.data.folders import INDEX_NAME, list_images, read_index
-from cratemae.data.shards import Shard, count_tar_samples, is_remote
+from cratemae.data.shards import (
+    Shard,
+    ShardUnreachable,
+    count_stream_samples,
+    count_tar_samples,
+    is_remote,
+)
 from cratemae.errors import BadInputError
 from cratemae.fs import atomic_write_json
 
@@ -35,6 +49,11 @@ log = logging.getLogger("cratemae.data")
 # Image folders are cut into virtual shards of this many files (they read randomly, so the
 # size only sets how finely the epoch's order is shuffled).
 FOLDER_SHARD = 256
+# A split's name as it begins shard or folder names: `train-000000.tar`, `val_01.tar`, `val/`.
+_SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                "validation": "val", "test": "test"}
+_SPLIT_RE = re.compile(r"^([A-Za-z]+)(?:[-_.]|\d|$)")
+_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,10 @@ def _resolve_one(spec: str, split: str) -> Source:
     if is_remote(spec):
         from webdataset.shardlists import expand_urls
 
+        if not spec.startswith("pipe:") and _GLOB_CHARS.search(spec):
+            raise BadInputError(
+                f"data.{split} = {spec!r}: a URL cannot be globbed; give a brace pattern, "
+                "e.g. https://host/train-{000000..000099}.tar")
         return Source(tuple(Shard(u) for u in expand_urls(spec)))
     path = Path(spec.removeprefix("file://")).expanduser()
     if path.is_dir():
@@ -86,16 +109,69 @@ def _resolve_one(spec: str, split: str) -> Source:
             return _from_index(path, split, split)
         tars = sorted(p for p in path.iterdir() if p.name.endswith(".tar") and p.is_file())
         if tars:
+            tars = _tars_of_split(path, tars, split)
             return Source(tuple(Shard(str(p), _indexed_count(p)) for p in tars))
         return _from_folder(path, split)
     from webdataset.shardlists import expand_urls
 
     shards = []
     for url in expand_urls(str(path)):
-        if not Path(url).is_file():
-            raise BadInputError(f"{url}: shard file not found (data.{split} = {spec!r})")
-        shards.append(Shard(url, _indexed_count(Path(url))))
+        for file in _glob(url, split, spec):
+            if not Path(file).is_file():
+                raise BadInputError(f"{file}: shard file not found (data.{split} = {spec!r})")
+            shards.append(Shard(file, _indexed_count(Path(file))))
     return Source(tuple(shards))
+
+
+def _glob(pattern: str, split: str, spec: str) -> list[str]:
+    """The files a glob pattern names, sorted (a name without glob characters as it is)."""
+    if not _GLOB_CHARS.search(pattern):
+        return [pattern]
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise BadInputError(f"data.{split} = {spec!r}: no file matches {pattern}")
+    return found
+
+
+def _split_of(name: str) -> str | None:
+    """The split a file or folder name begins with (`train-000001.tar` -> "train")."""
+    m = _SPLIT_RE.match(name)
+    return _SPLIT_WORDS.get(m.group(1).lower()) if m else None
+
+
+def _tars_of_split(directory: Path, tars: list[Path], split: str) -> list[Path]:
+    """The tars of a folder to read as `split`: all of them, unless their names say they
+    hold several splits (`train-*.tar` beside `val-*.tar`): reading those whole would mix
+    validation images into training, silently."""
+    named = {p: _split_of(p.name) for p in tars}
+    splits = sorted({s for s in named.values() if s is not None})
+    if len(splits) <= 1:
+        if splits and splits[0] != split:
+            log.warning("data.%s = %s: its shards are all named %s-*", split, directory,
+                        splits[0])
+        return tars
+    mine = [p for p in tars if named[p] == split]
+    if not mine:
+        raise BadInputError(
+            f"data.{split} = {directory}: holds the shards of several splits "
+            f"({', '.join(splits)}), none named {split}-*: give a brace pattern of the ones "
+            f"to read, e.g. {_brace_pattern([p for p in tars if named[p] == splits[0]])}")
+    log.info("data.%s = %s: reading its %d %s shards (of %d; the others are %s)", split,
+             directory, len(mine), split, len(tars),
+             ", ".join(s for s in splits if s != split) or "unnamed")
+    return mine
+
+
+def _brace_pattern(paths: list[Path]) -> str:
+    """A brace pattern for numbered files (`d/train-{000000..000009}.tar`), else the first."""
+    parts = [re.match(r"^(.*?)(\d+)(\.tar)$", str(p)) for p in paths]
+    if len(paths) > 1 and all(parts) and len({(m.group(1), len(m.group(2)))
+                                              for m in parts if m}) == 1:
+        nums = sorted(m.group(2) for m in parts if m)
+        head = parts[0]
+        assert head is not None
+        return f"{head.group(1)}{{{nums[0]}..{nums[-1]}}}.tar"
+    return str(paths[0])
 
 
 def _from_index(directory: Path, split: str, field: str) -> Source:
@@ -132,6 +208,7 @@ def _indexed_count(path: Path) -> int | None:
 
 
 def _from_folder(root: Path, split: str) -> Source:
+    root = _split_folder(root, split)
     files, classes = list_images(root)
     if not files:
         raise BadInputError(f"{root}: no shards.json, tar files or images (data.{split})")
@@ -143,19 +220,43 @@ def _from_folder(root: Path, split: str) -> Source:
     return Source(shards, classes, random_access=True)
 
 
+def _split_folder(root: Path, split: str) -> Path:
+    """`root/SPLIT` when the sub-folders of `root` are splits (`train/`, `val/`, `test/`),
+    which would otherwise be read as classes of one mixed set; else `root`."""
+    subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    names = {p: _SPLIT_WORDS.get(p.name.lower()) for p in subs}
+    if len(subs) < 2 or not all(names.values()):
+        return root
+    mine = [p for p in subs if names[p] == split]
+    if not mine:
+        have = ", ".join(sorted(p.name for p in subs))
+        raise BadInputError(f"data.{split} = {root}: its sub-folders are splits ({have}), none "
+                            f"of them {split}: give the folder of the split to read")
+    log.info("data.%s = %s: reading its %s/ sub-folder", split, root, mine[0].name)
+    return mine[0]
+
+
 def fill_counts(source: Source) -> Source:
-    """Count the samples of local tars whose counts are unknown (cached on disk)."""
-    todo = [s for s in source.shards if s.count is None and not is_remote(s.url)]
+    """Count the samples of tars whose counts are unknown, by one read (cached on disk):
+    the headers of local tars, the whole stream of `pipe:`/URL shards."""
+    todo = [s for s in source.shards if s.count is None]
     if not todo:
         return source
-    stats = [(s.url, os.stat(s.url).st_size, os.stat(s.url).st_mtime_ns) for s in todo]
-    digest = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:20]
+    stats = [(s.url, None, None) if is_remote(s.url) else
+             (s.url, os.stat(s.url).st_size, os.stat(s.url).st_mtime_ns) for s in todo]
+    digest = hashlib.sha1(json.dumps(stats, allow_nan=False).encode()).hexdigest()[:20]
     path = cache_dir() / "counts" / f"{digest}.json"
     try:
         counts = {k: int(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         t0 = time.perf_counter()
-        log.info("counting samples in %d shards (once; set data.epoch_samples to skip)", len(todo))
+        remote = sum(is_remote(s.url) for s in todo)
+        if remote:
+            log.warning("counting the samples of %d pipe:/URL shards by reading them once "
+                        "(cached in %s; when training, data.epoch_samples skips this pass)",
+                        remote, path.parent)
+        else:
+            log.info("counting samples in %d shards (once, cached)", len(todo))
         counts = {s.url: _safe_count(s.url) for s in todo}
         log.info("counted %d samples in %.1fs", sum(counts.values()), time.perf_counter() - t0)
         try:
@@ -171,7 +272,9 @@ def fill_counts(source: Source) -> Source:
 
 def _safe_count(url: str) -> int:
     try:
-        return count_tar_samples(url)
+        return count_stream_samples(url) if is_remote(url) else count_tar_samples(url)
+    except ShardUnreachable as err:
+        raise BadInputError(str(err).replace("\n", " ")) from None
     except (OSError, EOFError, ValueError, tarfile.TarError) as err:
         msg = str(err).replace("\n", " ")
         raise BadInputError(f"{url}: not a readable tar file ({msg})") from None

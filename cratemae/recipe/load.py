@@ -6,6 +6,8 @@ overrides the file. Every error names the file, the key path and what was expect
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import json
 import tomllib
@@ -41,20 +43,25 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise BadInputError(f"{file}: invalid TOML: {err}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"{file}: not a text file (expected TOML)") from None
-    return parse_recipe(apply_overrides(raw, overrides), source=str(file))
+    overrides = list(overrides)
+    return parse_recipe(apply_overrides(raw, overrides), source=str(file),
+                        overrides=overrides)
 
 
-def parse_recipe(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validate an already-parsed recipe dict; `source` names it in errors."""
+def parse_recipe(raw: dict[str, Any], source: str = "<recipe>",
+                 overrides: Iterable[str] = ()) -> Recipe:
+    """Validate an already-parsed recipe dict; `source` names it in errors, except for the keys
+    that one of `overrides` (`--set key=value`) set: those errors name the `--set`."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise BadInputError(_format_validation_error(err, source)) from None
+        blame = {item.partition("=")[0].strip(): item.strip() for item in overrides}
+        raise BadInputError(_format_validation_error(err, source, blame)) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of `raw` with each `key.path=value` applied (value parsed as TOML)."""
-    raw = json.loads(json.dumps(raw))  # deep copy of plain TOML data
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -80,19 +87,64 @@ def _parse_value(text: str) -> Any:
         return text  # lets `--set run.out_dir=runs/x` work without quotes
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `file: key.path: what was expected (got value)`."""
+def _format_validation_error(err: ValidationError, source: str,
+                             blame: dict[str, str] | None = None) -> str:
+    """One line per problem: `file: key.path: what was expected (got value)`. A key set by
+    `--set` is blamed on that `--set` (`blame`: key path -> the whole `key=value`), and an
+    unknown key names the nearest valid one."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        parts = [str(p) for p in e["loc"]]
+        loc = ".".join(parts) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            near = _nearest_key(parts)
+            if near:
+                msg += f" (did you mean {near}?)"
         else:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: {loc}: {msg}")
+        lines.append(f"{_blamed(parts, blame or {}) or source}: {loc}: {msg}")
     return "\n".join(lines)
+
+
+def _blamed(parts: list[str], blame: dict[str, str]) -> str | None:
+    """`--set key=value` when that `--set` set this key path (or a section above it)."""
+    for i in range(len(parts), 0, -1):
+        item = blame.get(".".join(parts[:i]))
+        if item is not None:
+            return f"--set {item}"
+    return None
+
+
+def _nearest_key(parts: list[str]) -> str | None:
+    """The valid key path closest to the unknown `parts`: a close spelling in the same
+    section first (`schedule.max_step` -> `schedule.max_steps`), else the same or a close
+    name in another section (`optim.max_steps` -> `schedule.max_steps`)."""
+    if not parts:
+        return None
+    *parents, leaf = parts
+    model: Any = Recipe
+    for part in parents:
+        field = model.model_fields.get(part)
+        sub = field.annotation if field is not None else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return None
+        model = sub
+    prefix = "".join(f"{p}." for p in parents)
+    match = difflib.get_close_matches(leaf, list(model.model_fields), n=1, cutoff=0.7)
+    if match:
+        return prefix + match[0]
+    everywhere = {f"{name}.{key}": key for name, field in Recipe.model_fields.items()
+                  if isinstance(field.annotation, type)
+                  and issubclass(field.annotation, BaseModel)
+                  for key in field.annotation.model_fields}
+    exact = [path for path, key in everywhere.items() if key == leaf]
+    if exact:
+        return exact[0]
+    match = difflib.get_close_matches(leaf, list(everywhere.values()), n=1, cutoff=0.8)
+    return next(path for path, key in everywhere.items() if key == match[0]) if match else None
 
 
 def dump_recipe(recipe: Recipe) -> str:
@@ -102,7 +154,7 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def recipe_hash(recipe: Recipe) -> str:
     """A short, stable hash of the resolved recipe (stored in checkpoints)."""
-    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    text = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -67,10 +67,22 @@ def export_onnx(encoder: CrateEncoder, file: str | os.PathLike[str]) -> OnnxExpo
     over `ONNX_TOLERANCE` (CrateMAEError) leaves nothing behind, and a file already at
     `file` as it was. Without onnxruntime the file is written unchecked."""
     final = Path(file)
+    _require_onnx()  # before anything, even the output folder, is made
     with atomic_path(final) as tmp:
         _write_graph(encoder, tmp)
         result = _compare(encoder, tmp, final)
     return result
+
+
+def _require_onnx() -> None:
+    """OnnxUnavailableError, one line naming the extra, unless the `onnx` package imports
+    (torch's exporter builds the graph with it)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise OnnxUnavailableError(
+            "export --format onnx needs the onnx package, which is not installed: "
+            "pip install 'cratemae[onnx]'") from None
 
 
 def _compare(encoder: CrateEncoder, tmp: Path, final: Path) -> OnnxExport:
@@ -115,7 +127,8 @@ def check_onnx(
         import onnxruntime as ort
     except ImportError:
         raise OnnxUnavailableError(
-            "onnxruntime is not installed (pip install 'cratemae[onnx]')"
+            "onnxruntime is not installed, so the file was not compared with PyTorch: "
+            "pip install 'cratemae[onnx]'"
         ) from None
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     worst_abs = worst_scaled = 0.0
