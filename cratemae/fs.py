@@ -45,6 +45,8 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "is_temp_name",
+    "naming",
+    "strict_json",
     "temp_path",
 ]
 
@@ -136,18 +138,31 @@ class AtomicFile:
 
 
 @contextmanager
+def naming(path: PathLike) -> Iterator[None]:
+    """An OSError raised in the block that names no file (a `write` on a full disk) is
+    raised again naming `path`, so that the one line a user sees says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
+
+
+@contextmanager
 def atomic_write(
     path: PathLike, mode: str = "wb", *, encoding: str | None = None
 ) -> Iterator[IO[Any]]:
     """Yield a file object (mode "wb", or "w" for UTF-8 text) whose content replaces `path`
     when the block ends normally; on an exception `path` is untouched and nothing is left."""
-    pending = AtomicFile(path, mode, encoding=encoding)
-    try:
-        yield pending.file
-    except BaseException:
-        pending.discard()
-        raise
-    pending.commit()
+    with naming(path):
+        pending = AtomicFile(path, mode, encoding=encoding)
+        try:
+            yield pending.file
+        except BaseException:
+            pending.discard()
+            raise
+        pending.commit()
 
 
 @contextmanager
@@ -157,18 +172,19 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     The file is given the umask's permissions whatever the library chose (safetensors'
     `save_file` makes its files 0o600)."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(final)
-    wanted = _umask_mode(tmp)
-    try:
-        yield tmp
-        _chmod(tmp, wanted)  # FileNotFoundError if the writer wrote nothing
-        fsync_file(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
+    with naming(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(final)
+        wanted = _umask_mode(tmp)
+        try:
+            yield tmp
+            _chmod(tmp, wanted)  # FileNotFoundError if the writer wrote nothing
+            fsync_file(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(final.parent)
 
 
 def _umask_mode(probe: Path) -> int:
@@ -206,6 +222,27 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: PathLike, obj: Any, *, indent: int = 1) -> None:
-    """Replace `path` with `obj` as indented, strict JSON (NaN and infinities are a
-    ValueError, raised before anything is written) and a final newline, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+    """Replace `path` with `obj` as indented strict JSON (`strict_json`: a non-finite number
+    becomes null, named under "nonfinite") and a final newline, atomically."""
+    atomic_write_text(path, strict_json(obj, indent=indent) + "\n")
+
+
+def strict_json(obj: Any, *, indent: int | None = None) -> str:
+    """`obj` as strict JSON, which has no NaN or infinity: a non-finite number is written as
+    null, and a dict that held one gains `"nonfinite": [its keys]`, so that a reader knows
+    the null was a NaN or an infinity (a diverged loss), not a missing value."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(obj, dict):
+        out = {k: _finite(v) for k, v in obj.items()}
+        bad = [k for k, v in obj.items() if isinstance(v, float) and out[k] is None]
+        if bad:
+            out["nonfinite"] = sorted({*out.get("nonfinite", []), *bad})
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -112,22 +112,26 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert all(set(v) == {"jpg"} for v in samples.values())
 
 
-def test_interrupted_write_leaves_no_partial_tar(tree, tmp_path):
+def test_an_interrupted_overwrite_leaves_the_old_shards_whole(tree, tmp_path):
+    """`--overwrite` removes the old shards only once every new one is complete."""
     out = tmp_path / "out"
+    write_shards(tree, out, max_per_shard=6)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def boom(done: int, total: int) -> None:
         if done == 7:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_shards(tree, out, max_per_shard=4, progress=boom)
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["train-000000.tar"]  # complete; shard 1 was mid-way and is gone
-    with tarfile.open(out / "train-000000.tar") as tf:
-        assert len(tf.getmembers()) == 8
+        write_shards(tree, out, max_per_shard=4, overwrite=True, progress=boom)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing else left
     with pytest.raises(BadInputError, match=r"not empty; pass --overwrite"):
         write_shards(tree, out)
-    assert write_shards(tree, out, overwrite=True).samples("train") == 18
+    assert write_shards(tree, out, overwrite=True, max_per_shard=4).samples("train") == 18
+    assert sorted(p.name for p in out.iterdir()) == [
+        "shards.json", *[f"train-{i:06d}.tar" for i in range(5)]]
+    with tarfile.open(out / "train-000000.tar") as tf:
+        assert len(tf.getmembers()) == 8
 
 
 def test_failure_inside_a_shard_removes_its_temporary_file(tree, tmp_path, monkeypatch):
@@ -137,14 +141,14 @@ def test_failure_inside_a_shard_removes_its_temporary_file(tree, tmp_path, monke
     def failing(self, name, data):
         calls.append(name)
         if len(calls) == 13:  # mid-way through shard 1 (4 samples = 8 members a shard)
-            assert list((tmp_path / "out").glob(".train-000001.tar.tmp-*"))
+            assert list((tmp_path / "out").glob("*staging*/.train-000001.tar.tmp-*"))
             raise OSError("disk full")
         real(self, name, data)
 
     monkeypatch.setattr(writer_mod._ShardSink, "_member", failing)
     with pytest.raises(OSError, match="disk full"):
         write_shards(tree, tmp_path / "out", max_per_shard=4)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000000.tar"]
+    assert list((tmp_path / "out").iterdir()) == []  # no shard, no temporary, no index
 
 
 def test_bad_arguments(tree, tmp_path):

@@ -69,6 +69,7 @@ def test_evaluates_every_epoch_keeps_best_and_last_and_resumes_exactly(
     assert any(k.startswith("ema.") for k in last.model_state)
     summary = json.loads((tmp_path / "whole" / "finetune.json").read_text())
     assert summary["final"]["step"] == 6 and summary["best"]["top1"] == best["top1"]
+    assert summary["class_names"] == list(CLASSES[:3])  # label i is class_names[i]
 
 
     def stop_at_3(record):  # the end of epoch 1, after its evaluation

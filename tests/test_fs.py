@@ -144,10 +144,11 @@ def test_json_is_strict_indented_and_ends_in_a_newline(tmp_path: Path) -> None:
     assert text == json.dumps(record, indent=1) + "\n"
     atomic_write_json(path, record, indent=2)
     assert path.read_text() == json.dumps(record, indent=2) + "\n"
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="JSON compliant"):
-            atomic_write_json(path, {"top1": bad})
-    assert path.read_text() == json.dumps(record, indent=2) + "\n"
+    for bad in (float("nan"), float("inf"), float("-inf")):  # strict JSON: null, and named
+        atomic_write_json(path, {"top1": bad, "top5": 90.0, "per_layer": [1.0, bad]})
+        assert json.loads(path.read_text()) == {"top1": None, "top5": 90.0,
+                                                "per_layer": [1.0, None], "nonfinite": ["top1"]}
+        assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["best.json"]
 
 

@@ -126,6 +126,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two processes start, extract and fit: ~9 s
 def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoint):
     one = probe(load_recipe(PROBE, [*SMALL, f'probe.cache_dir="{tmp_path / "c1"}"']),
                 demo_checkpoint, out_dir=tmp_path / "one")

@@ -120,3 +120,33 @@ def test_pretraining_over_mostly_bad_data_stops_in_one_line(tmp_path: Path) -> N
     with pytest.raises(BadInputError, match=r"of 96 samples were bad \(50\.0% > "):
         pretrain(recipe, out_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing saved past bad data
+
+
+def test_a_change_of_data_workers_is_not_safe_on_resume() -> None:
+    """Each worker reads its own stream of the epoch: another count reads the samples in
+    another order, so resuming with it would not repeat the run."""
+    from cratemae.recipe import unsafe_changes
+
+    base = load_recipe(REPO / "recipes" / "demo.toml", ["data.num_workers=2"])
+    other = load_recipe(REPO / "recipes" / "demo.toml", ["data.num_workers=3"])
+    assert unsafe_changes(base, other) == ["data.num_workers"]
+    later = load_recipe(REPO / "recipes" / "demo.toml", ["data.num_workers=2",
+                                                        "schedule.epochs=99"])
+    assert unsafe_changes(base, later) == []
+
+
+def test_fine_tuning_applies_the_recipes_drop_path_rate() -> None:
+    from cratemae.model import CrateEncoder
+    from cratemae.model.layers import DropPath
+    from cratemae.tasks.finetune import FinetuneTask
+
+    recipe = load_recipe(REPO / "recipes" / "finetune" / "demo.toml",
+                         ["finetune.drop_path_rate=0.2", "finetune.mixup=0", "finetune.cutmix=0"])
+    encoder = CrateEncoder(CrateMAEConfig(img_size=16, patch_size=8, embed_dim=8, depth=3,
+                                          num_heads=2, decoder_embed_dim=8, decoder_depth=1,
+                                          decoder_num_heads=2))
+    FinetuneTask(recipe, encoder, encoder.config.to_dict(), num_classes=4)
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0
+             for b in encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])  # rising to the recipe's rate
+    assert load_recipe(REPO / "recipes" / "finetune" / "in1k.toml").finetune.drop_path_rate == 0.1

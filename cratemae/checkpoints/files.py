@@ -10,13 +10,14 @@ names the file and what is wrong with it, never a safetensors/OS traceback.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from cratemae.errors import BadInputError
@@ -64,7 +65,10 @@ def write_safetensors(
             seen.add(t.untyped_storage().data_ptr())
         ready[key] = t
     with atomic_path(path) as tmp:
-        save_file(ready, str(tmp), metadata={"format": FORMAT, **metadata})
+        try:
+            save_file(ready, str(tmp), metadata={"format": FORMAT, **metadata})
+        except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
+            raise OSError(errno.EIO, f"cannot write ({err})", str(path)) from err
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ __all__ = [
     "step_dir_name",
     "step_dirs",
     "step_of",
+    "temporary_owner",
 ]
 
 CKPT_SUBDIR = "checkpoints"
@@ -33,7 +34,8 @@ EMA_PREFIX = "ema."
 
 _STEP_RE = re.compile(r"^step-(\d{9,})$")
 # Temporary names start with a dot so that nothing scanning for `step-*` ever picks them up.
-_TMP_RE = re.compile(r"^\.(step-\d+\.(tmp|old|del)-\d+|latest\.tmp-\d+(-[0-9a-f]{8})?)$")
+_TMP_RE = re.compile(
+    r"^\.(step-\d+\.(tmp|old|del)-(?P<pid>\d+)|latest\.tmp-(?P<lpid>\d+)(-[0-9a-f]{8})?)$")
 
 
 def step_dir_name(step: int) -> str:
@@ -50,6 +52,14 @@ def step_of(name: str) -> int | None:
 def is_temporary(name: str) -> bool:
     """Whether a name in the checkpoints directory is debris of an unfinished save/prune."""
     return _TMP_RE.match(name) is not None
+
+
+def temporary_owner(name: str) -> int | None:
+    """The process id that a temporary name records (the process that made it)."""
+    m = _TMP_RE.match(name)
+    if m is None:
+        return None
+    return int(m.group("pid") or m.group("lpid"))
 
 
 def step_dirs(ckpt_dir: Path) -> list[Path]:

@@ -91,7 +91,8 @@ def write_model_weights(
     """Write a standalone weights file that `read_model_weights`/`load_checkpoint` accept
     (for export). Written atomically, so it is never seen half-written."""
     final = Path(path)
-    write_safetensors(final, model_state, {"kind": "model", "config": json.dumps(model_config)})
+    config = json.dumps(model_config, allow_nan=False)
+    write_safetensors(final, model_state, {"kind": "model", "config": config})
     return final
 
 

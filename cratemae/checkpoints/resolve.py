@@ -8,6 +8,7 @@ never hashed twice just to be found.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from cratemae.checkpoints.layout import (
 from cratemae.errors import BadInputError
 
 __all__ = [
+    "MetaFieldError",
     "Resume",
     "check_checkpoint_dir",
+    "check_meta_fields",
     "ckpt_dir_of",
     "complete_checkpoints",
     "find_resume",
@@ -47,6 +50,7 @@ def check_checkpoint_dir(path: Path, *, verify_hashes: bool = True) -> dict[str,
     meta = read_json(path / META)
     if meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
         raise BadInputError(f"{path / META}: not a cratemae checkpoint record")
+    check_meta_fields(meta, path / META)
     for name in (MODEL_FILE, TRAIN_FILE):
         expected = meta["files"].get(name)
         if verify_hashes:
@@ -58,6 +62,50 @@ def check_checkpoint_dir(path: Path, *, verify_hashes: bool = True) -> dict[str,
             if file.stat().st_size != expected.get("bytes"):
                 raise BadInputError(f"{file}: size differs from meta.json (truncated?)")
     return meta
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The fields the store and the training loop read back, and what each must hold.
+_META_FIELDS: dict[str, tuple[Any, str]] = {
+    "step": (_count, "a whole number >= 0"),
+    "epoch": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+              "a whole number >= -1"),
+    "samples_seen": (_count, "a whole number >= 0"),
+    "bad_samples": (_count, "a whole number >= 0"),
+    "nonfinite_skipped": (_count, "a whole number >= 0"),
+    "world_size": (lambda v: _count(v) and v >= 1, "a whole number >= 1"),
+    "wall_time": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "a number"),
+    "end_of_epoch": (lambda v: isinstance(v, bool), "true or false"),
+    "recipe_toml": (lambda v: isinstance(v, str), "a string"),
+    "data_position": (lambda v: isinstance(v, dict) and all(
+                          _count(v[k]) for k in ("epoch", "batch") if k in v),
+                      'an object whose "epoch" and "batch" are whole numbers >= 0'),
+}
+_REQUIRED_FIELDS = ("step", "epoch", "world_size", "wall_time", "data_position")
+
+
+class MetaFieldError(BadInputError):
+    """A checkpoint whose meta.json was edited into nonsense. Unlike an incomplete save
+    (skipped when looking for the newest checkpoint), it stops the command: resuming from
+    the one before would silently throw work away."""
+
+
+def check_meta_fields(meta: dict[str, Any], source: Path) -> None:
+    """BadInputError naming the first field of a checkpoint's meta.json that is missing or
+    holds the wrong kind of value (a file edited by hand must never start a run at a
+    negative step, or end in a traceback)."""
+    for name, (ok, what) in _META_FIELDS.items():
+        if name not in meta:
+            if name in _REQUIRED_FIELDS:
+                raise MetaFieldError(f"{source}: field {name!r} is missing")
+            continue
+        if not ok(meta[name]):
+            raise MetaFieldError(f"{source}: field {name!r} must be {what}, "
+                                f"not {json.dumps(meta[name], allow_nan=True)[:60]}")
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -80,6 +128,8 @@ def complete_checkpoints(ckpt_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     for p in step_dirs(ckpt_dir):
         try:
             found.append((p, check_checkpoint_dir(p, verify_hashes=False)))
+        except MetaFieldError:
+            raise
         except BadInputError as exc:
             log.debug("skipping incomplete checkpoint: %s", exc)
     found.sort(key=lambda pm: (float(pm[1].get("wall_time", 0.0)), int(pm[1].get("step", 0))))
@@ -107,6 +157,8 @@ def _latest_in(ckpt_dir: Path) -> Path | None:
         try:
             check_checkpoint_dir(ckpt_dir / name, verify_hashes=False)
             return ckpt_dir / name
+        except MetaFieldError:
+            raise
         except BadInputError as exc:
             log.warning("%s does not name a complete checkpoint (%s); scanning", LATEST, exc)
     return newest_complete(ckpt_dir)

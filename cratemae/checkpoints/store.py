@@ -29,6 +29,7 @@ from cratemae.checkpoints.layout import (
     TRAIN_FILE,
     is_temporary,
     step_dir_name,
+    temporary_owner,
 )
 from cratemae.checkpoints.resolve import newest_complete, read_latest
 from cratemae.checkpoints.tree import flatten_tree
@@ -91,7 +92,7 @@ def save_checkpoint(
         write_safetensors(
             tmp / TRAIN_FILE,
             train_tensors,
-            {"kind": "train_state", "skeleton": json.dumps(skeleton)},
+            {"kind": "train_state", "skeleton": json.dumps(skeleton, allow_nan=False)},
         )
         record["files"] = {name: file_digest(tmp / name) for name in (MODEL_FILE, TRAIN_FILE)}
         atomic_write_json(tmp / META, record, indent=2)
@@ -104,9 +105,24 @@ def save_checkpoint(
     return final
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def remove_debris(ckpt_dir: Path) -> None:
-    """Delete what unfinished saves and prunes left behind (dot-named temporaries)."""
+    """Delete what unfinished saves and prunes left behind (dot-named temporaries), but only
+    this process's and those of processes that are gone: a live process's save in progress
+    is never touched, whoever it is."""
     for p in ckpt_dir.iterdir():
+        owner = temporary_owner(p.name)
+        if owner is None or (owner != os.getpid() and _alive(owner)):
+            continue
         if is_temporary(p.name):
             log.info("removing stale temporary %s", p)
             if p.is_dir() and not p.is_symlink():

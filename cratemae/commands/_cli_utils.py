@@ -9,17 +9,20 @@ name, metavar and help text as every other command. Checks that Typer cannot exp
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from cratemae.commands import console
 from cratemae.errors import BadInputError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "CheckpointArg",
@@ -30,6 +33,8 @@ __all__ = [
     "ResumeOpt",
     "SetOpt",
     "command_console",
+    "plain_help_types",
+    "preemptible",
     "require_checkpoint",
     "require_file",
 ]
@@ -93,11 +98,67 @@ CheckpointArg = Annotated[
 ]
 
 
+# Typer's help writes Python's names in the type column (`<bool>` on every flag,
+# `<list[Path]>`, `<int>`); users read these words instead.
+_TYPE_WORDS = {"Path": "PATH", "str": "TEXT", "int": "INTEGER", "float": "NUMBER"}
+
+
+def _help_type(label: str | None) -> str | None:
+    """`<list[Path]>` -> `PATH...`, `<int>` -> `INTEGER`, `<a|b>` -> `a|b`."""
+    if label is None:
+        return None
+    inner = label[1:-1] if label.startswith("<") and label.endswith(">") else label
+    many = inner.startswith("list[") and inner.endswith("]")
+    inner = inner[5:-1] if many else inner
+    word = _TYPE_WORDS.get(inner, inner)
+    return f"{word}..." if many else word
+
+
+def plain_help_types() -> None:
+    """Make every command's `--help` show no type for flags, the metavar where one is given
+    (an argument's already names it), and plain words for the rest. Idempotent."""
+    from typer.core import TyperArgument, TyperOption
+
+    if getattr(TyperOption, "_cratemae_plain", False):
+        return
+    option_type, argument_type = TyperOption.display_type_rich, TyperArgument.display_type_rich
+
+    def option(self: Any, ctx: Any) -> str | None:
+        if self.is_flag:
+            return None
+        if self.metavar is not None:
+            return self.metavar
+        return _help_type(option_type(self, ctx))
+
+    def argument(self: Any, ctx: Any) -> str | None:
+        return None if self.metavar is not None else _help_type(argument_type(self, ctx))
+
+    TyperOption.display_type_rich = option  # type: ignore[method-assign]
+    TyperArgument.display_type_rich = argument  # type: ignore[method-assign]
+    TyperOption._cratemae_plain = True  # type: ignore[attr-defined]
+
+
 def require_file(path: Path, what: str) -> Path:
     """Return `path` if it is an existing file, else raise `BadInputError` naming it."""
     if not path.is_file():
         raise BadInputError(f"{path}: {what} not found")
     return path
+
+
+def preemptible(func: F) -> F:
+    """Listen for SIGTERM/SIGUSR1 from the command's first line, before torch is imported:
+    a stop sent to the job while it starts is remembered, and the run's first step boundary
+    saves and exits 3 (`cratemae.distributed.preemption`), instead of the process dying
+    with nothing said."""
+
+    @functools.wraps(func)  # keeps the signature and docstring that Typer reads
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from cratemae.distributed.preemption import PreemptionFlag  # standard library only
+
+        with PreemptionFlag():
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def require_checkpoint(path: Path) -> Path:

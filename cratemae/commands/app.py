@@ -7,7 +7,8 @@ Every command, built-in or third-party, is an entry point in the `cratemae.comma
     bench = "mypkg.cli:bench_app"      # a typer.Typer: `cratemae bench ...` (a group)
 
 Each registered function is wrapped by `guard()`: a `CrateMAEError` becomes `error: <message>`
-on stderr and its `exit_code`, without a traceback unless `--debug` is given.
+on stderr and its `exit_code`, an `OSError` (a full disk, mid-run) `error: PATH: reason` and
+exit status 1, without a traceback unless `--debug` is given.
 """
 
 from __future__ import annotations
@@ -78,9 +79,21 @@ def guard(func: F) -> F:
                 traceback.print_exc(file=sys.stderr)
             console.error("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as err:  # a full disk, a file that vanished, a lost mount: mid-run
+            if STATE.debug:
+                traceback.print_exc(file=sys.stderr)
+            console.error(_os_error_line(err))
+            raise typer.Exit(EXIT_FAILURE) from None
 
     wrapper.__cratemae_guarded__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _os_error_line(err: OSError) -> str:
+    """`PATH: reason` for an operating-system error, on one line."""
+    reason = err.strerror or str(err) or type(err).__name__
+    where = err.filename if err.filename is not None else ""
+    return f"{where}: {reason}".replace("\n", " ") if where else reason.replace("\n", " ")
 
 
 def _guard_group(group: typer.Typer) -> None:
@@ -151,6 +164,9 @@ def _callback(
 
 def build_app(entry_points: Iterable[metadata.EntryPoint] | None = None) -> typer.Typer:
     """The `cratemae` app with one command per entry point (default: the installed ones)."""
+    from cratemae.commands._cli_utils import plain_help_types
+
+    plain_help_types()  # no `<bool>` on flags, no Python type names in any --help
     app = typer.Typer(
         name="cratemae",
         help=HELP,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Annotated, Any
 
@@ -10,6 +9,7 @@ import typer
 
 from cratemae.commands import console
 from cratemae.commands._cli_utils import JsonOpt
+from cratemae.fs import strict_json
 
 __all__ = ["bench"]
 
@@ -70,7 +70,7 @@ def bench(
         result = run_bench(spec)
     finally:
         logger.removeHandler(handler)
-    print(json.dumps(result) if json_ else _report(result))
+    print(strict_json(result) if json_ else _report(result))
 
 
 def _report(r: dict[str, Any]) -> str:

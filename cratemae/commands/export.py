@@ -41,9 +41,10 @@ def export(
     """Export weights for other tools.
 
     CKPT is a checkpoint directory, a run directory (its latest checkpoint) or a weights
-    file. safetensors: DIR/model.safetensors + DIR/config.json, readable by every cratemae
-    command and by timm (timm.create_model("crate_mae_base", pretrained=True,
-    pretrained_cfg_overlay=dict(file="DIR/model.safetensors")) after import cratemae).
+    file. safetensors: DIR/model.safetensors, DIR/config.json and a model card DIR/README.md,
+    in timm's Hub layout: every cratemae command reads DIR, and timm loads it with
+    timm.create_model("local-dir:DIR", pretrained=True) after
+    import cratemae.weights.timm_models (or "hf-hub:USER/REPO" once uploaded).
     onnx: DIR/model.onnx, the encoder's forward_features with a dynamic batch dimension,
     checked against PyTorch with onnxruntime when it is installed.
 
@@ -56,6 +57,7 @@ def export(
         raise BadInputError(f"{checkpoint}: checkpoint not found")
     if out.is_file():
         raise BadInputError(f"--out {out}: is a file; expected a directory")
+    _refuse_writing_into_the_source(checkpoint, out)
     from cratemae.weights.load import load_model
 
     loaded = load_model(checkpoint)  # checks the weights against their configuration
@@ -66,7 +68,7 @@ def export(
 
     result = export_safetensors(loaded, out, encoder_only=encoder_only)
     what = "encoder only" if result.encoder_only else "encoder and decoder"
-    typer.echo(f"wrote {result.file} ({what}) and {result.config_file}")
+    typer.echo(f"wrote {result.file} ({what}), {result.config_file} and {result.card_file}")
     typer.echo(f"sha256 {result.sha256}  {result.file.name}")
 
 
@@ -89,3 +91,24 @@ def _export_onnx(loaded: LoadedModel, out: Path) -> None:
         return
     typer.echo(f"checked with onnxruntime: max abs difference {result.max_abs:.2e} "
                f"(tolerance {ONNX_TOLERANCE:.0e} x (1 + |x|))")
+
+
+def _refuse_writing_into_the_source(checkpoint: Path, out: Path) -> None:
+    """No export into the run it reads (its checkpoints, which retention prunes, or beside
+    them) nor over the weights it reads: exit 2 before anything is written."""
+    from cratemae.checkpoints.layout import CKPT_SUBDIR
+    from cratemae.checkpoints.resolve import resolve_checkpoint
+
+    source = resolve_checkpoint(checkpoint).resolve()
+    where = out.resolve()
+    reading = source.parent if source.is_file() else source
+    runs = [p for p in (reading, *reading.parents) if (p / CKPT_SUBDIR).is_dir()]
+    for run in runs[:1]:
+        if where == run or where.is_relative_to(run):
+            raise BadInputError(f"--out {out}: inside the run {run} that is being read; "
+                                f"export to a directory outside it")
+    over = where / "model.safetensors" == source if source.is_file() else (
+        where == source or where.is_relative_to(source))
+    if over:
+        raise BadInputError(f"--out {out}: would write over the weights being read "
+                            f"({source}); give another directory")

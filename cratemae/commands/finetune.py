@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from cratemae.commands._cli_utils import (
     CheckpointOpt,
     JsonOpt,
@@ -12,13 +10,16 @@ from cratemae.commands._cli_utils import (
     ResumeOpt,
     SetOpt,
     command_console,
+    preemptible,
     require_checkpoint,
 )
+from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
 
 __all__ = ["finetune"]
 
 
+@preemptible
 def finetune(
     recipe: RecipeArg,
     checkpoint: CheckpointOpt,
@@ -54,11 +55,22 @@ def finetune(
     final = result.evals[-1] if result.evals else {}
     best = result.best or {}
     if json_:
-        print(json.dumps({"run_dir": str(result.run_dir), "final": final, "best": best,
-                          "last_checkpoint": str(result.last_checkpoint),
-                          "steps": result.state.step}))
+        print(strict_json({"run_dir": str(result.run_dir), "final": final, "best": best,
+                           "last_checkpoint": str(result.last_checkpoint),
+                           "steps": result.state.step}))
         return
     print(f"final  top-1 {final.get('top1', float('nan')):.2f}%  "
           f"top-5 {final.get('top5', float('nan')):.2f}%  (step {result.state.step})")
     print(f"best   top-1 {best.get('top1', float('nan')):.2f}%  "
           f"top-5 {best.get('top5', float('nan')):.2f}%  ({best.get('path', '-')})")
+    run = result.run_dir
+    if result.finished_before:
+        print(f"already finished at step {result.state.step}: nothing to train")
+    written = ["finetune.json", "best/ (the best weights)", f"{result.last_checkpoint} "
+               "(last checkpoint)", "metrics.jsonl", "log.txt"]
+    written += ["tensorboard/"] if (run / "tensorboard").is_dir() else []
+    print(f"written in {run}: " + ", ".join(written))
+    print(f"next:\n  cratemae export {run}/best/model.safetensors --out exported/{run.name}"
+          + (f"\n  tensorboard --logdir {run / 'tensorboard'}"
+             if (run / "tensorboard").is_dir() else "")
+          + f"\n  cratemae runs {run.parent}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from cratemae.commands._cli_utils import (
     JsonOpt,
@@ -11,12 +11,15 @@ from cratemae.commands._cli_utils import (
     ResumeOpt,
     SetOpt,
     command_console,
+    preemptible,
 )
+from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
 
 __all__ = ["pretrain"]
 
 
+@preemptible
 def pretrain(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -44,10 +47,35 @@ def pretrain(
     with command_console("pretrain") as (_, on_log):
         result = run_pretrain(r, out_dir=out, resume=where, on_log=on_log)
     if json_ and result.main_process:
-        print(json.dumps({
+        print(strict_json({
             "run_dir": str(result.run_dir),
             "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
             "final_loss": result.final_loss,
             "steps": result.state.step,
+            "already_finished": result.finished_before,
         }))
+    elif result.main_process:
+        print(_the_end(result, r.data.train))
+
+
+def _the_end(result: Any, train: Any) -> str:
+    """What the run wrote and the commands that naturally follow."""
+    run, loss = result.run_dir, result.final_loss
+    loss_text = "n/a" if loss is None else f"{loss:.4f}"
+    if result.finished_before:
+        head = (f"already finished: step {result.state.step} of {result.total_steps}, "
+                f"final loss {loss_text}; nothing to train")
+    else:
+        head = f"finished: step {result.state.step} of {result.total_steps}, loss {loss_text}"
+    written = [f"{result.last_checkpoint} (last checkpoint)", "metrics.jsonl", "log.txt"]
+    written += [f"{d}/" for d in ("tensorboard", "samples") if (run / d).is_dir()]
+    probe = "recipes/probe/demo.toml" if train == "demo:train" else "recipes/probe/in1k.toml"
+    return "\n".join([
+        head, f"written in {run}: " + ", ".join(written), "next:",
+        f"  cratemae probe {probe} --checkpoint {run}",
+        f"  cratemae reconstruct IMAGE --checkpoint {run}",
+        f"  cratemae export {run} --out exported/{run.name}",
+        f"  tensorboard --logdir {run / 'tensorboard'}"
+        if (run / "tensorboard").is_dir() else f"  cratemae runs {run.parent}",
+    ])
 

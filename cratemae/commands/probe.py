@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 from cratemae.commands._cli_utils import (
     CheckpointOpt,
@@ -11,13 +11,16 @@ from cratemae.commands._cli_utils import (
     RecipeArg,
     SetOpt,
     command_console,
+    preemptible,
     require_checkpoint,
 )
+from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
 
 __all__ = ["probe"]
 
 
+@preemptible
 def probe(
     recipe: RecipeArg,
     checkpoint: CheckpointOpt,
@@ -27,10 +30,13 @@ def probe(
 ) -> None:
     """Linear-probe a pre-trained encoder.
 
-    The encoder is frozen. probe.protocol "features" (the authors'): cached features of the
+    The encoder is frozen. probe.protocol "features" (the authors'): features of the
     centre-cropped image + logistic regression over a weight-decay grid chosen on a held-out
-    part of data.train; "mae" (MAE's): BatchNorm + linear head trained with LARS. Writes
-    probe.json (top1/top5 on data.val) and prints a table.
+    part of data.train; "mae" (MAE's): BatchNorm + linear head trained with SGD or LARS
+    (optim.name). Writes probe.json (top1/top5 on data.val) and prints a table. Features
+    are cached in probe.cache_dir (default: $CRATEMAE_CACHE/features, else
+    ~/.cache/cratemae/features); delete it to clear, or point probe.cache_dir at an empty
+    folder to bypass it.
 
     Examples:
       $ cratemae probe recipes/probe/demo.toml --checkpoint runs/demo
@@ -48,7 +54,7 @@ def probe(
         return
     s = result.summary
     if json_:
-        print(json.dumps({k: v for k, v in s.items() if k != "recipe"} | {
+        print(strict_json({k: v for k, v in s.items() if k != "recipe"} | {
             "out_dir": str(result.out_dir)}))
         return
     rows = [("protocol", s["protocol"]), ("checkpoint", s["checkpoint"]),
@@ -61,4 +67,6 @@ def probe(
              ("written", str(result.out_dir / "probe.json"))]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print(f"next:\n  cratemae finetune recipes/finetune/{Path(recipe).stem}.toml --checkpoint "
+          f"{s['checkpoint']}\n  cratemae runs {result.out_dir.parent}")
 

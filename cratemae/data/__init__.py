@@ -4,7 +4,9 @@ Data flows one way (recipe -> data -> model -> training loop): this package read
 recipe's `DataSection` and knows nothing of models or training. See `cratemae.data.loader` for the
 loader contract and `cratemae.data.plan` for how an epoch is split over ranks and workers.
 
-May import: errors, recipe.
+DataLoader workers ignore the runtime's stop signals (`cratemae.distributed.preemption`).
+
+May import: errors, recipe, distributed.
 """
 
 from cratemae.data.batch import Batch, EncodedBatch

@@ -104,17 +104,20 @@ class EpochDataset(IterableDataset):
             draws = (spec.pool[int(rng.integers(len(spec.pool)))] for _ in itertools.count())
         else:  # dealt: cycle over own shards, reshuffled each pass
             draws = (i for _ in itertools.count() for i in rng.permutation(spec.pool))
-        empty = 0
+        empty, failed, reason = 0, set(), ""
         for i in draws:
             got = 0
             for s in iter_shard(self.shards[int(i)]):
                 got += s.missing is None
+                reason = s.missing or reason
                 yield s
-            empty = 0 if got else empty + 1
+            empty, failed = (0, set()) if got else (empty + 1, failed | {int(i)})
             if empty >= max(len(spec.pool), 10):
+                # Resampling draws a shard more than once: name the shards, not the tries.
                 raise BadInputError(
-                    f"{self.shards[int(i)].url}: no samples could be read from {empty} shards "
-                    "in a row (see the 'cratemae.data' log)"
+                    f"no samples could be read from {_shards_phrase(len(failed), len(spec.pool))}"
+                    f" ({empty} tries in a row); last tried {self.shards[int(i)].url}: "
+                    f"{reason or 'empty'} (see the 'cratemae.data' log)"
                 )
 
     def _batch(self, chunk: list[RawSample], log: BadLog) -> Batch | EncodedBatch:
@@ -166,10 +169,21 @@ class EpochDataset(IterableDataset):
         return tf.crop(rgb, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy), flip), label
 
 
+def _shards_phrase(failed: int, pool: int) -> str:
+    """"the only shard", "any of the 3 shards", "2 of the 40 shards" (of one reader): never
+    more shards than there are."""
+    if pool == 1:
+        return "the only shard of this reader"
+    what = "any" if failed >= pool else str(failed)
+    return f"{what} of the {pool} shards of this reader"
+
+
 def _key_hash(raw: RawSample) -> int:
     """64-bit hash of (shard file name, key): the sample's identity for its augmentation."""
     name = raw.shard.rstrip("/").rsplit("/", 1)[-1]
-    digest = hashlib.blake2b(f"{name}/{raw.key}".encode(), digest_size=8).digest()
+    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
+    text = f"{name}/{raw.key}".encode("utf-8", "surrogateescape")
+    digest = hashlib.blake2b(text, digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
 

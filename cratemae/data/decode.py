@@ -96,6 +96,11 @@ def load_rgb(img: Image.Image, draft: tuple[int, int] | None = None) -> Image.Im
         raise BadSample(f"corrupt image ({type(err).__name__}: {msg})") from None
 
 
+# Inference resizes the short side to the model's input size: a 1,000,000 x 1 image would
+# become 224,000,000 x 224 pixels first. No photograph is this elongated.
+MAX_ASPECT = 64
+
+
 def read_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> Image.Image:
     """An image file -> upright 8-bit RGB, as every inference command reads one.
 
@@ -110,6 +115,10 @@ def read_image_file(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) 
         raise BadInputError(f"{path}: image not found")
     try:
         with open_image(path.read_bytes(), max_pixels) as img:
+            w, h = img.size  # from the header: nothing decoded yet
+            if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+                raise BadSample(f"{w} x {h} pixels, an aspect ratio beyond {MAX_ASPECT}:1 "
+                                f"(resizing its short side would take gigabytes)")
             upright = ImageOps.exif_transpose(img)  # decodes; a copy when already upright
         return load_rgb(_over_white(upright))
     except BadSample as err:

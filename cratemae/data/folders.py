@@ -62,8 +62,15 @@ def _is_visible(name: str) -> bool:
 
 
 def _walk_images(d: Path, keep: Callable[[str], bool]) -> list[str]:
-    out = []
+    """Files under `d`, following links to folders, each real folder once: a link back up
+    the tree (a loop) is not followed a second time."""
+    out, seen = [], set()
     for base, subdirs, files in os.walk(d, followlinks=True):
+        real = os.stat(base)
+        if (real.st_dev, real.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((real.st_dev, real.st_ino))
         subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
         out += [os.path.join(base, f) for f in sorted(files) if keep(f)]
     return out

@@ -33,6 +33,7 @@ from cratemae.data.gpu import gpu_decode_batch
 from cratemae.data.plan import EpochPlan, make_plan
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import eval_transform, finetune_transform, pretrain_transform
+from cratemae.distributed.preemption import ignore_stop_signals
 from cratemae.errors import BadInputError
 from cratemae.recipe.schema import DataSection
 
@@ -174,6 +175,9 @@ class Loader:
             # Its base seed from a generator of its own, not torch's global one: a resumed
             # run, which starts one more iterator, continues the global stream exactly.
             generator=torch.Generator(),
+            # A job's stop signal reaches every process of it: the workers keep serving
+            # until this process has saved, then it ends them.
+            worker_init_fn=ignore_stop_signals if workers else None,
         )
         it = iter(loader)
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 from cratemae.data.decode import BadSample, load_rgb, open_image
 from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images
 from cratemae.errors import BadInputError
-from cratemae.fs import AtomicFile, atomic_write_json, is_temp_name
+from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, temp_path
 
 __all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
 
@@ -143,11 +144,38 @@ def write_dataset(
     """Write prepared items as `{split}-NNNNNN.tar` shards and `shards.json` in `out_dir`."""
     if shard_size_mb <= 0 or (max_per_shard is not None and max_per_shard < 1):
         raise BadInputError("--shard-size-mb must be > 0 and --max-per-shard >= 1")
-    _prepare_out(Path(out_dir), overwrite)
-    summary = ShardSummary(Path(out_dir), {}, classes)
+    out_dir = Path(out_dir)
+    old = _prepare_out(out_dir, overwrite)
+    # New shards are written beside the old ones, in a hidden folder, and replace them only
+    # once every one of them is complete: a failure (a full disk, Ctrl-C) leaves the old
+    # shards and index as they were.
+    staging = temp_path(out_dir / ".staging")
+    staging.mkdir()
+    try:
+        summary = _write_splits(splits, staging, classes, shard_size_mb, max_per_shard,
+                                progress)
+        _swap_in(staging, out_dir, old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary.out_dir = out_dir
+    index = {
+        "format": INDEX_FORMAT,
+        "classes": list(classes) if classes else None,
+        "splits": {s: [{"name": n, "samples": c} for n, c in v] for s, v in summary.splits.items()},
+        "source": source,
+        "skipped": len(summary.skipped),
+    }
+    atomic_write_json(out_dir / INDEX_NAME, index)
+    return summary
+
+
+def _write_splits(splits: dict[str, Sequence[Item]], where: Path,
+                  classes: tuple[str, ...] | None, shard_size_mb: float,
+                  max_per_shard: int | None, progress: Progress | None) -> ShardSummary:
+    summary = ShardSummary(where, {}, classes)
     total, done = sum(len(v) for v in splits.values()), 0
     for split, items in splits.items():
-        sink = _ShardSink(Path(out_dir), split, int(shard_size_mb * 1e6), max_per_shard)
+        sink = _ShardSink(where, split, int(shard_size_mb * 1e6), max_per_shard)
         try:
             for item in items:
                 try:
@@ -163,30 +191,34 @@ def write_dataset(
             sink.abort()  # removes a half-written shard (no-op after finish)
         summary.splits[split] = sink.done
         summary.bytes_written += sink.bytes_total
-    index = {
-        "format": INDEX_FORMAT,
-        "classes": list(classes) if classes else None,
-        "splits": {s: [{"name": n, "samples": c} for n, c in v] for s, v in summary.splits.items()},
-        "source": source,
-        "skipped": len(summary.skipped),
-    }
-    atomic_write_json(Path(out_dir) / INDEX_NAME, index)
     return summary
 
 
-def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+def _swap_in(staging: Path, out_dir: Path, old: list[Path]) -> None:
+    """Replace the old shards and index with the complete new shards (the index is written
+    after this, last, so a reader never finds an index naming shards that are not there)."""
+    for p in sorted(old, key=lambda p: p.name != INDEX_NAME):  # the old index goes first
+        p.unlink(missing_ok=True)
+    for p in sorted(staging.iterdir()):
+        os.replace(p, out_dir / p.name)
+    fsync_dir(out_dir)
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> list[Path]:
+    """Check `out_dir` and return what the new shards will replace: the shards, the index
+    and temporaries of an interrupted write (`.*.partial`: the name older versions used).
+    Nothing is removed here."""
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(f"{out_dir}: exists and is not a directory")
+    old: list[Path] = []
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise BadInputError(f"{out_dir}: not empty; pass --overwrite to replace its shards")
-        for p in out_dir.iterdir():
-            # shards, the index, and temporaries of an interrupted write (`.*.partial`: the
-            # name older versions used)
-            if (p.name == INDEX_NAME or is_temp_name(p.name)
-                    or re.fullmatch(r"(train|val)-\d{6}\.tar|\..*\.partial", p.name)):
-                p.unlink()
+        old = [p for p in out_dir.iterdir()
+               if p.name == INDEX_NAME or (is_temp_name(p.name) and p.is_file())
+               or re.fullmatch(r"(train|val)-\d{6}\.tar|\..*\.partial", p.name)]
     out_dir.mkdir(parents=True, exist_ok=True)
+    return old
 
 
 def _unique_keys(rel_paths: list[str]) -> list[str]:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from cratemae.distributed.device import choose_device
-from cratemae.errors import BadInputError
+from cratemae.errors import BadInputError, CrateMAEError
 
 __all__ = [
     "DistInfo",
@@ -212,10 +213,24 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """Wait for every rank; a no-op without a process group."""
     if _active():
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[_comm_device().index])
-        else:
-            dist.barrier()
+        with _collective("a barrier"):
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[_comm_device().index])
+            else:
+                dist.barrier()
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A collective that fails (a peer died: gloo's "connection closed by peer", NCCL's
+    watchdog) ends this rank with one line saying so, exit status 1, instead of a traceback;
+    the dead rank's own log says why it died."""
+    try:
+        yield
+    except RuntimeError as err:  # torch.distributed.DistBackendError is one
+        reason = " ".join(str(err).split())[:160]
+        raise CrateMAEError(f"rank {get_dist_info().rank}: {what} failed, another rank has "
+                            f"stopped ({reason})") from err
 
 
 def all_reduce_any(flag: bool) -> bool:
@@ -223,7 +238,8 @@ def all_reduce_any(flag: bool) -> bool:
     if not _active():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with _collective("an all-reduce"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -241,7 +257,8 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     work = t.detach().to(_comm_device(), copy=True)
     if not work.is_floating_point():
         work = work.double()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    with _collective("an all-reduce"):
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return (work / dist.get_world_size()).to(t.device)
 
 
@@ -249,7 +266,8 @@ def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     if not _active():
         return t.detach().clone()
     work = t.detach().to(_comm_device(), copy=True)
-    dist.all_reduce(work, op=op)
+    with _collective("an all-reduce"):
+        dist.all_reduce(work, op=op)
     return work.to(t.device)
 
 
@@ -271,12 +289,14 @@ def all_gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     device, world = _comm_device(), dist.get_world_size()
     shape = torch.tensor(list(t.shape), dtype=torch.int64, device=device)
     shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
+    with _collective("an all-gather"):
+        dist.all_gather(shapes, shape)
     numels = [int(torch.prod(s).item()) if s.numel() else 1 for s in shapes]
     padded = torch.zeros(max(numels), dtype=t.dtype, device=device)
     padded[: t.numel()] = t.detach().reshape(-1).to(device)
     gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
+    with _collective("an all-gather"):
+        dist.all_gather(gathered, padded)
     return [
         g[:n].reshape([int(d) for d in s.tolist()]).to(t.device)
         for g, n, s in zip(gathered, numels, shapes, strict=True)

@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from cratemae.model.config import PRESETS, CrateMAEConfig
 
@@ -38,8 +38,31 @@ PositiveInt = Annotated[int, Field(gt=0)]
 SAFE = {"safe_to_change": True}
 
 
+def _is_tuple(annotation: Any) -> bool:
+    """True for `tuple[...]`, also inside `Annotated[...]` or `... | None`."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return True
+    return any(_is_tuple(arg) for arg in typing.get_args(annotation)
+               if origin is not Literal and not isinstance(arg, (str, int, float)))
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    """Strict: a value must have the field's type (no `true` for a batch size, no "8" for a
+    number, no 1 for a flag); numbers must be finite; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True,
+                              allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _arrays_are_tuples(cls, data: Any) -> Any:
+        """TOML has arrays, not tuples: an array given for a tuple field is taken as one
+        (its items still checked strictly)."""
+        if not isinstance(data, dict):
+            return data
+        return {k: tuple(v) if isinstance(v, list) and k in cls.model_fields
+                and _is_tuple(cls.model_fields[k].annotation) else v for k, v in data.items()}
 
 
 class _ModelSectionBase(_Section):
@@ -78,7 +101,9 @@ class DataSection(_Section):
     train: str | list[str] | None = None
     val: str | list[str] | None = None
     batch_size: PositiveInt = 64
-    num_workers: Annotated[int, Field(ge=0)] = Field(8, json_schema_extra=SAFE)
+    # Not safe to change on resume: an epoch is split into one stream per worker, so another
+    # count reads the samples in another order (the run would not repeat itself exactly).
+    num_workers: Annotated[int, Field(ge=0)] = 8
     # Draw shards with replacement (large clusters): every rank reads `epoch_samples / world`.
     resampled: bool = False
     epoch_samples: PositiveInt | None = None
@@ -100,6 +125,13 @@ class DataSection(_Section):
     def _ordered_scale(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError("crop_scale must be (low, high) with 0 < low <= high <= 1")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(x > 0 for x in v):
+            raise ValueError("every std must be above 0 (images are divided by it)")
         return v
 
 
@@ -136,16 +168,28 @@ class SchedSection(_Section):
 class RunSection(_Section):
     """Where the run writes, how it logs and checkpoints, and its numerics."""
 
-    out_dir: str = Field("runs/pretrain", json_schema_extra=SAFE)
+    out_dir: str = Field("runs/pretrain", min_length=1, json_schema_extra=SAFE)
     seed: int = 0
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     compile: bool = Field(False, json_schema_extra=SAFE)
+    # Recompute each layer in the backward pass instead of keeping its activations: the
+    # same gradients (to float32 rounding), less memory, one more forward pass of compute.
+    grad_checkpointing: bool = Field(False, json_schema_extra=SAFE)
     log_every: PositiveInt = Field(50, json_schema_extra=SAFE)
     checkpoint_every_steps: PositiveInt | None = Field(None, json_schema_extra=SAFE)
     checkpoint_every_minutes: Annotated[float, Field(gt=0)] = Field(30, json_schema_extra=SAFE)
     keep_last: PositiveInt = Field(2, json_schema_extra=SAFE)
     keep_every_epochs: PositiveInt | None = Field(None, json_schema_extra=SAFE)
     max_nonfinite: PositiveInt = Field(20, json_schema_extra=SAFE)
+    # Pre-training's validation every this many steps and at the end (None: none): val_loss,
+    # k-NN top-1, per-layer coding rate and sparsity, samples/ pictures, on the first
+    # `eval_images` images of data.val (see cratemae.tasks.monitor).
+    eval_every_steps: PositiveInt | None = Field(None, json_schema_extra=SAFE)
+    eval_images: PositiveInt = Field(1024, json_schema_extra=SAFE)
+    # Where the curves go besides metrics.jsonl (always written): "tensorboard"
+    # (RUN_DIR/tensorboard/), "wandb" (the `wandb` extra); [] for none.
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        ("tensorboard",), json_schema_extra=SAFE)
     # Rendezvous for `srun` launches without torchrun (torchrun sets MASTER_ADDR itself).
     master_addr: str | None = Field(None, json_schema_extra=SAFE)
     master_port: Annotated[int, Field(gt=0, lt=65536)] | None = Field(None, json_schema_extra=SAFE)
@@ -195,6 +239,9 @@ class FinetuneSection(_Section):
     num_classes: PositiveInt | None = None  # default: the class names of data.train
     pool: Pool = "token"
     layer_decay: Annotated[float, Field(gt=0, le=1)] = 0.75
+    # Stochastic depth: each block's MSSA branch is dropped with a rate rising linearly
+    # from 0 to this at the last block (timm's ViT; MAE fine-tunes ViT-B with 0.1).
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # true: timm's RandAugment + random erasing (the loader's fine-tuning transform); false:
     # RandomResizedCrop(scale = data.crop_scale) + flip only (small images, short runs).

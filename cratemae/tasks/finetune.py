@@ -10,7 +10,6 @@ checkpoints, resume and preemption are those of `pretrain`.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import zlib
@@ -29,8 +28,8 @@ from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import classify
-from cratemae.eval.labels import check_labels, resolve_num_classes
-from cratemae.fs import atomic_write_text
+from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
+from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.train.setup import RunSetup
@@ -50,8 +49,10 @@ class FinetuneTask(Task):
                  num_classes: int) -> None:
         ft = recipe.finetune
         self.recipe, self.model, self.config = recipe, encoder, config
+        encoder.set_grad_checkpointing(recipe.run.grad_checkpointing)
         self.num_classes = num_classes
         encoder.reset_classifier(num_classes, ft.pool)
+        encoder.set_drop_path_rate(ft.drop_path_rate)
         self.info = dist.get_dist_info()
         self.ema_decay = ft.ema_decay if ft.ema else None
         self.eval_every = ft.eval_every_epochs
@@ -136,6 +137,7 @@ def finetune(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = N
             summary = {"final": result.evals[-1] if result.evals else None, "best": result.best,
                        "checkpoint": str(checkpoint), "last_checkpoint": str(
                            result.last_checkpoint), "recipe": dump_recipe(recipe),
-                       "num_classes": num_classes, "steps": result.state.step}
-            atomic_write_text(run_dir / "finetune.json", json.dumps(summary, indent=1) + "\n")
+                       "num_classes": num_classes, "steps": result.state.step,
+                       "class_names": list(class_names(recipe) or []) or None}
+            atomic_write_json(run_dir / "finetune.json", summary)
         return result

@@ -17,6 +17,7 @@ from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, create_model
 from cratemae.recipe import Recipe
+from cratemae.tasks.monitor import PretrainMonitor
 from cratemae.train.optim import param_groups
 from cratemae.train.setup import RunSetup
 from cratemae.train.task import Task
@@ -30,20 +31,36 @@ log = logging.getLogger("cratemae")
 def build_mae(recipe: Recipe) -> CrateMAE:
     """The model the recipe names, with its overrides; a bad combination is bad input."""
     try:
-        return create_model(recipe.model.name, **recipe.model.config_overrides())
+        model = create_model(recipe.model.name, **recipe.model.config_overrides())
     except ValueError as err:
         raise BadInputError(f"model: {err}") from None
+    patches = model.config.num_patches
+    if int(patches * (1 - recipe.model.mask_ratio)) < 1:
+        raise BadInputError(f"model.mask_ratio = {recipe.model.mask_ratio} leaves no visible "
+                            f"patch of the {patches}: the encoder would see only mask tokens")
+    return model
 
 
 class MAETask(Task):
     """Reconstruct masked patches. Masks are drawn from a generator seeded by (seed,
-    micro-batch, rank), so a resumed run masks exactly as an uninterrupted one would."""
+    micro-batch, rank), so a resumed run masks exactly as an uninterrupted one would.
+    With `run.eval_every_steps` and data.val, validated by `PretrainMonitor` (`monitor`)."""
 
     def __init__(self, recipe: Recipe, model: CrateMAE) -> None:
         self.recipe, self.model = recipe, model
+        model.set_grad_checkpointing(recipe.run.grad_checkpointing)
         self.config = model.config.to_dict()
         self.info = dist.get_dist_info()
         self._gen: torch.Generator | None = None
+        self._monitor: PretrainMonitor | None = None
+        every = recipe.run.eval_every_steps
+        if every is not None and recipe.data.val is None:
+            if self.info.rank == 0:
+                log.info("data.val is not set: no validation during pre-training "
+                         "(run.eval_every_steps = %d)", every)
+        elif every is not None:
+            self.monitor_every = every
+            self._monitor = PretrainMonitor(recipe, self.info.device, model.config.img_size)
 
     def loader(self, epoch: int, start_batch: int) -> Any:
         r = self.recipe
@@ -64,6 +81,11 @@ class MAETask(Task):
         imgs = batch.images.to(self.info.device, non_blocking=True)
         noise = self._noise(imgs.shape[0], micro)
         return model(imgs, mask_ratio=self.recipe.model.mask_ratio, noise=noise).loss
+
+    def monitor(self, model: nn.Module, step: int, run_dir: Path) -> dict[str, Any] | None:
+        if self._monitor is None:
+            return None
+        return self._monitor(model, step, run_dir)  # type: ignore[arg-type]
 
     def _noise(self, batch_size: int, micro: int) -> torch.Tensor:
         device = self.info.device

@@ -12,7 +12,6 @@ Both write `probe.json` (top-1/top-5 in percent, the protocol, checkpoint and re
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from cratemae.eval.classify import Progress, classify
 from cratemae.eval.features import CACHE_FORMAT, FeatureSpec, cached_features
 from cratemae.eval.labels import check_labels, resolve_num_classes
 from cratemae.eval.logreg import fit_logreg, select_weight_decay
-from cratemae.fs import atomic_write_text
+from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.train.setup import RunSetup
@@ -80,7 +79,7 @@ def probe(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None
                    "img_size": encoder.config.img_size, **details,
                    "recipe": dump_recipe(recipe)}
         if run.main_process:
-            atomic_write_text(out / "probe.json", json.dumps(summary, indent=1) + "\n")
+            atomic_write_json(out / "probe.json", summary)
         return ProbeResult(out, summary["top1"], summary["top5"], summary, run.main_process)
 
 
@@ -105,14 +104,26 @@ def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEnc
                                       progress=_stage(on_progress, f"features {split}"))
         check_labels(sets[split].labels, num_classes, "probe.num_classes", split)
     train, val = sets["train"], sets["val"]
-    scores = select_weight_decay(train.features, train.labels, num_classes, p.weight_decays,
-                                 p.holdout_fraction, recipe.run.seed, p.max_iter, device)
+    grid, fits = p.weight_decays, len(p.weight_decays) + 1  # the grid, then the refit
+    log.info("fitting the logistic regression for %d weight decays, then once more on all "
+             "of data.train (L-BFGS, %d x %d features, up to %d iterations each)", len(grid),
+             *train.features.shape, p.max_iter)
+    scores: list[float] = []
+    for start in range(0, len(grid), run.info.world_size):  # one fit per rank at a time
+        part = grid[start : start + run.info.world_size]
+        scores += select_weight_decay(train.features, train.labels, num_classes, part,
+                                      p.holdout_fraction, recipe.run.seed, p.max_iter, device)
+        for j, (wd, score) in enumerate(zip(part, scores[start:], strict=True)):
+            log.info("weight decay %g: held-out top-1 %.2f%% (fit %d of %d)", wd, score,
+                     start + j + 1, fits)
+        on_progress("fit", len(scores), fits)
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first
-    for wd, score in zip(p.weight_decays, scores, strict=True):
-        log.info("weight decay %g: held-out top-1 %.2f%%%s", wd, score,
-                 "  <- chosen" if wd == p.weight_decays[best] else "")
+    _warn_at_edge(grid, scores, best)
+    log.info("weight decay %g chosen; refitting on all %d training images (fit %d of %d)",
+             grid[best], len(train.labels), fits, fits)
     fit = fit_logreg(train.features, train.labels, num_classes, p.weight_decays[best],
                      p.max_iter, device)
+    on_progress("fit", fits, fits)
     top1, top5 = fit.accuracy(val.features, val.labels)
     return {"top1": top1, "top5": top5, "weight_decay": p.weight_decays[best],
             "grid": [{"weight_decay": wd, "holdout_top1": s}
@@ -120,6 +131,22 @@ def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEnc
             "train_images": len(train.labels), "val_images": len(val.labels),
             "feature_dim": int(train.features.shape[1]),
             "features_from_cache": train.from_cache and val.from_cache}
+
+
+def _warn_at_edge(grid: tuple[float, ...], scores: list[float], best: int) -> None:
+    """Warn when the chosen weight decay is the grid's smallest or largest and beats its
+    neighbour: the best one may lie beyond the grid."""
+    ordered = sorted(range(len(grid)), key=lambda i: grid[i])
+    pos = ordered.index(best)
+    if len(grid) < 2 or pos not in (0, len(grid) - 1):
+        return
+    neighbour = ordered[1] if pos == 0 else ordered[-2]
+    if scores[best] > scores[neighbour] and dist.is_main_process():
+        side = "smallest" if pos == 0 else "largest"
+        log.warning("the chosen weight decay %g is the %s of probe.weight_decays %s and "
+                    "beats its neighbour (%.2f%% vs %.2f%%): a better one may lie beyond; "
+                    "extend the grid (--set 'probe.weight_decays=[...]')", grid[best], side,
+                    list(grid), scores[best], scores[neighbour])
 
 
 class LinearProbeModel(nn.Module):
@@ -143,7 +170,7 @@ class LinearProbeModel(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes)."""
         with torch.no_grad():
-            tokens = self.encoder.forward_intermediates(imgs, [self.layer], norm=True)[0]
+            tokens = self.encoder.layer_tokens(imgs, [self.layer], norm=True)[0]
             feats = tokens[:, 1:].mean(dim=1) if self.pool == "avg" else tokens[:, 0]  # (B, d)
         return self.head(self.bn(feats.float()))
 

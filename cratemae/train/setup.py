@@ -10,7 +10,7 @@ the run directory (the resolved recipe and the log file).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -18,18 +18,23 @@ import torch
 
 from cratemae.checkpoints import Resume, find_resume
 from cratemae.distributed import dist
+from cratemae.distributed.preemption import PreemptionFlag
+from cratemae.errors import BadInputError
 from cratemae.fs import atomic_write_text
 from cratemae.recipe import Recipe, dump_recipe
+from cratemae.train.lock import RunLock
 from cratemae.train.run_dir import log_file
 
 __all__ = ["RunSetup"]
 
 
 class RunSetup:
-    """Entering joins the launch (torchrun, srun or a single process), seeds torch
-    (`run.seed`, plus the rank with `seed_per_rank`: different masks per rank; without it
-    every rank draws the same new head), and finds the checkpoint to resume from (`resume`:
-    see `cratemae.checkpoints.Resume`; None: the task never resumes). Leaving ends the
+    """Entering starts listening for the stop signals (SIGTERM, SIGUSR1: the first step
+    boundary then saves and stops; see `cratemae.distributed.preemption`), joins the launch
+    (torchrun, srun or a single process), seeds torch (`run.seed`, plus the rank with
+    `seed_per_rank`: different masks per rank; without it every rank draws the same new
+    head), and finds the checkpoint to resume from (`resume`: see
+    `cratemae.checkpoints.Resume`; None: the task never resumes). Leaving ends the
     process group. Nothing is written until `open_run_dir()`."""
 
     def __init__(self, recipe: Recipe, out_dir: str | Path | None = None, *,
@@ -43,19 +48,27 @@ class RunSetup:
 
     def __enter__(self) -> RunSetup:
         run = self.recipe.run
-        self.info = dist.init_distributed(run.master_addr, run.master_port)
+        self.preempt = PreemptionFlag().__enter__()  # a stop during start-up counts too
+        try:
+            self.info = dist.init_distributed(run.master_addr, run.master_port)
+        except BaseException:
+            self.preempt.__exit__()
+            raise
         try:
             torch.manual_seed(run.seed + (self.info.rank if self.seed_per_rank else 0))
             if self.resume is not None:
                 self.resume_from = find_resume(self.run_dir, self.resume)
         except BaseException:
-            dist.destroy_distributed()
+            self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: TracebackType | None) -> None:
-        dist.destroy_distributed()
+        try:
+            dist.destroy_distributed()
+        finally:
+            self.preempt.__exit__()
 
     @property
     def main_process(self) -> bool:
@@ -63,10 +76,21 @@ class RunSetup:
 
     @contextmanager
     def open_run_dir(self) -> Iterator[Path]:
-        """Create the run directory and write the resolved recipe (rank 0), and copy the
-        log lines into its log.txt while the block runs."""
-        if self.main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "recipe.toml", dump_recipe(self.recipe))
-        with log_file(self.run_dir / "log.txt" if self.main_process else None):
+        """Create the run directory, lock it (one run per directory: a second one is refused
+        naming the holder, see `cratemae.train.lock`) and write the resolved recipe (rank 0),
+        and copy the log lines into its log.txt while the block runs."""
+        with ExitStack() as stack:
+            error = None
+            if self.main_process:
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    stack.enter_context(RunLock(self.run_dir))
+                except (BadInputError, OSError) as err:
+                    error = (err if isinstance(err, BadInputError) else
+                             BadInputError(f"{self.run_dir}: cannot write the run here ({err})"))
+            dist.raise_together(error, f"{self.run_dir}: rank 0 cannot write the run there")
+            if self.main_process:
+                atomic_write_text(self.run_dir / "recipe.toml", dump_recipe(self.recipe))
+            stack.enter_context(log_file(self.run_dir / "log.txt" if self.main_process
+                                         else None))
             yield self.run_dir

@@ -52,8 +52,11 @@ class TrainState:
         # end_of_epoch); where to continue is the data position.
         fields = {f.name for f in dataclasses.fields(cls)} - {"epoch", "batch"}
         state = cls(**{k: v for k, v in meta.items() if k in fields})
-        state.epoch = int(meta["data_position"]["epoch"])
-        state.batch = int(meta["data_position"]["batch"])
+        position = meta["data_position"]  # checked by the store: numbers where present
+        missing = [k for k in ("epoch", "batch") if k not in position]
+        if missing:
+            raise BadInputError(f"meta.json field 'data_position' lacks {', '.join(missing)}")
+        state.epoch, state.batch = position["epoch"], position["batch"]
         return state
 
 
@@ -112,7 +115,10 @@ def restore_run(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
         log.warning("checkpoint was saved by %d ranks, this run has %d: RNG states not "
                     "restored (the data order and masks stay seeded)",
                     len(ckpt.rng_states or []), world)
-    state = TrainState.from_meta(ckpt.meta)
+    try:
+        state = TrainState.from_meta(ckpt.meta)
+    except BadInputError as err:
+        raise BadInputError(f"{ckpt.path}: {err}") from None
     log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt.path, state.step,
              state.epoch, state.batch)
     return state

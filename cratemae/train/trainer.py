@@ -8,7 +8,9 @@ decision that ends or saves the run (a signal, a save, too many bad samples) is 
 ranks through one small all-reduce per step, so no rank stops alone while the others wait.
 A task that evaluates is evaluated at the epochs it names and once at the end of training,
 the average too when there is one, each logged to metrics.jsonl; the best weights are kept
-in `RUN_DIR/best/` (see `cratemae.train.best`).
+in `RUN_DIR/best/` (see `cratemae.train.best`). A task that monitors (pre-training's
+validation) is watched every `monitor_every` steps and at the end, on rank 0 while the other
+ranks wait. Every metrics line also goes to the recipe's loggers (`cratemae.train.loggers`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.recipe import Recipe
 from cratemae.train.best import BestKeeper
 from cratemae.train.ema import WeightEMA, WithEMA
+from cratemae.train.loggers import Loggers
 from cratemae.train.optim import configure_optimizers, lr_at, peak_lr
-from cratemae.train.run_dir import MetricsLog, max_memory_gb
+from cratemae.train.run_dir import MetricsLog, max_memory_gb, write_status
 from cratemae.train.state import TrainState, restore_run, save_run
 from cratemae.train.task import Task
 
@@ -59,6 +62,9 @@ class RunResult:
     main_process: bool = True  # rank 0: the one that reports
     evals: list[dict[str, Any]] = field(default_factory=list)  # with an `evaluate` hook
     best: dict[str, Any] | None = None  # the best evaluation (see `BestKeeper`)
+    monitors: list[dict[str, Any]] = field(default_factory=list)  # with a `monitor` hook
+    total_steps: int = 0
+    finished_before: bool = False  # resumed at its last step: nothing was left to train
 
 
 class Trainer:
@@ -89,9 +95,13 @@ class Trainer:
         self.last_checkpoint: Path | None = Path(resume) if resume is not None else None
         self.last_saved_step = self.state.step if resume is not None else -1
         # Rank 0 only; lines logged after the checkpoint by an interrupted run are dropped.
-        self.metrics = (MetricsLog(run_dir / "metrics.jsonl",
-                                   self.state.step if resume is not None else None)
+        self.resume_step = self.state.step if resume is not None else None
+        self.metrics = (MetricsLog(run_dir / "metrics.jsonl", self.resume_step)
                         if dist.is_main_process() else None)
+        self.loggers: Loggers | None = None  # opened by `fit` (rank 0)
+        self.monitors: list[dict[str, Any]] = []
+        self.last_monitor_step = -1
+        self._clock = (time.monotonic(), self.state.step)  # for the ETA: (time, step)
 
     # --- setup -----------------------------------------------------------------------------
     def _plan_steps(self) -> None:
@@ -111,6 +121,14 @@ class Trainer:
         self.peak, lr_note = peak_lr(r.optim, self.effective_batch)
         log.info("%s; %d steps (%d per epoch), %d warm-up", lr_note, self.total_steps,
                  self.steps_per_epoch, self.warmup_steps)
+        if self.total_steps < self.warmup_steps and dist.is_main_process():
+            # A short trial run (`--set schedule.max_steps=...`) otherwise trains at a fraction
+            # of the lr the recipe asks for, and nothing says so.
+            log.warning(
+                "the run is %d steps, shorter than its %d warm-up steps "
+                "(schedule.warmup_epochs=%g): the learning rate never reaches its peak %.3g "
+                "(lower schedule.warmup_epochs or raise schedule.max_steps / schedule.epochs)",
+                self.total_steps, self.warmup_steps, r.schedule.warmup_epochs, self.peak)
         if self.precision.note:
             log.info(self.precision.note)
 
@@ -129,6 +147,46 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
     def fit(self) -> RunResult:
         """Train to `total_steps`, then save; raise `Preempted` after saving on a signal."""
+        main = dist.is_main_process()
+        if main:
+            self.loggers = Loggers(self.run_dir, self.recipe.run.loggers,
+                                   resume_step=self.resume_step,
+                                   config=self.recipe.model_dump(mode="json"))
+            write_status(self.run_dir, "running", step=self.state.step,
+                         total_steps=self.total_steps)
+        try:
+            result = self._fit()
+        except (Preempted, KeyboardInterrupt):
+            if main:
+                write_status(self.run_dir, "stopped", step=self.state.step)
+            raise
+        except Exception as err:
+            if main:
+                write_status(self.run_dir, "failed", step=self.state.step,
+                             error=f"{type(err).__name__}: {err}"[:1000])
+            raise
+        finally:
+            if self.loggers is not None:
+                self.loggers.close()
+        if main:
+            write_status(self.run_dir, "finished", step=self.state.step)
+        return result
+
+    def _fit(self) -> RunResult:
+        finished_before = self.state.step >= self.total_steps
+        if finished_before and dist.is_main_process():
+            log.info("the run in %s is already finished (step %d of %d): nothing to train",
+                     self.run_dir, self.state.step, self.total_steps)
+        # A run resumed at its end whose last evaluation is logged is not evaluated again
+        # (agreed by all ranks: only rank 0 reads metrics.jsonl).
+        last_eval = self.metrics.last_eval if self.metrics is not None else None
+        evaluated = dist.all_reduce_any(
+            finished_before and last_eval is not None and last_eval.get("step") == self.state.step)
+        if evaluated:
+            if last_eval is not None:
+                self.evals.append(last_eval)  # what the finished run reported
+            self.last_monitor_step = self.state.step
+        self._clock = (time.monotonic(), self.state.step)
         self.model.train()
         history: list[dict[str, Any]] = []
         window, consecutive_bad = _Window(), 0
@@ -154,6 +212,8 @@ class Trainer:
                             self._evaluate()
                     if self._log_due():
                         history.append(self._log(window))
+                    if self._monitor_due():
+                        self._monitor()
                     minutes = (time.monotonic() - last_save) / 60
                     # No routine save inside a run of skipped steps: the newest checkpoint
                     # stays one taken after a good step.
@@ -167,17 +227,28 @@ class Trainer:
                         self._save(end_of_epoch)
                         last_save = time.monotonic()
                     if stop:
-                        raise Preempted(f"stopped by a signal after saving "
-                                        f"{self.last_checkpoint}; rerun the same command to resume")
-        if self.best is not None and not (self.evals and self.evals[-1]["step"] ==
-                                          self.state.step):
+                        saved = (self.last_checkpoint if dist.is_main_process() else
+                                 f"step {self.state.step} (rank 0 saved it)")
+                        raise Preempted(f"stopped by a signal after saving {saved}; rerun "
+                                        f"the same command to resume")
+        if self.best is not None and not evaluated and not (
+                self.evals and self.evals[-1]["step"] == self.state.step):
             self._evaluate()
+        if self.task.monitor_every is not None and self.last_monitor_step != self.state.step:
+            self._monitor()
         if self.last_saved_step != self.state.step:
             self._save(end_of_epoch=self.state.batch == 0)
-        final = history[-1]["loss"] if history else None
+        final = history[-1]["loss"] if history else self._last_loss()
         return RunResult(self.run_dir, self.last_checkpoint, final, self.state, history,
                          main_process=dist.is_main_process(), evals=self.evals,
-                         best=self.best.record if self.best is not None else None)
+                         best=self.best.record if self.best is not None else None,
+                         monitors=self.monitors, total_steps=self.total_steps,
+                         finished_before=finished_before)
+
+    def _last_loss(self) -> float | None:
+        """The newest logged training loss of this run (a run resumed at its end logs none)."""
+        last = self.metrics.last_train if self.metrics is not None else None
+        return last.get("loss") if last else None
 
     def train_step(self, batches: Iterator[Any], window: _Window | None = None) -> bool:
         """One optimizer step over `accum` micro-batches of `batches`, counted in `window`.
@@ -244,6 +315,48 @@ class Trainer:
                     and self.state.epoch % run.keep_every_epochs == 0)
         return bool(by_steps or by_epoch)
 
+    def _monitor_due(self) -> bool:
+        every = self.task.monitor_every
+        return every is not None and self.state.step % every == 0
+
+    def _monitor(self) -> None:
+        """Rank 0 runs the task's `monitor` on the bare model while the other ranks wait;
+        an error there stops every rank (none is left waiting in a collective)."""
+        self.last_monitor_step = self.state.step
+        error: Exception | None = None
+        if dist.is_main_process():
+            try:
+                self._monitor_main()
+            except Exception as err:  # raised again below, on every rank
+                error = err
+        dist.raise_together(error, "monitoring failed on rank 0 (see its log)")
+
+    def _monitor_main(self) -> None:
+        start = time.perf_counter()
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                result = self.task.monitor(self.model, self.state.step, self.run_dir)
+        finally:
+            self.model.train()
+        if result is None:
+            return
+        record: dict[str, Any] = {"kind": "eval", "step": self.state.step,
+                                  "epoch": self.state.epoch, **result,
+                                  "eval_seconds": time.perf_counter() - start}
+        self.monitors.append(record)
+        self._write(record)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in result.items()
+                         if isinstance(v, float | int) and not isinstance(v, bool))
+        log.info("eval at step %d: %s (%.1f s)", self.state.step, shown, record["eval_seconds"])
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """One metrics line, to metrics.jsonl and the loggers (rank 0)."""
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if self.loggers is not None:
+            self.loggers.write(record)
+
     def _eval_due(self) -> bool:
         every = self.task.eval_every
         return self.best is not None and every is not None and self.state.epoch % every == 0
@@ -263,7 +376,7 @@ class Trainer:
         self.evals.append(record)
         if self.metrics is None:
             return  # rank 0 reports
-        self.metrics.write(record)
+        self._write(record)
         ema = (f", average top-1 {record['ema_top1']:.2f}%" if self.ema is not None else "")
         log.info("eval at step %d (%d epochs done): top-1 %.2f%% top-5 %.2f%%%s",
                  record["step"], record["epoch"], record["top1"], record["top5"], ema)
@@ -296,7 +409,9 @@ class Trainer:
         world = self.info.world_size
         self.state.bad_samples += int(totals[2])
         self.state.samples_seen += int(totals[1])
+        elapsed, eta = self._elapsed_eta()
         record = {
+            "kind": "train",
             "step": self.state.step,
             "epoch": self.state.epoch,
             "loss": float(totals[0]) / world,
@@ -307,17 +422,37 @@ class Trainer:
             "bad_samples": self.state.bad_samples,
             "nonfinite_skipped": self.state.nonfinite_skipped,
             "total_steps": self.total_steps,
+            "elapsed_s": elapsed,
+            "eta_s": eta,
         }
         if self.metrics is not None:
-            self.metrics.write(record)
+            self._write(record)
             log.info("step %d/%d epoch %d loss %.4f lr %.3g %.0f img/s data wait %.0f%% "
-                     "mem %.2f GB bad %d", record["step"], self.total_steps, record["epoch"],
-                     record["loss"], record["lr"], record["images_per_s"],
+                     "mem %.2f GB bad %d elapsed %s eta %s", record["step"], self.total_steps,
+                     record["epoch"], record["loss"], record["lr"], record["images_per_s"],
                      100 * record["data_wait_fraction"], record["max_memory_gb"],
-                     record["bad_samples"], extra={"metrics": True})
+                     record["bad_samples"], _hms(elapsed), _hms(eta), extra={"metrics": True})
             self.on_log(record)
         window.reset()
         return record
+
+
+    def _elapsed_eta(self) -> tuple[float, float]:
+        """Seconds since `fit` began, and the time left at this session's pace (evaluations
+        and saves included)."""
+        start, start_step = self._clock
+        elapsed = time.monotonic() - start
+        done = self.state.step - start_step
+        eta = elapsed * (self.total_steps - self.state.step) / done if done > 0 else math.nan
+        return elapsed, eta
+
+
+def _hms(seconds: float) -> str:
+    """4:05:09 (hours:minutes:seconds), or ? when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 @dataclass

@@ -195,6 +195,7 @@ def _load(
     weights, stored = read_model_weights(target)
     config = _configuration(stored, model_section, source)
     state = _canonical(weights, source)
+    _check_sizes(config, state, source)  # before anything is built from the configuration
     model = _model_for(state, config, backbone=backbone)
     state = checkpoint_filter_fn(state, model, source)
     model.load_state_dict(check_state_dict_matches(model, state, source), strict=True)
@@ -258,8 +259,9 @@ def _preprocessing(file: Path) -> tuple[tuple, tuple] | None:
             found = tomllib.loads(meta.get("recipe_toml", "")).get("data", {})
             # A recipe that does not set them used the schema's default, ImageNet's.
             found = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **found}
-        elif (where / CONFIG_FILE).is_file():
+        elif (where / CONFIG_FILE).is_file():  # an export: cratemae's record, or timm's
             found = json.loads((where / CONFIG_FILE).read_text(encoding="utf-8"))
+            found = {**(found.get("pretrained_cfg") or {}), **found}
         else:
             return None
         mean, std = _triple(found.get("mean")), _triple(found.get("std"))
@@ -269,18 +271,31 @@ def _preprocessing(file: Path) -> tuple[tuple, tuple] | None:
 
 
 # --- finding and naming checkpoints -------------------------------------------------------
-def newest_run_checkpoint(runs_dir: Path) -> Path | None:
+def newest_run_checkpoint(runs_dir: Path, needs_decoder: bool = False) -> Path | None:
     """The most recently saved complete checkpoint of any run under `runs_dir` (searched
-    three levels deep: runs/NAME, runs/GROUP/NAME, ...), or None."""
+    three levels deep: runs/NAME, runs/GROUP/NAME, ...), or None. `needs_decoder`: only runs
+    whose weights hold a decoder (pre-training runs; fine-tune and probe runs do not)."""
     best: tuple[float, Path] | None = None
     for depth in ("*", "*/*", "*/*/*"):
         for ckpt_dir in runs_dir.glob(f"{depth}/{CKPT_SUBDIR}"):
             found = complete_checkpoints(ckpt_dir)
-            if found:
+            if found and (not needs_decoder or _has_decoder(found[-1][0] / MODEL_FILE)):
                 path, meta = found[-1]
                 key = (float(meta.get("wall_time", 0.0)), path)
                 best = key if best is None or key[0] > best[0] else best
     return best[1] if best else None
+
+
+def _has_decoder(weights: Path) -> bool:
+    """Whether a weights file holds a decoder (read from its header alone)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = f.keys()
+        return any("decoder_pred." in name for name in names)
+    except Exception:  # unreadable: not a run to pick; loading it would say why
+        return False
 
 
 def checkpoint_digest(path: str | os.PathLike[str]) -> str:
@@ -292,5 +307,31 @@ def checkpoint_digest(path: str | os.PathLike[str]) -> str:
 
 def config_key(**parts: object) -> str:
     """A short stable hash of JSON-able parts (for cache file names)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
+    text = json.dumps(parts, sort_keys=True, default=str, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# A 4,096-pixel square at patch 16: more patches than that is not a model anyone trains, and
+# the position tables alone would take gigabytes.
+MAX_PATCHES = 2**16
+
+
+def _check_sizes(config: CrateMAEConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a stored configuration that the tensors beside it do not bear out, before a
+    model is built from it: a 300-byte file must not make a command allocate gigabytes."""
+    if config.num_patches > MAX_PATCHES:
+        raise BadInputError(
+            f"{source}: {config.img_size} px at patch {config.patch_size} makes "
+            f"{config.num_patches} patches an image, over {MAX_PATCHES}: not a model to build")
+    proj = state.get("encoder.patch_embed.proj.weight", state.get("patch_embed.proj.weight"))
+    want = [config.embed_dim, config.in_chans, config.patch_size, config.patch_size]
+    if proj is not None and list(proj.shape) != want:
+        raise BadInputError(f"{source}: its configuration says a patch projection of {want}, "
+                            f"its weights hold {list(proj.shape)}")
+    for name, pattern, depth in (
+            ("depth", r"^(?:encoder\.)?blocks\.(\d+)\.", config.depth),
+            ("decoder_depth", r"^decoder_blocks\.(\d+)\.", config.decoder_depth)):
+        found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+        if found and len(found) != depth:
+            raise BadInputError(f"{source}: its configuration says {name} = {depth}, its "
+                                f"weights hold {len(found)} such layers")

@@ -1,0 +1,62 @@
+"""Recipe values that would make a run meaningless are refused in one line naming the key:
+non-finite numbers, values of another type (no coercion from strings or between booleans and
+numbers), a zero std, an empty output directory, a mask that hides every patch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cratemae.errors import BadInputError
+from cratemae.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "recipes" / "demo.toml"
+
+
+@pytest.mark.parametrize(("setting", "key"), [
+    ("optim.lr=inf", "optim.lr"),
+    ("optim.base_lr=nan", "optim.base_lr"),
+    ("optim.min_lr=-inf", "optim.min_lr"),
+    ("model.ista_step_size=nan", "model.ista_step_size"),
+    ("schedule.warmup_epochs=inf", "schedule.warmup_epochs"),
+    ("data.batch_size=true", "data.batch_size"),
+    ("data.batch_size=8.0", "data.batch_size"),
+    ('data.batch_size="8"', "data.batch_size"),
+    ("run.compile=1", "run.compile"),
+    ('optim.weight_decay="0.05"', "optim.weight_decay"),
+    ("data.std=[0.5, 0.0, 0.5]", "data.std"),
+    ("data.mean=[0.5, nan, 0.5]", "data.mean.1"),
+    ('run.out_dir=""', "run.out_dir"),
+])
+def test_a_meaningless_value_is_one_line_naming_its_key(setting: str, key: str) -> None:
+    with pytest.raises(BadInputError) as err:
+        load_recipe(DEMO, [setting])
+    message = str(err.value)
+    assert f"{key}:" in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_a_non_finite_number_in_the_file_is_refused(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(DEMO.read_text() + "\n[probe]\nholdout_fraction = nan\n")
+    with pytest.raises(BadInputError, match=r"probe\.holdout_fraction"):
+        load_recipe(recipe)
+
+
+def test_arrays_still_fill_tuple_keys_and_integers_fill_float_keys() -> None:
+    r = load_recipe(DEMO, ["data.crop_scale=[0.3, 1]", "optim.betas=[0.9, 0.99]",
+                           "optim.base_lr=1", "probe.weight_decays=[0, 1e-3]"])
+    assert r.data.crop_scale == (0.3, 1.0) and r.optim.betas == (0.9, 0.99)
+    assert r.optim.base_lr == 1.0 and r.probe.weight_decays == (0.0, 1e-3)
+
+
+def test_a_mask_that_hides_every_patch_is_refused_before_training(tmp_path: Path) -> None:
+    from cratemae.tasks.pretrain import pretrain
+
+    recipe = load_recipe(DEMO, ["model.mask_ratio=0.999", "model.depth=1",
+                                "model.decoder_depth=1"])
+    with pytest.raises(BadInputError, match=r"model\.mask_ratio = 0\.999 leaves no visible "
+                                            r"patch of the 64"):
+        pretrain(recipe, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
