@@ -221,17 +221,26 @@ def _iter_tar(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
             pass
 
 
+def _running_count(tf: tarfile.TarFile) -> Iterator[int]:
+    """The number of samples (key groups) so far, each time a new one starts, reading only
+    the headers (members are not kept, so memory stays flat on a long tar)."""
+    n, last = 0, None
+    while (ti := tf.next()) is not None:
+        tf.members.clear()
+        kx = split_key(ti.name) if ti.isfile() else None
+        if kx is not None and kx[0] != last:
+            n, last = n + 1, kx[0]
+            yield n
+
+
 def count_stream_samples(url: str) -> int:
     """Number of samples in a `pipe:`/URL shard: one pass over its stream, reading the
     headers while the data streams by. ShardUnreachable when no data comes at all."""
-    n, last = 0, None
+    n = 0
     tf = _open_tar(url)
     try:
-        while (ti := tf.next()) is not None:
-            tf.members.clear()
-            kx = split_key(ti.name) if ti.isfile() else None
-            if kx is not None and kx[0] != last:
-                n, last = n + 1, kx[0]
+        for n in _running_count(tf):  # noqa: B007 - the last count is the answer
+            pass
     finally:
         _close_quietly(tf)
         _close_quietly(tf.fileobj)
@@ -241,14 +250,11 @@ def count_stream_samples(url: str) -> int:
 def count_tar_samples(path: str) -> int:
     """Number of samples (key groups) in a local tar, reading only the headers. A tar that
     breaks off counts what precedes the break, as reading it will deliver just those."""
-    n, last = 0, None
+    n = 0
     with tarfile.open(path, mode="r:") as tf:
         try:
-            while (ti := tf.next()) is not None:
-                tf.members.clear()
-                kx = split_key(ti.name) if ti.isfile() else None
-                if kx is not None and kx[0] != last:
-                    n, last = n + 1, kx[0]
+            for n in _running_count(tf):  # noqa: B007 - the last count is the answer
+                pass
         except (OSError, EOFError, tarfile.TarError) as err:
             log.warning("%s: unreadable after %d samples (%s)", path, n, err)
     return n
