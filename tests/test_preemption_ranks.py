@@ -69,7 +69,8 @@ def test_a_rank_that_dies_takes_the_other_down_in_seconds(tmp_path: Path) -> Non
     assert procs[0].returncode == 1, err
     lines = err.strip().splitlines()
     assert "Traceback" not in err and [x for x in lines if x.startswith("error:")] == [lines[-1]]
-    assert lines[-1].startswith("error: rank 0: an all-reduce failed, another rank has stopped")
+    assert lines[-1].startswith("error: rank 0: ") and "failed, another rank has stopped" in \
+        lines[-1]  # whichever collective rank 0 was in: the step's, the agreement's, a save's
 
 
 @pytest.mark.slow  # two ranks, a save and a clean stop: about 15 s on two idle cores

@@ -150,3 +150,8 @@ def test_fine_tuning_applies_the_recipes_drop_path_rate() -> None:
              for b in encoder.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])  # rising to the recipe's rate
     assert load_recipe(REPO / "recipes" / "finetune" / "in1k.toml").finetune.drop_path_rate == 0.1
+
+
+def test_an_error_that_is_not_a_lost_peer_passes_through_the_collective_guard() -> None:
+    with pytest.raises(RuntimeError, match="^shapes do not match$"), dist.collective("a step"):
+        raise RuntimeError("shapes do not match")  # a bug stays a bug, with its traceback

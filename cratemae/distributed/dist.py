@@ -37,6 +37,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "collective",
     "comm_device",
     "destroy_distributed",
     "first_host",
@@ -213,7 +214,7 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """Wait for every rank; a no-op without a process group."""
     if _active():
-        with _collective("a barrier"):
+        with collective("a barrier"):
             if dist.get_backend() == "nccl":
                 dist.barrier(device_ids=[_comm_device().index])
             else:
@@ -221,16 +222,25 @@ def barrier() -> None:
 
 
 @contextmanager
-def _collective(what: str) -> Iterator[None]:
-    """A collective that fails (a peer died: gloo's "connection closed by peer", NCCL's
-    watchdog) ends this rank with one line saying so, exit status 1, instead of a traceback;
-    the dead rank's own log says why it died."""
+def collective(what: str) -> Iterator[None]:
+    """A collective that fails because a peer died (gloo's "connection closed by peer",
+    NCCL's watchdog) ends this rank with one line saying so, exit status 1, instead of a
+    traceback; the dead rank's own log says why it died. Any other error (a bug, memory)
+    passes through as it is."""
     try:
         yield
     except RuntimeError as err:  # torch.distributed.DistBackendError is one
-        reason = " ".join(str(err).split())[:160]
+        text = str(err)
+        if not (_active() and (isinstance(err, getattr(dist, "DistBackendError", ()))
+                               or any(w in text.lower() for w in _PEER_GONE))):
+            raise
+        reason = " ".join(text.split())[:160]
         raise CrateMAEError(f"rank {get_dist_info().rank}: {what} failed, another rank has "
                             f"stopped ({reason})") from err
+
+
+# What the backends say when a peer is gone.
+_PEER_GONE = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
 
 
 def all_reduce_any(flag: bool) -> bool:
@@ -238,7 +248,7 @@ def all_reduce_any(flag: bool) -> bool:
     if not _active():
         return bool(flag)
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_comm_device())
-    with _collective("an all-reduce"):
+    with collective("an all-reduce"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -257,7 +267,7 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     work = t.detach().to(_comm_device(), copy=True)
     if not work.is_floating_point():
         work = work.double()
-    with _collective("an all-reduce"):
+    with collective("an all-reduce"):
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return (work / dist.get_world_size()).to(t.device)
 
@@ -266,7 +276,7 @@ def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     if not _active():
         return t.detach().clone()
     work = t.detach().to(_comm_device(), copy=True)
-    with _collective("an all-reduce"):
+    with collective("an all-reduce"):
         dist.all_reduce(work, op=op)
     return work.to(t.device)
 
@@ -289,13 +299,13 @@ def all_gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     device, world = _comm_device(), dist.get_world_size()
     shape = torch.tensor(list(t.shape), dtype=torch.int64, device=device)
     shapes = [torch.empty_like(shape) for _ in range(world)]
-    with _collective("an all-gather"):
+    with collective("an all-gather"):
         dist.all_gather(shapes, shape)
     numels = [int(torch.prod(s).item()) if s.numel() else 1 for s in shapes]
     padded = torch.zeros(max(numels), dtype=t.dtype, device=device)
     padded[: t.numel()] = t.detach().reshape(-1).to(device)
     gathered = [torch.empty_like(padded) for _ in range(world)]
-    with _collective("an all-gather"):
+    with collective("an all-gather"):
         dist.all_gather(gathered, padded)
     return [
         g[:n].reshape([int(d) for d in s.tolist()]).to(t.device)

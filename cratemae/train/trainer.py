@@ -272,7 +272,8 @@ class Trainer:
             last = i == self.accum - 1
             sync = contextlib.nullcontext() if last or self.info.world_size == 1 else (
                 self.forward_model.no_sync())
-            with sync:
+            # DDP's own collectives (buffers in forward, gradients in backward) included.
+            with sync, dist.collective("a training step's gradient exchange"):
                 with self.precision.autocast():
                     loss = self.task.loss(self.forward_model, batch,
                                           self.state.step * self.accum + i)
