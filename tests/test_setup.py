@@ -153,5 +153,5 @@ def test_fine_tuning_applies_the_recipes_drop_path_rate() -> None:
 
 
 def test_an_error_that_is_not_a_lost_peer_passes_through_the_collective_guard() -> None:
-    with pytest.raises(RuntimeError, match="^shapes do not match$"), dist.collective("a step"):
+    with pytest.raises(RuntimeError, match=r"^shapes do not match$"), dist.collective("a step"):
         raise RuntimeError("shapes do not match")  # a bug stays a bug, with its traceback
