@@ -193,10 +193,10 @@ def test_probe_reads_pipe_validation_data(demo_checkpoint: Path, tmp_path: Path,
     labelled_shards(tmp_path / "d", "train", [20, 20])
     labelled_shards(tmp_path / "d", "val", [6, 6])
     recipe = load_recipe(PROBE_DEMO, [
-        f"data.train={tmp_path / 'd' / 'train-*.tar'}",
-        f"data.val=pipe:cat {tmp_path / 'd'}/val-{{000000..000001}}.tar",
+        f'data.train="{tmp_path / "d" / "train-*.tar"}"',
+        f'data.val="pipe:cat {tmp_path / "d"}/val-{{000000..000001}}.tar"',
         "data.batch_size=16", "probe.num_classes=2", "probe.weight_decays=[1e-4, 1e-2]",
-        "probe.max_iter=20", f"probe.cache_dir={tmp_path / 'cache'}"])
+        "probe.max_iter=20", f'probe.cache_dir="{tmp_path / "cache"}"'])
     caplog.set_level(logging.INFO, logger="cratemae")
     result = probe(recipe, demo_checkpoint, out_dir=tmp_path / "probe")
     assert result.summary["train_images"] == 40 and result.summary["val_images"] == 12
@@ -207,7 +207,7 @@ def test_unlabelled_shards_given_to_probe_say_so_first(tmp_path: Path) -> None:
     members = [m for i in range(4) for m in [(f"k{i}.jpg", encode(solid(i), "JPEG")),
                                              (f"k{i}.txt", b"a caption")]]
     write_tar(tmp_path / "train-000000.tar", members)
-    recipe = load_recipe(PROBE_DEMO, [f"data.train={tmp_path}", f"data.val={tmp_path}"])
+    recipe = load_recipe(PROBE_DEMO, [f'data.train="{tmp_path}"', f'data.val="{tmp_path}"'])
     for wanted in (None, 10):
         with pytest.raises(BadInputError, match=r"^data\.train: .*holds no class labels"):
             resolve_num_classes(recipe, wanted, "probe.num_classes")
@@ -217,13 +217,13 @@ def test_class_names_that_differ_between_train_and_val_are_refused(tmp_path: Pat
                                                                    caplog) -> None:
     train = image_tree(tmp_path / "train", ["cat", "dog"])
     val = image_tree(tmp_path / "val", ["cat", "cow"])
-    recipe = load_recipe(PROBE_DEMO, [f"data.train={train}", f"data.val={val}"])
+    recipe = load_recipe(PROBE_DEMO, [f'data.train="{train}"', f'data.val="{val}"'])
     with pytest.raises(BadInputError,
                        match=r"label 1 is 'dog' in data\.train, 'cow' in data\.val"):
         resolve_num_classes(recipe, None, "probe.num_classes")
     labelled_shards(tmp_path / "numbered", "val", [4])  # .cls numbers, no names
-    recipe = load_recipe(PROBE_DEMO, [f"data.train={train}",
-                                      f"data.val={tmp_path / 'numbered'}"])
+    recipe = load_recipe(PROBE_DEMO, [f'data.train="{train}"',
+                                      f'data.val="{tmp_path / "numbered"}"'])
     with caplog.at_level(logging.WARNING, logger="cratemae"):
         assert resolve_num_classes(recipe, None, "probe.num_classes") == 2
     assert "data.train names its classes (cat, dog" in caplog.text

@@ -1,9 +1,13 @@
 """Recipe values that would make a run meaningless are refused in one line naming the key:
 non-finite numbers, values of another type (no coercion from strings or between booleans and
-numbers), a zero std, an empty output directory, a mask that hides every patch."""
+numbers), a zero std, an empty output directory, a mask that hides every patch, and a
+`--set` value that is not TOML (a string needs its quotes)."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,44 @@ def test_a_mask_that_hides_every_patch_is_refused_before_training(tmp_path: Path
                                             r"patch of the 64"):
         pretrain(recipe, out_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", [
+    "probe.pool=avg", "data.train=/data/train", "data.val=pipe:cat a.tar", "optim.lr=1e-4x",
+    "run.out_dir=",
+])
+def test_a_value_that_is_not_toml_is_an_error_showing_the_quoted_form(setting: str) -> None:
+    key, _, text = setting.partition("=")
+    with pytest.raises(BadInputError) as err:
+        load_recipe(DEMO, [setting])
+    assert str(err.value) == (f"--set {setting}: not a TOML value; a string needs quotes: "
+                              f"--set '{key}=\"{text}\"'")
+
+
+def test_quoted_strings_still_set_string_keys() -> None:
+    r = load_recipe(DEMO, ['probe.pool="avg"', "run.out_dir='runs/x'",
+                           'data.val="pipe:cat a.tar"'])
+    assert (r.probe.pool, r.run.out_dir, r.data.val) == ("avg", "runs/x", "pipe:cat a.tar")
+
+
+def run_cratemae(shell_line: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`cratemae ARGS` as a shell runs it (so its quotes are the shell's)."""
+    return subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m cratemae "
+                           f"{shell_line}"], cwd=cwd, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60, check=False)
+
+
+def test_a_bare_word_on_the_command_line_is_one_line_and_its_suggestion_works(
+        tmp_path: Path) -> None:
+    # model.depth=-1 stops the command at validation whatever happens to the bare word.
+    bare = run_cratemae("pretrain demo --set run.out_dir=runs/x --set model.depth=-1", tmp_path)
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert bare.stderr.splitlines() == [
+        "error: --set run.out_dir=runs/x: not a TOML value; a string needs quotes: "
+        "--set 'run.out_dir=\"runs/x\"'"], bare.stderr
+    suggested = bare.stderr.strip().rpartition(": ")[2]
+    # The suggestion, pasted into a shell, parses: only the other, out-of-range key is blamed.
+    pasted = run_cratemae(f"pretrain demo {suggested} --set model.depth=-1", tmp_path)
+    assert pasted.returncode == 2
+    assert pasted.stderr.startswith("error: --set model.depth=-1: model.depth: "), pasted.stderr
+    assert "run.out_dir" not in pasted.stderr and not (tmp_path / "runs").exists()

@@ -53,7 +53,8 @@ SetOpt = Annotated[
     typer.Option(
         "--set",
         metavar="KEY=VALUE",
-        help="Override a recipe value, e.g. optim.lr=1e-4 (repeatable; value parsed as TOML).",
+        help="Override a recipe value, e.g. optim.lr=1e-4 or 'probe.pool=\"avg\"' "
+        "(repeatable; the value is TOML, so a string needs quotes).",
         show_default=False,
     ),
 ]

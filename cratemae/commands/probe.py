@@ -40,7 +40,7 @@ def probe(
 
     Examples:
       $ cratemae probe recipes/probe/demo.toml --checkpoint runs/demo
-      $ cratemae probe recipes/probe/cifar10.toml --checkpoint runs/base --set probe.pool=avg
+      $ cratemae probe recipes/probe/cifar10.toml --checkpoint runs/base --set 'probe.pool="avg"'
       $ cratemae probe recipes/probe/pets.toml --checkpoint runs/base --out runs/lin-pets --json
       $ torchrun --nproc-per-node 8 -m cratemae probe recipes/probe/in1k.toml --checkpoint runs/base
     """

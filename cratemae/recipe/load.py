@@ -75,16 +75,20 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
                 where = ".".join(parents[: i + 1])
                 raise BadInputError(f"--set {key}: {where} is a value, not a section")
             node = child
-        node[leaf] = _parse_value(text.strip())
+        node[leaf] = _parse_value(key, text.strip())
     return raw
 
 
-def _parse_value(text: str) -> Any:
-    """A TOML value (`3`, `1e-4`, `true`, `[0.9, 0.95]`, `"x"`), else the bare text."""
+def _parse_value(key: str, text: str) -> Any:
+    """A TOML value (`3`, `1e-4`, `true`, `[0.9, 0.95]`, `"x"`); anything else is an error
+    naming the `--set`, with the quoted form to use (a bare `avg` is not taken as a string:
+    `--set optim.lr=1e-4x` would otherwise pass as a string and fail far from here)."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text  # lets `--set run.out_dir=runs/x` work without quotes
+        quoted = json.dumps(text, allow_nan=False)  # a TOML basic string
+        raise BadInputError(f"--set {key}={text}: not a TOML value; a string needs quotes: "
+                            f"--set '{key}={quoted}'") from None
 
 
 def _format_validation_error(err: ValidationError, source: str,
