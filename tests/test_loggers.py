@@ -4,7 +4,10 @@ by default and off with [], W&B offline where it is installed; fine-tuning logs 
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,17 +55,82 @@ def test_an_unknown_logger_is_refused_by_the_recipe():
         load_recipe(DEMO, [*TINY, 'run.loggers=["mlflow"]'])
 
 
-def test_wandb_logs_offline_and_keeps_its_run_id_for_resume(tmp_path, monkeypatch):
+def offline_wandb(tmp_path: Path, monkeypatch) -> None:
+    """W&B installed, offline, silent, and everything it writes under `tmp_path`."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    loggers = Loggers(tmp_path, ["wandb"], resume_step=None, config={"a": 1})
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "wandb-home" / "xdg"))
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def wandb_records(path: Path) -> Iterator[Any]:
+    """The protobuf records of an offline run's .wandb file: W&B's LevelDB-style log (a
+    7-byte `:W&B` header, then 32 KiB blocks of chunks `crc32 u32, length u16, type u8`,
+    type 1 = whole record, 2/3/4 = first/middle/last piece)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, head = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B", data[:head]
+    pos, pieces = head, b""
+    while pos + head <= len(data):
+        if block - pos % block < head:  # a block's tail too short for a chunk is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + head])
+        if kind == 0:
+            break
+        pieces += data[pos + head:pos + head + length]
+        pos += head + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            yield record
+
+
+def wandb_logged(run_file: Path) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
+    """(history: step -> {name: value}, the last summary) of an offline run, W&B's own keys
+    (`_step`, `_runtime`, ...) left out."""
+    history: dict[int, dict[str, float]] = {}
+    summary: dict[str, float] = {}
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        items = (record.history.item if kind == "history" else
+                 record.summary.update if kind == "summary" else [])
+        values = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in items}
+        values = {k: v for k, v in values.items() if not k.startswith("_")}
+        if kind == "history":
+            history.setdefault(record.history.step.num, {}).update(values)
+        elif kind == "summary":
+            summary.update(values)
+    return history, summary
+
+
+@pytest.mark.slow  # two offline W&B runs: 2 s warm, about 10 s cold (wandb-core starts)
+def test_wandb_logs_offline_and_keeps_its_run_id_for_resume(tmp_path, monkeypatch):
+    offline_wandb(tmp_path, monkeypatch)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    loggers = Loggers(run_dir, ["wandb"], resume_step=None, config={"a": 1})
     loggers.write({"kind": "train", "step": 1, "loss": 0.5, "lr": 0.1})
+    loggers.write({"kind": "train", "step": 2, "loss": 0.25, "lr": 0.05})
+    loggers.write({"kind": "eval", "step": 2, "val_loss": 0.75, "coding_rate": [1.5, 2.5],
+                   "eval_images": 64})
     loggers.close()
-    run_id = (tmp_path / "wandb-id.txt").read_text().strip()
-    assert run_id and list((tmp_path / "wandb").glob(f"*{run_id}*"))
-    Loggers(tmp_path, ["wandb"], resume_step=1, config={"a": 1}).close()
-    assert (tmp_path / "wandb-id.txt").read_text().strip() == run_id
+    run_id = (run_dir / "wandb-id.txt").read_text().strip()
+    (run_file,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    history, summary = wandb_logged(run_file)
+    assert history == {1: {"train/loss": 0.5, "train/lr": 0.1},
+                       2: {"train/loss": 0.25, "train/lr": 0.05, "val/loss": 0.75,
+                           "layers/coding_rate/0": 1.5, "layers/coding_rate/1": 2.5}}
+    assert summary == history[2]  # the last value of each curve
+    Loggers(run_dir, ["wandb"], resume_step=1, config={"a": 1}).close()
+    assert (run_dir / "wandb-id.txt").read_text().strip() == run_id
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1  # same id
 
 
 def test_finetuning_logs_its_evaluations_to_tensorboard(tmp_path, demo_checkpoint):

@@ -1,6 +1,7 @@
-"""Validation during pre-training (`run.eval_every_steps`): eval lines in metrics.jsonl,
-the k-NN monitor, per-layer coding rate and sparsity as `analyze` measures them, the
-samples/ pictures, and the same figures in TensorBoard, continued without repeats on resume."""
+"""Validation during pre-training (`run.eval_every_steps`): a seeded subset of data.val,
+eval lines in metrics.jsonl, the k-NN monitor, per-layer coding rate and sparsity as
+`analyze` measures them, the samples/ pictures, and the same figures in TensorBoard,
+continued without repeats on resume."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from data_fixtures import solid
 from PIL import Image
 
 from cratemae.analysis import record_layers
 from cratemae.recipe import load_recipe
-from cratemae.tasks.monitor import knn_top1
+from cratemae.tasks.monitor import PretrainMonitor, knn_top1, subset_plan, subset_positions
 from cratemae.tasks.pretrain import MAETask, build_mae, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +140,60 @@ def test_resumed_run_continues_the_curves_without_repeating_a_step(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("val/loss")] == [2, 4]
+
+
+def class_sorted_folder(root: Path, classes: int = 10, per_class: int = 20) -> Path:
+    """An image folder whose listing is sorted by class: c0/ first, c9/ last."""
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for j in range(per_class):
+            solid(c * per_class + j).save(root / f"c{c}" / f"{j:03d}.png")
+    return root
+
+
+def subset_of(monitor: PretrainMonitor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of the monitor's subset of `split`, as an evaluation reads them."""
+    batches = list(monitor._loader(split))
+    return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
+
+
+def test_the_subset_is_a_seeded_draw_over_all_of_a_class_sorted_folder(tmp_path):
+    folder = class_sorted_folder(tmp_path / "images")
+    sets = (f'data.train="{folder}"', f'data.val="{folder}"', "run.eval_images=32",
+            "data.batch_size=8", "data.num_workers=0")
+    r = recipe(*sets, "run.seed=3")
+    first = PretrainMonitor(r, torch.device("cpu"), r.model.img_size)
+    images, labels = subset_of(first, "val")
+    assert len(labels) == 32 and len(set(labels.tolist())) >= 6  # the first 32: 2 classes
+    again = subset_of(first, "val")  # the next evaluation
+    twin = subset_of(PretrainMonitor(r, torch.device("cpu"), r.model.img_size), "val")
+    for other in (again, twin):
+        assert torch.equal(other[0], images) and torch.equal(other[1], labels)
+    r7 = recipe(*sets, "run.seed=7")
+    _, labels7 = subset_of(PretrainMonitor(r7, torch.device("cpu"), r7.model.img_size), "val")
+    assert not torch.equal(labels7, labels)
+    # The k-NN's data.train draw spans the classes too, and is not the val draw.
+    _, train_labels = subset_of(first, "train")
+    assert len(set(train_labels.tolist())) >= 6 and not torch.equal(train_labels, labels)
+
+
+def test_subset_positions_are_distinct_sorted_and_fixed_by_the_seed():
+    a = subset_positions(1_281_167, 1000, 0, "val")
+    assert len(set(a.tolist())) == 1000 and (np.diff(a) > 0).all() and a[-1] < 1_281_167
+    assert np.array_equal(a, subset_positions(1_281_167, 1000, 0, "val"))
+    assert not np.array_equal(a, subset_positions(1_281_167, 1000, 1, "val"))
+    assert np.array_equal(subset_positions(5, 1000, 0, "val"), np.arange(5))  # all of it
+
+
+def test_subset_plan_reads_exactly_the_positions_in_batches_dealt_to_streams():
+    from cratemae.data.shards import Shard
+    from cratemae.data.sources import Source
+
+    source = Source(tuple(Shard(f"s{i}.tar", 10) for i in range(3)))  # positions 0..29
+    positions = np.array([1, 2, 3, 9, 10, 17, 25, 29])
+    plan = subset_plan(source, positions, batch_size=3, num_streams=2)
+    assert (plan.num_batches, plan.num_samples, plan.last_size) == (3, 8, 2)
+    # Stream 0 reads batches 0 and 2 (positions 1, 2, 3 and 25, 29), stream 1 batch 1.
+    assert plan.streams[0].segments == ((0, 1, 4), (2, 5, 6), (2, 9, 10))
+    assert plan.streams[1].segments == ((0, 9, 10), (1, 0, 1), (1, 7, 8))
+    assert [list(s.batch_ids()) for s in plan.streams] == [[0, 2], [1]]

@@ -1,14 +1,15 @@
 """Pre-training's validation: what `MAETask.monitor` measures every `run.eval_every_steps`.
 
-On a fixed subset of data.val -- its first `run.eval_images` images in evaluation order
-(resize + centre crop; shards written by `cratemae shard` and the demo data are shuffled,
-so this is a random sample, the same at every evaluation):
+On a fixed subset of data.val -- `run.eval_images` images drawn without replacement by
+`run.seed` from all of it (`subset_positions`), so a class-sorted folder gives every class
+its share; the same at every evaluation, on resume and on every rank; read alone, without
+decoding the rest (`subset_plan`), with the evaluation transform (resize + centre crop):
 
 - `val_loss`: the masked-reconstruction loss with masks drawn once from `run.seed` per
   image, so that one evaluation compares with the next;
 - `val_knn_top1` (percent), when the images carry labels: a weighted k-NN vote (cosine,
   k = 20, temperature 0.07, as DINO and InstDisc) of the encoder's CLS feature, fitted on
-  the first `run.eval_images` images of data.train;
+  `run.eval_images` images of data.train drawn the same way (another seeded draw);
 - `coding_rate` and `sparsity`: per depth (input, then each layer), the means over the
   images of what `cratemae analyze` measures (`cratemae.analysis`: one implementation);
 - `samples`: 8 images picked by `run.seed` among the subset, masked alike at every
@@ -22,24 +23,74 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cratemae.analysis import record_layers
 from cratemae.analysis.summary import LayerSummary
-from cratemae.data import build_loader
-from cratemae.data.sources import resolve_source
+from cratemae.data.dataset import EpochDataset, ReadConfig
+from cratemae.data.loader import Loader
+from cratemae.data.plan import EpochPlan, Segment, StreamSpec
+from cratemae.data.sources import Source, fill_counts, resolve_source
+from cratemae.data.transforms import eval_transform
 from cratemae.distributed.precision import resolve_precision
+from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE
 from cratemae.recipe import Recipe
 from cratemae.viz.panel import render_reconstructions
 from cratemae.viz.reconstruction import Reconstruction, mask_noise, reconstruct
 
-__all__ = ["KNN_K", "KNN_TEMPERATURE", "SAMPLE_IMAGES", "PretrainMonitor", "knn_top1"]
+__all__ = ["KNN_K", "KNN_TEMPERATURE", "SAMPLE_IMAGES", "PretrainMonitor", "knn_top1",
+           "subset_plan", "subset_positions"]
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 SAMPLE_IMAGES = 8
 _MASK_SEED = 0x5EED  # the masks of val_loss, mixed with run.seed
+_SUBSET_SEED = 0x5AB5E7  # the draw of the evaluated images, mixed with run.seed
+_SPLIT_IDS = {"val": 0, "train": 1}
+
+
+def subset_positions(total: int, count: int, seed: int, split: str) -> np.ndarray:
+    """`min(count, total)` distinct positions in 0..total-1, drawn by (`seed`, `split`) alone
+    and sorted: the same subset on every rank, at every evaluation and after a resume.
+
+    Positions count samples in the order the split lists them (shard after shard)."""
+    rng = np.random.default_rng([seed % 2**64, _SUBSET_SEED, _SPLIT_IDS[split]])
+    # Generator.choice draws a small subset of a large range without a permutation of it.
+    return np.sort(rng.choice(total, size=min(count, total), replace=False))
+
+
+def subset_plan(source: Source, positions: np.ndarray, batch_size: int,
+                num_streams: int) -> EpochPlan:
+    """An evaluation plan that reads only `positions` of `source` (counts known), in order:
+    batch b holds positions[b * batch_size:(b + 1) * batch_size] and is read by stream
+    b % num_streams, as `cratemae.data.plan` deals batches to DataLoader workers."""
+    counts = np.array([s.count for s in source.shards], dtype=np.int64)
+    ends = np.cumsum(counts)  # (shards,) global position where each shard ends
+    shard = np.searchsorted(ends, positions, side="right")  # (n,)
+    local = positions - (ends[shard] - counts[shard])  # (n,) position inside its shard
+    n = len(positions)
+    n_batches = -(-n // batch_size)
+    streams = []
+    for s in range(num_streams):
+        ids = range(s, n_batches, num_streams)
+        mine = [i for b in ids for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+        streams.append(StreamSpec(s, len(ids), s, num_streams, "exact",
+                                  segments=_runs(shard[mine], local[mine])))
+    last = n - (n_batches - 1) * batch_size
+    return EpochPlan(tuple(streams), n_batches, n, batch_size, last, "exact")
+
+
+def _runs(shard: np.ndarray, local: np.ndarray) -> tuple[Segment, ...]:
+    """(shard, lo, hi) segments covering the samples in order; neighbours share one."""
+    out: list[Segment] = []
+    for sh, i in zip(shard.tolist(), local.tolist(), strict=True):
+        if out and out[-1][0] == sh and out[-1][2] == i:
+            out[-1] = (sh, out[-1][1], i + 1)
+        else:
+            out.append((sh, i, i + 1))
+    return tuple(out)
 
 
 def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
@@ -64,32 +115,45 @@ class PretrainMonitor:
 
     def __init__(self, recipe: Recipe, device: torch.device, img_size: int) -> None:
         self.recipe, self.device, self.img_size = recipe, device, img_size
-        self.count = recipe.run.eval_images
         self.precision = resolve_precision(recipe.run.precision, device)
         # The k-NN needs class labels on both sides (a data set with class names), and
-        # reads data.train in evaluation order, which needs its sample counts (counting
-        # unindexed shards would read all of data.train).
+        # draws from data.train by position, which needs its sample counts (counting
+        # unindexed shards would read all of data.train). Bad data (none, unreadable)
+        # must stop the run now, on every rank, not at the first evaluation.
         train = resolve_source(recipe.data.train, "train")
+        val = fill_counts(resolve_source(recipe.data.val, "val"))
         self.knn = (train.counts_known and train.classes is not None
-                    and resolve_source(recipe.data.val, "val").classes is not None)
-        # Bad data must stop the run now, on every rank, not at the first evaluation.
-        self._loader("val")
+                    and val.classes is not None)
+        # split -> (its source, the sorted positions of the subset): fixed for the run.
+        self.subsets = {"val": (val, self._draw(val, "val"))}
+        if self.knn:
+            self.subsets["train"] = (train, self._draw(train, "train"))
+        self.count = len(self.subsets["val"][1])
 
-    def _loader(self, split: str) -> Any:
-        return build_loader(self.recipe.data, split=split, augment="none", labels=self.knn,
-                            img_size=self.img_size, seed=self.recipe.run.seed, epoch=0,
-                            decode_device=self.device)  # type: ignore[arg-type]
+    def _draw(self, source: Source, split: str) -> np.ndarray:
+        total = sum(s.count or 0 for s in source.shards)
+        if total == 0:
+            raise BadInputError(f"data.{split}: no samples")
+        return subset_positions(total, self.recipe.run.eval_images, self.recipe.run.seed, split)
+
+    def _loader(self, split: str) -> Loader:
+        """The subset of `split`, in batches of data.batch_size, evaluation transform."""
+        data = self.recipe.data
+        source, positions = self.subsets[split]
+        plan = subset_plan(source, positions, data.batch_size, max(1, data.num_workers))
+        gpu = data.decode == "gpu"
+        cfg = ReadConfig(transform=eval_transform(self.img_size, data.mean, data.std),
+                         labelled=self.knn, gpu=gpu, seed=self.recipe.run.seed, epoch=0,
+                         rank=0, shuffle_buffer=0)
+        loader = Loader(EpochDataset(source.shards, plan, cfg), plan, source, data, 0)
+        if gpu:
+            loader.decode_on = (self.device, self.img_size)
+        return loader
 
     def _images(self, split: str) -> Iterator[tuple[torch.Tensor, Any]]:
-        """(images on the device, labels or None) of the first `count` images of `split`."""
-        left = self.count
+        """(images on the device, labels or None) of the subset of `split`."""
         for batch in self._loader(split):
-            n = min(left, batch.images.shape[0])
-            labels = None if batch.labels is None else batch.labels[:n]
-            yield batch.images[:n].to(self.device, non_blocking=True), labels
-            left -= n
-            if left == 0:
-                return
+            yield batch.images.to(self.device, non_blocking=True), batch.labels
 
     @torch.no_grad()
     def __call__(self, model: CrateMAE, step: int, run_dir: Path) -> dict[str, Any]:
@@ -146,7 +210,9 @@ class PretrainMonitor:
         noise = mask_noise(cfg.num_patches, self.recipe.run.seed, len(picked)).to(imgs.device)
         recs = reconstruct(model, pixels, mean=data.mean, std=data.std,
                            mask_ratio=self.recipe.model.mask_ratio, noise=noise)
-        rows = [(f"val #{i}", _on_cpu(rec)) for (i, _), rec in zip(picked, recs, strict=True)]
+        positions = self.subsets["val"][1]  # name each image by its place in data.val
+        rows = [(f"val #{positions[i]}", _on_cpu(rec))
+                for (i, _), rec in zip(picked, recs, strict=True)]
         name = f"samples/step-{step:09d}.png"
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
         render_reconstructions(rows, run_dir / name, mask_ratio=self.recipe.model.mask_ratio,

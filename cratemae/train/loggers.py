@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -137,7 +139,14 @@ def _wandb(run_dir: Path, config: dict[str, Any]) -> Any:
     id_file = run_dir / "wandb-id.txt"
     run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
     if not run_id:
-        run_id = wandb.util.generate_id()
+        run_id = _run_id()
         atomic_write_text(id_file, run_id + "\n")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "cratemae"), name=run_dir.name,
                       id=run_id, resume="allow", dir=str(run_dir), config=config)
+
+
+def _run_id() -> str:
+    """A new W&B run id: 8 characters of [a-z0-9], as W&B makes them (its own helper has
+    moved between releases: `wandb.util.generate_id` is gone in 0.31)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
