@@ -36,7 +36,7 @@ from cratemae.bench.check import (
 )
 from cratemae.distributed.device import choose_device
 from cratemae.errors import BadInputError, CrateMAEError
-from cratemae.model import CrateMAE, CrateMAEConfig, create_model
+from cratemae.model import CrateMAE, CrateMAEConfig, create_model, preset_config
 from cratemae.model.reference import reference_forward
 from cratemae.recipe import DataSection, OptimSection, Recipe, RunSection, SchedSection
 from cratemae.train.run_dir import max_memory_gb
@@ -117,6 +117,8 @@ def forward_flops(
     patch = config.patch_size**2 * config.in_chans
     keep = int(L * (1 - mask_ratio)) if config.encoder_visible_only else L
     n_enc, n_dec = 1 + keep, 1 + L  # tokens with CLS
+    if config.family == "vit":
+        return _vit_forward_flops(config, n_enc, n_dec, patch)
 
     def mssa(n: int) -> float:  # U and W_o, then QK^T and AV over all heads
         return n * 4 * d * d + 4 * n * n * d
@@ -125,6 +127,19 @@ def forward_flops(
     encoder = config.depth * (mssa(n_enc) + n_enc * ista)
     decoder = config.decoder_depth * (mssa(n_dec) + n_dec * 2 * d * d)  # E, then MSSA'
     return float(L * 2 * d * patch + encoder + decoder + n_dec * 2 * d * patch)
+
+
+def _vit_forward_flops(config: CrateMAEConfig, n_enc: int, n_dec: int, patch: int) -> float:
+    """`forward_flops` of MAE's ViT: per block, qkv and output projections (4 d^2 per
+    token), the MLP (2 r d^2) and QK^T and AV (2 N^2 d each); the decoder's input map."""
+    d, dd, L, r = config.embed_dim, config.decoder_embed_dim, config.num_patches, config.mlp_ratio
+
+    def block(n: int, w: int) -> float:
+        return 2 * n * (4 + 2 * r) * w * w + 4 * n * n * w
+
+    encoder = config.depth * block(n_enc, d)
+    decoder = n_enc * 2 * d * dd + config.decoder_depth * block(n_dec, dd)
+    return float(L * 2 * d * patch + encoder + decoder + n_dec * 2 * dd * patch)
 
 
 # --- the step: the training loop's own ------------------------------------------------------
@@ -244,6 +259,15 @@ def _check_spec(spec: BenchSpec) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} must be at least 1")
     if spec.warmup < 0:
         raise BadInputError("--warmup must be 0 or more")
+    try:
+        family = preset_config(spec.model).family
+    except ValueError as err:
+        raise BadInputError(f"--model: {err}") from None
+    if family == "vit":
+        # The check compares with the authors' CRATE computation (cratemae.model.reference),
+        # which MAE's ViT does not have.
+        raise BadInputError(f"--model {spec.model}: bench checks every path against the "
+                            "authors' CRATE-MAE computation; MAE's ViT has none yet")
 
 
 def _build(spec: BenchSpec, device: torch.device, run_dir: Path) -> Trainer:
@@ -252,8 +276,9 @@ def _build(spec: BenchSpec, device: torch.device, run_dir: Path) -> Trainer:
     _check_spec(spec)
     torch.manual_seed(spec.seed)
     try:
-        model = create_model(spec.model, img_size=spec.img_size,
-                             encoder_visible_only=spec.visible_only)
+        # --visible-only overrides the preset; without it, the preset's own encoder.
+        visible = {"encoder_visible_only": True} if spec.visible_only else {}
+        model = create_model(spec.model, img_size=spec.img_size, **visible)
     except ValueError as err:
         raise BadInputError(f"--model/--img-size: {err}") from None
     cfg = model.config

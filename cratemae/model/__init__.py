@@ -1,5 +1,6 @@
 """The CRATE-MAE model: layers named after the paper, the encoder, the autoencoder, its
-configuration and presets. Pure PyTorch: no file or terminal I/O.
+configuration and presets; and MAE's ViT, the baseline, behind the same interface. Pure
+PyTorch (and timm's ViT block): no file or terminal I/O.
 
 May import: nothing else of cratemae.
 """
@@ -13,7 +14,9 @@ _WHERE = {
     "PRESETS": "config", "CrateMAEConfig": "config",
     "CrateMAE": "crate_mae", "MAEOutput": "crate_mae",
     "CrateEncoder": "encoder",
-    "create_model": "factory", "preset_config": "factory",
+    "build_encoder": "factory", "build_model": "factory", "create_model": "factory",
+    "preset_config": "factory",
+    "MAEViT": "mae_vit", "ViTEncoder": "mae_vit",
     "ISTA": "layers", "MSSA": "layers", "DecoderLayer": "layers", "EncoderLayer": "layers",
     "random_masking": "masking",
     "masked_patch_loss": "patches", "patchify": "patches", "unpatchify": "patches",
@@ -29,7 +32,11 @@ __all__ = [
     "DecoderLayer",
     "EncoderLayer",
     "MAEOutput",
+    "MAEViT",
+    "ViTEncoder",
     "authors_to_cratemae",
+    "build_encoder",
+    "build_model",
     "create_model",
     "load_authors_state_dict",
     "masked_patch_loss",

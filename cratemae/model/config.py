@@ -1,11 +1,12 @@
-"""The model's only input: a frozen configuration, and the four published presets."""
+"""The model's only input: a frozen configuration, the four published CRATE-MAE presets and
+MAE's ViT baselines."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["PRESETS", "CrateMAEConfig"]
 
@@ -16,25 +17,33 @@ POSITIVE = {"gt": 0}
 
 @dataclass(frozen=True, kw_only=True)
 class CrateMAEConfig:
-    """Shape and hyper-parameters of a CRATE-MAE model.
+    """Shape and hyper-parameters of a CRATE-MAE model, or of MAE's ViT (`family="vit"`).
 
     Args:
+        family: "crate" (CRATE-MAE: MSSA + ISTA layers) or "vit" (MAE's ViT baseline:
+            timm's pre-norm attention + MLP blocks, He et al. 2022). Configurations saved
+            before this field existed are "crate".
         img_size: Training image size in pixels (square).
         patch_size: Side of a square patch in pixels.
         in_chans: Image channels.
         embed_dim: Token width d of the encoder.
         depth: Number of encoder layers (MSSA + ISTA).
         num_heads: Number of MSSA heads K in the encoder; each subspace has d/K dimensions.
-        decoder_embed_dim: Token width of the decoder. It must equal `embed_dim`: the
-            decoder inverts the encoder layer by layer and takes the latent as it is.
+        decoder_embed_dim: Token width of the decoder. For "crate" it must equal
+            `embed_dim`: the decoder inverts the encoder layer by layer and takes the latent
+            as it is. For "vit" it may differ: a linear map takes the latent to it.
         decoder_depth: Number of decoder layers (linear map, minus MSSA).
         decoder_num_heads: Number of MSSA heads in the decoder.
         norm_pix_loss: Standardise each target patch by its own mean and variance.
-        ista_step_size: eta, the ISTA step size.
-        ista_lambda: lambda, the sparsity penalty of the ISTA step.
+        ista_step_size: eta, the ISTA step size ("crate" only; ignored for "vit").
+        ista_lambda: lambda, the sparsity penalty of the ISTA step ("crate" only; ignored
+            for "vit").
         encoder_visible_only: MAE-style encoder on the kept tokens only (plus CLS). About 4x
             fewer encoder tokens at mask ratio 0.75, but a different model from the
-            authors', whose encoder sees mask tokens in every removed position.
+            authors', whose encoder sees mask tokens in every removed position. Must be
+            True for "vit": MAE's encoder never sees mask tokens.
+        mlp_ratio: Hidden width of the MLP over the token width ("vit" only; ignored for
+            "crate").
     """
 
     img_size: int = field(default=224, metadata=POSITIVE)
@@ -50,6 +59,8 @@ class CrateMAEConfig:
     ista_step_size: float = field(default=0.1, metadata=POSITIVE)
     ista_lambda: float = field(default=0.5, metadata={"ge": 0})
     encoder_visible_only: bool = False
+    family: Literal["crate", "vit"] = "crate"
+    mlp_ratio: float = field(default=4.0, metadata=POSITIVE)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -70,7 +81,12 @@ class CrateMAEConfig:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
-        if self.decoder_embed_dim != self.embed_dim:
+        if self.family not in ("crate", "vit"):
+            raise ValueError(f"family must be 'crate' or 'vit', got {self.family!r}")
+        if self.family == "vit" and not self.encoder_visible_only:
+            raise ValueError("family 'vit' (MAE's ViT) needs encoder_visible_only = true: "
+                             "MAE's encoder sees only the kept patches, never mask tokens")
+        if self.family == "crate" and self.decoder_embed_dim != self.embed_dim:
             raise ValueError(
                 f"decoder_embed_dim ({self.decoder_embed_dim}) must equal embed_dim "
                 f"({self.embed_dim}): the CRATE-MAE decoder takes the latent as it is"
@@ -117,9 +133,37 @@ def _preset(dim: int, heads: int, depth: int) -> dict[str, Any]:
     )
 
 
+def _vit_preset(dim: int, heads: int, depth: int, decoder: tuple[int, int, int]
+                ) -> dict[str, Any]:
+    # MAE's ViT: the encoder sees the kept patches only; the decoder is (width, heads, depth).
+    return dict(
+        family="vit",
+        encoder_visible_only=True,
+        embed_dim=dim,
+        num_heads=heads,
+        depth=depth,
+        decoder_embed_dim=decoder[0],
+        decoder_num_heads=decoder[1],
+        decoder_depth=decoder[2],
+        mlp_ratio=4.0,
+        img_size=224,
+        patch_size=16,
+    )
+
+
+# MAE's released decoder (512 wide, 16 heads, 8 blocks) for base and large. Tiny and small
+# were not released with MAE: they get a decoder scaled down with them, 256 wide, 8 heads,
+# 4 blocks (our choice).
+_MAE_DECODER = (512, 16, 8)
+_SMALL_DECODER = (256, 8, 4)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "crate_mae_tiny": _preset(384, 6, 12),
     "crate_mae_small": _preset(576, 12, 12),
     "crate_mae_base": _preset(768, 12, 12),
     "crate_mae_large": _preset(1024, 16, 24),
+    "mae_vit_tiny": _vit_preset(192, 3, 12, _SMALL_DECODER),
+    "mae_vit_small": _vit_preset(384, 6, 12, _SMALL_DECODER),
+    "mae_vit_base": _vit_preset(768, 12, 12, _MAE_DECODER),
+    "mae_vit_large": _vit_preset(1024, 16, 24, _MAE_DECODER),
 }

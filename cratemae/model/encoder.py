@@ -142,12 +142,7 @@ class CrateEncoder(nn.Module):
         g = config.grid_size
         # Frozen and recomputable, so not part of the state dict.
         self.register_buffer("pos_embed", sincos_2d(d, g, g)[None], persistent=False)
-        self.blocks = nn.ModuleList(
-            EncoderLayer(
-                d, config.num_heads, step_size=config.ista_step_size, lambd=config.ista_lambda
-            )
-            for _ in range(config.depth)
-        )
+        self.blocks = self._make_blocks(config)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=d, reduction=p)
                              for i in range(config.depth)]
         self.norm: nn.Module = nn.LayerNorm(d, eps=FINAL_NORM_EPS)
@@ -156,6 +151,18 @@ class CrateEncoder(nn.Module):
         self.head: nn.Module = nn.Identity()
         self.reset_classifier(num_classes, global_pool)
         self.set_drop_path_rate(drop_path_rate)
+
+    @torch.jit.ignore
+    def _make_blocks(self, config: CrateMAEConfig) -> nn.ModuleList:
+        """The `config.depth` layers, each (B, N, d) -> (B, N, d): MSSA + ISTA here; the
+        hook a subclass with other layers (`ViTEncoder`) overrides."""
+        return nn.ModuleList(
+            EncoderLayer(
+                config.embed_dim, config.num_heads, step_size=config.ista_step_size,
+                lambd=config.ista_lambda,
+            )
+            for _ in range(config.depth)
+        )
 
     # --- embedding -------------------------------------------------------------------------
     def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:

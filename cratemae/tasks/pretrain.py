@@ -15,7 +15,7 @@ from cratemae.checkpoints import Resume
 from cratemae.data import build_loader
 from cratemae.distributed import dist
 from cratemae.errors import BadInputError
-from cratemae.model import CrateMAE, create_model
+from cratemae.model import CrateMAE, MAEViT, create_model
 from cratemae.recipe import Recipe
 from cratemae.tasks.monitor import PretrainMonitor
 from cratemae.train.optim import param_groups
@@ -28,8 +28,9 @@ __all__ = ["MAETask", "build_mae", "pretrain"]
 log = logging.getLogger("cratemae")
 
 
-def build_mae(recipe: Recipe) -> CrateMAE:
-    """The model the recipe names, with its overrides; a bad combination is bad input."""
+def build_mae(recipe: Recipe) -> CrateMAE | MAEViT:
+    """The model the recipe names (CRATE-MAE, or MAE's ViT for `mae_vit_*` / family "vit"),
+    with its overrides; a bad combination is bad input."""
     try:
         model = create_model(recipe.model.name, **recipe.model.config_overrides())
     except ValueError as err:
@@ -46,7 +47,7 @@ class MAETask(Task):
     micro-batch, rank), so a resumed run masks exactly as an uninterrupted one would.
     With `run.eval_every_steps` and data.val, validated by `PretrainMonitor` (`monitor`)."""
 
-    def __init__(self, recipe: Recipe, model: CrateMAE) -> None:
+    def __init__(self, recipe: Recipe, model: CrateMAE | MAEViT) -> None:
         self.recipe, self.model = recipe, model
         model.set_grad_checkpointing(recipe.run.grad_checkpointing)
         self.config = model.config.to_dict()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import tomllib
@@ -38,7 +39,15 @@ from cratemae.checkpoints.files import file_digest
 from cratemae.checkpoints.layout import CKPT_SUBDIR, EMA_PREFIX, META, MODEL_FILE
 from cratemae.checkpoints.resolve import complete_checkpoints, resolve_checkpoint
 from cratemae.errors import BadInputError
-from cratemae.model import CrateEncoder, CrateMAE, CrateMAEConfig, authors_to_cratemae
+from cratemae.model import (
+    CrateEncoder,
+    CrateMAE,
+    CrateMAEConfig,
+    authors_to_cratemae,
+    build_encoder,
+    build_model,
+)
+from cratemae.model.pos_embed import sincos_2d
 from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -119,7 +128,9 @@ def checkpoint_filter_fn(
       are the ones loaded;
     - `module.`/`_orig_mod.` prefixes of DistributedDataParallel and torch.compile;
     - the authors' layout (`blocks.N.layers.0.0.fn.qkv.weight`, ...; their position tables
-      and unused `decoder_embed` are left out).
+      and unused `decoder_embed` are left out);
+    - timm's `VisionTransformer` layout of an MAE ViT export: its `pos_embed` is left out
+      once checked to be the fixed sin-cos table the encoder computes itself.
 
     For a `CrateEncoder` the encoder part is kept, and the head only if the model has one.
     Keys that fit no layout are kept, for `check_state_dict_matches` to name; a state dict
@@ -156,7 +167,27 @@ def _canonical(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.T
         if unknown:
             shown = ", ".join(sorted(unknown)[:_SHOW]) + (", ..." if len(unknown) > _SHOW else "")
             raise BadInputError(f"{source}: {len(unknown)} key(s) in no known layout: {shown}")
-    return state
+    return _without_position_table(state, source)
+
+
+def _without_position_table(state: dict[str, torch.Tensor], source: str
+                            ) -> dict[str, torch.Tensor]:
+    """Drop a stored `pos_embed` (1, 1+L, d), as timm's ViT layout holds it, after checking
+    that it is the fixed sin-cos table (CLS row zero) that cratemae's encoders compute: a
+    learned one would otherwise be replaced silently."""
+    out = {}
+    for key, value in state.items():
+        if key not in ("pos_embed", "encoder.pos_embed"):
+            out[key] = value
+            continue
+        n, d = value.shape[-2:] if value.dim() == 3 else (0, 0)
+        g = math.isqrt(max(n - 1, 0))
+        fixed = sincos_2d(d, g, g)[None] if g and g * g == n - 1 and d % 4 == 0 else None
+        if fixed is None or value.shape != fixed.shape or not torch.allclose(
+                value.float(), fixed, atol=1e-5):
+            raise BadInputError(f"{source}: its position table {key} is not the fixed sin-cos "
+                                "one that cratemae's encoders use; a learned table cannot load")
+    return out
 
 
 # --- loading ------------------------------------------------------------------------------
@@ -208,13 +239,13 @@ def _load(
 def _model_for(
     state: dict[str, torch.Tensor], config: CrateMAEConfig, *, backbone: bool
 ) -> CrateMAE | CrateEncoder:
-    """The module the (canonical) weights go into."""
+    """The module the (canonical) weights go into, of the class `config.family` names."""
     if backbone:
-        return CrateEncoder(config)
+        return build_encoder(config)
     if any(k.startswith("decoder_") or k == "mask_token" for k in state):
-        return CrateMAE(config)
+        return build_model(config)  # type: ignore[return-value]
     head = state.get("head.weight", state.get("encoder.head.weight"))
-    return CrateEncoder(config, num_classes=0 if head is None else head.shape[0])
+    return build_encoder(config, num_classes=0 if head is None else head.shape[0])
 
 
 def _configuration(
@@ -328,6 +359,14 @@ def _check_sizes(config: CrateMAEConfig, state: dict[str, torch.Tensor], source:
     if proj is not None and list(proj.shape) != want:
         raise BadInputError(f"{source}: its configuration says a patch projection of {want}, "
                             f"its weights hold {list(proj.shape)}")
+    if config.family == "vit":  # widths that only MAE's ViT has: its MLP and its decoder
+        d = config.embed_dim
+        for key, want in (("blocks.0.mlp.fc1.weight", [int(d * config.mlp_ratio), d]),
+                          ("decoder_embed.weight", [config.decoder_embed_dim, d])):
+            found = state.get(key, state.get(f"encoder.{key}"))
+            if found is not None and list(found.shape) != want:
+                raise BadInputError(f"{source}: its configuration says {key} of {want}, its "
+                                    f"weights hold {list(found.shape)}")
     for name, pattern, depth in (
             ("depth", r"^(?:encoder\.)?blocks\.(\d+)\.", config.depth),
             ("decoder_depth", r"^decoder_blocks\.(\d+)\.", config.decoder_depth)):
