@@ -1,12 +1,15 @@
 """White-box diagnostics: what each encoder layer does to the coding rate and the sparsity
 of the tokens, where the CLS token attends, and how the patch features are organised.
+For CRATE against each layer's MSSA subspaces; for MAE's ViT, which has none, against each
+head's value projection (`heads` says which, per family, in one place).
 
-Pure computation here (`measures`, `record`, `summary`, `run`); `plots` draws with
-matplotlib, imported only when a picture is drawn.
+Pure computation here (`heads`, `measures`, `record`, `summary`, `run`); `plots` draws
+with matplotlib, imported only when a picture is drawn.
 
 May import: errors, recipe, data, model, checkpoints, weights.
 """
 
+from cratemae.analysis.heads import LayerHeads, layer_heads
 from cratemae.analysis.load import LoadedEncoder, load_encoder, load_images
 from cratemae.analysis.measures import EPS2, coding_rate, sparsity
 from cratemae.analysis.record import LayerRecord, record_layers
@@ -16,6 +19,7 @@ from cratemae.analysis.summary import LayerSummary, PatchPCA
 __all__ = [
     "EPS2",
     "Analysis",
+    "LayerHeads",
     "LayerRecord",
     "LayerSummary",
     "LoadedEncoder",
@@ -24,6 +28,7 @@ __all__ = [
     "analyze",
     "attention_layers",
     "coding_rate",
+    "layer_heads",
     "load_encoder",
     "load_images",
     "record_layers",

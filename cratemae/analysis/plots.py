@@ -68,6 +68,7 @@ def plot_layers(layers: list[dict[str, Any]], path: Path, title: str = "") -> Pa
             xticks=depth,
         )
         ax.grid(alpha=0.3)
+    ax_sparse.set_ylim(0, 1.05)  # a fraction: CRATE's and the ViT's figures side by side
     before = [e["coding_rate_of_layer_input"]["mean"] for e in layers[1:]]
     ax_rate.plot(
         depth[1:], before, ls="--", marker=".", color="grey", label="layer's input, same subspaces"

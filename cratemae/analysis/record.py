@@ -1,10 +1,11 @@
 """One forward pass of the encoder, measured layer by layer through forward hooks.
 
 Depth 0 is the input to the first layer (patch embedding + positions, CLS in front) and
-depth l (1..L) the output of layer l, its ISTA step. Each depth's coding rate is taken
-against the subspaces U of one layer: layer l's for depth l, and layer 1's for the input,
-so that depths 0 and 1 show what the first layer did against its own subspaces. As the
-notes define it, the tokens go through that layer's first LayerNorm before U.
+depth l (1..L) the output of layer l (for CRATE its ISTA step). Each depth's coding rate
+is taken against the subspaces of one layer: layer l's for depth l, and layer 1's for the
+input, so that depths 0 and 1 show what the first layer did against its own subspaces. As
+the notes define it, the tokens go through that layer's first LayerNorm before U. Which
+subspaces a layer has depends on the family of model: see `cratemae.analysis.heads`.
 
 The hooks only read: the model runs exactly as it would without them.
 """
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cratemae.analysis.heads import LayerHeads, layer_heads
 from cratemae.analysis.measures import EPS2, coding_rate, sparsity
-from cratemae.model import CrateEncoder, EncoderLayer
+from cratemae.model import CrateEncoder
 
 __all__ = ["LayerRecord", "record_layers"]
 
@@ -32,13 +34,13 @@ class LayerRecord:
     sparsity: torch.Tensor  # (B, L+1) float64: fraction of non-zero entries
     # Layer l (1-based) -> (B, K, L_patches): the CLS row of each head's attention, patches only.
     cls_attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    # (B, L_patches, d): the shared projection LN1(Z) U of the feature layer, patches only.
+    # (B, L_patches, d): the per-head projections LN1(Z) U of the feature layer, patches only.
     features: torch.Tensor | None = None
 
 
-def _rate(block: EncoderLayer, z: torch.Tensor, eps2: float) -> torch.Tensor:
-    """R^c of tokens z (B, N, d) against the subspaces of `block`: (B,)."""
-    return coding_rate(block.mssa.project(block.norm1(z)), eps2)
+def _rate(heads: LayerHeads, z: torch.Tensor, eps2: float) -> torch.Tensor:
+    """R^c of tokens z (B, N, d) against the subspaces of one layer: (B,)."""
+    return coding_rate(heads.project(heads.norm(z)), eps2)
 
 
 @torch.no_grad()
@@ -54,7 +56,8 @@ def record_layers(
 
     `attention_layers` and `feature_layer` count from 1 (layer 1 is the first).
     """
-    blocks: list[EncoderLayer] = list(encoder.blocks)  # type: ignore[arg-type]
+    blocks = list(encoder.blocks)
+    heads = [layer_heads(block) for block in blocks]
     depth, B = len(blocks), imgs.shape[0]
     rate = torch.full((B, depth + 1), float("nan"), dtype=torch.float64)
     rate_in = torch.full((B, depth), float("nan"), dtype=torch.float64)
@@ -64,37 +67,37 @@ def record_layers(
     def on_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         z0 = args[0]  # (B, 1+L, d), what layer 1 receives
         sparse[:, 0] = sparsity(z0).cpu()
-        rate[:, 0] = _rate(blocks[0], z0, eps2).cpu()
+        rate[:, 0] = _rate(heads[0], z0, eps2).cpu()
 
-    def on_mssa(i: int):
+    def on_attention(i: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]  # (B, 1+L, d) = LN1(Z^{l-1}), the input of layer l = i + 1
-            u = blocks[i].mssa.project(x)  # (B, K, 1+L, p)
+            u = heads[i].project(x)  # (B, K, 1+L, p)
             rate_in[:, i] = coding_rate(u, eps2).cpu()
             if i + 1 in attention_layers:
-                record.cls_attention[i + 1] = blocks[i].mssa.attention(x)[:, :, 0, 1:].float()
+                record.cls_attention[i + 1] = heads[i].attention(x)[:, :, 0, 1:].float()
             if i + 1 == feature_layer:
                 record.features = u.transpose(1, 2).flatten(2)[:, 1:].float()  # (B, L, d)
 
         return hook
 
-    def on_ista(i: int):
+    def on_output(i: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             sparse[:, i + 1] = sparsity(out).cpu()  # out: (B, 1+L, d), Z^l
-            rate[:, i + 1] = _rate(blocks[i], out, eps2).cpu()
+            rate[:, i + 1] = _rate(heads[i], out, eps2).cpu()
 
         return hook
 
     handles = [blocks[0].register_forward_pre_hook(on_input)]
     for i, block in enumerate(blocks):
-        handles.append(block.mssa.register_forward_pre_hook(on_mssa(i)))
-        handles.append(block.ista.register_forward_hook(on_ista(i)))
+        handles.append(heads[i].attention_module.register_forward_pre_hook(on_attention(i)))
+        handles.append(block.register_forward_hook(on_output(i)))
     try:
         encoder.forward_features(imgs)
     finally:
         for handle in handles:
             handle.remove()
     if rate.isnan().any() or rate_in.isnan().any() or sparse.isnan().any():
-        # A model that stops calling its mssa/ista submodules would leave gaps silently.
-        raise RuntimeError("record_layers: the encoder did not run every MSSA and ISTA module")
+        # A model that stops calling its layers' attention would leave gaps silently.
+        raise RuntimeError("record_layers: the encoder did not run every layer and its attention")
     return record

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cratemae.analysis.heads import SPARSITY_OF, SUBSPACES_OF
 from cratemae.analysis.measures import EPS2
 from cratemae.analysis.record import record_layers
 from cratemae.analysis.summary import LayerSummary, PatchPCA
@@ -102,6 +103,9 @@ def analyze(
         pca_variance_ratio=pca.variance_ratio(),
         pictures=pictures,
         meta={
+            "family": model.config.family,
+            "subspaces": SUBSPACES_OF[model.config.family],
+            "sparsity_of": SPARSITY_OF[model.config.family],
             "tokens_per_image": grid * grid + 1,
             "heads": model.config.num_heads,
             "embed_dim": model.config.embed_dim,

@@ -28,6 +28,8 @@ ImagesArg = Annotated[
     typer.Argument(metavar="IMAGE...", help="Image files to analyse.", show_default=False),
 ]
 RUNS_DIR = Path("runs")
+# layers.png's title: the model and what its coding rate is measured against.
+_FAMILY = {"crate": "CRATE: MSSA subspaces", "vit": "MAE ViT: per-head value projections"}
 CheckpointOpt = Annotated[
     Path | None,
     typer.Option(
@@ -87,6 +89,11 @@ def analyze(
     images); layers.png; and per image drawn, attention-IMAGE.png (CLS
     attention per head, last two layers) and pca-IMAGE.png (first three
     principal components of patch features as RGB).
+
+    CRATE: the subspaces are each layer's MSSA U_k; sparsity is that of
+    its ISTA output. MAE ViT (no subspaces of its own): each head's slice
+    of the layer's value projection stands for U_k; sparsity is that of
+    the block's output, dense (about 1) by design.
 
     Examples:
       $ cratemae analyze photo.jpg other.png        # the newest run under ./runs
@@ -236,7 +243,8 @@ def _write(result: Analysis, model: LoadedModel, out: Path, source: Any) -> dict
         plot_layers(
             result.layers,
             out / "layers.png",
-            title=f"{model.path.name}, {result.num_images} images",
+            title=f"{model.path.name} ({_FAMILY[model.config.family]}), "
+            f"{result.num_images} images",
         ),
     ]
     for pic in result.pictures:

@@ -45,6 +45,7 @@ def export(
     in timm's Hub layout: every cratemae command reads DIR, and timm loads it with
     timm.create_model("local-dir:DIR", pretrained=True) after
     import cratemae.weights.timm_models (or "hf-hub:USER/REPO" once uploaded).
+    MAE ViT: the encoder only, as timm's own vit_* architecture (no cratemae import).
     onnx: DIR/model.onnx, the encoder's forward_features with a dynamic batch dimension,
     checked against PyTorch with onnxruntime when it is installed.
 
@@ -68,6 +69,11 @@ def export(
 
     result = export_safetensors(loaded, out, encoder_only=encoder_only)
     what = "encoder only" if result.encoder_only else "encoder and decoder"
+    if loaded.config.family == "vit":
+        what = "encoder only, in timm's VisionTransformer layout"
+        if hasattr(loaded.model, "decoder_blocks") and not encoder_only:
+            console.log("MAE ViT: the decoder is left out (timm's ViT has none); reconstruct "
+                        "reads the checkpoint itself")
     typer.echo(f"wrote {result.file} ({what}), {result.config_file} and {result.card_file}")
     typer.echo(f"sha256 {result.sha256}  {result.file.name}")
 

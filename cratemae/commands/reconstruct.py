@@ -108,10 +108,12 @@ def _load(checkpoint: Path | None) -> LoadedModel:
                     "--checkpoint chooses another)")
     loaded = load_model(checkpoint)
     if not hasattr(loaded.model, "decoder_blocks"):
+        export = ("MAE ViT exports hold the encoder only (timm's layout): give the "
+                  "pre-training run or its checkpoint" if loaded.config.family == "vit" else
+                  "give a pre-training run (fine-tune and probe runs hold no decoder) or an "
+                  "export made without --encoder-only")
         raise BadInputError(f"{loaded.weights_file}: holds only the encoder; reconstruct "
-                            "needs the decoder too: give a pre-training run (fine-tune and "
-                            "probe runs hold no decoder) or an export made without "
-                            "--encoder-only")
+                            f"needs the decoder too: {export}")
     if not loaded.preprocessing_known:
         console.warn(f"{loaded.weights_file}: no record of the mean/std it was trained with; "
                      "assuming ImageNet's")

@@ -1,4 +1,5 @@
-"""Mask images, reconstruct them with a `CrateMAE`, and measure the result in pixels.
+"""Mask images, reconstruct them with a `CrateMAE` or an `MAEViT` (the same `forward` and
+`MAEOutput`), and measure the result in pixels.
 
 Images are float32 (B, 3, S, S) in [0, 1]; the model sees them normalised with the mean
 and std it was trained with, and its prediction is mapped back to [0, 1] for display and
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cratemae.model import CrateMAE, patchify, unpatchify
+from cratemae.model import CrateMAE, MAEViT, patchify, unpatchify
 
 __all__ = ["Reconstruction", "mask_noise", "masked_psnr", "reconstruct"]
 
@@ -65,7 +66,7 @@ def _as_image_patches(
 
 @torch.no_grad()
 def reconstruct(
-    model: CrateMAE,
+    model: CrateMAE | MAEViT,
     pixels: torch.Tensor,
     *,
     mean: Sequence[float],

@@ -6,7 +6,10 @@
 
 - model.safetensors is a cratemae weights file (keys as in `CrateMAE`, the configuration in
   its metadata), so every cratemae command reads the directory back; timm's loader maps
-  the keys with the registered models' `checkpoint_filter_fn`.
+  the keys with the registered models' `checkpoint_filter_fn`. MAE's ViT (family "vit")
+  is written as timm's own `VisionTransformer` holds it (bare encoder keys, `pos_embed`
+  the fixed sin-cos table as the parameter timm expects), the encoder only, so that timm's
+  `vit_*` architectures load it with no cratemae import; cratemae reads it back as well.
 - config.json holds timm's fields (`architecture`, `num_classes`, `num_features`,
   `global_pool`, `model_args`, `pretrained_cfg` with the input size, mean/std, crop and
   interpolation the weights were trained with, `label_names` of a classifier when known)
@@ -29,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cratemae.checkpoints import write_model_weights
 from cratemae.checkpoints.files import file_digest
 from cratemae.checkpoints.layout import META
@@ -37,10 +42,21 @@ from cratemae.model import PRESETS, CrateEncoder, CrateMAEConfig
 from cratemae.weights.load import CONFIG_FILE, IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
 __all__ = ["ExportResult", "export_safetensors", "pretrained_cfg", "timm_call",
-           "write_config_json", "write_model_card"]
+           "timm_vit_state", "write_config_json", "write_model_card"]
 
 _TIMM_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                 "ista_step_size", "ista_lambda")
+# MAE's ViT: timm's `VisionTransformer` arguments that a configuration sets, and timm's
+# architecture of each preset's shape (224 px, patch 16).
+_VIT_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+               "mlp_ratio")
+TIMM_VIT_NAMES = {"mae_vit_tiny": "vit_tiny_patch16_224", "mae_vit_small": "vit_small_patch16_224",
+                  "mae_vit_base": "vit_base_patch16_224", "mae_vit_large": "vit_large_patch16_224"}
+PAPERS = {
+    "crate": ("arXiv:2404.02446",
+              "Masked Completion via Structured Diffusion with White-Box Transformers"),
+    "vit": ("arXiv:2111.06377", "Masked Autoencoders Are Scalable Vision Learners"),
+}
 CARD_FILE = "README.md"
 SCORE_FILES = ("finetune.json", "probe.json")
 # The evaluation resize is the short side to img_size * 256/224, then a centre crop.
@@ -65,32 +81,64 @@ def pretrained_cfg(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     num_classes: int = 0,
+    family: str = "crate",
 ) -> dict[str, Any]:
     """timm's pretrained config for weights trained at `img_size` with `mean`/`std`: what
-    `resolve_data_config({}, model=m)` turns into the transform. No download location."""
+    `resolve_data_config({}, model=m)` turns into the transform. No download location.
+    timm's ViT takes its training size only (`fixed_input_size`); CRATE encoders any."""
+    paper_id, paper_name = PAPERS[family]
     return dict(
         url="", num_classes=num_classes, input_size=(in_chans, img_size, img_size),
-        fixed_input_size=False, interpolation="bicubic", crop_pct=CROP_PCT,
+        fixed_input_size=family == "vit", interpolation="bicubic", crop_pct=CROP_PCT,
         mean=tuple(mean), std=tuple(std), first_conv="patch_embed.proj", classifier="head",
-        license="mit", paper_ids="arXiv:2404.02446",
-        paper_name="Masked Completion via Structured Diffusion with White-Box Transformers",
+        license="mit", paper_ids=paper_id, paper_name=paper_name,
     )
 
 
 def timm_call(config: CrateMAEConfig) -> dict[str, Any]:
     """The registered timm model for an encoder and the keyword arguments that make
     `timm.create_model` build exactly it: the preset of the nearest width, and every field
-    that differs from that preset."""
+    that differs from that preset. For MAE's ViT, timm's own `vit_*` of that preset."""
     fields = config.to_dict()
-    name = _architecture(config)
-    preset = {**CrateMAEConfig().to_dict(), **PRESETS[name]}
-    kwargs = {k: fields[k] for k in _TIMM_FIELDS if fields[k] != preset[k]}
-    return {"model_name": name, "kwargs": kwargs}
+    preset_name = _nearest_preset(config)
+    preset = {**CrateMAEConfig().to_dict(), **PRESETS[preset_name]}
+    kwargs = {k: fields[k] for k in _fields(config) if fields[k] != preset[k]}
+    return {"model_name": _architecture(config), "kwargs": kwargs}
+
+
+def _fields(config: CrateMAEConfig) -> tuple[str, ...]:
+    return _VIT_FIELDS if config.family == "vit" else _TIMM_FIELDS
+
+
+def _nearest_preset(config: CrateMAEConfig) -> str:
+    """The preset of the same family and the nearest width."""
+    same = [n for n in PRESETS if PRESETS[n].get("family", "crate") == config.family]
+    return min(same, key=lambda n: abs(PRESETS[n]["embed_dim"] - config.embed_dim))
 
 
 def _architecture(config: CrateMAEConfig) -> str:
-    """The preset of the nearest width (the name timm registers; `model_args` do the rest)."""
-    return min(PRESETS, key=lambda n: abs(PRESETS[n]["embed_dim"] - config.embed_dim))
+    """The name timm registers for the nearest preset (`model_args` do the rest): the
+    `crate_mae_*` preset itself, or timm's `vit_*` of a `mae_vit_*` preset's shape."""
+    name = _nearest_preset(config)
+    return TIMM_VIT_NAMES[name] if config.family == "vit" else name
+
+
+def _model_args(config: CrateMAEConfig, pool: str) -> dict[str, Any]:
+    """`model_args` of config.json: what timm builds the architecture with."""
+    fields = config.to_dict()
+    args = {k: fields[k] for k in _fields(config)}
+    if config.family == "vit":
+        # The final norm stays in forward_features whatever the pooling, as in
+        # `ViTEncoder` (timm would otherwise move it after an "avg" pool).
+        args.update(class_token=True, fc_norm=False)
+    return {**args, "global_pool": pool}
+
+
+def timm_vit_state(encoder: CrateEncoder) -> dict[str, torch.Tensor]:
+    """A `ViTEncoder`'s weights as timm's `VisionTransformer` names them: its own keys
+    (patch_embed, cls_token, blocks, norm, head already are timm's) and `pos_embed`, the
+    fixed sin-cos table (1, 1+L, d), as the parameter timm expects."""
+    return {**encoder.state_dict(), "pos_embed": encoder.pos_embed.detach().clone()}
 
 
 def _timm_entry(loaded: LoadedModel) -> dict[str, Any]:
@@ -109,17 +157,14 @@ def _hub_fields(loaded: LoadedModel, label_names: list[str] | None,
     the pooling a classifier's head was trained on (weights files do not record it)."""
     config, encoder = loaded.config, loaded.encoder
     pool = global_pool if encoder.num_classes and global_pool else encoder.global_pool
-    fields = config.to_dict()
     cfg = pretrained_cfg(config.img_size, in_chans=config.in_chans, mean=loaded.mean,
-                         std=loaded.std, num_classes=encoder.num_classes)
-    model_args = {k: fields[k] for k in _TIMM_FIELDS}
-    model_args["global_pool"] = pool
+                         std=loaded.std, num_classes=encoder.num_classes, family=config.family)
     hub: dict[str, Any] = {
         "architecture": _architecture(config),
         "num_classes": encoder.num_classes,
         "num_features": encoder.num_features,
         "global_pool": pool,
-        "model_args": model_args,
+        "model_args": _model_args(config, pool),
         "pretrained_cfg": cfg,
     }
     if label_names and len(label_names) == encoder.num_classes:
@@ -199,30 +244,46 @@ def _data_lines(recipe_toml: str | None) -> list[str]:
     return [f"- {k}: `{data[k]}`" for k in ("train", "val", "mean", "std") if k in data]
 
 
-def model_card(loaded: LoadedModel, records: dict[str, Any], command: str) -> str:
-    """README.md in the Hugging Face model card format (YAML front matter, then text)."""
+# Per family: the model's name in the title, what it is, and the import timm needs first.
+_ABOUT = {
+    "crate": ("CRATE-MAE",
+              "White-box CRATE encoder (MSSA + ISTA layers) pre-trained as a masked autoencoder "
+              "with [cratemae](https://github.com/) (Pai et al., ICLR 2024, arXiv:2404.02446).",
+              ["import cratemae.weights.timm_models  # registers the crate_mae_* models", ""]),
+    "vit": ("MAE ViT",
+            "ViT encoder (timm's VisionTransformer: attention + MLP blocks, fixed sin-cos "
+            "positions) pre-trained as a masked autoencoder (He et al., CVPR 2022, "
+            "arXiv:2111.06377) with [cratemae](https://github.com/), as the baseline of "
+            "CRATE-MAE. The file holds the encoder in timm's own layout: timm loads it "
+            "without cratemae.", [""]),
+}
+
+
+def model_card(loaded: LoadedModel, records: dict[str, Any], command: str,
+               file_params: int | None = None) -> str:
+    """README.md in the Hugging Face model card format (YAML front matter, then text).
+    `file_params`: the number of values in the weights file (default: the whole model's)."""
     config, encoder = loaded.config, loaded.encoder
     name = _architecture(config)
-    params = sum(p.numel() for p in loaded.model.parameters())
+    family, about, imports = _ABOUT[config.family]
+    params = file_params or sum(p.numel() for p in loaded.model.parameters())
     enc_params = sum(p.numel() for p in encoder.parameters())
     what = "an image classifier" if encoder.num_classes else "an image encoder"
+    mlp = f", MLP ratio {config.mlp_ratio:g}" if config.family == "vit" else ""
     lines = [
         "---", "tags:", "- image-classification", "- timm", "- cratemae",
         "library_name: timm", "license: other  # TODO: choose the licence of these weights",
-        "---", f"# {name} (CRATE-MAE), {what}", "",
-        "White-box CRATE encoder (MSSA + ISTA layers) pre-trained as a masked autoencoder "
-        "with [cratemae](https://github.com/) (Pai et al., ICLR 2024, arXiv:2404.02446).", "",
+        "---", f"# {name} ({family}), {what}", "", about, "",
         "## Model details", "",
         f"- Architecture: `{name}`: width {config.embed_dim}, {config.depth} layers, "
-        f"{config.num_heads} heads, patch {config.patch_size}, {config.img_size} px",
+        f"{config.num_heads} heads{mlp}, patch {config.patch_size}, {config.img_size} px",
         f"- Parameters: {params:,} in the file ({enc_params:,} in the encoder)",
         f"- Classes: {encoder.num_classes or 'none (features)'}; pooling "
         f"`{records.get('global_pool') or encoder.global_pool}`",
         f"- Preprocessing: resize to {config.img_size / CROP_PCT:.0f} px, centre crop "
         f"{config.img_size} px (bicubic), mean {list(loaded.mean)}, std {list(loaded.std)}"
         + ("" if loaded.preprocessing_known else " (assumed: ImageNet's)"),
-        "", "## Usage", "", "```python", "import timm",
-        "import cratemae.weights.timm_models  # registers the crate_mae_* models", "",
+        "", "## Usage", "", "```python", "import timm", *imports,
         'model = timm.create_model("local-dir:PATH", pretrained=True).eval()  '
         '# or "hf-hub:USER/REPO"',
         "cfg = timm.data.resolve_data_config({}, model=model)",
@@ -245,10 +306,10 @@ def model_card(loaded: LoadedModel, records: dict[str, Any], command: str) -> st
 
 
 def write_model_card(out_dir: Path, loaded: LoadedModel, records: dict[str, Any],
-                     command: str | None = None) -> Path:
+                     command: str | None = None, file_params: int | None = None) -> Path:
     path = out_dir / CARD_FILE
     command = command or shlex.join(["cratemae", *sys.argv[1:]])
-    atomic_write_text(path, model_card(loaded, records, command))
+    atomic_write_text(path, model_card(loaded, records, command, file_params))
     return path
 
 
@@ -257,21 +318,28 @@ def export_safetensors(
     command: str | None = None,
 ) -> ExportResult:
     """Write `out_dir/model.safetensors` (the whole model, or the encoder's `encoder.*`
-    weights only), `out_dir/config.json` and the model card `out_dir/README.md`."""
+    weights only), `out_dir/config.json` and the model card `out_dir/README.md`.
+
+    MAE's ViT is always written encoder-only, in timm's `VisionTransformer` layout
+    (`timm_vit_state`): timm's ViT has no decoder, and loads strictly what it is given."""
     out = Path(out_dir)
     state = loaded.model.state_dict()  # (name -> tensor), exactly the model's keys
-    if isinstance(loaded.model, CrateEncoder):
+    if loaded.config.family == "vit":
+        state = timm_vit_state(loaded.encoder)
+    elif isinstance(loaded.model, CrateEncoder):
         state = {f"encoder.{k}": v for k, v in state.items()}
     elif encoder_only:
         state = {k: v for k, v in state.items() if k.startswith("encoder.")}
     file = write_model_weights(out / "model.safetensors", state, loaded.config.to_dict())
     digest = file_digest(file)["sha256"]
-    encoder_only = encoder_only or isinstance(loaded.model, CrateEncoder)
+    encoder_only = (encoder_only or isinstance(loaded.model, CrateEncoder)
+                    or loaded.config.family == "vit")
     records = run_records(loaded.weights_file)
     config_file = write_config_json(out, loaded, file=file, sha256=digest,
                                     extra={"encoder_only": encoder_only},
                                     label_names=records["label_names"],
                                     global_pool=records["global_pool"])
-    card = write_model_card(out, loaded, records, command)
+    card = write_model_card(out, loaded, records, command,
+                            file_params=sum(v.numel() for v in state.values()))
     return ExportResult(file=file, sha256=digest, config_file=config_file,
                         encoder_only=encoder_only, card_file=card)

@@ -15,6 +15,9 @@ once uploaded) needs no other argument. A weights file may also be given directl
 architecture's arguments as keywords. `checkpoint_filter_fn` keeps the encoder part of any
 cratemae weights or the authors' layout, and refuses, naming the file, weights or
 hyper-parameters that do not fit the model built.
+
+MAE's ViT baselines (`mae_vit_*` presets) are not registered here: their exports name
+timm's own `vit_*` architectures and are in its `VisionTransformer` layout.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ _CHECKED_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "ista_step_s
 _DEFAULT_OUT_INDICES = 3  # features_only: the last three layers, as timm's ViT
 
 
+# The CRATE-MAE presets, the ones registered here.
+_CRATE_PRESETS = [n for n in PRESETS if PRESETS[n].get("family", "crate") == "crate"]
 # Read by timm's `register_model` from this module (old-style: one dict per architecture).
-default_cfgs = {name: pretrained_cfg(PRESETS[name]["img_size"]) for name in PRESETS}
+default_cfgs = {name: pretrained_cfg(PRESETS[name]["img_size"]) for name in _CRATE_PRESETS}
 
 
 def _square(img_size: int | tuple[int, int] | list[int]) -> int:
