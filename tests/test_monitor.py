@@ -16,8 +16,10 @@ from data_fixtures import solid
 from PIL import Image
 
 from cratemae.analysis import record_layers
+from cratemae.data.plan import subset_plan
+from cratemae.errors import BadInputError
 from cratemae.recipe import load_recipe
-from cratemae.tasks.monitor import PretrainMonitor, knn_top1, subset_plan, subset_positions
+from cratemae.tasks.monitor import PretrainMonitor, knn_top1, subset_positions
 from cratemae.tasks.pretrain import MAETask, build_mae, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +195,10 @@ def test_subset_plan_reads_exactly_the_positions_in_batches_dealt_to_streams():
     positions = np.array([1, 2, 3, 9, 10, 17, 25, 29])
     plan = subset_plan(source, positions, batch_size=3, num_streams=2)
     assert (plan.num_batches, plan.num_samples, plan.last_size) == (3, 8, 2)
-    # Stream 0 reads batches 0 and 2 (positions 1, 2, 3 and 25, 29), stream 1 batch 1.
-    assert plan.streams[0].segments == ((0, 1, 4), (2, 5, 6), (2, 9, 10))
-    assert plan.streams[1].segments == ((0, 9, 10), (1, 0, 1), (1, 7, 8))
+    # As every evaluation plan: stream 0 makes batches 0 and 2 from the first 5 samples
+    # (positions 1, 2, 3, 9, 10), stream 1 batch 1 from the last 3 (17, 25, 29).
+    assert plan.streams[0].segments == ((0, 1, 4), (0, 9, 10), (1, 0, 1))
+    assert plan.streams[1].segments == ((1, 7, 8), (2, 5, 6), (2, 9, 10))
     assert [list(s.batch_ids()) for s in plan.streams] == [[0, 2], [1]]
+    with pytest.raises(BadInputError, match="outside"):
+        subset_plan(source, np.array([3, 30]), batch_size=3, num_streams=1)

@@ -164,6 +164,35 @@ def _exact_plan(
             segs += _segments(order, ends, p, p + 1)
         n_batches = math.ceil(n / batch)
         last = n - (n_batches - 1) * batch
+    return _deal(segs, n, n_batches, batch, last, n_streams)
+
+
+def subset_plan(source: Source, positions: np.ndarray, batch_size: int, num_streams: int
+                ) -> EpochPlan:
+    """An evaluation plan (one rank) that reads only `positions` of `source`: sorted,
+    distinct sample positions in the order the shards are listed (counts known).
+
+    Laid out as every evaluation plan: the samples in position order, each stream a
+    contiguous run of them. Only the chosen samples are decoded."""
+    counts = np.array([s.count for s in source.shards], dtype=np.int64)
+    order, ends = np.arange(len(counts)), np.cumsum(counts)
+    n = len(positions)
+    if n == 0:
+        raise BadInputError("subset_plan: no positions")
+    if positions[0] < 0 or positions[-1] >= (ends[-1] if len(ends) else 0):
+        raise BadInputError(f"subset_plan: positions outside 0..{int(ends[-1]) - 1}")
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1  # where a run of neighbours ends
+    segs = [seg for run in np.split(positions, breaks)
+            for seg in _segments(order, ends, int(run[0]), int(run[-1]) + 1)]
+    n_batches = math.ceil(n / batch_size)
+    return _deal(segs, n, n_batches, batch_size, n - (n_batches - 1) * batch_size,
+                 num_streams)
+
+
+def _deal(segs: list[Segment], n: int, n_batches: int, batch: int, last: int,
+          n_streams: int) -> EpochPlan:
+    """An exact plan: batch b made by stream b % n_streams, each stream reading the next
+    contiguous run of the `n` samples of `segs`."""
     streams, offset = [], 0
     for s in range(n_streams):
         ids = range(s, n_batches, n_streams)

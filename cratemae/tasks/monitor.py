@@ -31,7 +31,7 @@ from cratemae.analysis import record_layers
 from cratemae.analysis.summary import LayerSummary
 from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.loader import Loader
-from cratemae.data.plan import EpochPlan, Segment, StreamSpec
+from cratemae.data.plan import subset_plan
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import eval_transform
 from cratemae.distributed.precision import resolve_precision
@@ -42,7 +42,7 @@ from cratemae.viz.panel import render_reconstructions
 from cratemae.viz.reconstruction import Reconstruction, mask_noise, reconstruct
 
 __all__ = ["KNN_K", "KNN_TEMPERATURE", "SAMPLE_IMAGES", "PretrainMonitor", "knn_top1",
-           "subset_plan", "subset_positions"]
+           "subset_positions"]
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07
 SAMPLE_IMAGES = 8
@@ -59,38 +59,6 @@ def subset_positions(total: int, count: int, seed: int, split: str) -> np.ndarra
     rng = np.random.default_rng([seed % 2**64, _SUBSET_SEED, _SPLIT_IDS[split]])
     # Generator.choice draws a small subset of a large range without a permutation of it.
     return np.sort(rng.choice(total, size=min(count, total), replace=False))
-
-
-def subset_plan(source: Source, positions: np.ndarray, batch_size: int,
-                num_streams: int) -> EpochPlan:
-    """An evaluation plan that reads only `positions` of `source` (counts known), in order:
-    batch b holds positions[b * batch_size:(b + 1) * batch_size] and is read by stream
-    b % num_streams, as `cratemae.data.plan` deals batches to DataLoader workers."""
-    counts = np.array([s.count for s in source.shards], dtype=np.int64)
-    ends = np.cumsum(counts)  # (shards,) global position where each shard ends
-    shard = np.searchsorted(ends, positions, side="right")  # (n,)
-    local = positions - (ends[shard] - counts[shard])  # (n,) position inside its shard
-    n = len(positions)
-    n_batches = -(-n // batch_size)
-    streams = []
-    for s in range(num_streams):
-        ids = range(s, n_batches, num_streams)
-        mine = [i for b in ids for i in range(b * batch_size, min((b + 1) * batch_size, n))]
-        streams.append(StreamSpec(s, len(ids), s, num_streams, "exact",
-                                  segments=_runs(shard[mine], local[mine])))
-    last = n - (n_batches - 1) * batch_size
-    return EpochPlan(tuple(streams), n_batches, n, batch_size, last, "exact")
-
-
-def _runs(shard: np.ndarray, local: np.ndarray) -> tuple[Segment, ...]:
-    """(shard, lo, hi) segments covering the samples in order; neighbours share one."""
-    out: list[Segment] = []
-    for sh, i in zip(shard.tolist(), local.tolist(), strict=True):
-        if out and out[-1][0] == sh and out[-1][2] == i:
-            out[-1] = (sh, out[-1][1], i + 1)
-        else:
-            out.append((sh, i, i + 1))
-    return tuple(out)
 
 
 def knn_top1(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
