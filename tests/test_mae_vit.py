@@ -36,6 +36,7 @@ from cratemae.weights.load import load_encoder, load_model
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MAE = REPO / "recipes" / "demo-mae.toml"
 PROBE = REPO / "recipes" / "probe" / "demo.toml"
+FINETUNE = REPO / "recipes" / "finetune" / "demo.toml"
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, num_heads=2, depth=2,
              decoder_embed_dim=32, decoder_num_heads=2, decoder_depth=2)
 
@@ -278,4 +279,11 @@ def test_pretrain_one_step_then_probe_through_the_commands(tmp_path):
                         "--set", "probe.weight_decays=[1e-4]", "--set", "probe.max_iter=50")
     assert code == 0, err
     result = json.loads((tmp_path / "probe" / "probe.json").read_text())
-    assert result  # the probe ran to the end on the ViT encoder's features
+    assert 10.0 <= result["top1"] <= 100.0  # features of a ViT encoder, above chance
+    code, err = run_cli("finetune", str(FINETUNE), "--checkpoint", str(run), "--out",
+                        str(tmp_path / "ft"), "--resume", "never",
+                        "--set", "schedule.max_steps=2", "--set", 'data.train="demo:val"')
+    assert code == 0, err
+    tuned = load_model(tmp_path / "ft").model
+    assert type(tuned) is ViTEncoder and tuned.num_classes == 10
+    assert json.loads((tmp_path / "ft" / "finetune.json").read_text())

@@ -153,9 +153,10 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
 
 
 @pytest.mark.slow
-def test_demo_pretrained_encoder_probes_far_above_chance_and_above_random_init(tmp_path):
-    """The README's demo pre-training, then recipes/probe/demo.toml on it and on the same
-    architecture at its initialisation (about 2-3 minutes on 2 cores)."""
+def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_path):
+    """The README's demo pre-training (the paper's full-sequence model), then
+    recipes/probe/demo.toml on it and on the same model at its initialisation: at least 10
+    points apart (66.0% against 52.0% when measured; about 5 minutes on 2 cores)."""
     from cratemae.tasks.pretrain import pretrain
 
     recipe = load_recipe(REPO / "recipes" / "demo.toml", ["run.log_every=100"])
@@ -168,5 +169,6 @@ def test_demo_pretrained_encoder_probes_far_above_chance_and_above_random_init(t
                           out_dir=tmp_path / name)
               for name, ckpt in (("pretrained", trained), ("random", random_init))}
     print("\ndemo probe top-1: " + ", ".join(f"{n} {r.top1:.2f}%" for n, r in scores.items()))
+    assert not recipe.model.encoder_visible_only  # the paper's model, not MAE's variant
     assert scores["pretrained"].top1 >= 50.0  # chance is 10%
-    assert scores["pretrained"].top1 >= scores["random"].top1 + 5.0
+    assert scores["pretrained"].top1 >= scores["random"].top1 + 10.0
