@@ -43,6 +43,7 @@ from cratemae.model import (
     CrateEncoder,
     CrateMAE,
     CrateMAEConfig,
+    MAEViT,
     authors_to_cratemae,
     build_encoder,
     build_model,
@@ -79,7 +80,7 @@ _SHOW = 5
 class LoadedModel:
     """A model in eval mode with the facts needed to feed it images and to show them."""
 
-    model: CrateMAE | CrateEncoder  # CrateEncoder when the file holds no decoder
+    model: CrateMAE | MAEViT | CrateEncoder  # an encoder when the file holds no decoder
     weights_file: Path
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -238,12 +239,12 @@ def _load(
 
 def _model_for(
     state: dict[str, torch.Tensor], config: CrateMAEConfig, *, backbone: bool
-) -> CrateMAE | CrateEncoder:
+) -> CrateMAE | MAEViT | CrateEncoder:
     """The module the (canonical) weights go into, of the class `config.family` names."""
     if backbone:
         return build_encoder(config)
     if any(k.startswith("decoder_") or k == "mask_token" for k in state):
-        return build_model(config)  # type: ignore[return-value]
+        return build_model(config)
     head = state.get("head.weight", state.get("encoder.head.weight"))
     return build_encoder(config, num_classes=0 if head is None else head.shape[0])
 
