@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def wandb_records(path: Path) -> Iterator[Any]:
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + head])
-        if kind == 0:
+        if kind == 0 or pos + head + length > len(data):  # the end, or a chunk being written
             break
         pieces += data[pos + head:pos + head + length]
         pos += head + length
@@ -94,10 +95,17 @@ def wandb_records(path: Path) -> Iterator[Any]:
 
 def wandb_logged(run_file: Path) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
     """(history: step -> {name: value}, the last summary) of an offline run, W&B's own keys
-    (`_step`, `_runtime`, ...) left out."""
+    (`_step`, `_runtime`, ...) left out. W&B's service process writes the file after
+    `finish()` returns: wait (up to a minute) for its closing `exit` record."""
+    deadline = time.monotonic() + 60
+    records = list(wandb_records(run_file))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"{run_file}: no exit record after 60 s"
+        time.sleep(0.2)
+        records = list(wandb_records(run_file))
     history: dict[int, dict[str, float]] = {}
     summary: dict[str, float] = {}
-    for record in wandb_records(run_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         items = (record.history.item if kind == "history" else
                  record.summary.update if kind == "summary" else [])
