@@ -267,15 +267,6 @@ def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path, laun
 
 
 @pytest.mark.slow
-def test_demo_recipe_learns(tmp_path):
-    """The README's first command: the demo recipe's loss falls by at least a third."""
-    pretrain(load_recipe(DEMO), out_dir=tmp_path)
-    records = metrics(tmp_path)
-    first, last = records[0]["loss"], records[-1]["loss"]
-    assert last <= first * 2 / 3, (first, last)
-
-
-@pytest.mark.slow
 def test_compiled_run_matches_eager_and_its_checkpoints_load_both_ways(tmp_path):
     """run.compile = true: same losses as eager to 1e-4 relative (float32 CPU, inductor may
     reorder sums), checkpoints without wrapper prefixes, resumable without compiling."""
