@@ -14,7 +14,7 @@ from cratemae.model.layers import DecoderLayer
 from cratemae.model.masking import random_masking
 from cratemae.model.patches import masked_patch_loss
 
-__all__ = ["CrateMAE", "MAEOutput"]
+__all__ = ["CrateMAE", "MAEOutput", "MaskedAutoencoder"]
 
 
 @dataclass
@@ -27,7 +27,31 @@ class MAEOutput:
     latent: torch.Tensor  # (B, 1+L, d); (B, 1+kept, d) with encoder_visible_only
 
 
-class CrateMAE(nn.Module):
+class MaskedAutoencoder(nn.Module):
+    """What every autoencoder here offers besides `forward`: an `encoder` (a `CrateEncoder`
+    or a subclass), a `mask_token`, `decoder_blocks` that honour `grad_checkpointing`."""
+
+    encoder: CrateEncoder
+    grad_checkpointing: bool
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The encoder on the whole, unmasked image, after the final norm: (B, 1+L, d)."""
+        return self.encoder.forward_features(imgs)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder layer in the backward pass instead of keeping
+        its activations (the same gradients, less memory, about one more forward pass)."""
+        self.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # The fine-tuning convention (timm's ViT); pre-training decays the tokens (MAE).
+        return {"encoder.cls_token", "mask_token"}
+
+
+class CrateMAE(MaskedAutoencoder):
     """The white-box masked autoencoder (Pai et al., ICLR 2024), as the authors' code runs it.
 
     By default the encoder sees the full sequence: kept patch tokens, a learned mask token in
@@ -121,18 +145,3 @@ class CrateMAE(nn.Module):
         for block in self.decoder_blocks:
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing else block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The encoder on the whole, unmasked image, after the final norm: (B, 1+L, d)."""
-        return self.encoder.forward_features(imgs)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder and decoder layer in the backward pass instead of keeping
-        its activations (the same gradients, less memory, about one more forward pass)."""
-        self.grad_checkpointing = enable
-        self.encoder.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"encoder.cls_token", "mask_token"}

@@ -7,6 +7,7 @@ only. A port of facebookresearch/mae `models_mae.MaskedAutoencoderViT`.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.layers import DropPath
@@ -15,8 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cratemae.model.config import CrateMAEConfig
-from cratemae.model.crate_mae import MAEOutput
-from cratemae.model.encoder import FINAL_NORM_EPS, CrateEncoder, drop_path_rates
+from cratemae.model.crate_mae import MAEOutput, MaskedAutoencoder
+from cratemae.model.encoder import FINAL_NORM_EPS, CrateEncoder, _grid_positions, drop_path_rates
 from cratemae.model.masking import random_masking
 from cratemae.model.patches import masked_patch_loss
 from cratemae.model.pos_embed import sincos_2d
@@ -54,17 +55,8 @@ class ViTEncoder(CrateEncoder):
     Args: as `CrateEncoder`. Initialised as MAE initialises its encoder (the head aside).
     """
 
-    def __init__(
-        self,
-        config: CrateMAEConfig,
-        *,
-        num_classes: int = 0,
-        global_pool: str = "token",
-        drop_path_rate: float = 0.0,
-        dynamic_img_size: bool = True,
-    ) -> None:
-        super().__init__(config, num_classes=num_classes, global_pool=global_pool,
-                         drop_path_rate=drop_path_rate, dynamic_img_size=dynamic_img_size)
+    def __init__(self, config: CrateMAEConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)  # CrateEncoder's keyword arguments
         self.init_weights()
 
     @torch.jit.ignore
@@ -97,7 +89,7 @@ class ViTEncoder(CrateEncoder):
             block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
 
 
-class MAEViT(nn.Module):
+class MAEViT(MaskedAutoencoder):
     """MAE's masked autoencoder with a ViT encoder (facebookresearch/mae, models_mae.py).
 
     The encoder sees the CLS token and the kept patch tokens only; the latent is mapped to
@@ -172,23 +164,4 @@ class MAEViT(nn.Module):
 
     def decoder_position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """(1, 1 + grid_h*grid_w, dd): the stored table, or one recomputed for another grid."""
-        if grid_h == grid_w == self.config.grid_size:
-            return self.decoder_pos_embed
-        table = sincos_2d(self.config.decoder_embed_dim, grid_h, grid_w)[None]
-        return table.to(self.decoder_pos_embed)
-
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """The encoder on the whole, unmasked image, after the final norm: (B, 1+L, d)."""
-        return self.encoder.forward_features(imgs)
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder and decoder block in the backward pass instead of keeping
-        its activations (the same gradients, less memory, about one more forward pass)."""
-        self.grad_checkpointing = enable
-        self.encoder.set_grad_checkpointing(enable)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        # The fine-tuning convention (timm's ViT); pre-training decays the tokens (MAE).
-        return {"encoder.cls_token", "mask_token"}
+        return _grid_positions(self.decoder_pos_embed, grid_h, grid_w, self.config.grid_size)
