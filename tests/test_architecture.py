@@ -19,7 +19,7 @@ import cratemae
 
 ROOT = Path(cratemae.__file__).parent
 # Modules at the top of the package that every package may use: they import nothing of it.
-BASE = {"errors", "fs"}
+BASE = {"errors", "fs", "rundir"}
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from cratemae.rundir import CKPT_DIR, MODEL_FILE
+
 __all__ = [
     "CKPT_SUBDIR",
     "EMA_PREFIX",
@@ -24,9 +26,8 @@ __all__ = [
     "temporary_owner",
 ]
 
-CKPT_SUBDIR = "checkpoints"
+CKPT_SUBDIR = CKPT_DIR
 LATEST = "latest"
-MODEL_FILE = "model.safetensors"
 TRAIN_FILE = "train_state.safetensors"
 META = "meta.json"
 # A weight average is saved beside the model, its keys under this prefix.
