@@ -1,5 +1,6 @@
 """Fixtures shared by every test module: an isolated demo-data cache and a small model
-pre-trained on the demo data (for the commands that read checkpoints)."""
+pre-trained on the demo data (for the commands that read checkpoints). Plain helpers (the
+repository path, a tiny recipe, the CLI runner, the two-rank launch) are in support.py."""
 
 from __future__ import annotations
 
@@ -7,13 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO_RECIPE = REPO / "recipes" / "demo.toml"
-# The demo recipe's model made smaller, so that pre-training it takes seconds.
-TINY_MODEL = [
-    "model.embed_dim=64", "model.decoder_embed_dim=64", "model.depth=2", "model.decoder_depth=1",
-]
+from support import DEMO_RECIPE, TINY_MODEL
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,3 +30,11 @@ def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = pretrain(recipe, out_dir=tmp_path_factory.mktemp("demo-run"))
     assert result.last_checkpoint is not None
     return result.last_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the demo data set and shard counts of this session out of the user's ~/.cache
+    (subprocesses inherit the variable): built once per session under pytest's base temp."""
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path_factory.getbasetemp() / "cratemae-cache"))

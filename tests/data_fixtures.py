@@ -12,7 +12,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from cratemae.recipe.schema import DataSection
@@ -20,7 +19,6 @@ from cratemae.recipe.schema import DataSection
 __all__ = [
     "data_section",
     "encode",
-    "isolated_cache",
     "label_stream",
     "make_shards",
     "photo",
@@ -126,8 +124,3 @@ def label_stream(loader) -> list[int]:
     """Every label the loader yields, in order."""
     return [int(y) for b in loader for y in b.labels]
 
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep the demo data set and shard counts out of the user's ~/.cache."""
-    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path_factory.getbasetemp() / "cratemae-cache"))

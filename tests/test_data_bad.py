@@ -8,10 +8,9 @@ import re
 
 import numpy as np
 import pytest
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+from data_fixtures import (
     data_section,
     encode,
-    isolated_cache,
     label_stream,
     make_shards,
     photo,

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
-    isolated_cache,
+from data_fixtures import (
     make_shards,
 )
 from typer.testing import CliRunner

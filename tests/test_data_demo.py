@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import isolated_cache  # noqa: F401 - autouse fixture
 
 from cratemae.data import build_loader
 from cratemae.data.demo import CLASSES, DEMO_VERSION, build_demo, ensure_demo

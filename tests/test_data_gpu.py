@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+from data_fixtures import (
     data_section,
     encode,
-    isolated_cache,
     make_shards,
     photo,
 )

@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+from data_fixtures import (
     data_section,
-    isolated_cache,
     label_stream,
     make_shards,
     solid,

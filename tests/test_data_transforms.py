@@ -8,9 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+from data_fixtures import (
     encode,
-    isolated_cache,
     photo,
 )
 from PIL import Image

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+from data_fixtures import (
     encode,
-    isolated_cache,
     photo,
     solid,
 )

@@ -5,44 +5,20 @@ samples/ picture -- however many ranks there are."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import TINY_RUN, launch
 
-REPO = Path(__file__).resolve().parents[1]
-SETS = [
-    "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
-    "schedule.warmup_epochs=0.05", "run.log_every=1", "schedule.max_steps=5",
-    "run.eval_every_steps=2", "run.eval_images=32", "run.loggers=[]",
-]
-
-
-def launch(out: Path) -> list[subprocess.Popen[str]]:
-    """Two ranks as `srun` starts them: rank and rendezvous from SLURM's variables alone."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = 20000 + s.getsockname()[1] % 20000
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
-    args = [sys.executable, "-m", "cratemae", "pretrain", str(REPO / "recipes" / "demo.toml"),
-            *[f"--set={s}" for s in SETS], "--out", str(out)]
-    return [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**clean, "SLURM_PROCID": str(rank),
-                                             "SLURM_NTASKS": "2", "SLURM_LOCALID": str(rank),
-                                             "SLURM_JOB_NODELIST": "localhost",
-                                             "SLURM_JOB_ID": str(port - 20000)})
-            for rank in range(2)]
+SETS = [*TINY_RUN, "schedule.max_steps=5", "run.eval_every_steps=2", "run.eval_images=32",
+        "run.loggers=[]"]
 
 
 @pytest.mark.slow  # two ranks, five steps, three evaluations: about 60 s on two busy cores
 def test_two_ranks_evaluate_once_per_evaluation_step_and_finish(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    procs = launch(out)
+    procs = launch(out, SETS)
     errs = []
     try:
         for p in procs:

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_fixtures import (  # noqa: F401 - isolated_cache is an autouse fixture
+from data_fixtures import (
     encode,
-    isolated_cache,
     solid,
     write_tar,
 )

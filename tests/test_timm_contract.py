@@ -280,7 +280,7 @@ def test_pretrained_cfg_describes_the_model_built() -> None:
 
 @pytest.mark.parametrize("enabled", [False, True])
 def test_run_grad_checkpointing_is_applied_by_pretraining_and_fine_tuning(enabled: bool) -> None:
-    from conftest import DEMO_RECIPE, TINY_MODEL
+    from support import DEMO_RECIPE, TINY_MODEL
 
     from cratemae.recipe import load_recipe
     from cratemae.tasks.finetune import FinetuneTask
