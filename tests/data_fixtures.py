@@ -19,7 +19,9 @@ from cratemae.recipe.schema import DataSection
 __all__ = [
     "data_section",
     "encode",
+    "image_tree",
     "label_stream",
+    "labelled_shards",
     "make_shards",
     "photo",
     "shards_with_bad",
@@ -124,3 +126,23 @@ def label_stream(loader) -> list[int]:
     """Every label the loader yields, in order."""
     return [int(y) for b in loader for y in b.labels]
 
+
+def labelled_shards(root: Path, prefix: str, counts: list[int], classes: int = 2) -> None:
+    """Shards `PREFIX-00000S.tar` of solid images labelled j % classes, no shards.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    j = 0
+    for s, n in enumerate(counts):
+        members = []
+        for _ in range(n):
+            members += [(f"s{s}_{j}.png", encode(solid(37 * j))),
+                        (f"s{s}_{j}.cls", b"%d" % (j % classes))]
+            j += 1
+        write_tar(root / f"{prefix}-{s:06d}.tar", members)
+
+
+def image_tree(root: Path, classes: list[str], per_class: int = 2) -> Path:
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            solid(10 * c + i).save(root / name / f"{i}.png")
+    return root

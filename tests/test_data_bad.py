@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +15,12 @@ from data_fixtures import (
     label_stream,
     make_shards,
     photo,
+    shards_with_bad,
     solid,
     write_tar,
 )
 from PIL import Image
+from support import tiny_recipe
 
 from cratemae.data import build_loader
 from cratemae.data.decode import BadLog
@@ -176,3 +179,17 @@ def test_bad_log_is_rate_limited(caplog):
             log("shard.tar", f"k{i}", "corrupt")
     assert len(caplog.records) == 20 + 2  # first 20, then samples 1000 and 2000
     assert "'k999' in shard.tar" in caplog.records[-2].getMessage()
+
+
+# --- bad data in a run: one verdict, agreed by every rank -----------------------------------
+
+
+def test_pretraining_over_mostly_bad_data_stops_in_one_line(tmp_path: Path) -> None:
+    from cratemae.tasks.pretrain import pretrain
+
+    root, _ = shards_with_bad(tmp_path / "data", [48, 48], set(range(0, 96, 2)), size=32)
+    recipe = tiny_recipe(f"data.train='{root}'", "data.num_workers=0", "schedule.epochs=3",
+                         "run.checkpoint_every_minutes=1000")
+    with pytest.raises(BadInputError, match=r"of 96 samples were bad \(50\.0% > "):
+        pretrain(recipe, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing saved past bad data

@@ -8,6 +8,7 @@ import typer
 from data_fixtures import (
     make_shards,
 )
+from support import DEMO_RECIPE, cli
 from typer.testing import CliRunner
 
 from cratemae.bench.data import bench_data
@@ -47,3 +48,12 @@ def test_bench_data_command(tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["batches"] == 5 and result["batch_size"] == 4 and result["images_per_s"] > 0
+
+
+def test_bench_data_measures_at_the_recipe_image_size() -> None:
+    run = cli("bench-data", DEMO_RECIPE, "--batches", 2, "--num-workers", 0, "--json")
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout.strip().splitlines()[-1])["img_size"] == 32  # demo: 32 px
+    run = cli("bench-data", DEMO_RECIPE, "--batches", 2, "--num-workers", 0, "--json",
+              "--img-size", 16)
+    assert json.loads(run.stdout.strip().splitlines()[-1])["img_size"] == 16

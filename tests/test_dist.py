@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cratemae.distributed import dist
 from cratemae.distributed.dist import (
     DistInfo,
     LaunchEnv,
@@ -203,3 +204,17 @@ def test_two_process_gloo_collectives(launcher: str) -> None:
         assert res["shapes"] == [[1, 2], [2, 2]] and res["values"] == [0.0, 4.0]
         assert res["scalars"] == [0.0, 1.5]
         assert res["other_draw_reproduced"] is True
+
+
+# --- errors and collectives: one verdict, agreed by every rank ------------------------------
+
+
+def test_raise_together_raises_this_ranks_error_or_none() -> None:
+    dist.raise_together(None, "elsewhere")  # nothing wrong anywhere: no error
+    with pytest.raises(BadInputError, match=r"^mine$"):
+        dist.raise_together(BadInputError("mine"), "elsewhere")
+
+
+def test_an_error_that_is_not_a_lost_peer_passes_through_the_collective_guard() -> None:
+    with pytest.raises(RuntimeError, match=r"^shapes do not match$"), dist.collective("a step"):
+        raise RuntimeError("shapes do not match")  # a bug stays a bug, with its traceback

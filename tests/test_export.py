@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
+from support import cli
 
 from cratemae.checkpoints import read_model_weights, write_model_weights
-from cratemae.commands.app import build_app
 from cratemae.model import CrateMAEConfig, create_model
 from cratemae.weights.load import load_model
 from cratemae.weights.onnx import ONNX_TOLERANCE
-
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
-
-
-def cratemae(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args], env=ENV)
 
 
 def images(config: dict, batch: int, seed: int = 0) -> torch.Tensor:
@@ -40,7 +33,7 @@ def exported(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = {}
     for name, extra in (("full", []), ("encoder", ["--encoder-only"])):
         out[name] = tmp_path_factory.mktemp(f"export-{name}")
-        run = cratemae("export", demo_checkpoint, "--out", out[name], *extra)
+        run = cli("export", demo_checkpoint, "--out", out[name], *extra)
         assert run.exit_code == 0, run.output
     return out
 
@@ -61,7 +54,7 @@ def test_export_writes_weights_config_and_their_sha256(demo_checkpoint, exported
 
 
 def test_export_prints_the_sha256(demo_checkpoint, tmp_path) -> None:
-    run = cratemae("export", demo_checkpoint.parent.parent, "--out", tmp_path)  # a run directory
+    run = cli("export", demo_checkpoint.parent.parent, "--out", tmp_path)  # a run directory
     assert run.exit_code == 0, run.output
     digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
     assert f"sha256 {digest}  model.safetensors" in run.stdout
@@ -86,7 +79,7 @@ def test_wrapper_prefixes_never_reach_the_file(demo_checkpoint, tmp_path) -> Non
     wrapped = {f"module._orig_mod.{k}" if i % 2 else f"_orig_mod.{k}": v
                for i, (k, v) in enumerate(weights.items())}
     write_model_weights(tmp_path / "wrapped.safetensors", wrapped, config)
-    run = cratemae("export", tmp_path / "wrapped.safetensors", "--out", tmp_path / "out")
+    run = cli("export", tmp_path / "wrapped.safetensors", "--out", tmp_path / "out")
     assert run.exit_code == 0, run.output
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         written = list(f.keys())  # the raw file: read_model_weights would strip prefixes
@@ -103,7 +96,7 @@ def test_weights_not_matching_their_config_are_refused(demo_checkpoint, tmp_path
     else:
         weights["decoder_pred.bias"] = torch.zeros(5)
     source = write_model_weights(tmp_path / "bad.safetensors", weights, config)
-    run = cratemae("export", source, "--out", tmp_path / "out")
+    run = cli("export", source, "--out", tmp_path / "out")
     assert run.exit_code == 2
     expected = ("its configuration says depth" if damage == "config"
                 else "does not match the model")
@@ -123,7 +116,7 @@ def test_a_fine_tuned_classifier_exports_with_its_head(demo_checkpoint, tmp_path
     state = classifier.state_dict()
     state |= {f"ema.{k}": torch.zeros_like(v) for k, v in classifier.state_dict().items()}
     source = write_model_weights(tmp_path / "finetuned.safetensors", state, config)
-    run = cratemae("export", source, "--out", tmp_path / "out")
+    run = cli("export", source, "--out", tmp_path / "out")
     assert run.exit_code == 0, run.output
     written, _ = read_model_weights(tmp_path / "out" / "model.safetensors")
     assert "encoder.head.weight" in written and not any("ema." in k for k in written)
@@ -232,7 +225,7 @@ def _onnx_diff(file: Path, encoder: torch.nn.Module, config: dict) -> tuple[floa
 
 
 def test_onnx_export_matches_pytorch(demo_checkpoint, tmp_path) -> None:
-    run = cratemae("export", demo_checkpoint, "--out", tmp_path, "--format", "onnx")
+    run = cli("export", demo_checkpoint, "--out", tmp_path, "--format", "onnx")
     assert run.exit_code == 0, run.output
     assert "checked with onnxruntime" in run.stdout
     loaded = load_model(demo_checkpoint)
@@ -246,7 +239,7 @@ def test_onnx_export_of_the_base_preset_matches_pytorch(tmp_path) -> None:
     model = create_model("crate_mae_base").eval()
     source = write_model_weights(tmp_path / "base.safetensors", model.state_dict(),
                                  model.config.to_dict())
-    run = cratemae("export", source, "--out", tmp_path / "onnx", "--format", "onnx")
+    run = cli("export", source, "--out", tmp_path / "onnx", "--format", "onnx")
     assert run.exit_code == 0, run.output
     worst, scaled = _onnx_diff(tmp_path / "onnx" / "model.onnx", model.encoder,
                                CrateMAEConfig().to_dict())
@@ -278,7 +271,7 @@ def test_onnx_over_tolerance_writes_nothing_and_keeps_a_previous_export(
         for name, data in before.items():
             (out / name).write_bytes(data)
     monkeypatch.setattr(onnx_mod, "ONNX_TOLERANCE", -1.0)  # any difference is too much
-    run = cratemae("export", small_weights, "--out", out, "--format", "onnx")
+    run = cli("export", small_weights, "--out", out, "--format", "onnx")
     assert run.exit_code == 1, run.output
     assert len(run.stderr.splitlines()) == 1
     assert run.stderr.startswith(f"error: {out / 'model.onnx'}: onnxruntime differs from PyTorch")
@@ -350,7 +343,7 @@ def test_a_classifier_export_keeps_its_head_and_class_names(demo_checkpoint, tmp
         {"recipe_toml": '[data]\ntrain = "pets/train"\n\n[finetune]\npool = "avg"\n'}))
     names = ["cat", "dog", "eel"]
     (run / "finetune.json").write_text(json.dumps({"top1": 91.5, "class_names": names}))
-    result = cratemae("export", source, "--out", tmp_path / "out")
+    result = cli("export", source, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     assert model.num_classes == 3 and model.global_pool == "avg"
@@ -375,7 +368,7 @@ def test_the_model_card_says_what_the_weights_are(exported) -> None:
 def test_export_files_are_readable_by_others_under_umask_022(demo_checkpoint, tmp_path) -> None:
     old = os.umask(0o022)
     try:
-        run = cratemae("export", demo_checkpoint, "--out", tmp_path / "out")
+        run = cli("export", demo_checkpoint, "--out", tmp_path / "out")
     finally:
         os.umask(old)
     assert run.exit_code == 0, run.output
@@ -383,3 +376,20 @@ def test_export_files_are_readable_by_others_under_umask_022(demo_checkpoint, tm
     assert files == ["README.md", "config.json", "model.safetensors"]
     for name in files:
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxruntime"])
+def test_a_missing_onnx_package_is_one_line_naming_the_extra(
+        demo_checkpoint: Path, tmp_path: Path, monkeypatch, package: str) -> None:
+    monkeypatch.setitem(sys.modules, package, None)  # the import fails as if not installed
+    out = tmp_path / "onnx"
+    run = cli("export", demo_checkpoint, "--out", out, "--format", "onnx")
+    if package == "onnx":  # nothing can be written: refused before the folder is made
+        assert run.exit_code != 0
+        assert run.stderr == ("error: export --format onnx needs the onnx package, which is "
+                              "not installed: pip install 'cratemae[onnx]'\n")
+        assert not out.exists()
+    else:  # written, unchecked, and the warning says what to install
+        assert run.exit_code == 0, run.output
+        assert "pip install 'cratemae[onnx]'" in run.stderr
+        assert "Traceback" not in run.output and (out / "model.onnx").is_file()

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from cratemae.checkpoints import load_checkpoint, read_model_weights
 from cratemae.commands.app import build_app
 from cratemae.data.demo import CLASSES, render
+from cratemae.model import CrateMAEConfig
 from cratemae.recipe import load_recipe
 from cratemae.tasks.finetune import finetune
 from cratemae.tasks.probe import probe
@@ -130,3 +131,20 @@ def test_finetuning_beats_the_linear_probe(tmp_path, demo_checkpoint):
     print(f"\ndemo top-1: linear probe {lin.top1:.2f}%, fine-tuned {final:.2f}% "
           f"(best {ft.best['top1']:.2f}%)")
     assert final > lin.top1
+
+
+def test_fine_tuning_applies_the_recipes_drop_path_rate() -> None:
+    from cratemae.model import CrateEncoder
+    from cratemae.model.layers import DropPath
+    from cratemae.tasks.finetune import FinetuneTask
+
+    recipe = load_recipe(REPO / "recipes" / "finetune" / "demo.toml",
+                         ["finetune.drop_path_rate=0.2", "finetune.mixup=0", "finetune.cutmix=0"])
+    encoder = CrateEncoder(CrateMAEConfig(img_size=16, patch_size=8, embed_dim=8, depth=3,
+                                          num_heads=2, decoder_embed_dim=8, decoder_depth=1,
+                                          decoder_num_heads=2))
+    FinetuneTask(recipe, encoder, encoder.config.to_dict(), num_classes=4)
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0
+             for b in encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])  # rising to the recipe's rate
+    assert load_recipe(REPO / "recipes" / "finetune" / "in1k.toml").finetune.drop_path_rate == 0.1

@@ -11,22 +11,16 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
+from support import cli
 
 from cratemae.checkpoints import read_model_weights
-from cratemae.commands.app import build_app
 from cratemae.model import unpatchify
 from cratemae.viz.reconstruction import reconstruct
 from cratemae.weights.load import load_model
 
 # The authors' weights and outputs on a small configuration (tests/data/REFERENCE.md).
 REFERENCE = Path(__file__).resolve().parent / "data" / "official-crate-mae-tiny.safetensors"
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 TOL = dict(atol=1e-4, rtol=1e-4)  # float32 on a CPU; the reference README says ~1e-5
-
-
-def cratemae(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args], env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def reference() -> dict[str, dict[str, torch.Tensor]]:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("imported")
-    run = cratemae("import-authors", REFERENCE, "--out", out, "--preset", "crate_mae_tiny")
+    run = cli("import-authors", REFERENCE, "--out", out, "--preset", "crate_mae_tiny")
     assert run.exit_code == 0, run.output
     return out
 
@@ -94,7 +88,7 @@ def test_pth_files_import_to_the_same_weights(imported, reference, tmp_path, lay
     state = reference["model"]
     path = tmp_path / "checkpoint.pth"
     torch.save(mae_checkpoint(state) if layout == "mae" else state, path)
-    run = cratemae("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
+    run = cli("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
     assert run.exit_code == 0, run.output
     assert ("MAE checkpoint" if layout == "mae" else "state dict") in run.stdout
     got, _ = read_model_weights(tmp_path / "out")
@@ -115,7 +109,7 @@ def test_a_pth_asking_for_other_globals_is_refused(reference, tmp_path, zip_form
     path = tmp_path / "checkpoint.pth"
     torch.save(mae_checkpoint(reference["model"], extra=NotAllowed()), path,
                _use_new_zipfile_serialization=zip_format)
-    run = cratemae("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
+    run = cli("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
     assert run.exit_code == 2
     assert run.stderr.startswith(f"error: {path}: refused: the file asks to load ")
     assert "NotAllowed" in run.stderr and "argparse.Namespace is allowed" in run.stderr
@@ -128,7 +122,7 @@ def test_without_the_number_of_heads_a_width_unlike_the_preset_is_an_error(
 ) -> None:
     path = tmp_path / "state.pth"
     torch.save(reference["model"], path)
-    run = cratemae("import-authors", path, "--out", tmp_path / "out")  # preset base: 768 wide
+    run = cli("import-authors", path, "--out", tmp_path / "out")  # preset base: 768 wide
     assert run.exit_code == 2
     assert "the weights are 64 wide but crate_mae_base is 768" in run.stderr
 
@@ -139,12 +133,12 @@ def test_unknown_or_missing_keys_are_refused(reference, tmp_path) -> None:
     del state["norm.weight"]
     path = tmp_path / "state.pth"
     torch.save(state, path)
-    run = cratemae("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
+    run = cli("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
     assert run.exit_code == 2
     assert run.stderr == f"error: {path}: 1 key(s) in no known layout: blocks.0.extra.weight\n"
     del state["blocks.0.extra.weight"]
     torch.save(state, path)
-    run = cratemae("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
+    run = cli("import-authors", path, "--out", tmp_path / "out", "--num-heads", 4)
     assert run.exit_code == 2
     assert run.stderr == f"error: {path}: does not match the model: 1 missing key: " \
                          "encoder.norm.weight\n"
@@ -154,14 +148,14 @@ def test_unknown_or_missing_keys_are_refused(reference, tmp_path) -> None:
 def test_a_file_that_is_not_a_checkpoint_is_one_line_of_error(tmp_path) -> None:
     for name, data in (("junk.pth", b"hello"), ("junk.safetensors", b"\x08\x00" * 9)):
         (tmp_path / name).write_bytes(data)
-        run = cratemae("import-authors", tmp_path / name, "--out", tmp_path / "out")
+        run = cli("import-authors", tmp_path / name, "--out", tmp_path / "out")
         assert run.exit_code == 2
         assert run.stderr.startswith(f"error: {tmp_path / name}: not a ")
         assert len(run.stderr.splitlines()) == 1
 
 
 def test_ista_lambda_option_changes_the_model(reference, tmp_path) -> None:
-    run = cratemae("import-authors", REFERENCE, "--out", tmp_path, "--ista-lambda", 5.0)
+    run = cli("import-authors", REFERENCE, "--out", tmp_path, "--ista-lambda", 5.0)
     assert run.exit_code == 0, run.output
     assert read_model_weights(tmp_path)[1]["ista_lambda"] == 5.0
     with pytest.raises(AssertionError):
@@ -172,8 +166,8 @@ def test_every_command_accepts_the_import(imported, reference, tmp_path) -> None
     image = tmp_path / "input.png"
     pixels = (reference["io"]["imgs"][0].permute(1, 2, 0) * 0.2 + 0.45).clamp(0, 1)
     Image.fromarray((pixels.numpy() * 255).astype(np.uint8)).save(image)
-    run = cratemae("reconstruct", image, "--checkpoint", imported, "--out", tmp_path / "r.png")
+    run = cli("reconstruct", image, "--checkpoint", imported, "--out", tmp_path / "r.png")
     assert run.exit_code == 0, run.output
     assert "assuming" not in run.stderr  # the import records the authors' preprocessing
-    run = cratemae("export", imported, "--out", tmp_path / "onnx", "--format", "onnx")
+    run = cli("export", imported, "--out", tmp_path / "onnx", "--format", "onnx")
     assert run.exit_code == 0, run.output

@@ -11,17 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from support import cli
 
 from cratemae.analysis import coding_rate, record_layers, sparsity
 from cratemae.checkpoints import read_model_weights, write_model_weights
-from cratemae.commands.app import build_app
 from cratemae.errors import BadInputError
 from cratemae.model import PRESETS, CrateMAEConfig, build_model, preset_config
 from cratemae.weights.export import timm_call, timm_vit_state
 from cratemae.weights.load import load_model
 
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
 # A tiny MAE ViT: 32 px, patch 4 (64 patches), width 64, 4 heads, 2 blocks; a narrower
 # decoder (32 wide, 2 heads, 2 blocks), so that the linear map between them is exercised.
@@ -29,10 +27,6 @@ CONFIG = CrateMAEConfig(
     family="vit", encoder_visible_only=True, img_size=32, patch_size=4, embed_dim=64,
     num_heads=4, depth=2, decoder_embed_dim=32, decoder_num_heads=2, decoder_depth=2,
 )
-
-
-def cratemae(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args], env=ENV)
 
 
 def images(batch: int, seed: int = 0) -> torch.Tensor:
@@ -118,7 +112,7 @@ def test_vit_attention_maps_are_the_ones_the_block_uses() -> None:
 
 
 def test_analyze_writes_every_depth_of_a_vit(vit_weights, photos, tmp_path) -> None:
-    run = cratemae("analyze", "--checkpoint", vit_weights, *photos, "--out", tmp_path,
+    run = cli("analyze", "--checkpoint", vit_weights, *photos, "--out", tmp_path,
                    "--batch-size", "1")
     assert run.exit_code == 0, run.output
     summary = json.loads((tmp_path / "layers.json").read_text())
@@ -136,7 +130,7 @@ def test_analyze_writes_every_depth_of_a_vit(vit_weights, photos, tmp_path) -> N
 @pytest.fixture(scope="module")
 def vit_export(vit_weights, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("vit-export")
-    run = cratemae("export", vit_weights, "--out", out)
+    run = cli("export", vit_weights, "--out", out)
     assert run.exit_code == 0, run.output
     assert "encoder only, in timm's VisionTransformer layout" in run.stdout
     return out
@@ -203,7 +197,7 @@ def test_a_vit_classifier_with_avg_pooling_exports_for_timm(tmp_path) -> None:
                                  "model.safetensors", classifier.state_dict(), CONFIG.to_dict())
     (source.parent / "meta.json").write_text(json.dumps(
         {"recipe_toml": '[finetune]\npool = "avg"\n'}))
-    run = cratemae("export", source, "--out", tmp_path / "out")
+    run = cli("export", source, "--out", tmp_path / "out")
     assert run.exit_code == 0, run.output
     model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     assert model.num_classes == 3 and model.global_pool == "avg"
@@ -244,7 +238,7 @@ def test_a_vit_config_that_its_mlp_weights_do_not_bear_out_is_refused(vit_weight
 
 def test_onnx_export_of_a_vit_matches_pytorch(vit_weights, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    run = cratemae("export", vit_weights, "--out", tmp_path, "--format", "onnx")
+    run = cli("export", vit_weights, "--out", tmp_path, "--format", "onnx")
     assert run.exit_code == 0, run.output
     assert "checked with onnxruntime" in run.stdout
     assert json.loads((tmp_path / "config.json").read_text())["architecture"] == (
@@ -254,7 +248,7 @@ def test_onnx_export_of_a_vit_matches_pytorch(vit_weights, tmp_path) -> None:
 # --- reconstruct ------------------------------------------------------------------------------
 def test_reconstruct_draws_a_vit_reconstruction(vit_weights, photos, tmp_path) -> None:
     out = tmp_path / "recon.png"
-    run = cratemae("reconstruct", *photos, "--checkpoint", vit_weights, "--out", out)
+    run = cli("reconstruct", *photos, "--checkpoint", vit_weights, "--out", out)
     assert run.exit_code == 0, run.output
     found = re.findall(r"PSNR (\S+) dB over (\d+) hidden patches", run.stdout)
     assert len(found) == 2 and all(math.isfinite(float(db)) and n == "48" for db, n in found)
@@ -262,6 +256,6 @@ def test_reconstruct_draws_a_vit_reconstruction(vit_weights, photos, tmp_path) -
 
 
 def test_reconstruct_says_a_vit_export_holds_the_encoder_only(vit_export, photos) -> None:
-    run = cratemae("reconstruct", photos[0], "--checkpoint", vit_export)
+    run = cli("reconstruct", photos[0], "--checkpoint", vit_export)
     assert run.exit_code == 2
     assert "MAE ViT exports hold the encoder only" in run.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import shards_with_bad
+from support import tiny_recipe
 
 from cratemae.checkpoints import load_checkpoint
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
@@ -283,3 +285,18 @@ def test_compiled_run_matches_eager_and_its_checkpoints_load_both_ways(tmp_path)
     again = pretrain(recipe("schedule.max_steps=8", "run.compile=true"),
                      out_dir=tmp_path / "compiled")
     assert again.state.step == 8
+
+
+def test_a_run_shorter_than_its_warm_up_warns_once(tmp_path: Path, caplog) -> None:
+    from cratemae.tasks.pretrain import pretrain
+
+    caplog.set_level(logging.INFO, logger="cratemae")
+    pretrain(tiny_recipe("schedule.max_steps=2"), out_dir=tmp_path / "a")
+    warned = [r for r in caplog.records if "never reaches its peak" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    # the demo: 5,000 images / batch 16 = 312 steps per epoch, warm-up 1 epoch
+    assert "the run is 2 steps, shorter than its 312 warm-up steps" in warned[0].getMessage()
+    caplog.clear()
+    pretrain(tiny_recipe("schedule.max_steps=2", "schedule.warmup_epochs=0"),
+             out_dir=tmp_path / "b")
+    assert "never reaches its peak" not in caplog.text

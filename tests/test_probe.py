@@ -4,6 +4,7 @@ well a demo-pre-trained encoder probes against a randomly initialised one."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import encode, image_tree, labelled_shards, solid, write_tar
 from typer.testing import CliRunner
 
 from cratemae.checkpoints import load_checkpoint, read_model_weights, write_model_weights
 from cratemae.commands.app import build_app
 from cratemae.distributed.precision import resolve_precision
+from cratemae.errors import BadInputError
 from cratemae.eval.features import FeatureSpec, cached_features
+from cratemae.eval.labels import resolve_num_classes
 from cratemae.model import create_model
 from cratemae.recipe import load_recipe
 from cratemae.recipe.schema import ModelSection
@@ -176,3 +180,66 @@ def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_
     assert not recipe.model.encoder_visible_only  # the paper's model, not MAE's variant
     assert scores["pretrained"].top1 >= 50.0  # chance is 10%
     assert scores["pretrained"].top1 >= scores["random"].top1 + 10.0
+
+
+# --- the probe's data and its labels -----------------------------------------------------
+
+
+def test_the_probe_warns_when_the_chosen_weight_decay_is_at_the_edge(caplog) -> None:
+    from cratemae.tasks.probe import _warn_at_edge
+
+    grid = (1e-4, 1e-3, 1e-2)
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        _warn_at_edge(grid, [50.0, 60.0, 70.0], 2)
+        assert "0.01 is the largest of probe.weight_decays" in caplog.text
+        _warn_at_edge((1e-2, 1e-4), [40.0, 45.0], 1)  # the grid need not be sorted
+        assert "0.0001 is the smallest" in caplog.text
+        caplog.clear()
+        _warn_at_edge(grid, [50.0, 80.0, 70.0], 1)  # inside the grid
+        _warn_at_edge(grid, [70.0, 70.0, 60.0], 0)  # ties its neighbour: nothing beyond
+        _warn_at_edge((1e-3,), [70.0], 0)  # a grid of one: nothing to say
+    assert not caplog.records
+
+
+def test_probe_reads_pipe_validation_data(demo_checkpoint: Path, tmp_path: Path,
+                                          caplog) -> None:
+    from cratemae.tasks.probe import probe
+
+    labelled_shards(tmp_path / "d", "train", [20, 20])
+    labelled_shards(tmp_path / "d", "val", [6, 6])
+    recipe = load_recipe(PROBE, [
+        f'data.train="{tmp_path / "d" / "train-*.tar"}"',
+        f'data.val="pipe:cat {tmp_path / "d"}/val-{{000000..000001}}.tar"',
+        "data.batch_size=16", "probe.num_classes=2", "probe.weight_decays=[1e-4, 1e-2]",
+        "probe.max_iter=20", f'probe.cache_dir="{tmp_path / "cache"}"'])
+    caplog.set_level(logging.INFO, logger="cratemae")
+    result = probe(recipe, demo_checkpoint, out_dir=tmp_path / "probe")
+    assert result.summary["train_images"] == 40 and result.summary["val_images"] == 12
+    assert "(fit 1 of 3)" in caplog.text and "(fit 3 of 3)" in caplog.text  # progress
+
+
+def test_unlabelled_shards_given_to_probe_say_so_first(tmp_path: Path) -> None:
+    members = [m for i in range(4) for m in [(f"k{i}.jpg", encode(solid(i), "JPEG")),
+                                             (f"k{i}.txt", b"a caption")]]
+    write_tar(tmp_path / "train-000000.tar", members)
+    recipe = load_recipe(PROBE, [f'data.train="{tmp_path}"', f'data.val="{tmp_path}"'])
+    for wanted in (None, 10):
+        with pytest.raises(BadInputError, match=r"^data\.train: .*holds no class labels"):
+            resolve_num_classes(recipe, wanted, "probe.num_classes")
+
+
+def test_class_names_that_differ_between_train_and_val_are_refused(tmp_path: Path,
+                                                                   caplog) -> None:
+    train = image_tree(tmp_path / "train", ["cat", "dog"])
+    val = image_tree(tmp_path / "val", ["cat", "cow"])
+    recipe = load_recipe(PROBE, [f'data.train="{train}"', f'data.val="{val}"'])
+    with pytest.raises(BadInputError,
+                       match=r"label 1 is 'dog' in data\.train, 'cow' in data\.val"):
+        resolve_num_classes(recipe, None, "probe.num_classes")
+    labelled_shards(tmp_path / "numbered", "val", [4])  # .cls numbers, no names
+    recipe = load_recipe(PROBE, [f'data.train="{train}"',
+                                      f'data.val="{tmp_path / "numbered"}"'])
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        assert resolve_num_classes(recipe, None, "probe.num_classes") == 2
+    assert "data.train names its classes (cat, dog" in caplog.text
+    assert "numbered labels only" in caplog.text

@@ -10,23 +10,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
+from support import cli
 
 from cratemae.checkpoints import write_model_weights
-from cratemae.commands.app import build_app
 from cratemae.model import create_model, patchify
 from cratemae.viz.images import load_image
 from cratemae.viz.panel import LEGEND_HEIGHT, MIN_PANEL, _legend
 from cratemae.viz.reconstruction import _as_image_patches
 
 skimage_data = pytest.importorskip("skimage.data")
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 GAP, TEXT = 8, 22  # the panel layout's spacing and caption height
 EXIF_ORIENTATION = 0x0112
-
-
-def cratemae(*args: object):
-    return CliRunner().invoke(build_app(), [str(a) for a in args], env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ def hidden_patches(num_patches: int, seed: int, mask_ratio: float) -> np.ndarray
 
 def test_every_kind_of_photo_is_reconstructed(demo_checkpoint, photos, tmp_path) -> None:
     out = tmp_path / "figure.png"
-    run = cratemae("reconstruct", *photos.values(), "--checkpoint", demo_checkpoint,
+    run = cli("reconstruct", *photos.values(), "--checkpoint", demo_checkpoint,
                    "--seed", 3, "--mask-ratio", 0.5, "--out", out)
     assert run.exit_code == 0, run.output
     lines = [line for line in run.stdout.splitlines() if "PSNR" in line]
@@ -86,7 +80,7 @@ def test_printed_psnr_is_that_of_the_picture_over_the_seeded_mask(
     demo_checkpoint, photos, tmp_path
 ) -> None:
     out = tmp_path / "figure.png"
-    run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+    run = cli("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
                    "--seed", 7, "--out", out)
     assert run.exit_code == 0, run.output
     printed = float(run.stdout.split("PSNR ")[1].split(" dB")[0])
@@ -106,7 +100,7 @@ def test_the_same_seed_gives_the_same_picture(demo_checkpoint, photos, tmp_path)
     figures = []
     for seed in (0, 0, 1):
         out = tmp_path / f"{len(figures)}.png"
-        assert cratemae("reconstruct", photos["grey"], "--checkpoint", demo_checkpoint,
+        assert cli("reconstruct", photos["grey"], "--checkpoint", demo_checkpoint,
                         "--seed", seed, "--out", out).exit_code == 0
         figures.append(out.read_bytes())
     assert figures[0] == figures[1] != figures[2]
@@ -132,7 +126,7 @@ def test_unreadable_and_missing_images_are_reported_and_the_rest_processed(
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "figure.png"
-    run = cratemae("reconstruct", tmp_path / "missing.jpg", photos["webp"], broken,
+    run = cli("reconstruct", tmp_path / "missing.jpg", photos["webp"], broken,
                    "--checkpoint", demo_checkpoint, "--out", out)
     assert run.exit_code == 2
     err = run.stderr.splitlines()
@@ -146,13 +140,13 @@ def test_unreadable_and_missing_images_are_reported_and_the_rest_processed(
 def test_without_checkpoint_the_newest_run_is_used(demo_checkpoint, photos, tmp_path,
                                                    monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    run = cratemae("reconstruct", photos["jpeg"])
+    run = cli("reconstruct", photos["jpeg"])
     assert run.exit_code == 2
     assert run.stderr == ("error: no --checkpoint given and no pre-training run (one whose "
                           "weights hold the decoder) under ./runs: pass --checkpoint CKPT\n")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(demo_checkpoint.parent.parent)
-    run = cratemae("reconstruct", photos["jpeg"])
+    run = cli("reconstruct", photos["jpeg"])
     assert run.exit_code == 0, run.output
     assert "using runs/demo/checkpoints/" in run.stderr
     assert (tmp_path / "reconstruction.png").is_file()
@@ -163,8 +157,8 @@ def test_exported_weights_are_accepted_but_not_the_encoder_alone(
 ) -> None:
     for extra in ([], ["--encoder-only"]):
         out = tmp_path / f"export{len(extra)}"
-        assert cratemae("export", demo_checkpoint, "--out", out, *extra).exit_code == 0
-        run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", out,
+        assert cli("export", demo_checkpoint, "--out", out, *extra).exit_code == 0
+        run = cli("reconstruct", photos["jpeg"], "--checkpoint", out,
                        "--out", tmp_path / "figure.png")
         assert run.exit_code == (2 if extra else 0), run.output
     assert "holds only the encoder" in run.stderr
@@ -186,7 +180,7 @@ def test_norm_pix_model_says_so(photos, tmp_path) -> None:
                          decoder_num_heads=2, norm_pix_loss=True)
     weights = write_model_weights(tmp_path / "model.safetensors", model.state_dict(),
                                   model.config.to_dict())
-    run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", weights,
+    run = cli("reconstruct", photos["jpeg"], "--checkpoint", weights,
                    "--out", tmp_path / "figure.png")
     assert run.exit_code == 0, run.output
     assert "shown with each patch's true mean and variance" in run.stdout
@@ -206,7 +200,7 @@ def test_without_checkpoint_a_newer_finetune_run_is_passed_over(demo_checkpoint,
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(demo_checkpoint.parent.parent)
     finetune(recipe, demo_checkpoint, out_dir=tmp_path / "runs" / "demo-finetune")
-    run = cratemae("reconstruct", photos["jpeg"])
+    run = cli("reconstruct", photos["jpeg"])
     assert run.exit_code == 0, run.output
     assert "using runs/demo/checkpoints/" in run.stderr
     assert "newest pre-training run" in run.stderr
@@ -216,11 +210,11 @@ def test_out_extension_chooses_the_format_and_unknown_ones_are_refused(
         demo_checkpoint, photos, tmp_path) -> None:
     for name, magic in (("x.jpg", b"\xff\xd8\xff"), ("x.JPEG", b"\xff\xd8\xff"),
                         ("x.png", b"\x89PNG"), ("x.webp", b"RIFF")):
-        run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+        run = cli("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
                        "--out", tmp_path / name)
         assert run.exit_code == 0, run.output
         assert (tmp_path / name).read_bytes().startswith(magic), name
-    run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+    run = cli("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
                    "--out", tmp_path / "x.gif")
     assert run.exit_code == 2
     assert run.stderr == (f"error: --out {tmp_path / 'x.gif'}: unknown picture format '.gif'; "
@@ -231,7 +225,7 @@ def test_out_extension_chooses_the_format_and_unknown_ones_are_refused(
 def test_mask_ratio_zero_prints_no_nan_and_the_legend_is_drawn(demo_checkpoint, photos,
                                                                tmp_path) -> None:
     out = tmp_path / "figure.png"
-    run = cratemae("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
+    run = cli("reconstruct", photos["jpeg"], "--checkpoint", demo_checkpoint,
                    "--mask-ratio", 0, "--out", out)
     assert run.exit_code == 0, run.output
     assert "nan" not in run.output.lower()

@@ -21,7 +21,8 @@ import pytest
 import torch
 from data_fixtures import shards_with_bad
 
-from cratemae.checkpoints import load_checkpoint
+from cratemae.checkpoints import Resume, find_resume, load_checkpoint
+from cratemae.errors import BadInputError
 from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import MAETask, pretrain
 from cratemae.train.state import TrainState, restore_run, save_run
@@ -146,3 +147,34 @@ def test_resume_continues_the_global_random_streams(tmp_path, shards, monkeypatc
     assert records(tmp_path / "split") == records(tmp_path / "whole")
     a, b = weights(whole_run), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- --resume, parsed once; what may change on resume --------------------------------------
+
+
+def test_resume_parses_words_and_existing_paths_once(tmp_path: Path) -> None:
+    assert Resume.parse("auto") == Resume("auto")
+    assert Resume.parse("never") == Resume("never")
+    assert Resume.parse(tmp_path) == Resume("path", tmp_path)
+    parsed = Resume.parse("auto")
+    assert Resume.parse(parsed) is parsed  # a parsed value passes through untouched
+    with pytest.raises(BadInputError, match=r"--resume .*nope: no such checkpoint"):
+        Resume.parse(tmp_path / "nope")
+
+
+def test_resume_never_into_an_empty_directory_starts_fresh(tmp_path: Path) -> None:
+    assert find_resume(tmp_path / "new", Resume.parse("never")) is None
+    assert find_resume(tmp_path / "new", "auto") is None
+
+
+def test_a_change_of_data_workers_is_not_safe_on_resume() -> None:
+    """Each worker reads its own stream of the epoch: another count reads the samples in
+    another order, so resuming with it would not repeat the run."""
+    from cratemae.recipe import unsafe_changes
+
+    base = load_recipe(REPO / "recipes" / "demo.toml", ["data.num_workers=2"])
+    other = load_recipe(REPO / "recipes" / "demo.toml", ["data.num_workers=3"])
+    assert unsafe_changes(base, other) == ["data.num_workers"]
+    later = load_recipe(REPO / "recipes" / "demo.toml", ["data.num_workers=2",
+                                                        "schedule.epochs=99"])
+    assert unsafe_changes(base, later) == []
