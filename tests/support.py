@@ -28,10 +28,11 @@ TINY_MODEL = [
     "model.embed_dim=64", "model.decoder_embed_dim=64", "model.depth=2", "model.decoder_depth=1",
 ]
 # The demo recipe's model at its smallest that still trains: a step takes milliseconds.
-TINY = [
+SMALLEST_MODEL = [
     "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=16",
+    "model.num_heads=2", "model.decoder_num_heads=2",
 ]
+TINY = [*SMALLEST_MODEL, "data.batch_size=16"]
 # What the subprocess runs add: no DataLoader workers, a short warm-up, a line every step.
 TINY_RUN = [*TINY, "data.num_workers=0", "schedule.warmup_epochs=0.05", "run.log_every=1"]
 

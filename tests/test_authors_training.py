@@ -10,13 +10,13 @@ float64 position table (1.5e-9), a float32 loss (1.9e-7) or the tokens left unde
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support import REPO
 from torch import nn
 
 from cratemae.model import CrateMAE, CrateMAEConfig, load_authors_state_dict
@@ -26,7 +26,6 @@ from cratemae.model.reference import reference_forward
 from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import MAETask
 
-REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO / "tests" / "data" / "official-crate-mae-tiny.safetensors"
 DEMO = REPO / "recipes" / "demo.toml"
 STEPS, BATCH, LR, WEIGHT_DECAY, MASK_RATIO = 50, 4, 1e-3, 0.05, 0.75

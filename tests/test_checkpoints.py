@@ -18,12 +18,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import REPO
 
 import cratemae.checkpoints as ck
 from cratemae.errors import BadInputError
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 BASE_META = {"samples_seen": 128, "recipe_hash": "deadbeef", "recipe_toml": "[run]\nseed = 1\n"}
 

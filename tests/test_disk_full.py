@@ -12,14 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import REPO, TINY_RUN
 
 from cratemae.checkpoints import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
-    "schedule.warmup_epochs=0.05", "run.log_every=1", "run.checkpoint_every_steps=2",
+    *TINY_RUN, "run.checkpoint_every_steps=2",
     "run.keep_last=1", "schedule.max_steps=100000",
 ]
 

@@ -8,10 +8,10 @@ import random
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 
 from cratemae.distributed import dist
 from cratemae.distributed.dist import (
@@ -30,7 +30,6 @@ from cratemae.distributed.dist import (
 )
 from cratemae.errors import BadInputError
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from cratemae.recipe import load_recipe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def setup_commands() -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import REPO
 from typer.testing import CliRunner
 
 from cratemae.checkpoints import load_checkpoint, read_model_weights
@@ -23,7 +24,6 @@ from cratemae.tasks.finetune import finetune
 from cratemae.tasks.probe import probe
 from cratemae.train.trainer import Preempted
 
-REPO = Path(__file__).resolve().parents[1]
 FINETUNE = REPO / "recipes" / "finetune" / "demo.toml"
 PROBE = REPO / "recipes" / "probe" / "demo.toml"
 

@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import REPO, SMALLEST_MODEL
 
 from cratemae.errors import BadInputError
 from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import pretrain
 from cratemae.train.loggers import Loggers, scalars
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 TINY = [
-    "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=32",
+    *SMALLEST_MODEL, "data.batch_size=32",
     "schedule.max_steps=2", "schedule.warmup_epochs=0.05", "run.log_every=1",
 ]
 

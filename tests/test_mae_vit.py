@@ -5,11 +5,11 @@ loading by family, and the same commands as CRATE-MAE (pretrain, probe)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.fx
+from support import REPO
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
@@ -33,7 +33,6 @@ from cratemae.model import (
 from cratemae.train.optim import param_groups
 from cratemae.weights.load import load_encoder, load_model
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_MAE = REPO / "recipes" / "demo-mae.toml"
 PROBE = REPO / "recipes" / "probe" / "demo.toml"
 FINETUNE = REPO / "recipes" / "finetune" / "demo.toml"

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import REPO, TINY_RUN
 from typer.testing import CliRunner, Result
 
 from cratemae.commands.app import build_app
@@ -17,17 +18,13 @@ from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import pretrain
 from cratemae.weights.load import load_model
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def cratemae(*args: object) -> Result:
     """The command line, in this process (plain output, as in a cluster log)."""
     return CliRunner().invoke(build_app(), [str(a) for a in args], env={"CI": "true"})
 
 TINY = [
-    "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
-    "schedule.warmup_epochs=0.05", "run.log_every=1", "run.checkpoint_every_steps=1",
+    *TINY_RUN, "run.checkpoint_every_steps=1",
 ]
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from data_fixtures import solid
 from PIL import Image
+from support import REPO
 
 from cratemae.analysis import record_layers
 from cratemae.data.plan import subset_plan
@@ -22,7 +23,6 @@ from cratemae.recipe import load_recipe
 from cratemae.tasks.monitor import PretrainMonitor, knn_top1, subset_positions
 from cratemae.tasks.pretrain import MAETask, build_mae, pretrain
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 DEPTH = 2
 TINY = [

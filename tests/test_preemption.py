@@ -9,19 +9,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from support import REPO, SMALLEST_MODEL, wait_for_steps
 
 from cratemae.checkpoints import load_checkpoint
 from cratemae.distributed.preemption import PreemptionFlag
 from cratemae.errors import EXIT_REQUEUE
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=16",
+    *SMALLEST_MODEL, "data.batch_size=16",
     "schedule.warmup_epochs=0.05", "run.log_every=1", "data.num_workers=2",
 ]
 
@@ -43,19 +41,10 @@ def start(out: Path, max_steps: int) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_for_steps(out: Path, proc: subprocess.Popen[str], steps: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and len(losses(out)) >= steps:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"the run did not log {steps} steps: {proc.communicate()[1][-2000:]}")
-
-
 def stop_the_job(out: Path, sig: signal.Signals) -> int:
     """Start a run, signal its whole process group after two steps; the step it saved."""
     proc = start(out, 400)
-    wait_for_steps(out, proc, 2)
+    wait_for_steps(out, [proc], 2, timeout=120)
     os.killpg(proc.pid, sig)  # the command and its two DataLoader workers
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err

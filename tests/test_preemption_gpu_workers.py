@@ -21,11 +21,11 @@ from data_fixtures import (
     solid,
     write_tar,
 )
+from support import REPO
 
 from cratemae.errors import EXIT_REQUEUE
 from cratemae.fs import strict_json
 
-REPO = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD, BATCH = 2, 96, 4  # 48 batches: far more than the run below takes
 PREFETCHED = 2 * 2  # prefetch_factor x workers: batches that may be made before the signal
 AFTER = PREFETCHED + 4  # batches after the signal: some must be made after it

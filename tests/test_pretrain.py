@@ -13,13 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from data_fixtures import shards_with_bad
-from support import tiny_recipe
+from support import REPO, tiny_recipe, wait_for_steps
 
 from cratemae.checkpoints import load_checkpoint
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
@@ -27,7 +26,6 @@ from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import MAETask, pretrain
 from cratemae.train.trainer import Preempted
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 # A smaller model than the demo recipe's, so that each run takes seconds.
 TINY = [
@@ -211,10 +209,7 @@ def test_sigterm_saves_exits_3_and_the_same_command_resumes(tmp_path):
             "schedule.max_steps=400", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "cratemae", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-            (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
-        time.sleep(0.2)
+    wait_for_steps(out, [proc], 2, timeout=120)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_REQUEUE, err

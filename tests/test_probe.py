@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from data_fixtures import encode, image_tree, labelled_shards, solid, write_tar
+from support import REPO
 from typer.testing import CliRunner
 
 from cratemae.checkpoints import load_checkpoint, read_model_weights, write_model_weights
@@ -28,7 +29,6 @@ from cratemae.recipe.schema import ModelSection
 from cratemae.tasks.probe import probe
 from cratemae.weights.load import load_encoder
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "recipes" / "probe" / "demo.toml"
 # data.val stands in for data.train too: 1,000 images keep each run to seconds.
 SMALL = ['data.train="demo:val"', "probe.weight_decays=[1e-4, 1e-2]", "probe.max_iter=100"]

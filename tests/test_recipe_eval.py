@@ -3,14 +3,12 @@ and the new recipe sections refuse unknown keys and bad values with one line eac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from support import REPO
 
 from cratemae.errors import BadInputError
 from cratemae.recipe import load_recipe, unsafe_changes
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"cifar10": 10, "cifar100": 100, "flowers102": 102, "pets": 37, "in1k": 1000}
 
 

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from cratemae.errors import BadInputError
 from cratemae.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 
 

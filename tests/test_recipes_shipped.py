@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from support import REPO
 from typer.testing import CliRunner
 
 from cratemae.commands.app import ENTRY_POINT_GROUP, build_app
@@ -16,7 +17,6 @@ from cratemae.errors import BadInputError
 from cratemae.recipe import find_recipe, list_recipes, load_recipe, resolve_recipe
 from cratemae.recipe.shipped import ShippedRecipe, describe
 
-REPO = Path(__file__).resolve().parents[1]
 FILES = sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix()
                for p in (REPO / "recipes").rglob("*.toml"))
 ENV = {"COLUMNS": "200", "NO_COLOR": "1", "CI": "1"}

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import shards_with_bad
+from support import REPO
 
 from cratemae.checkpoints import Resume, find_resume, load_checkpoint
 from cratemae.errors import BadInputError
@@ -28,7 +29,6 @@ from cratemae.tasks.pretrain import MAETask, pretrain
 from cratemae.train.state import TrainState, restore_run, save_run
 from cratemae.train.trainer import Preempted
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "recipes" / "demo.toml"
 # 32 samples of 16 px in two shards, 8 a batch: 4 steps an epoch, 2 epochs. Two samples are
 # corrupt (skipped, counted): the counter must carry over a resume too.

@@ -9,20 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from support import REPO, TINY_RUN, wait_for_steps
 
 from cratemae.errors import BadInputError
 from cratemae.train.lock import RunLock, lock_holder
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.embed_dim=32", "model.decoder_embed_dim=32", "model.depth=1", "model.decoder_depth=1",
-    "model.num_heads=2", "model.decoder_num_heads=2", "data.batch_size=16", "data.num_workers=0",
-    "schedule.warmup_epochs=0.05", "run.log_every=1",
-]
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -66,15 +59,12 @@ def test_a_run_set_up_into_a_locked_directory_is_refused_before_it_writes(
 def test_a_second_pretrain_into_a_running_directory_exits_2_and_the_first_goes_on(
         tmp_path: Path) -> None:
     out = tmp_path / "run"
-    sets = [f"--set={s}" for s in [*TINY, "schedule.max_steps=100000"]]
+    sets = [f"--set={s}" for s in [*TINY_RUN, "schedule.max_steps=100000"]]
     args = [sys.executable, "-m", "cratemae", "pretrain", str(REPO / "recipes" / "demo.toml"),
             *sets, "--out", str(out)]
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.monotonic() + 120
-    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1]
-        time.sleep(0.1)
+    wait_for_steps(out, [first], 1, timeout=120)
     second = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
     assert first.poll() is None  # still training, untouched by the second
     first.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import REPO
 from typer.testing import CliRunner
 
 from cratemae.checkpoints import write_model_weights
@@ -21,7 +22,6 @@ from cratemae.recipe.schema import ModelSection
 from cratemae.weights import load
 from cratemae.weights.load import checkpoint_filter_fn, load_encoder, load_model
 
-REPO = Path(__file__).resolve().parents[1]
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 CONFIG = CrateMAEConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)

@@ -23,8 +23,8 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from support import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 VERSION = PYPROJECT["project"]["version"]
 # Not sources: what a checkout accumulates (runs, caches, environments, earlier builds).
