@@ -6,7 +6,7 @@
       metrics.jsonl      one JSON object per logged step, evaluation or recovery
       status.json        running (host, pid) / finished / stopped / failed
       checkpoints/       step-000000123/{model.safetensors, train_state.safetensors, meta.json}
-      best/              the best evaluated weights (fine-tuning): model.safetensors
+      best/              the best evaluated weights (fine-tuning): model.safetensors, best.json
       samples/           reconstruction pictures of pre-training's validation
       tensorboard/       TensorBoard event files
       probe.json         a probe's result
@@ -25,6 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "BEST_DIR",
+    "BEST_RECORD_FILE",
     "CKPT_DIR",
     "FINETUNE_FILE",
     "LAYERS_FILE",
@@ -49,6 +50,7 @@ METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 CKPT_DIR = "checkpoints"
 BEST_DIR = "best"
+BEST_RECORD_FILE = "best.json"  # in best/: the step and scores of the weights there
 SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"
 PROBE_FILE = "probe.json"
@@ -94,6 +96,10 @@ class RunFiles:
     @property
     def best_model(self) -> Path:
         return self.root / BEST_DIR / MODEL_FILE
+
+    @property
+    def best_record(self) -> Path:
+        return self.root / BEST_DIR / BEST_RECORD_FILE
 
     @property
     def samples(self) -> Path:

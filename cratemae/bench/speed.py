@@ -1,6 +1,6 @@
 """Time complete training steps of the training loop, after checking them.
 
-A timed step is `Trainer.train_step`, the loop's own step (accum_steps 1, no clipping):
+A timed step is `TrainStep.step`, the training loop's own step (accum_steps 1, no clipping):
 the task's loss under the precision's autocast, the all-ranks finite check, backward through
 the `GradScaler`, the AdamW step of `configure_optimizers`, zero_grad. The task feeds one
 random batch already on the device (no data loading), so the figure is what the model can
@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import logging
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,13 +33,16 @@ from cratemae.bench.check import (
     check_paths,
 )
 from cratemae.distributed.device import choose_device
+from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError, CrateMAEError
 from cratemae.model import CrateMAE, CrateMAEConfig, create_model, preset_config
 from cratemae.model.reference import reference_forward
-from cratemae.recipe import DataSection, OptimSection, Recipe, RunSection, SchedSection
+from cratemae.recipe import OptimSection
+from cratemae.train.optim import configure_optimizers
 from cratemae.train.run_dir import max_memory_gb
+from cratemae.train.state import TrainState
+from cratemae.train.step import TrainStep
 from cratemae.train.task import Task
-from cratemae.train.trainer import Trainer
 
 __all__ = [
     "TOLERANCES",
@@ -151,14 +152,14 @@ class _Fixed:
     bad: int = 0
 
 
+_BENCH_LR = 1e-4  # constant: the schedule is not what is timed
+
+
 class _FixedBatches:
     """An endless epoch of the same batch."""
 
     def __init__(self, imgs: torch.Tensor) -> None:
         self.batch = _Fixed(imgs)
-
-    def __len__(self) -> int:
-        return 2**40
 
     def __iter__(self) -> Iterator[_Fixed]:
         while True:
@@ -213,7 +214,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_step(trainer: Trainer, timing: PathTiming) -> None:
+def _timed_step(trainer: TrainStep, timing: PathTiming) -> None:
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -228,14 +229,14 @@ def _timed_step(trainer: Trainer, timing: PathTiming) -> None:
         raise CrateMAEError(f"{timing.path}: non-finite loss during timing")
 
 
-def _step(trainer: Trainer, path: str) -> bool:
+def _step(trainer: TrainStep, path: str) -> bool:
     task = trainer.task
     assert isinstance(task, _BenchTask)
     task.path = path
-    return trainer.train_step(iter(task.batches))
+    return trainer.step(iter(task.batches), TrainState())
 
 
-def _time_paths(trainer: Trainer, timings: list[PathTiming], spec: BenchSpec) -> None:
+def _time_paths(trainer: TrainStep, timings: list[PathTiming], spec: BenchSpec) -> None:
     """Warm up each path, then time them step by step in turn (A, B, A, B, ...), so that a
     change in machine load affects every path alike."""
     for timing in timings:
@@ -270,9 +271,9 @@ def _check_spec(spec: BenchSpec) -> None:
                             "authors' CRATE-MAE computation; MAE's ViT has none yet")
 
 
-def _build(spec: BenchSpec, device: torch.device, run_dir: Path) -> Trainer:
-    """The training loop over the fixed batch: the recipe's defaults, but for the spec's
-    model, precision and compile, a constant lr of 1e-4, and no data loading."""
+def _build(spec: BenchSpec, device: torch.device) -> TrainStep:
+    """The training step over the fixed batch: the spec's model, precision and compile,
+    AdamW with the recipe defaults at a constant lr of 1e-4, and no data loading."""
     _check_spec(spec)
     torch.manual_seed(spec.seed)
     try:
@@ -284,15 +285,11 @@ def _build(spec: BenchSpec, device: torch.device, run_dir: Path) -> Trainer:
     cfg = model.config
     imgs = torch.randn(spec.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size,
                        generator=torch.Generator().manual_seed(spec.seed)).to(device)
-    recipe = Recipe(
-        data=DataSection(batch_size=spec.batch_size),
-        optim=OptimSection(lr=1e-4, min_lr=1e-4),
-        schedule=SchedSection(epochs=1, warmup_epochs=0,
-                              max_steps=(spec.warmup + spec.steps) * (1 + spec.reference)),
-        run=RunSection(precision=spec.precision, compile=spec.compile, out_dir=str(run_dir)),
-    )
-    return Trainer(recipe, _BenchTask(model, imgs, spec.mask_ratio), run_dir, None,
-                   device=device)
+    task = _BenchTask(model.to(device), imgs, spec.mask_ratio)
+    precision = resolve_precision(spec.precision, device)
+    optimizer = configure_optimizers(model, OptimSection(), _BENCH_LR)
+    return TrainStep(task, optimizer=optimizer, precision=precision, lr=lambda step: _BENCH_LR,
+                     compile=spec.compile, device=device)
 
 
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
@@ -302,13 +299,10 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     images/s (median, min, max over the timed steps), step time, peak memory, GFLOP per
     image and achieved TFLOP/s; with the reference, `speedup` (ratio of the medians).
     """
-    device = choose_device(spec.device)
-    with tempfile.TemporaryDirectory(prefix="cratemae-bench-") as where:
-        trainer = _build(spec, device, Path(where))  # writes nothing there: never saves
-        return _run(spec, trainer)
+    return _run(spec, _build(spec, choose_device(spec.device)))
 
 
-def _run(spec: BenchSpec, trainer: Trainer) -> dict[str, Any]:
+def _run(spec: BenchSpec, trainer: TrainStep) -> dict[str, Any]:
     device, precision = trainer.device, trainer.precision
     task = trainer.task
     assert isinstance(task, _BenchTask)

@@ -1,4 +1,6 @@
-"""Find checkpoints and decide whether they are complete.
+"""Find runs and checkpoints, and decide whether checkpoints are complete: the one resolver
+every command uses, whatever the user names (a run, its `checkpoints/`, one checkpoint, a
+weights file, an export folder, or nothing: the newest run under `RUNS_DIR`).
 
 A checkpoint directory is *complete* when its `meta.json` parses and the two safetensors files
 it records exist with the recorded sizes; it is *verified* when their SHA-256 sums match too.
@@ -11,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from cratemae.checkpoints.files import FORMAT, read_json, verify_file
 from cratemae.checkpoints.layout import (
@@ -26,6 +29,7 @@ from cratemae.checkpoints.layout import (
     step_of,
 )
 from cratemae.errors import BadInputError
+from cratemae.rundir import RUNS_DIR, RunFiles
 
 __all__ = [
     "MetaFieldError",
@@ -35,9 +39,11 @@ __all__ = [
     "ckpt_dir_of",
     "complete_checkpoints",
     "find_resume",
+    "find_runs",
     "newest_complete",
     "read_latest",
     "resolve_checkpoint",
+    "run_dir_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,6 +148,40 @@ def newest_complete(ckpt_dir: Path, exclude: str | None = None) -> Path | None:
     return found[-1] if found else None
 
 
+def find_runs(root: Path) -> list[Path]:
+    """Run directories under `root` (itself included): those holding a recipe.toml."""
+    if RunFiles(root).is_run():
+        return [root]
+    skip = {CKPT_SUBDIR, RunFiles(root).best.name}
+    return sorted(p.parent for p in root.rglob(RunFiles(root).recipe.name)
+                  if not skip & set(p.parent.relative_to(root).parts))
+
+
+def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
+    """The run directory that `path` (a run, its checkpoints/, a checkpoint, best/, a
+    weights file in one of them) belongs to: the nearest of it and its parents that holds a
+    recipe.toml or a checkpoints/ folder; None for weights outside any run (an export)."""
+    p = Path(path).absolute()
+    for where in (p, *p.parents) if p.is_dir() else p.parents:
+        files = RunFiles(where)
+        if files.is_run() or files.checkpoints.is_dir():
+            return where
+    return None
+
+
+def _newest_of_runs(runs_dir: Path, accept: Callable[[Path], bool] | None) -> Path | None:
+    """The most recently saved complete checkpoint of any run under `runs_dir` whose weights
+    file `accept` takes (all, without it)."""
+    best: tuple[float, Path] | None = None
+    for run in find_runs(runs_dir) if runs_dir.is_dir() else []:
+        found = complete_checkpoints(RunFiles(run).checkpoints)
+        if found and (accept is None or accept(found[-1][0] / MODEL_FILE)):
+            path, meta = found[-1]
+            key = (float(meta.get("wall_time", 0.0)), path)
+            best = key if best is None or key[0] > best[0] else best
+    return best[1] if best else None
+
+
 def ckpt_dir_of(path: Path) -> Path:
     """`RUN_DIR/checkpoints` for a run directory; a checkpoints directory itself is kept."""
     if (path / CKPT_SUBDIR).is_dir():
@@ -164,12 +204,22 @@ def _latest_in(ckpt_dir: Path) -> Path | None:
     return newest_complete(ckpt_dir)
 
 
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+def resolve_checkpoint(path: str | os.PathLike[str] | None, *, runs_dir: Path = RUNS_DIR,
+                       accept: Callable[[Path], bool] | None = None,
+                       wanted: str = "run") -> Path:
     """Turn a user-given path into a checkpoint directory or a `.safetensors` weights file.
 
     Accepts a checkpoint directory, a run directory or its `checkpoints/` (then the checkpoint
-    `latest` names), or a safetensors file.
+    `latest` names), an export folder or a safetensors file. None: the newest checkpoint of
+    the runs under `runs_dir` whose weights `accept` takes (`wanted` names them in the error
+    when there is none).
     """
+    if path is None:
+        found = _newest_of_runs(runs_dir, accept)
+        if found is None:
+            raise BadInputError(f"no --checkpoint given and no {wanted} under {runs_dir}: "
+                                f"pass --checkpoint CKPT")
+        return found
     p = Path(path)
     if p.is_file():
         if p.name == META:
@@ -199,12 +249,11 @@ class Resume:
 
     mode: Literal["auto", "never", "path"]
     path: Path | None = None
+    AUTO: ClassVar[Resume]
 
     @classmethod
-    def parse(cls, value: str | os.PathLike[str] | Resume) -> Resume:
-        """BadInputError for a path that does not exist."""
-        if isinstance(value, Resume):
-            return value
+    def parse(cls, value: str | os.PathLike[str]) -> Resume:
+        """The value of `--resume`; BadInputError for a path that does not exist."""
         if value in ("auto", "never"):
             return cls(value)  # type: ignore[arg-type]
         path = Path(value)
@@ -214,14 +263,15 @@ class Resume:
         return cls("path", path)
 
 
-def find_resume(run_dir: str | os.PathLike[str],
-                resume: str | os.PathLike[str] | Resume) -> Path | None:
+Resume.AUTO = Resume("auto")
+
+
+def find_resume(run_dir: str | os.PathLike[str], resume: Resume) -> Path | None:
     """The checkpoint a run in `run_dir` should resume from (see `Resume`), or None.
 
     A path must hold a complete checkpoint, else BadInputError.
     """
-    resume = Resume.parse(resume)
-    ckpt_dir = Path(run_dir) / CKPT_SUBDIR
+    ckpt_dir = RunFiles(run_dir).checkpoints
     latest = _latest_in(ckpt_dir) if ckpt_dir.is_dir() else None
     if resume.mode == "never":
         if latest is not None:

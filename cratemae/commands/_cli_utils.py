@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -169,12 +168,6 @@ def require_checkpoint(path: Path) -> Path:
     return path
 
 
-def _main_rank(env: dict[str, str] | os._Environ[str] = os.environ) -> bool:
-    from cratemae.distributed.dist import parse_launch_env  # torch loads lazily
-
-    return parse_launch_env(env).rank == 0
-
-
 StageProgress = Callable[[str, int, int], None]  # (what, done, total)
 LogCallback = Callable[[dict[str, Any]], None]  # one metrics record
 
@@ -187,7 +180,9 @@ def command_console(name: str) -> Iterator[tuple[StageProgress, LogCallback]]:
 
     Yields `(on_progress, on_log)` for the library's callbacks."""
     logger = logging.getLogger("cratemae")
-    main = _main_rank()
+    from cratemae.distributed.dist import is_main_process  # torch loads lazily
+
+    main = is_main_process()
     interactive = main and console.is_interactive()
     handler = console.LogHandler(hide_metrics=interactive)
     if not main:

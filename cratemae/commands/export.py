@@ -11,6 +11,7 @@ import typer
 from cratemae.commands import console
 from cratemae.commands._cli_utils import CheckpointArg
 from cratemae.errors import BadInputError
+from cratemae.rundir import RunFiles
 
 if TYPE_CHECKING:
     from cratemae.weights.load import LoadedModel
@@ -102,18 +103,15 @@ def _export_onnx(loaded: LoadedModel, out: Path) -> None:
 def _refuse_writing_into_the_source(checkpoint: Path, out: Path) -> None:
     """No export into the run it reads (its checkpoints, which retention prunes, or beside
     them) nor over the weights it reads: exit 2 before anything is written."""
-    from cratemae.checkpoints.layout import CKPT_SUBDIR
-    from cratemae.checkpoints.resolve import resolve_checkpoint
+    from cratemae.checkpoints.resolve import resolve_checkpoint, run_dir_of
 
     source = resolve_checkpoint(checkpoint).resolve()
     where = out.resolve()
-    reading = source.parent if source.is_file() else source
-    runs = [p for p in (reading, *reading.parents) if (p / CKPT_SUBDIR).is_dir()]
-    for run in runs[:1]:
-        if where == run or where.is_relative_to(run):
-            raise BadInputError(f"--out {out}: inside the run {run} that is being read; "
-                                f"export to a directory outside it")
-    over = where / "model.safetensors" == source if source.is_file() else (
+    run = run_dir_of(source)
+    if run is not None and (where == run or where.is_relative_to(run)):
+        raise BadInputError(f"--out {out}: inside the run {run} that is being read; "
+                            f"export to a directory outside it")
+    over = RunFiles(where).model == source if source.is_file() else (
         where == source or where.is_relative_to(source))
     if over:
         raise BadInputError(f"--out {out}: would write over the weights being read "

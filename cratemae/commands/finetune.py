@@ -15,6 +15,7 @@ from cratemae.commands._cli_utils import (
 )
 from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
+from cratemae.rundir import RunFiles
 
 __all__ = ["finetune"]
 
@@ -49,7 +50,7 @@ def finetune(
 
     where = Resume.parse(resume)
     with command_console("finetune") as (_, on_log):
-        result = run_finetune(r, checkpoint, out_dir=out, resume=where, on_log=on_log)
+        result = run_finetune(r, checkpoint, run_dir=out, resume=where, on_log=on_log)
     if not result.main_process:
         return
     final = result.evals[-1] if result.evals else {}
@@ -63,14 +64,14 @@ def finetune(
           f"top-5 {final.get('top5', float('nan')):.2f}%  (step {result.state.step})")
     print(f"best   top-1 {best.get('top1', float('nan')):.2f}%  "
           f"top-5 {best.get('top5', float('nan')):.2f}%  ({best.get('path', '-')})")
-    run = result.run_dir
+    run, files = result.run_dir, RunFiles(result.run_dir)
     if result.finished_before:
         print(f"already finished at step {result.state.step}: nothing to train")
-    written = ["finetune.json", "best/ (the best weights)", f"{result.last_checkpoint} "
-               "(last checkpoint)", "metrics.jsonl", "log.txt"]
-    written += ["tensorboard/"] if (run / "tensorboard").is_dir() else []
+    written = [files.finetune.name, f"{files.best.name}/ (the best weights)",
+               f"{result.last_checkpoint} (last checkpoint)", files.metrics.name, files.log.name]
+    written += [f"{files.tensorboard.name}/"] if files.tensorboard.is_dir() else []
     print(f"written in {run}: " + ", ".join(written))
-    print(f"next:\n  cratemae export {run}/best/model.safetensors --out exported/{run.name}"
-          + (f"\n  tensorboard --logdir {run / 'tensorboard'}"
-             if (run / "tensorboard").is_dir() else "")
+    print(f"next:\n  cratemae export {files.best_model} --out exported/{run.name}"
+          + (f"\n  tensorboard --logdir {files.tensorboard}"
+             if files.tensorboard.is_dir() else "")
           + f"\n  cratemae runs {run.parent}")

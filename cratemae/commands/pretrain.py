@@ -15,6 +15,7 @@ from cratemae.commands._cli_utils import (
 )
 from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
+from cratemae.rundir import RunFiles
 
 __all__ = ["pretrain"]
 
@@ -45,7 +46,7 @@ def pretrain(
 
     where = Resume.parse(resume)
     with command_console("pretrain") as (_, on_log):
-        result = run_pretrain(r, out_dir=out, resume=where, on_log=on_log)
+        result = run_pretrain(r, run_dir=out, resume=where, on_log=on_log)
     if json_ and result.main_process:
         print(strict_json({
             "run_dir": str(result.run_dir),
@@ -67,15 +68,16 @@ def _the_end(result: Any, train: Any) -> str:
                 f"final loss {loss_text}; nothing to train")
     else:
         head = f"finished: step {result.state.step} of {result.total_steps}, loss {loss_text}"
-    written = [f"{result.last_checkpoint} (last checkpoint)", "metrics.jsonl", "log.txt"]
-    written += [f"{d}/" for d in ("tensorboard", "samples") if (run / d).is_dir()]
+    files = RunFiles(run)
+    written = [f"{result.last_checkpoint} (last checkpoint)", files.metrics.name, files.log.name]
+    written += [f"{d.name}/" for d in (files.tensorboard, files.samples) if d.is_dir()]
     probe = "recipes/probe/demo.toml" if train == "demo:train" else "recipes/probe/in1k.toml"
     return "\n".join([
         head, f"written in {run}: " + ", ".join(written), "next:",
         f"  cratemae probe {probe} --checkpoint {run}",
         f"  cratemae reconstruct IMAGE --checkpoint {run}",
         f"  cratemae export {run} --out exported/{run.name}",
-        f"  tensorboard --logdir {run / 'tensorboard'}"
-        if (run / "tensorboard").is_dir() else f"  cratemae runs {run.parent}",
+        f"  tensorboard --logdir {files.tensorboard}"
+        if files.tensorboard.is_dir() else f"  cratemae runs {run.parent}",
     ])
 

@@ -16,6 +16,7 @@ from cratemae.commands._cli_utils import (
 )
 from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
+from cratemae.rundir import RunFiles
 
 __all__ = ["probe"]
 
@@ -49,13 +50,14 @@ def probe(
     from cratemae.tasks.probe import probe as run_probe  # torch loads lazily
 
     with command_console("probe") as (on_progress, on_log):
-        result = run_probe(r, checkpoint, out_dir=out, on_progress=on_progress, on_log=on_log)
+        result = run_probe(r, checkpoint, run_dir=out, on_progress=on_progress, on_log=on_log)
     if not result.main_process:
         return
     s = result.summary
     if json_:
+        # "out_dir" is the old name of "run_dir", kept for this release only.
         print(strict_json({k: v for k, v in s.items() if k != "recipe"} | {
-            "out_dir": str(result.out_dir)}))
+            "run_dir": str(result.run_dir), "out_dir": str(result.run_dir)}))
         return
     rows = [("protocol", s["protocol"]), ("checkpoint", s["checkpoint"]),
             ("feature", f"{s['pool']} of layer {s['layer']}, {s['img_size']} px"),
@@ -64,9 +66,9 @@ def probe(
         rows.append(("weight decay", f"{s['weight_decay']:g} (held-out top-1 "
                                      f"{max(g['holdout_top1'] for g in s['grid']):.2f}%)"))
     rows += [("top-1", f"{s['top1']:.2f}%"), ("top-5", f"{s['top5']:.2f}%"),
-             ("written", str(result.out_dir / "probe.json"))]
+             ("written", str(RunFiles(result.run_dir).probe))]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"next:\n  cratemae finetune recipes/finetune/{Path(recipe).stem}.toml --checkpoint "
-          f"{s['checkpoint']}\n  cratemae runs {result.out_dir.parent}")
+          f"{s['checkpoint']}\n  cratemae runs {result.run_dir.parent}")
 

@@ -35,7 +35,8 @@ def runs(
       $ cratemae runs runs/
       $ cratemae runs /scratch/me/runs --json
     """
-    from cratemae.train.run_dir import describe_run, find_runs  # torch loads lazily
+    from cratemae.checkpoints.resolve import find_runs  # torch loads lazily
+    from cratemae.train.runs import describe_run
 
     if not folder.is_dir():
         raise BadInputError(f"{folder}: no such folder")

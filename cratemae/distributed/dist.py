@@ -62,10 +62,6 @@ class DistInfo:
     device: torch.device
     backend: str | None
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -207,8 +203,12 @@ def comm_device() -> torch.device:
 
 
 def is_main_process() -> bool:
-    """True on rank 0, and in a single process."""
-    return not _active() or dist.get_rank() == 0
+    """True on rank 0, and in a single process: the one way the package asks. Before the
+    process group exists (a command setting up its console), the launcher's environment
+    says which rank this process will be."""
+    if _active():
+        return dist.get_rank() == 0
+    return parse_launch_env(os.environ).rank == 0
 
 
 def barrier() -> None:

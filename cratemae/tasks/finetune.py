@@ -118,12 +118,12 @@ def _seeded(mixup: Any, imgs: torch.Tensor, labels: torch.Tensor,
         random.setstate(py_state)
 
 
-def finetune(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None,
-             resume: str | Path | Resume = "auto",
+def finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None,
+             resume: Resume = Resume.AUTO,
              on_log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Fine-tune the encoder of `checkpoint` into `out_dir` (default `run.out_dir`) and
+    """Fine-tune the encoder of `checkpoint` into `run_dir` (default `run.out_dir`) and
     write `finetune.json` there (final and best top-1/top-5)."""
-    with RunSetup(recipe, out_dir, resume=resume) as run:  # the same new head on every rank
+    with RunSetup(recipe, run_dir, resume=resume) as run:  # the same new head on every rank
         encoder, config = load_encoder(checkpoint, recipe.model)
         num_classes = resolve_num_classes(recipe, recipe.finetune.num_classes,
                                           "finetune.num_classes")
@@ -132,12 +132,13 @@ def finetune(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = N
             log.info("fine-tuning %s (%d classes, %d px) in %s, %d process(es) on %s",
                      checkpoint, num_classes, encoder.config.img_size, run_dir,
                      run.info.world_size, run.info.device)
-            result = Trainer(recipe, task, run_dir, run.resume_from, on_log=on_log).fit()
-        if run.main_process:
-            summary = {"final": result.evals[-1] if result.evals else None, "best": result.best,
-                       "checkpoint": str(checkpoint), "last_checkpoint": str(
-                           result.last_checkpoint), "recipe": dump_recipe(recipe),
-                       "num_classes": num_classes, "steps": result.state.step,
-                       "class_names": list(class_names(recipe) or []) or None}
-            atomic_write_json(run_dir / "finetune.json", summary)
+            result = Trainer(run, task, on_log=on_log).fit()
+            if dist.is_main_process():
+                summary = {"final": result.evals[-1] if result.evals else None,
+                           "best": result.best, "checkpoint": str(checkpoint),
+                           "last_checkpoint": str(result.last_checkpoint),
+                           "recipe": dump_recipe(recipe), "num_classes": num_classes,
+                           "steps": result.state.step,
+                           "class_names": list(class_names(recipe) or []) or None}
+                atomic_write_json(run.files.finetune, summary)
         return result

@@ -56,7 +56,7 @@ class MAETask(Task):
         self._monitor: PretrainMonitor | None = None
         every = recipe.run.eval_every_steps
         if every is not None and recipe.data.val is None:
-            if self.info.rank == 0:
+            if dist.is_main_process():
                 log.info("data.val is not set: no validation during pre-training "
                          "(run.eval_every_steps = %d)", every)
         elif every is not None:
@@ -98,16 +98,14 @@ class MAETask(Task):
         return torch.rand(batch_size, L, generator=self._gen, device=device)
 
 
-def pretrain(recipe: Recipe, *, out_dir: Path | None = None,
-             resume: str | Path | Resume = "auto",
+def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: Resume = Resume.AUTO,
              on_log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Pre-train from `recipe` into `out_dir` (default `run.out_dir`), resuming per `resume`
-    ("auto", "never" or a checkpoint path). Works alone, under torchrun and under srun."""
-    with RunSetup(recipe, out_dir, resume=resume, seed_per_rank=True) as run:
+    """Pre-train from `recipe` into `run_dir` (default `run.out_dir`), resuming per `resume`
+    (`Resume.parse("auto" | "never" | path)`). Works alone, under torchrun and under srun."""
+    with RunSetup(recipe, run_dir, resume=resume, seed_per_rank=True) as run:
         task = MAETask(recipe, build_mae(recipe))
         task.loader(epoch=0, start_batch=0)  # bad data stops the run before it writes anything
         with run.open_run_dir():
             log.info("run directory %s, %d process(es) on %s", run.run_dir,
                      run.info.world_size, run.info.device)
-            trainer = Trainer(recipe, task, run.run_dir, run.resume_from, on_log=on_log)
-            return trainer.fit()
+            return Trainer(run, task, on_log=on_log).fit()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cratemae.checkpoints import Resume
 from cratemae.data import build_loader
 from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
@@ -45,42 +46,43 @@ StageProgress = Callable[[str, int, int], None]  # (what, done, total)
 
 @dataclass
 class ProbeResult:
-    out_dir: Path
+    run_dir: Path
     top1: float
     top5: float
     summary: dict[str, Any] = field(default_factory=dict)  # what probe.json holds
     main_process: bool = True
 
 
-def probe(recipe: Recipe, checkpoint: str | Path, *, out_dir: Path | None = None,
+def probe(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None,
           on_progress: StageProgress | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> ProbeResult:
     """Probe the encoder of `checkpoint`; write probe.json, recipe.toml and log.txt into
-    `out_dir` (default `run.out_dir`). The `mae` protocol resumes an interrupted probe
+    `run_dir` (default `run.out_dir`). The `mae` protocol resumes an interrupted probe
     from the newest checkpoint there."""
     p = recipe.probe
-    with RunSetup(recipe, out_dir, resume="auto") as run:
+    with RunSetup(recipe, run_dir, resume=Resume.AUTO) as run:
         encoder, config = load_encoder(checkpoint, recipe.model)
         depth = encoder.config.depth
         if not -depth <= p.layer < depth:
             raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} has "
                                 f"{depth} layers (valid: {-depth}..{depth - 1})")
         num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
-        with run.open_run_dir() as out:
+        with run.open_run_dir():
             log.info("probing %s (%s protocol, %d classes, %d px), %d process(es) on %s",
                      checkpoint, p.protocol, num_classes, encoder.config.img_size,
                      run.info.world_size, run.info.device)
             protocol = _features_protocol if p.protocol == "features" else _mae_protocol
             details = protocol(recipe, checkpoint, encoder, config, num_classes, run,
                                on_progress or (lambda what, done, total: None), on_log)
-        summary = {"protocol": p.protocol, "top1": details.pop("top1"),
-                   "top5": details.pop("top5"), "checkpoint": str(checkpoint),
-                   "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
-                   "img_size": encoder.config.img_size, **details,
-                   "recipe": dump_recipe(recipe)}
-        if run.main_process:
-            atomic_write_json(out / "probe.json", summary)
-        return ProbeResult(out, summary["top1"], summary["top5"], summary, run.main_process)
+            summary = {"protocol": p.protocol, "top1": details.pop("top1"),
+                       "top5": details.pop("top5"), "checkpoint": str(checkpoint),
+                       "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
+                       "img_size": encoder.config.img_size, **details,
+                       "recipe": dump_recipe(recipe)}
+            if dist.is_main_process():
+                atomic_write_json(run.files.probe, summary)
+        return ProbeResult(run.run_dir, summary["top1"], summary["top5"], summary,
+                           dist.is_main_process())
 
 
 def _stage(on_progress: StageProgress, what: str) -> Progress:
@@ -208,7 +210,7 @@ def _mae_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
                   on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
     model = LinearProbeModel(encoder, num_classes, recipe.probe.layer, recipe.probe.pool)
     task = _MAEProbeTask(recipe, model, config, num_classes)
-    result = Trainer(recipe, task, run.run_dir, run.resume_from, on_log=on_log).fit()
+    result = Trainer(run, task, on_log=on_log).fit()
     final = result.evals[-1]
     return {"top1": final["top1"], "top5": final["top5"], "steps": result.state.step,
             "val_images": final["images"], "last_checkpoint": str(result.last_checkpoint)}

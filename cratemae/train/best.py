@@ -18,6 +18,7 @@ from torch import nn
 from cratemae.checkpoints import write_model_weights
 from cratemae.distributed import dist
 from cratemae.fs import atomic_write_json
+from cratemae.rundir import RunFiles
 
 __all__ = ["BestKeeper"]
 
@@ -28,9 +29,9 @@ class BestKeeper:
     """Compare each evaluation's top-1 with the best so far; save the winner's weights."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], resume_step: int | None) -> None:
-        self.dir, self.config = run_dir / "best", config
+        self.files, self.config = RunFiles(run_dir), config
         self.record: dict[str, Any] | None = None
-        file = self.dir / "best.json"
+        file = self.files.best_record
         if resume_step is not None and file.is_file():
             try:
                 record = json.loads(file.read_text(encoding="utf-8"))
@@ -48,11 +49,11 @@ class BestKeeper:
             return False
         self.record = {"step": record["step"], "epoch": record["epoch"], "top1": top1,
                        "top5": record[f"{prefix}top5"], "weights": prefix.rstrip("_") or "model",
-                       "path": str(self.dir / "model.safetensors")}
+                       "path": str(self.files.best_model)}
         if dist.is_main_process():
             state = {k: v.detach().cpu() for k, v in candidates[prefix].state_dict().items()}
-            write_model_weights(self.dir / "model.safetensors", state, self.config)
-            atomic_write_json(self.dir / "best.json", self.record, indent=1)
+            write_model_weights(self.files.best_model, state, self.config)
+            atomic_write_json(self.files.best_record, self.record, indent=1)
             log.info("new best top-1 %.2f%% at step %d (%s weights) saved in %s", top1,
-                     record["step"], self.record["weights"], self.dir)
+                     record["step"], self.record["weights"], self.files.best)
         return True

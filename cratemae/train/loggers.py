@@ -26,6 +26,7 @@ import numpy as np
 
 from cratemae.errors import BadInputError
 from cratemae.fs import atomic_write_text
+from cratemae.rundir import RunFiles
 
 __all__ = ["IMAGE_TAG", "LOGGER_NAMES", "Loggers", "scalars"]
 
@@ -69,7 +70,7 @@ class Loggers:
         self._wandb: Any = None
         for name in dict.fromkeys(names):  # each once, in order
             if name == "tensorboard":
-                self._tb = _tensorboard(run_dir / "tensorboard", resume_step)
+                self._tb = _tensorboard(RunFiles(run_dir).tensorboard, resume_step)
             elif name == "wandb":
                 self._wandb = _wandb(run_dir, config)
             else:

@@ -16,9 +16,9 @@ class Task:
     """The base of pre-training, fine-tuning and MAE's linear probe.
 
     Required: `model` (the bare module whose state dict is checkpointed), `config` (stored
-    with the weights), `loader()` and `loss()`. Optional, with the defaults below:
-    `param_groups()`, `ema_decay`, `evaluate()` and `eval_every`, `monitor()` and
-    `monitor_every`.
+    with the weights), `loader()`, `batches_per_epoch()` and `loss()`. Optional, with the
+    defaults below: `param_groups()`, `ema_decay`, `evaluate()` and `eval_every`,
+    `monitor()` and `monitor_every`.
     """
 
     model: nn.Module
@@ -36,6 +36,11 @@ class Task:
         """One epoch of this rank's batches from `start_batch` on: `len()`, batches with
         `.images` and `.bad`, and `bad_fraction_error()` (see `cratemae.data.Loader`)."""
         raise NotImplementedError
+
+    def batches_per_epoch(self) -> int:
+        """How many batches `loader()` yields per epoch on this rank, from the epoch plan
+        (no loader is built to take its length)."""
+        return len(self.loader(epoch=0, start_batch=0))
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         """The loss of one micro-batch. `micro` numbers micro-batches over the whole run

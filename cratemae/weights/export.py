@@ -37,8 +37,10 @@ import torch
 from cratemae.checkpoints import write_model_weights
 from cratemae.checkpoints.files import file_digest
 from cratemae.checkpoints.layout import META
+from cratemae.checkpoints.resolve import run_dir_of
 from cratemae.fs import atomic_write_json, atomic_write_text, strict_json
 from cratemae.model import PRESETS, CrateEncoder, CrateMAEConfig
+from cratemae.rundir import FINETUNE_FILE, PROBE_FILE, RunFiles
 from cratemae.weights.load import CONFIG_FILE, IMAGENET_MEAN, IMAGENET_STD, LoadedModel
 
 __all__ = ["ExportResult", "export_safetensors", "pretrained_cfg", "timm_call",
@@ -58,7 +60,7 @@ PAPERS = {
     "vit": ("arXiv:2111.06377", "Masked Autoencoders Are Scalable Vision Learners"),
 }
 CARD_FILE = "README.md"
-SCORE_FILES = ("finetune.json", "probe.json")
+SCORE_FILES = (FINETUNE_FILE, PROBE_FILE)
 # The evaluation resize is the short side to img_size * 256/224, then a centre crop.
 CROP_PCT = 224 / 256
 
@@ -197,13 +199,6 @@ def write_config_json(
 
 
 # --- the model card -------------------------------------------------------------------------
-def _run_dirs(weights_file: Path) -> list[Path]:
-    """Where a run's records may be: the checkpoint directory and up to two levels above
-    (RUN/checkpoints/step-N/model.safetensors, RUN/best/model.safetensors)."""
-    here = weights_file.parent
-    return [here, here.parent, here.parent.parent]
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -217,7 +212,8 @@ def run_records(weights_file: Path) -> dict[str, Any]:
     the recipe (meta.json of the checkpoint) and the head's pooling in it, class names if a
     record holds them."""
     found: dict[str, Any] = {"scores": {}, "recipe_toml": None, "label_names": None}
-    for where in _run_dirs(weights_file):
+    run_dir = run_dir_of(weights_file)
+    for where in dict.fromkeys([weights_file.parent] + ([run_dir] if run_dir else [])):
         for name in SCORE_FILES:
             record = _read_json(where / name) if name not in found["scores"] else None
             if record is not None:
@@ -330,7 +326,7 @@ def export_safetensors(
         state = {f"encoder.{k}": v for k, v in state.items()}
     elif encoder_only:
         state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-    file = write_model_weights(out / "model.safetensors", state, loaded.config.to_dict())
+    file = write_model_weights(RunFiles(out).model, state, loaded.config.to_dict())
     digest = file_digest(file)["sha256"]
     encoder_only = (encoder_only or isinstance(loaded.model, CrateEncoder)
                     or loaded.config.family == "vit")

@@ -30,6 +30,7 @@ import torch
 from timm.models import build_model_with_cfg, is_model, register_model
 
 from cratemae.model import PRESETS, CrateEncoder, CrateMAE, CrateMAEConfig
+from cratemae.rundir import RunFiles
 from cratemae.weights.export import pretrained_cfg
 
 __all__ = [
@@ -153,7 +154,7 @@ def _file_config(model: torch.nn.Module) -> tuple[str, dict[str, Any] | None]:
     (`local-dir:` names the directory; the file in it is model.safetensors.)"""
     file = str((getattr(model, "pretrained_cfg", None) or {}).get("file") or "the weights")
     if Path(file).is_dir():
-        file = str(Path(file) / "model.safetensors")
+        file = str(RunFiles(file).model)
     if not file.endswith(".safetensors") or not Path(file).is_file():
         return file, None
     from safetensors import safe_open
