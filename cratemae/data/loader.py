@@ -1,12 +1,17 @@
-"""`build_loader`: the one entry point the training engine uses.
+"""`build_data`: the one entry point the training engine uses; `build_loader` for one epoch.
 
-    loader = build_loader(data, split="train", augment="crop", labels=False, img_size=224,
-                          seed=0, epoch=3, rank=r, world_size=w, start_batch=k)
+    data = build_data(recipe.data, split="train", augment="crop", labels=False,
+                      img_size=224, seed=0, rank=r, world_size=w)  # resolves + counts once
+    data.batches_per_epoch  # batches in every epoch, from the plan (no loader built)
+    loader = data.loader(epoch=3, start_batch=k)
     len(loader)          # batches this iterator yields: epoch_batches - start_batch (all ranks)
     loader.epoch_batches # batches in the whole epoch
     loader.num_samples   # samples in the whole epoch on this rank (epoch_batches * batch_size
                          # when training)
     for batch in loader: # Batch (or EncodedBatch with data.decode = "gpu")
+    data.positions()     # evaluation: each yielded sample's place in the data set
+
+    build_loader(recipe.data, split=..., epoch=3, start_batch=k, ...)  # the same, one epoch
 
 Training (split "train" with an augmentation) shuffles (shard order per epoch + a seeded
 buffer), drops the remainder and augments; otherwise (`augment="none"`, or the val split)
@@ -32,12 +37,18 @@ from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.gpu import gpu_decode_batch
 from cratemae.data.plan import EpochPlan, make_plan
 from cratemae.data.sources import Source, fill_counts, resolve_source
-from cratemae.data.transforms import eval_transform, finetune_transform, pretrain_transform
+from cratemae.data.transforms import (
+    BoxTransform,
+    TimmTransform,
+    eval_transform,
+    finetune_transform,
+    pretrain_transform,
+)
 from cratemae.distributed.preemption import ignore_stop_signals
 from cratemae.errors import BadInputError
 from cratemae.recipe.schema import DataSection
 
-__all__ = ["MIN_SAMPLES_FOR_BAD_CHECK", "Loader", "build_loader"]
+__all__ = ["MIN_SAMPLES_FOR_BAD_CHECK", "Loader", "SplitData", "build_data", "build_loader"]
 
 log = logging.getLogger("cratemae.data")
 
@@ -47,6 +58,46 @@ Split = Literal["train", "val"]
 # evaluation transform (resize + centre crop) and a fixed order.
 Augment = Literal["none", "crop", "randaugment"]
 MIN_SAMPLES_FOR_BAD_CHECK = 200
+
+
+def build_data(
+    data: DataSection,
+    *,
+    split: Split,
+    img_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    decode_device: torch.device | str | None = None,
+    augment: Augment = "none",
+    labels: bool = True,
+) -> SplitData:
+    """One split of the recipe's data for one rank, resolved and counted once: it plans
+    every epoch and builds its loaders. BadInputError here for unusable data or settings
+    (missing folder, no images, unreadable index, too few shards), before a run writes
+    anything.
+
+    `augment` chooses the transform (see `Augment`); `labels`: samples must carry class
+    labels (an unlabelled sample is bad), else labels are read where present.
+    With data.decode = "gpu" its loaders yield `EncodedBatch`es, or, given `decode_device`,
+    `Batch`es decoded there (the decoding then counts as data time in the trainer's figures)."""
+    if split not in ("train", "val") or augment not in ("none", "crop", "randaugment"):
+        raise BadInputError(f"build_data: unknown split {split!r} or augment {augment!r}")
+    if not 0 <= rank < world_size:
+        raise BadInputError(f"build_data: rank {rank} outside world size {world_size}")
+    training = split == "train" and augment != "none"
+    gpu = data.decode == "gpu"
+    if gpu and not torch.cuda.is_available():
+        raise BadInputError("data.decode = 'gpu' needs CUDA, which is not available; use 'cpu'")
+    if gpu and training and augment == "randaugment":
+        raise BadInputError("data.decode = 'gpu' cannot run fine-tuning's RandAugment; use 'cpu'")
+    source = resolve_source(data.train if split == "train" else data.val, split)
+    if not source.counts_known and not (training and data.epoch_samples):
+        source = fill_counts(source)
+    return SplitData(data, source, split=split, training=training, seed=seed, rank=rank,
+                     world_size=world_size, img_size=img_size, labels=labels,
+                     transform=_transform(data, augment if training else "none", img_size),
+                     decode_device=decode_device if gpu else None)
 
 
 def build_loader(
@@ -63,60 +114,96 @@ def build_loader(
     augment: Augment = "none",
     labels: bool = True,
 ) -> Loader:
-    """A loader for one epoch of one rank; BadInputError for unusable data or settings.
-
-    `augment` chooses the transform (see `Augment`); `labels`: samples must carry class
-    labels (an unlabelled sample is bad), else labels are read where present.
-    With data.decode = "gpu" it yields `EncodedBatch`es, or, given `decode_device`, `Batch`es
-    decoded there (the decoding then counts as data time in the trainer's figures)."""
-    if split not in ("train", "val") or augment not in ("none", "crop", "randaugment"):
-        raise BadInputError(f"build_loader: unknown split {split!r} or augment {augment!r}")
-    if not 0 <= rank < world_size:
-        raise BadInputError(f"build_loader: rank {rank} outside world size {world_size}")
-    training = split == "train" and augment != "none"
-    gpu = data.decode == "gpu"
-    if gpu and not torch.cuda.is_available():
-        raise BadInputError("data.decode = 'gpu' needs CUDA, which is not available; use 'cpu'")
-    if gpu and training and augment == "randaugment":
-        raise BadInputError("data.decode = 'gpu' cannot run fine-tuning's RandAugment; use 'cpu'")
-    spec = data.train if split == "train" else data.val
-    source = resolve_source(spec, split)
-    if not source.counts_known and not (training and data.epoch_samples):
-        source = fill_counts(source)
-    streams = max(1, data.num_workers)
-    plan = make_plan(
-        source,
-        split=split,
-        batch_size=data.batch_size,
-        num_streams=streams,
-        training=training,
-        resampled=data.resampled,
-        epoch_samples=data.epoch_samples,
-        seed=seed,
-        epoch=epoch,
-        rank=rank,
-        world=world_size,
-    )
-    if not 0 <= start_batch <= plan.num_batches:
-        raise BadInputError(f"start_batch {start_batch} outside 0..{plan.num_batches}")
-    tf = _transform(data, augment if training else "none", img_size)
-    cfg = ReadConfig(
-        transform=tf,
-        labelled=labels,
-        gpu=gpu,
-        seed=seed,
-        epoch=epoch,
-        rank=rank,
-        shuffle_buffer=data.shuffle_buffer if training else 0,
-    )
-    dataset = EpochDataset(source.shards, plan, cfg, start_batch)
-    loader = Loader(dataset, plan, source, data, start_batch)
-    if gpu and decode_device is not None:
-        loader.decode_on = (torch.device(decode_device), img_size)
-    return loader
+    """A loader for one epoch of one rank: `build_data(...).loader(epoch, start_batch)`,
+    for callers that want a single epoch."""
+    return build_data(data, split=split, img_size=img_size, seed=seed, rank=rank,
+                      world_size=world_size, decode_device=decode_device, augment=augment,
+                      labels=labels).loader(epoch, start_batch)
 
 
-def _transform(data: DataSection, augment: Augment, img_size: int):
+class SplitData:
+    """One split of the data for one rank, from a source resolved and counted once.
+
+    `batches_per_epoch` comes from the plan, not from a built loader. It is the same for
+    every epoch (and every rank) in every plan mode: exact training reads
+    floor(N / (world * batch)) batches of the N counted samples, exact evaluation
+    ceil(ceil(N / world) / batch), dealt and resampled epochs epoch_samples (or N) //
+    (world * batch); the epoch only reorders shards and samples, so `loader(e)` has
+    `batches_per_epoch - start_batch` batches for any e. Plans cost no I/O; epoch 0's is
+    made at construction, so settings the data cannot meet fail there."""
+
+    def __init__(self, data: DataSection, source: Source, *, split: Split, training: bool,
+                 seed: int, rank: int, world_size: int, img_size: int, labels: bool,
+                 transform: BoxTransform | TimmTransform,
+                 decode_device: torch.device | str | None) -> None:
+        self.data, self.source, self.split, self.training = data, source, split, training
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.img_size, self.labels, self.transform = img_size, labels, transform
+        self.decode_device = decode_device
+        self._first = self._make_plan(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._first.num_batches
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples in one epoch on this rank (batches_per_epoch * batch_size in training)."""
+        return self._first.num_samples
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Class names, when the data carries them (cratemae shard / image folders)."""
+        return self.source.classes
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's plan of `epoch` (no I/O)."""
+        return self._first if epoch == 0 else self._make_plan(epoch)
+
+    def _make_plan(self, epoch: int) -> EpochPlan:
+        return make_plan(
+            self.source,
+            split=self.split,
+            batch_size=self.data.batch_size,
+            num_streams=max(1, self.data.num_workers),
+            training=self.training,
+            resampled=self.data.resampled,
+            epoch_samples=self.data.epoch_samples,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world_size,
+        )
+
+    def positions(self, epoch: int = 0) -> list[int]:
+        """Global positions of the samples `loader(epoch)` yields, in yield order (exact
+        plans; for evaluation)."""
+        return self.plan(epoch).sample_positions(self.source)
+
+    def loader(self, epoch: int, start_batch: int = 0) -> Loader:
+        """The loader of `epoch`, from batch `start_batch` on (exact resume)."""
+        plan = self.plan(epoch)
+        if not 0 <= start_batch <= plan.num_batches:
+            raise BadInputError(f"start_batch {start_batch} outside 0..{plan.num_batches}")
+        gpu = self.data.decode == "gpu"
+        cfg = ReadConfig(
+            transform=self.transform,
+            labelled=self.labels,
+            gpu=gpu,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            shuffle_buffer=self.data.shuffle_buffer if self.training else 0,
+        )
+        dataset = EpochDataset(self.source.shards, plan, cfg, start_batch)
+        loader = Loader(dataset, plan, self.source, self.data, start_batch)
+        if self.decode_device is not None:
+            loader.decode_on = (torch.device(self.decode_device), self.img_size)
+        return loader
+
+
+def _transform(data: DataSection, augment: Augment, img_size: int
+               ) -> BoxTransform | TimmTransform:
     """The transform `augment` names, with the recipe's normalisation."""
     if augment == "randaugment":
         try:

@@ -76,6 +76,24 @@ class EpochPlan:
     def batch_len(self, b: int) -> int:
         return self.last_size if b == self.num_batches - 1 else self.batch_size
 
+    def sample_positions(self, source: Source) -> list[int]:
+        """Global positions (the order `source` lists its samples) of this rank's samples,
+        in the order its batches are yielded (batch 0 first). Each stream is walked as
+        `EpochDataset` reads it (`spec.batch_ids()`, each batch the next `batch_len(b)` samples
+        of the stream's run), so the dealing rule lives in the plan alone. Exact plans only:
+        the other modes draw shards at random, so positions are unknown before reading."""
+        if self.mode != "exact":
+            raise BadInputError("evaluation needs sample counts (local shards or cratemae shard)")
+        starts = np.cumsum([0] + [int(s.count or 0) for s in source.shards])
+        by_batch: list[list[int]] = [[] for _ in range(self.num_batches)]
+        for spec in self.streams:
+            run = [int(starts[s]) + i for s, lo, hi in spec.segments for i in range(lo, hi)]
+            taken = 0
+            for b in spec.batch_ids():
+                by_batch[b] = run[taken:taken + self.batch_len(b)]
+                taken += self.batch_len(b)
+        return [p for batch in by_batch for p in batch]
+
 
 def make_plan(
     source: Source,

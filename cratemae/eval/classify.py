@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cratemae.data import Loader, build_loader
+from cratemae.data import Loader, build_data
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision
 from cratemae.errors import BadInputError
@@ -28,21 +28,7 @@ Progress = Callable[[int, int], None]  # (images done on this rank, images on th
 
 def sample_positions(loader: Loader) -> list[int]:
     """Global positions (data-set order) of the samples `loader` yields, in yield order."""
-    plan = loader.plan
-    if plan.mode != "exact":
-        raise BadInputError("evaluation needs sample counts (local shards or cratemae shard)")
-    starts, total = [], 0
-    for shard in loader.source.shards:
-        starts.append(total)
-        total += int(shard.count or 0)
-    runs = [[starts[s] + i for s, lo, hi in spec.segments for i in range(lo, hi)]
-            for spec in plan.streams]
-    taken, out = [0] * len(runs), []
-    for b in range(plan.num_batches):  # batch b comes from stream b % S, in order
-        s, n = b % len(runs), plan.batch_len(b)
-        out.extend(runs[s][taken[s]:taken[s] + n])
-        taken[s] += n
-    return out
+    return loader.plan.sample_positions(loader.source)
 
 
 def eval_batches(data: DataSection, split: str, img_size: int,
@@ -50,10 +36,11 @@ def eval_batches(data: DataSection, split: str, img_size: int,
     """(batch, global positions (B,)) over this rank's share of `split`, evaluation
     transform, fixed order; batches without labels are bad input."""
     info = dist.get_dist_info()
-    loader = build_loader(data, split=split, augment="none",  # type: ignore[arg-type]
-                          img_size=img_size, seed=0, epoch=0, rank=info.rank,
-                          world_size=info.world_size, decode_device=info.device)
-    positions = torch.tensor(sample_positions(loader), dtype=torch.int64)
+    split_data = build_data(data, split=split, augment="none",  # type: ignore[arg-type]
+                            img_size=img_size, seed=0, rank=info.rank,
+                            world_size=info.world_size, decode_device=info.device)
+    loader = split_data.loader(epoch=0)
+    positions = torch.tensor(split_data.positions(epoch=0), dtype=torch.int64)
     done = 0
     for batch in loader:
         if batch.labels is None:
