@@ -1,0 +1,595 @@
+"""Embeddings of every sample of a data set, out of a frozen encoder, streamed to disk.
+
+The images go through the evaluation transform (resize + centre crop at the model's size,
+the model's mean/std) and the encoder's own forward; each rank encodes its share of the data
+(as evaluation does: `cratemae.eval.classify`) and writes it in chunks of about
+`chunk_size` samples, so memory holds one chunk whatever the size of the data:
+
+    OUT.parts/embed.json                      the settings the chunks were made with
+    OUT.parts/rank-00000-of-00002/chunk-000000.safetensors ...
+
+Each chunk file is written atomically and records the data-set positions of its rows.
+When every rank is done, rank 0 streams the chunks, in data-set order and without the
+sample a short rank repeats, into OUT (written under a temporary name, renamed at the end;
+`cratemae.eval.embeddings` says what it holds), and removes OUT.parts. An embed that dies
+leaves OUT.parts: run the same command again and it goes on from the chunks written (other
+settings are refused, `overwrite` starts again). OUT.parts must be on a file system every
+rank sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cratemae.data import Batch, Loader
+from cratemae.data.dataset import EpochDataset, ReadConfig
+from cratemae.data.decode import BadSample, parse_label
+from cratemae.data.folders import IMAGE_EXTS
+from cratemae.data.plan import make_plan
+from cratemae.data.shards import RawSample, Shard
+from cratemae.data.sources import Source, fill_counts, resolve_source
+from cratemae.data.transforms import eval_transform
+from cratemae.distributed import dist
+from cratemae.distributed.precision import Precision
+from cratemae.errors import BadInputError
+from cratemae.eval.classify import sample_positions
+from cratemae.eval.embeddings import (
+    FORMAT,
+    TensorStream,
+    decode_keys,
+    encode_keys,
+    layer_name,
+    write_npy_dir,
+    write_safetensors,
+)
+from cratemae.fs import (
+    atomic_path,
+    atomic_write,
+    atomic_write_json,
+    fsync_dir,
+    is_temp_name,
+    temp_path,
+)
+from cratemae.model import CrateEncoder
+from cratemae.recipe.schema import DataSection
+
+__all__ = ["EmbedResult", "EmbedSettings", "data_source", "embed", "parts_dir"]
+
+log = logging.getLogger("cratemae")
+Progress = Callable[[int, int], None]  # (samples done on this rank, samples on this rank)
+
+FILES_PER_SHARD = 256  # a list of image files is read as virtual shards of this many
+POOLS = ("token", "avg")
+SETTINGS_FILE = "embed.json"
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How the embeddings are taken and written (all of it decides the bytes written)."""
+
+    pool: str = "token"  # "token": the CLS token; "avg": the mean of the patch tokens
+    layers: tuple[int, ...] = ()  # more layers to pool (0-based, negative from the end)
+    batch_size: int = 64
+    num_workers: int = 4
+    chunk_size: int = 4096  # samples per chunk file, rounded up to whole batches
+    precision: str = "fp32"  # in effect (`resolve_precision`): "fp32", "bf16", "fp16"
+    format: str = "safetensors"  # or "npy"
+    max_bad_fraction: float = 0.01
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    out: Path
+    num_samples: int
+    dim: int
+    labelled: bool
+    bad_samples: int
+    resumed_chunks: int
+    main_process: bool = True
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def parts_dir(out: Path) -> Path:
+    """Where the chunks of an embed into `out` are kept until it is complete."""
+    return out.with_name(out.name + ".parts")
+
+
+# --- the data -----------------------------------------------------------------------------
+def data_source(inputs: Sequence[str], split: str = "val") -> Source:
+    """The samples that `inputs` name, in order: any `data.val`/`data.train` value (image
+    folder, `cratemae shard` directory, tar files or patterns, `demo:val`), image files,
+    and `@LIST` (a text file naming one image file per line)."""
+    parts: list[Source] = []
+    files: list[str] = []
+
+    def flush() -> None:
+        if files:
+            parts.append(_file_list(list(files)))
+            files.clear()
+
+    for item in inputs:
+        if item.startswith("@"):
+            files.extend(_read_list(Path(item[1:])))
+        elif _is_image_file(item):
+            files.append(item)
+        else:
+            flush()
+            parts.append(resolve_source(item, split))
+    flush()
+    if not parts:
+        raise BadInputError("no data given: name an image folder, shards, image files or @LIST")
+    classes = {p.classes for p in parts if p.classes is not None}
+    if len(classes) > 1:
+        raise BadInputError("the data given disagree on the class names")
+    source = Source(tuple(s for p in parts for s in p.shards), next(iter(classes), None),
+                    all(p.random_access for p in parts))
+    return fill_counts(source) if not source.counts_known else source
+
+
+def _is_image_file(item: str) -> bool:
+    return item.rpartition(".")[2].lower() in IMAGE_EXTS and Path(item).is_file()
+
+
+def _read_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"@{path}: unreadable list of files ({err})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    base = path.parent
+    names = [n if Path(n).is_absolute() else str(base / n) for n in names]
+    missing = [n for n in names if not Path(n).is_file()]
+    if missing:
+        raise BadInputError(f"@{path}: {len(missing)} file(s) not found, e.g. {missing[0]}")
+    return names
+
+
+def _file_list(files: list[str]) -> Source:
+    """Image files as virtual shards, as an image folder is read (no labels)."""
+    shards = tuple(Shard(f"files#{i // FILES_PER_SHARD}", len(chunk), tuple(chunk))
+                   for i in range(0, len(files), FILES_PER_SHARD)
+                   for chunk in [[(f, -1) for f in files[i:i + FILES_PER_SHARD]]])
+    return Source(shards, None, random_access=True)
+
+
+@dataclass
+class KeyedBatch(Batch):
+    """A `Batch` with each sample's key and whether its image could be read; labels -1
+    where a sample has none."""
+
+    keys: tuple[str, ...] = ()
+    valid: torch.Tensor | None = None  # bool (B,)
+
+
+class _KeyedDataset(EpochDataset):
+    """The loader's dataset, keeping each sample's key, label (if any) and whether it could
+    be read: a bad sample's place holds a repeat of another, which must not be written as
+    its features."""
+
+    def _batch(self, chunk: list[RawSample], log: Any) -> KeyedBatch:
+        self._labels: list[int] = []
+        self._valid: list[bool] = []
+        batch = super()._batch(chunk, log)
+        return KeyedBatch(batch.images, torch.tensor(self._labels, dtype=torch.int64),
+                          batch.bad, batch.bad_shards, keys=tuple(r.key for r in chunk),
+                          valid=torch.tensor(self._valid, dtype=torch.bool))
+
+    def _one(self, raw: RawSample) -> tuple:
+        try:
+            image, _ = super()._one(raw)
+        except BadSample:
+            self._labels.append(-1)
+            self._valid.append(False)
+            raise
+        self._labels.append(parse_label(raw) if "cls" in raw.parts else -1)
+        self._valid.append(True)
+        return image, -1
+
+
+def _loader(source: Source, data: DataSection, img_size: int, rank: int, world: int,
+            start_batch: int) -> Loader:
+    """The evaluation loader (fixed order, every sample, evaluation transform) of `source`,
+    yielding `KeyedBatch`es from `start_batch` on."""
+    workers = data.num_workers
+    if not source.random_access:  # a tar is read by one reader: no more readers than tars
+        workers = max(0, min(workers, len(source.shards) // world))
+        data = data.model_copy(update={"num_workers": workers})
+    plan = make_plan(source, split="val", batch_size=data.batch_size,
+                     num_streams=max(1, workers), training=False, resampled=False,
+                     epoch_samples=None, seed=0, epoch=0, rank=rank, world=world)
+    cfg = ReadConfig(transform=eval_transform(img_size, data.mean, data.std), labelled=False,
+                     shuffle_buffer=0, seed=0, epoch=0, rank=rank)
+    dataset = _KeyedDataset(source.shards, plan, cfg, start_batch)
+    return Loader(dataset, plan, source, data, start_batch)
+
+
+# --- the features -------------------------------------------------------------------------
+def check_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Layer indices as stored (0..depth-1, in the order given, no repeats)."""
+    bad = [i for i in layers if not -depth <= i < depth]
+    if bad:
+        raise BadInputError(f"--layers {','.join(map(str, layers))}: the encoder has {depth} "
+                            f"layers (valid: {-depth}..{depth - 1}, 0 is the first)")
+    out = tuple(dict.fromkeys(i % depth for i in layers))
+    return out
+
+
+@torch.inference_mode()
+def encode_batch(encoder: CrateEncoder, images: torch.Tensor, pool: str,
+                 layers: Sequence[int], precision: Precision) -> dict[str, torch.Tensor]:
+    """(B, C, H, W) -> {"features": (B, d), "layers.I": (B, d), ...}, float32: the pooled
+    output of the last layer (after the final norm, `forward_features`), and of each layer
+    of `layers` through the final norm too (`forward_intermediates(norm=True)`), as the
+    probe takes features of a layer."""
+    p = encoder.num_prefix_tokens
+    with precision.autocast():
+        if layers:
+            last, inter = encoder.forward_intermediates(
+                images, list(layers), return_prefix_tokens=True, norm=True, output_fmt="NLC")
+        else:
+            last, inter = encoder.forward_features(images), []  # (B, 1+L, d)
+    out = {"features": last[:, p:].mean(dim=1) if pool == "avg" else last[:, 0]}
+    for i, (patches, prefix) in zip(layers, inter, strict=True):  # (B, L, d), (B, 1, d)
+        out[layer_name(i)] = patches.mean(dim=1) if pool == "avg" else prefix[:, 0]
+    return {k: v.float() for k, v in out.items()}
+
+
+# --- the run ------------------------------------------------------------------------------
+def embed(
+    encoder: CrateEncoder,
+    source: Source,
+    out: Path,
+    settings: EmbedSettings,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    identity: dict[str, Any],
+    device: torch.device,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> EmbedResult:
+    """Embed every sample of `source` into `out` (see the module's docstring), on every rank
+    of the process group (or alone). `identity` goes into the file's metadata; its
+    `checkpoint_sha256` and `data` also decide whether leftover chunks can be resumed."""
+    info = dist.get_dist_info()
+    out = Path(out)
+    if settings.pool not in POOLS:
+        raise BadInputError(f"pool {settings.pool!r}: expected one of {', '.join(POOLS)}")
+    layers = check_layers(settings.layers, len(encoder.blocks))
+    settings = replace(settings, layers=layers)
+    img_size = encoder.config.img_size
+    data = DataSection(batch_size=settings.batch_size, num_workers=settings.num_workers,
+                       mean=tuple(mean), std=tuple(std),
+                       max_bad_fraction=settings.max_bad_fraction)
+    record = {"format": FORMAT, **asdict(settings), "img_size": img_size, "mean": mean,
+              "std": std, "world_size": info.world_size,
+              "checkpoint_sha256": identity.get("checkpoint_sha256"),
+              "data": _source_digest(source)}
+    record = json.loads(json.dumps(record, allow_nan=False))  # as the settings file reads
+    parts = parts_dir(out)
+    error = None
+    if info.rank == 0:
+        try:
+            _prepare(out, parts, record, overwrite)
+        except BadInputError as err:
+            error = err
+    dist.raise_together(error, f"{parts}: refused on rank 0")
+    dist.barrier()
+    mine = parts / f"rank-{info.rank:05d}-of-{info.world_size:05d}"
+    mine.mkdir(parents=True, exist_ok=True)
+    _remove_debris(mine)
+
+    full = _loader(source, data, img_size, info.rank, info.world_size, 0)
+    plan = full.plan
+    per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
+    n_chunks = -(-plan.num_batches // per_chunk)
+    done_chunks = _complete_prefix(mine, n_chunks)
+    start = min(done_chunks * per_chunk, plan.num_batches)
+    if done_chunks:
+        log.info("resuming: %d of %d chunks of rank %d already written in %s", done_chunks,
+                 n_chunks, info.rank, mine)
+    all_positions = sample_positions(full)
+    skipped = sum(plan.batch_len(b) for b in range(start))
+    encoder.eval().to(device)
+    loader = _loader(source, data, img_size, info.rank, info.world_size, start)
+    _run_chunks(encoder, loader, settings, all_positions, skipped, per_chunk, start, mine,
+                device, progress)
+    dist.raise_together(loader.bad_fraction_error(final=True),
+                        "another rank has too many bad samples")
+    dist.barrier()
+    result: EmbedResult | None = None
+    error = None
+    if info.rank == 0:
+        try:
+            result = _assemble(out, parts, info.world_size, n_chunks, settings, identity,
+                               source, record, done_chunks)
+        except (BadInputError, OSError) as err:
+            error = err
+    dist.raise_together(error, f"rank 0 could not assemble {out}")
+    dist.barrier()
+    if result is None:
+        return EmbedResult(out, 0, 0, False, 0, done_chunks, main_process=False)
+    return result
+
+
+def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
+                positions: list[int], skipped: int, per_chunk: int, start: int, where: Path,
+                device: torch.device, progress: Progress | None) -> None:
+    """Encode this rank's batches from `start` on, writing one chunk file per `per_chunk`
+    batches."""
+    from cratemae.distributed.precision import resolve_precision
+
+    precision = resolve_precision(settings.precision, device)
+    total, done, b = len(positions), skipped, start
+    pending: list[dict[str, Any]] = []
+    for batch in loader:
+        assert isinstance(batch, KeyedBatch)
+        n = len(batch)
+        feats = encode_batch(encoder, batch.images.to(device, non_blocking=True),
+                             settings.pool, settings.layers, precision)
+        valid = batch.valid if batch.valid is not None else torch.ones(n, dtype=torch.bool)
+        row = {k: torch.where(valid[:, None], v.cpu(), 0.0) for k, v in feats.items()}
+        row |= {"labels": batch.labels, "valid": valid, "keys": batch.keys,
+                "positions": torch.tensor(positions[done:done + n], dtype=torch.int64)}
+        pending.append(row)
+        done, b = done + n, b + 1
+        if b % per_chunk == 0 or b == loader.plan.num_batches:
+            _write_chunk(where / _chunk_name((b - 1) // per_chunk), pending)
+            pending = []
+        if progress is not None:
+            progress(done, total)
+
+
+def _chunk_name(k: int) -> str:
+    return f"chunk-{k:06d}.safetensors"
+
+
+def _write_chunk(path: Path, rows: list[dict[str, Any]]) -> None:
+    tensors = {k: torch.cat([r[k] for r in rows]).contiguous()
+               for k in rows[0] if k != "keys"}
+    data, offsets = encode_keys(k for r in rows for k in r["keys"])
+    tensors["keys"] = torch.from_numpy(data.copy())
+    tensors["key_offsets"] = torch.from_numpy(offsets)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _complete_prefix(where: Path, n_chunks: int) -> int:
+    """How many chunks 0, 1, ... are written (each file is whole: written atomically)."""
+    k = 0
+    while k < n_chunks and (where / _chunk_name(k)).is_file():
+        k += 1
+    return k
+
+
+def _source_digest(source: Source) -> str:
+    """A hash of what the data are: the shards, their counts and, for folders and lists,
+    their files (a folder that gained a file is other data)."""
+    h = hashlib.sha256()
+    for s in source.shards:
+        h.update(json.dumps([s.url, s.count, s.files], allow_nan=False).encode(
+            "utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+# --- starting, resuming, debris -----------------------------------------------------------
+_TEMP_PID = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_debris(directory: Path, prefix: str = "") -> None:
+    """Remove the temporaries (`cratemae.fs` names) of writers that are gone, or this
+    process's: a live writer's file in progress is never touched."""
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        m = _TEMP_PID.search(p.name)
+        if not (is_temp_name(p.name) and m and p.name.startswith(f".{prefix}")):
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        log.info("removing stale temporary %s", p)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _prepare(out: Path, parts: Path, record: dict[str, Any], overwrite: bool) -> None:
+    """Rank 0: refuse to replace `out` without `overwrite`; resume from the chunks of an
+    interrupted embed with the same settings, refuse other settings (or remove them with
+    `overwrite`); clear the debris of dead writers."""
+    if out.exists() and not overwrite:
+        raise BadInputError(f"--out {out}: exists; pass --overwrite to replace it")
+    _remove_debris(out.parent, prefix=out.name)
+    settings_file = parts / SETTINGS_FILE
+    if parts.exists():
+        try:
+            found = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = None
+        if found != record and not overwrite:
+            differ = sorted(k for k in record if not isinstance(found, dict)
+                            or found.get(k) != record[k])
+            raise BadInputError(
+                f"{parts}: holds the chunks of an interrupted embed made with other "
+                f"settings ({', '.join(differ) or 'unreadable'} differ); rerun it as it was "
+                f"to resume, or pass --overwrite to start again")
+        if found != record:
+            log.info("removing %s (chunks of another embed; --overwrite)", parts)
+            shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    if not settings_file.is_file():
+        atomic_write_json(settings_file, record)
+
+
+# --- assembling ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Piece:
+    file: Path
+    lo: int  # rows lo..hi-1 of the chunk file
+    hi: int
+
+
+def _layout(chunk_files: list[Path]) -> tuple[list[_Piece], int]:
+    """The pieces of the chunk files in data-set order, each position once (a short rank's
+    repeated last sample is left out), and the number of samples."""
+    runs = []
+    for file in chunk_files:
+        with safe_open(str(file), framework="np") as f:
+            pos = f.get_tensor("positions")
+        breaks = np.flatnonzero(np.diff(pos) != 1) + 1  # (runs - 1,)
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(pos)], strict=True):
+            runs.append((int(pos[a]), file, a, b))
+    runs.sort(key=lambda r: (r[0], str(r[1]), r[2]))
+    pieces, expected = [], 0
+    for first, file, a, b in runs:
+        if first > expected:
+            raise BadInputError(f"samples {expected}..{first - 1} are in no chunk file")
+        skip = expected - first  # already written by an earlier piece
+        if b - a > skip:
+            pieces.append(_Piece(file, a + skip, b))
+            expected = first + (b - a)
+    return pieces, expected
+
+
+def _stream(pieces: list[_Piece], name: str) -> Callable[[], Iterator[np.ndarray]]:
+    def chunks() -> Iterator[np.ndarray]:
+        for p in pieces:
+            with safe_open(str(p.file), framework="np") as f:
+                yield f.get_slice(name)[p.lo:p.hi]
+    return chunks
+
+
+def _key_pieces(pieces: list[_Piece]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(key bytes, offsets from 0) of each piece."""
+    for p in pieces:
+        with safe_open(str(p.file), framework="np") as f:
+            offsets = f.get_tensor("key_offsets")[p.lo:p.hi + 1]
+            data = f.get_slice("keys")[int(offsets[0]):int(offsets[-1])]
+        yield data, offsets - offsets[0]
+
+
+def _assemble(out: Path, parts: Path, world: int, n_chunks: int, settings: EmbedSettings,
+              identity: dict[str, Any], source: Source, record: dict[str, Any],
+              resumed: int) -> EmbedResult:
+    """Rank 0: every rank's chunks -> `out`, streamed, in data-set order; then the chunks go."""
+    files = []
+    for r in range(world):
+        where = parts / f"rank-{r:05d}-of-{world:05d}"
+        if _complete_prefix(where, n_chunks) < n_chunks:
+            raise BadInputError(f"{where}: rank {r}'s chunks are not all there; --out must be "
+                                "on a file system that every rank sees")
+        files += [where / _chunk_name(k) for k in range(n_chunks)]
+    pieces, n = _layout(files)
+    with safe_open(str(files[0]), framework="np") as f:
+        dim = int(f.get_slice("features").get_shape()[1])
+    labelled, bad = False, 0
+    for p in pieces:
+        with safe_open(str(p.file), framework="np") as f:
+            labelled |= bool((f.get_slice("labels")[p.lo:p.hi] >= 0).any())
+            bad += int((~f.get_slice("valid")[p.lo:p.hi]).sum())
+    key_bytes = sum(int(d.size) for d, _ in _key_pieces(pieces))
+    names = ["features", *[layer_name(i) for i in settings.layers]]
+    tensors = [TensorStream(x, np.dtype("float32"), (n, dim), _stream(pieces, x)) for x in names]
+    if labelled:
+        tensors.append(TensorStream("labels", np.dtype("int64"), (n,), _stream(pieces, "labels")))
+    tensors.append(TensorStream("valid", np.dtype("bool"), (n,), _stream(pieces, "valid")))
+    depth = int(identity.get("model", {}).get("depth", 0))
+    meta = {"format": FORMAT, **{k: v for k, v in identity.items()},
+            "pool": settings.pool, "layer": depth - 1, "layers": list(settings.layers),
+            "img_size": record["img_size"], "mean": record["mean"], "std": record["std"],
+            "precision": settings.precision, "num_samples": n, "dim": dim,
+            "labelled": labelled, "bad_samples": bad,
+            "classes": list(source.classes) if source.classes else None}
+    if settings.format == "npy":
+        _write_npy(out, tensors, pieces, meta)
+    else:
+        _write_st(out, tensors, pieces, n, key_bytes, meta)
+    shutil.rmtree(parts, ignore_errors=True)
+    log.info("wrote %d embeddings of %d dimensions to %s", n, dim, out)
+    return EmbedResult(out, n, dim, labelled, bad, resumed, True, meta)
+
+
+def _as_strings(meta: dict[str, Any]) -> dict[str, str]:
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, allow_nan=False)
+            for k, v in meta.items()}
+
+
+def _write_st(out: Path, tensors: list[TensorStream], pieces: list[_Piece], n: int,
+              key_bytes: int, meta: dict[str, Any]) -> None:
+    def key_data() -> Iterator[np.ndarray]:
+        for data, _ in _key_pieces(pieces):
+            yield data
+
+    def key_offsets() -> Iterator[np.ndarray]:
+        yield np.zeros(1, dtype=np.int64)
+        base = 0
+        for _, offsets in _key_pieces(pieces):
+            yield offsets[1:] + base
+            base += int(offsets[-1])
+
+    tensors = [*tensors,
+               TensorStream("keys", np.dtype("uint8"), (key_bytes,), key_data),
+               TensorStream("key_offsets", np.dtype("int64"), (n + 1,), key_offsets)]
+    if out.is_dir():
+        _replace_dir_with(out, None)
+    with atomic_write(out) as f:
+        write_safetensors(f, tensors, _as_strings(meta))
+
+
+def _write_npy(out: Path, tensors: list[TensorStream], pieces: list[_Piece],
+               meta: dict[str, Any]) -> None:
+    def keys() -> Iterator[str]:
+        for data, offsets in _key_pieces(pieces):
+            yield from decode_keys(data, offsets)
+
+    tmp = temp_path(out)
+    tmp.mkdir(parents=True)
+    try:
+        write_npy_dir(tmp, tensors, keys(), meta)
+        _replace_dir_with(out, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir_with(out: Path, new: Path | None) -> None:
+    """Put `new` (a finished directory) at `out`, moving what is there aside first and
+    removing it after; `new` None: only remove what is at `out`."""
+    old = None
+    if out.exists() or out.is_symlink():
+        old = temp_path(out)
+        os.replace(out, old)
+    if new is not None:
+        os.replace(new, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
