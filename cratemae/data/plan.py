@@ -17,8 +17,10 @@ Every rank yields the same number of batches, so DDP never waits on a rank that 
 
 Within a rank, batch b is made by reader (stream) b % S, S = max(1, num_workers), and each
 stream reads one contiguous run of the rank's samples: a worker opens few shards and reads
-the ones it skips at most once. Changing num_workers or world size mid-epoch changes which
-samples the rest of that epoch holds; resume with the same values for exact continuation.
+the ones it skips at most once. `EpochPlan.sample_positions` walks the streams the same way
+to say where each yielded sample sits in the data set (evaluation counts each sample once).
+Changing num_workers or world size mid-epoch changes which samples the rest of that epoch
+holds; resume with the same values for exact continuation.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ the data set, and top-1/top-5 accuracy of a classifier.
 
 An evaluation epoch gives each rank a contiguous run of the data set (a rank one short
 repeats its last sample), read by the loader's streams in round-robin batches. Knowing each
-yielded sample's global position lets results be counted once each and put in data-set
-order, so they do not depend on the number of ranks or workers.
+yielded sample's global position (from the plan: `EpochPlan.sample_positions`) lets results
+be counted once each and put in data-set order, so they do not depend on the number of ranks
+or workers.
 """
 
 from __future__ import annotations
