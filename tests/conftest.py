@@ -38,3 +38,15 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory,
     """Keep the demo data set and shard counts of this session out of the user's ~/.cache
     (subprocesses inherit the variable): built once per session under pytest's base temp."""
     monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path_factory.getbasetemp() / "cratemae-cache"))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two of scikit-image's photographs as files: astronaut.png and coffee.jpg."""
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(data.coffee()).save(folder / "coffee.jpg")
+    return [folder / "astronaut.png", folder / "coffee.jpg"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from support import cli
 
 from cratemae.analysis import (
     LoadedEncoder,
@@ -19,10 +19,8 @@ from cratemae.analysis import (
     record_layers,
     sparsity,
 )
-from cratemae.commands.app import build_app
 from cratemae.model import CrateMAE, CrateMAEConfig
 
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -147,23 +145,12 @@ def test_patch_pca_streamed_equals_pca_of_all_features() -> None:
 
 
 def run_cli(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(build_app(), ["analyze", *args], env=ENV)
+    result = cli("analyze", *args)
     try:
         err = result.stderr
     except ValueError:  # older CliRunners mix the streams
         err = result.stdout
     return result.exit_code, err
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from PIL import Image
-    from skimage import data
-
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
-    Image.fromarray(data.coffee()).save(folder / "coffee.jpg")
-    return [folder / "astronaut.png", folder / "coffee.jpg"]
 
 
 def check_layers_json(path: Path, num_images: int, depth: int) -> dict:

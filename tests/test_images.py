@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
+from support import cli
 
 from cratemae.analysis import load as analysis_load
 from cratemae.checkpoints import write_model_weights
-from cratemae.commands.app import build_app
 from cratemae.data import eval_transform
 from cratemae.data.decode import MAX_PIXELS, read_image_file
 from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, CrateMAEConfig
 from cratemae.viz import images as viz_images
 
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 EXIF_ORIENTATION = 0x0112
 SIZE = 32
 
@@ -162,7 +160,7 @@ def test_both_commands_refuse_an_over_limit_image_in_one_line(checkpoint, tmp_pa
     bomb = png_header(tmp_path / "bomb.png", 30_000, 30_000)
     args = (["reconstruct", str(bomb), "--out", str(tmp_path / "r.png")]
             if command == "reconstruct" else ["analyze", str(bomb), "--out", str(tmp_path)])
-    run = CliRunner().invoke(build_app(), [*args, "--checkpoint", str(checkpoint)], env=ENV)
+    run = cli(*args, "--checkpoint", checkpoint)
     assert run.exit_code == 2, run.output
     about = [line for line in run.stderr.splitlines() if str(bomb) in line]
     assert about == [f"error: {bomb}: cannot read image: image too large (decompression bomb)"]

@@ -53,17 +53,6 @@ def vit_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                model.state_dict(), CONFIG.to_dict())
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    from PIL import Image
-    from skimage import data
-
-    folder = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
-    Image.fromarray(data.coffee()).save(folder / "coffee.jpg")
-    return [folder / "astronaut.png", folder / "coffee.jpg"]
-
-
 # --- analyze ----------------------------------------------------------------------------------
 def test_vit_layers_are_measured_against_each_heads_value_projection() -> None:
     encoder = tiny_vit().encoder

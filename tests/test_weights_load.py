@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import REPO
-from typer.testing import CliRunner
+from support import REPO, cli
 
 from cratemae.checkpoints import write_model_weights
-from cratemae.commands.app import build_app
 from cratemae.errors import BadInputError
 from cratemae.model import CrateEncoder, CrateMAE, CrateMAEConfig
 from cratemae.model.pos_embed import sincos_2d
@@ -22,7 +20,6 @@ from cratemae.recipe.schema import ModelSection
 from cratemae.weights import load
 from cratemae.weights.load import checkpoint_filter_fn, load_encoder, load_model
 
-ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
 CONFIG = CrateMAEConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                         decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
 CLASSES = 5
@@ -288,7 +285,7 @@ def test_every_command_maps_keys_with_the_one_mapper(command_inputs, monkeypatch
     monkeypatch.setattr(authors_file, "checkpoint_filter_fn", spy)  # the same function
     places = {k: str(v) for k, v in command_inputs.items()} | {"out": str(tmp_path / "out")}
     args = [str(a).format(**places) for a in COMMANDS[command]]
-    run = CliRunner().invoke(build_app(), args, env=ENV)
+    run = cli(*args)
     assert run.exit_code == 2, run.output
     assert "reached the one key mapper" in run.stderr, run.stderr
     want = "CrateEncoder" if command in ("probe", "finetune", "analyze") else "CrateMAE"
