@@ -283,8 +283,6 @@ def test_compiled_run_matches_eager_and_its_checkpoints_load_both_ways(tmp_path)
 
 
 def test_a_run_shorter_than_its_warm_up_warns_once(tmp_path: Path, caplog) -> None:
-    from cratemae.tasks.pretrain import pretrain
-
     caplog.set_level(logging.INFO, logger="cratemae")
     pretrain(tiny_recipe("schedule.max_steps=2"), out_dir=tmp_path / "a")
     warned = [r for r in caplog.records if "never reaches its peak" in r.getMessage()]

@@ -203,8 +203,6 @@ def test_the_probe_warns_when_the_chosen_weight_decay_is_at_the_edge(caplog) -> 
 
 def test_probe_reads_pipe_validation_data(demo_checkpoint: Path, tmp_path: Path,
                                           caplog) -> None:
-    from cratemae.tasks.probe import probe
-
     labelled_shards(tmp_path / "d", "train", [20, 20])
     labelled_shards(tmp_path / "d", "val", [6, 6])
     recipe = load_recipe(PROBE, [
