@@ -179,9 +179,6 @@ class _BenchTask(Task):
         self.batches, self.mask_ratio = _FixedBatches(imgs), mask_ratio
         self.path = "fast"
 
-    def loader(self, epoch: int, start_batch: int) -> _FixedBatches:
-        return self.batches
-
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         imgs = batch.images
         noise = torch.rand(imgs.shape[0], self.model.config.num_patches, device=imgs.device)

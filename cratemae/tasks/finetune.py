@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cratemae.checkpoints import Resume
-from cratemae.data import build_loader
+from cratemae.data import build_data
 from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
@@ -58,14 +58,11 @@ class FinetuneTask(Task):
         self.eval_every = ft.eval_every_epochs
         self.precision = resolve_precision(recipe.run.precision, self.info.device)
         self.mixup = _make_mixup(recipe, num_classes)
-
-    def loader(self, epoch: int, start_batch: int) -> Any:
-        r = self.recipe
-        augment = "randaugment" if r.finetune.randaugment else "crop"
-        return build_loader(r.data, split="train", augment=augment,
-                            img_size=self.model.config.img_size, seed=r.run.seed, epoch=epoch,
-                            rank=self.info.rank, world_size=self.info.world_size,
-                            start_batch=start_batch, decode_device=self.info.device)
+        self.data = build_data(recipe.data, split="train",
+                               augment="randaugment" if ft.randaugment else "crop",
+                               img_size=encoder.config.img_size, seed=recipe.run.seed,
+                               rank=self.info.rank, world_size=self.info.world_size,
+                               decode_device=self.info.device)
 
     def param_groups(self) -> list[dict[str, Any]]:
         from timm.optim import param_groups_layer_decay

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cratemae.checkpoints import Resume
-from cratemae.data import build_loader
+from cratemae.data import build_data
 from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, MAEViT, create_model
@@ -62,15 +62,12 @@ class MAETask(Task):
         elif every is not None:
             self.monitor_every = every
             self._monitor = PretrainMonitor(recipe, self.info.device, model.config.img_size)
-
-    def loader(self, epoch: int, start_batch: int) -> Any:
-        r = self.recipe
-        if r.data.train is None:
+        if recipe.data.train is None:
             raise BadInputError("data.train: no training data given in the recipe")
-        return build_loader(r.data, split="train", augment="crop", labels=False,
-                            img_size=self.model.config.img_size, seed=r.run.seed, epoch=epoch,
-                            rank=self.info.rank, world_size=self.info.world_size,
-                            start_batch=start_batch, decode_device=self.info.device)
+        self.data = build_data(recipe.data, split="train", augment="crop", labels=False,
+                               img_size=model.config.img_size, seed=recipe.run.seed,
+                               rank=self.info.rank, world_size=self.info.world_size,
+                               decode_device=self.info.device)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """MAE's pre-training groups, what the authors trained with: every weight matrix and
@@ -103,8 +100,7 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: Resume = Re
     """Pre-train from `recipe` into `run_dir` (default `run.out_dir`), resuming per `resume`
     (`Resume.parse("auto" | "never" | path)`). Works alone, under torchrun and under srun."""
     with RunSetup(recipe, run_dir, resume=resume, seed_per_rank=True) as run:
-        task = MAETask(recipe, build_mae(recipe))
-        task.loader(epoch=0, start_batch=0)  # bad data stops the run before it writes anything
+        task = MAETask(recipe, build_mae(recipe))  # bad data stops here, before any writing
         with run.open_run_dir():
             log.info("run directory %s, %d process(es) on %s", run.run_dir,
                      run.info.world_size, run.info.device)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cratemae.checkpoints import Resume
-from cratemae.data import build_loader
+from cratemae.data import build_data
 from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
@@ -187,13 +187,10 @@ class _MAEProbeTask(Task):
         self.info = dist.get_dist_info()
         self.img_size = model.encoder.config.img_size
         self.precision = resolve_precision(recipe.run.precision, self.info.device)
-
-    def loader(self, epoch: int, start_batch: int) -> Any:
-        r = self.recipe
-        return build_loader(r.data, split="train", augment="crop", img_size=self.img_size,
-                            seed=r.run.seed, epoch=epoch, rank=self.info.rank,
-                            world_size=self.info.world_size, start_batch=start_batch,
-                            decode_device=self.info.device)
+        self.data = build_data(recipe.data, split="train", augment="crop",
+                               img_size=self.img_size, seed=recipe.run.seed,
+                               rank=self.info.rank, world_size=self.info.world_size,
+                               decode_device=self.info.device)
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         check_labels(batch.labels, self.num_classes, "probe.num_classes")

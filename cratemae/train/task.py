@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cratemae.data import Loader, SplitData
+
 __all__ = ["Task"]
 
 
@@ -16,13 +18,16 @@ class Task:
     """The base of pre-training, fine-tuning and MAE's linear probe.
 
     Required: `model` (the bare module whose state dict is checkpointed), `config` (stored
-    with the weights), `loader()`, `batches_per_epoch()` and `loss()`. Optional, with the
+    with the weights), `data` (the training split) and `loss()`. Optional, with the
     defaults below: `param_groups()`, `ema_decay`, `evaluate()` and `eval_every`,
     `monitor()` and `monitor_every`.
     """
 
     model: nn.Module
     config: dict[str, Any]
+    # The training split, resolved and counted once (`cratemae.data.build_data`): each epoch's
+    # loader and the epoch's length come from it.
+    data: SplitData
     # Keep an exponential moving average of the weights with this decay (None: no average).
     # It is saved in the checkpoints under `ema.`, so a resumed run continues it.
     ema_decay: float | None = None
@@ -32,15 +37,15 @@ class Task:
     # Call `monitor` every this many optimizer steps and at the end of training (None: never).
     monitor_every: int | None = None
 
-    def loader(self, epoch: int, start_batch: int) -> Any:
-        """One epoch of this rank's batches from `start_batch` on: `len()`, batches with
-        `.images` and `.bad`, and `bad_fraction_error()` (see `cratemae.data.Loader`)."""
-        raise NotImplementedError
+    def loader(self, epoch: int, start_batch: int) -> Loader:
+        """One epoch of this rank's batches from `start_batch` on: batches with `.images`
+        and `.bad`, and `bad_fraction_error()` (see `cratemae.data.Loader`)."""
+        return self.data.loader(epoch, start_batch)
 
     def batches_per_epoch(self) -> int:
         """How many batches `loader()` yields per epoch on this rank, from the epoch plan
         (no loader is built to take its length)."""
-        return len(self.loader(epoch=0, start_batch=0))
+        return self.data.batches_per_epoch
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         """The loss of one micro-batch. `micro` numbers micro-batches over the whole run
