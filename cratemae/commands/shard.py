@@ -19,7 +19,8 @@ def shard(
         Path,
         typer.Argument(
             metavar="SRC",
-            help="Image folder: class sub-folders (labelled) or images directly (unlabelled).",
+            help="Image folder: class sub-folders (labelled) or images directly (unlabelled); "
+            "ImageNet's val folder (with --devkit), or the root of Kaggle's ImageNet.",
         ),
     ],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Where to write the shards.")],
@@ -34,6 +35,22 @@ def shard(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the shards of a non-empty OUT_DIR.")
     ] = False,
+    devkit: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="DIR",
+            help="The unpacked ILSVRC2012 devkit: labels SRC, image-net.org's flat val folder "
+            "(or a folder holding train/ and val/), by its ground truth and meta.mat.",
+        ),
+    ] = None,
+    classes_from: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="TRAIN",
+            help="Train shards (an OUT_DIR of this command) or train folder whose classes "
+            "SRC's labels follow; a class of SRC that TRAIN lacks is an error.",
+        ),
+    ] = None,
 ) -> None:
     """Turn a folder of images into shuffled WebDataset shards plus shards.json.
 
@@ -42,10 +59,17 @@ def shard(
     as PNG (KEY.png). Files that are not readable images are listed at the end and left
     out. Point data.train (and data.val) of a recipe at OUT_DIR to read it.
 
+    ImageNet as downloaded: image-net.org's flat val folder is labelled by --devkit; the
+    root of Kaggle's layout (ILSVRC/Data/CLS-LOC, LOC_val_solution.csv) gives train-*.tar
+    and val-*.tar. Labels follow the sorted synset ids, as the train folder's do, and
+    shards.json keeps the classes' readable names.
+
     Examples:
       $ cratemae shard ~/photos/train data/shards
       $ cratemae shard imagenet/train data/in1k --val-fraction 0.01 --shard-size-mb 200
       $ cratemae shard small_set data/small --max-per-shard 64 --overwrite
+      $ cratemae shard imagenet/val data/in1k-val --devkit devkit_t12 --classes-from data/in1k
+      $ cratemae shard imagenet-object-localization-challenge data/in1k
     """
     from cratemae.data.writer import write_shards  # torch and PIL load lazily
 
@@ -59,6 +83,8 @@ def shard(
             seed=seed,
             overwrite=overwrite,
             progress=lambda done, total: bar.set(done, total),
+            devkit=devkit,
+            classes_from=classes_from,
         )
     for split, shards in summary.splits.items():
         console.log(f"{split}: {summary.samples(split)} samples in {len(shards)} shards")

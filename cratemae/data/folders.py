@@ -1,22 +1,57 @@
-"""What a data directory holds: the `shards.json` index that `cratemae shard` writes, and
-image folders (class sub-folders give labels). Read by the sources, written by the writer."""
+"""What a data directory holds: the `shards.json` index that `cratemae shard` writes, the
+`_info.json` of timm's and Hugging Face's WebDataset sets, and image folders (class
+sub-folders give labels). Read by the sources, written by the writer."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cratemae.errors import BadInputError
 
-__all__ = ["IMAGE_EXTS", "INDEX_FORMAT", "INDEX_NAME", "list_images", "read_index"]
+__all__ = [
+    "IMAGE_EXTS",
+    "INDEX_FORMAT",
+    "INDEX_NAME",
+    "WDS_INFO_NAMES",
+    "WdsInfo",
+    "list_images",
+    "read_index",
+    "read_wds_info",
+]
+
+log = logging.getLogger("cratemae.data")
 
 INDEX_NAME = "shards.json"
 INDEX_FORMAT = "cratemae-shards/1"
 IMAGE_EXTS = frozenset(
     ["jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm"]
 )
+# timm's reader looks for these beside the tars, in this order.
+WDS_INFO_NAMES = ("_info.json", "info.json")
+_SYNSET = re.compile(r"^n\d{8}$")
+
+
+@dataclass(frozen=True)
+class WdsInfo:
+    """What an `_info.json` says: for each split (its own name: "train", "validation") the
+    tar names and per-tar sample counts, as far as given; and the class names, if any."""
+
+    path: Path
+    # split -> (file name relative to the info's folder, samples or None) for each tar;
+    # empty when the split names no files.
+    splits: dict[str, tuple[tuple[str, int | None], ...]] = field(default_factory=dict)
+    classes: tuple[str, ...] | None = None  # synset ids, when that is what the names are
+    class_names: tuple[str, ...] | None = None  # readable names
+
+    def counts(self) -> dict[str, int]:
+        """File name -> samples, for every tar whose count is given."""
+        return {n: c for files in self.splits.values() for n, c in files if c is not None}
 
 def read_index(directory: Path) -> dict:
     """The parsed, checked `shards.json` of a directory written by `cratemae shard`."""
@@ -31,6 +66,54 @@ def read_index(directory: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise BadInputError(f"{path}: not a valid {INDEX_NAME} ({type(err).__name__})") from None
     return index
+
+
+def read_wds_info(directory: Path) -> WdsInfo | None:
+    """The `_info.json` (timm's name; `info.json` too) of a folder of WebDataset tars, as
+    timm's and Hugging Face's `timm/imagenet-1k-wds` have it: {"splits": {"train":
+    {"num_samples", "filenames", "shard_lengths"}, "validation": {...}}}, optionally with
+    HF's {"features": {"cls": {"names": [...]}}}. None when there is none; a malformed one
+    is warned about and ignored (the tars are then counted, as without it)."""
+    path = next((directory / n for n in WDS_INFO_NAMES if (directory / n).is_file()), None)
+    if path is None:
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        splits = {str(k): _wds_split(v) for k, v in info.get("splits", {}).items()}
+        names = _feature_names(info.get("features"))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+        log.warning("%s: ignored, not a WebDataset info file (%s: %s)", path,
+                    type(err).__name__, err)
+        return None
+    ids = names if names and all(_SYNSET.match(n) for n in names) else None
+    return WdsInfo(path, splits, ids, None if ids else names)
+
+
+def _wds_split(entry: dict) -> tuple[tuple[str, int | None], ...]:
+    files = entry.get("filenames") or []
+    if not all(isinstance(f, str) for f in files):
+        raise TypeError("filenames must be strings")
+    lengths = entry.get("shard_lengths")
+    if lengths is None and len(files) == 1 and entry.get("num_samples") is not None:
+        lengths = [entry["num_samples"]]  # one tar: the split's count is its count
+    if lengths is None or len(lengths) != len(files):
+        return tuple((f, None) for f in files)
+    counts = [int(n) for n in lengths]
+    if any(n < 0 for n in counts) or (
+            entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(counts)):
+        raise ValueError("shard_lengths do not add up to num_samples")
+    return tuple(zip(files, counts, strict=True))
+
+
+def _feature_names(features: object) -> tuple[str, ...] | None:
+    """The class names of a Hugging Face `features` table (a ClassLabel's "names")."""
+    if not isinstance(features, dict):
+        return None
+    for key in ("cls", "label", *features):
+        names = features.get(key, {}).get("names") if isinstance(features.get(key), dict) else None
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return tuple(names)
+    return None
 
 
 def list_images(

@@ -7,13 +7,16 @@ Accepted forms (a list mixes them):
 - a directory written by `cratemae shard` (its `shards.json` gives names and counts):
   `data.train` reads its `train` split and `data.val` its `val` split;
 - a directory of tar files: all of them, unless their names say they hold several splits
-  (`train-*.tar` beside `val-*.tar`), then those of the split asked for; a directory of
+  (`train-*.tar` beside `val-*.tar`, or `imagenet1k-train-0000.tar` beside
+  `imagenet1k-validation-00.tar`), then those of the split asked for; with timm's and
+  Hugging Face's `_info.json` (`timm/imagenet-1k-wds`), the tars it lists for the split
+  (`validation` is read as data.val) with the counts it gives them; a directory of
   images (class sub-folders give labels; flat = unlabelled), or one whose sub-folders are
   the splits (`train/`, `val/`), read as the split asked for;
 - `demo:train` / `demo:val`, the built-in demo data set.
-Counts of tars without a `shards.json` are found by reading them once (local tars: their
-headers; `pipe:`/URL shards: one pass over the stream, unless training with
-`data.epoch_samples`) and cached under the cache directory, keyed by path, size and
+Counts of tars without a `shards.json` or an `_info.json` giving them are found by reading
+them once (local tars: their headers; `pipe:`/URL shards: one pass over the stream, unless
+training with `data.epoch_samples`) and cached under the cache directory, keyed by path, size and
 modification time (remote shards: by URL).
 """
 
@@ -31,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cratemae.data.cache import cache_dir
-from cratemae.data.folders import INDEX_NAME, list_images, read_index
+from cratemae.data.folders import INDEX_NAME, WdsInfo, list_images, read_index, read_wds_info
 from cratemae.data.shards import (
     Shard,
     ShardUnreachable,
@@ -61,9 +64,11 @@ class Source:
     """The shards behind one `data.train`/`data.val` value."""
 
     shards: tuple[Shard, ...]
-    classes: tuple[str, ...] | None = None
+    classes: tuple[str, ...] | None = None  # label i is classes[i] (ids: synsets, folders)
     # Image folders: any slice of a shard is as cheap to read as the whole.
     random_access: bool = False
+    # Readable names of the labels ("tench, Tinca tinca"), where the data's metadata has them.
+    class_names: tuple[str, ...] | None = None
 
     @property
     def counts_known(self) -> bool:
@@ -83,7 +88,9 @@ def resolve_source(spec: str | list[str] | None, split: str) -> Source:
     shards = tuple(s for p in parts for s in p.shards)
     if not shards:
         raise BadInputError(f"data.{split} = {spec!r}: no shards or images found")
-    return Source(shards, next(iter(classes), None), all(p.random_access for p in parts))
+    names = next((p.class_names for p in parts if p.class_names is not None), None)
+    return Source(shards, next(iter(classes), None), all(p.random_access for p in parts),
+                  names)
 
 
 def _resolve_one(spec: str, split: str) -> Source:
@@ -109,8 +116,12 @@ def _resolve_one(spec: str, split: str) -> Source:
             return _from_index(path, split, split)
         tars = sorted(p for p in path.iterdir() if p.name.endswith(".tar") and p.is_file())
         if tars:
+            info = read_wds_info(path)
+            if info is not None and info.splits:
+                return _from_wds_info(path, info, split)
             tars = _tars_of_split(path, tars, split)
-            return Source(tuple(Shard(str(p), _indexed_count(p)) for p in tars))
+            return _with_info(Source(tuple(Shard(str(p), _indexed_count(p)) for p in tars)),
+                              info)
         return _from_folder(path, split)
     from webdataset.shardlists import expand_urls
 
@@ -120,7 +131,39 @@ def _resolve_one(spec: str, split: str) -> Source:
             if not Path(file).is_file():
                 raise BadInputError(f"{file}: shard file not found (data.{split} = {spec!r})")
             shards.append(Shard(file, _indexed_count(Path(file))))
-    return Source(tuple(shards))
+    parents = {Path(s.url).parent for s in shards}
+    info = read_wds_info(parents.pop()) if len(parents) == 1 else None
+    return _with_info(Source(tuple(shards)), info)
+
+
+def _with_info(source: Source, info: WdsInfo | None) -> Source:
+    """`source` with the class ids and names an `_info.json` gives, if any."""
+    if info is None:
+        return source
+    return replace(source, classes=info.classes, class_names=info.class_names)
+
+
+def _from_wds_info(directory: Path, info: WdsInfo, split: str) -> Source:
+    """The tars `_info.json` lists for `split` (its `validation` is data.val), with the
+    counts it gives: read directly, no counting pass."""
+    mine = [s for s in info.splits if _SPLIT_WORDS.get(s.lower(), s.lower()) == split]
+    if not mine:
+        have = ", ".join(info.splits) or "none"
+        raise BadInputError(f"data.{split} = {directory}: its {info.path.name} has no "
+                            f"{split!r} split (it has: {have}); set data.{split} to other data")
+    files = info.splits[mine[0]]
+    if not files:  # the split names no files: its tars are those its name begins
+        tars = sorted(p for p in directory.iterdir() if p.name.endswith(".tar") and p.is_file())
+        return _with_info(Source(tuple(Shard(str(p), _indexed_count(p))
+                                       for p in _tars_of_split(directory, tars, split))), info)
+    absent = [n for n, _ in files if not (directory / n).is_file()]
+    if absent:
+        raise BadInputError(
+            f"{directory / absent[0]}: shard file not found ({len(absent)} of the "
+            f"{len(files)} {mine[0]} tars listed in {info.path} are missing); to read the "
+            f"ones there, give a pattern of them, e.g. {directory}/*{mine[0]}*.tar")
+    shards = tuple(Shard(str(directory / n), c) for n, c in files)
+    return _with_info(Source(shards), info)
 
 
 def _glob(pattern: str, split: str, spec: str) -> list[str]:
@@ -134,9 +177,13 @@ def _glob(pattern: str, split: str, spec: str) -> list[str]:
 
 
 def _split_of(name: str) -> str | None:
-    """The split a file or folder name begins with (`train-000001.tar` -> "train")."""
+    """The split a file or folder name begins with (`train-000001.tar` -> "train"), or
+    else the one a later word of it names (`imagenet1k-validation-00.tar` -> "val")."""
     m = _SPLIT_RE.match(name)
-    return _SPLIT_WORDS.get(m.group(1).lower()) if m else None
+    if m and m.group(1).lower() in _SPLIT_WORDS:
+        return _SPLIT_WORDS[m.group(1).lower()]
+    words = {_SPLIT_WORDS.get(w.lower()) for w in re.split(r"[-_.]", name)[1:]} - {None}
+    return words.pop() if len(words) == 1 else None
 
 
 def _tars_of_split(directory: Path, tars: list[Path], split: str) -> list[Path]:
@@ -188,21 +235,24 @@ def _from_index(directory: Path, split: str, field: str) -> Source:
         if not p.is_file():
             raise BadInputError(f"{p}: shard file not found (listed in {directory / INDEX_NAME})")
         shards.append(Shard(str(p), int(e["samples"])))
-    classes = index.get("classes")
-    return Source(tuple(shards), tuple(classes) if classes else None)
+    classes, names = index.get("classes"), index.get("class_names")
+    return Source(tuple(shards), tuple(classes) if classes else None,
+                  class_names=tuple(names) if classes and names else None)
 
 
 _INDEX_CACHE: dict[str, dict[str, int]] = {}
 
 
 def _indexed_count(path: Path) -> int | None:
-    """The count a `shards.json` beside a tar gives it, if any."""
+    """The count a `shards.json` or an `_info.json` beside a tar gives it, if any."""
     d = str(path.parent)
     if d not in _INDEX_CACHE:
         counts: dict[str, int] = {}
         if (path.parent / INDEX_NAME).is_file():
             for entries in read_index(path.parent)["splits"].values():
                 counts.update({e["name"]: int(e["samples"]) for e in entries})
+        elif (info := read_wds_info(path.parent)) is not None:
+            counts = info.counts()
         _INDEX_CACHE[d] = counts
     return _INDEX_CACHE[d].get(path.name)
 

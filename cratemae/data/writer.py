@@ -4,8 +4,11 @@ Layout of OUT_DIR: `train-000000.tar`, ... (and `val-000000.tar`, ... with a val
 and `shards.json` = {"format", "classes" (index = label), "splits": {split: [{"name",
 "samples"}]}, "source", "skipped"}. Members are `KEY.jpg` (JPEG files keep their bytes),
 `KEY.png` (any other image, re-encoded losslessly as PNG; PNG files keep their bytes) and
-`KEY.cls` (label as text) for class-folder sources. KEY is the file's path under SRC, without
-its extension, with characters other than letters, digits, `_`, `-` and `/` made `_`.
+`KEY.cls` (label as text) for class-folder sources. KEY is the file's path under SRC (under
+the split's folder for the ImageNet layouts), without its extension, with characters other
+than letters, digits, `_`, `-` and `/` made `_`. ImageNet as downloaded (image-net.org's flat
+val folder with its devkit, Kaggle's layout; see `cratemae.data.imagenet`) is labelled by
+sorted synset, and `shards.json` then also holds the classes' readable names, "class_names".
 
 Each shard is written under a hidden temporary name (`cratemae.fs`: `.NAME.tmp-PID-RANDOM`),
 fsynced and renamed: a final-named tar is always complete. `shards.json` is written last, the
@@ -27,6 +30,14 @@ import numpy as np
 
 from cratemae.data.decode import BadSample, load_rgb, open_image
 from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images
+from cratemae.data.imagenet import (
+    Labelled,
+    devkit_dataset,
+    is_kaggle_root,
+    kaggle_dataset,
+    reference_classes,
+    relabel,
+)
 from cratemae.errors import BadInputError
 from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, temp_path
 
@@ -55,6 +66,7 @@ class ShardSummary:
     classes: tuple[str, ...] | None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     bytes_written: int = 0
+    class_names: tuple[str, ...] | None = None  # readable names of `classes`, when known
 
     def samples(self, split: str) -> int:
         return sum(n for _, n in self.splits.get(split, []))
@@ -95,8 +107,13 @@ def write_shards(
     seed: int = 0,
     overwrite: bool = False,
     progress: Progress | None = None,
+    devkit: Path | None = None,
+    classes_from: Path | None = None,
 ) -> ShardSummary:
-    """Shard an ImageFolder tree (labelled) or a flat folder of images (unlabelled)."""
+    """Shard an ImageFolder tree (labelled), a flat folder of images (unlabelled), or
+    ImageNet as downloaded: `devkit` labels image-net.org's flat val folder (or a folder with
+    `train/` and `val/`), and Kaggle's layout is recognised by its root. `classes_from`
+    (train shards or a train folder) gives the class list, which the labels then follow."""
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise BadInputError(f"{src}: not a directory")
@@ -104,9 +121,26 @@ def write_shards(
         raise BadInputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if out_dir.resolve().is_relative_to(src.resolve()):
         raise BadInputError(f"{out_dir}: the output must not lie inside the source {src}")
+    layout = (devkit_dataset(src, Path(devkit), classes_from) if devkit is not None
+              else kaggle_dataset(src) if is_kaggle_root(src) else None)
+    if layout is not None:
+        if val_fraction:
+            raise BadInputError(f"{src}: ImageNet's val split is given; drop --val-fraction")
+        if classes_from is not None and "train" in layout.splits:
+            raise BadInputError(f"{src}: holds its train split, which gives the classes; "
+                                "drop --classes-from")
+        return _write_labelled(layout, out_dir, seed, source=str(src), overwrite=overwrite,
+                               shard_size_mb=shard_size_mb, max_per_shard=max_per_shard,
+                               progress=progress)
     files, classes = list_images(src, any_file=True)
     if not files:
         raise BadInputError(f"{src}: no files to shard")
+    names = None
+    if classes_from is not None:
+        if classes is None:
+            raise BadInputError(f"{src}: has no class folders to label by --classes-from")
+        ref, names = reference_classes(Path(classes_from))
+        files, classes = relabel(files, classes, ref, str(src)), ref
     keys = _unique_keys([os.path.relpath(f, src) for f, _ in files])
     items = [
         Item(k, y, lambda f=f: load_image_file(f), f) for k, (f, y) in zip(keys, files, strict=True)
@@ -122,6 +156,7 @@ def write_shards(
         splits,
         out_dir,
         classes=classes,
+        class_names=names,
         shard_size_mb=shard_size_mb,
         overwrite=overwrite,
         max_per_shard=max_per_shard,
@@ -130,18 +165,35 @@ def write_shards(
     )
 
 
+def _write_labelled(layout: Labelled, out_dir: Path, seed: int, **kw) -> ShardSummary:
+    """Each split of a labelled layout shuffled (seeded) and written as `{split}-*.tar`."""
+    splits = {}
+    for split, files in layout.splits.items():
+        if not files:
+            raise BadInputError(f"{layout.roots[split]}: no images")
+        keys = _unique_keys([os.path.relpath(f, layout.roots[split]) for f, _ in files])
+        items = [Item(k, y, lambda f=f: load_image_file(f), f)
+                 for k, (f, y) in zip(keys, files, strict=True)]
+        order = np.random.default_rng(seed).permutation(len(items))
+        splits[split] = [items[i] for i in order]
+    return write_dataset(splits, out_dir, classes=layout.classes,
+                         class_names=layout.class_names, **kw)
+
+
 def write_dataset(
     splits: dict[str, Sequence[Item]],
     out_dir: Path,
     *,
     classes: tuple[str, ...] | None,
+    class_names: tuple[str, ...] | None = None,
     shard_size_mb: float = 100,
     max_per_shard: int | None = None,
     overwrite: bool = False,
     source: str = "",
     progress: Progress | None = None,
 ) -> ShardSummary:
-    """Write prepared items as `{split}-NNNNNN.tar` shards and `shards.json` in `out_dir`."""
+    """Write prepared items as `{split}-NNNNNN.tar` shards and `shards.json` in `out_dir`;
+    `class_names`: readable names of `classes`, recorded when known."""
     if shard_size_mb <= 0 or (max_per_shard is not None and max_per_shard < 1):
         raise BadInputError("--shard-size-mb must be > 0 and --max-per-shard >= 1")
     out_dir = Path(out_dir)
@@ -158,9 +210,11 @@ def write_dataset(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary.out_dir = out_dir
+    summary.class_names = tuple(class_names) if classes and class_names else None
     index = {
         "format": INDEX_FORMAT,
         "classes": list(classes) if classes else None,
+        "class_names": list(class_names) if classes and class_names else None,
         "splits": {s: [{"name": n, "samples": c} for n, c in v] for s, v in summary.splits.items()},
         "source": source,
         "skipped": len(summary.skipped),

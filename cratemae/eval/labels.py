@@ -12,6 +12,7 @@ from cratemae.data.sources import Source, resolve_source
 from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.recipe import Recipe
+from cratemae.recipe.schema import DataSection
 
 __all__ = ["check_labels", "class_names", "resolve_num_classes"]
 
@@ -35,9 +36,14 @@ def resolve_num_classes(recipe: Recipe, wanted: int | None, key: str) -> int:
     return wanted if wanted is not None else len(classes)  # type: ignore[arg-type]
 
 
-def class_names(recipe: Recipe) -> tuple[str, ...] | None:
-    """The class names of data.train (label i is name i), when the data carry them."""
-    return resolve_source(recipe.data.train, "train").classes
+def class_names(data: Recipe | DataSection, split: str = "train") -> tuple[str, ...] | None:
+    """The names of the labels of data.`split` (label i is name i) for people to read: the
+    readable names its shards record ("tench, Tinca tinca", from ImageNet's metadata), else
+    its class ids (synsets, class folder names); None when the data name no classes.
+    Takes a recipe (its data section) or a data section."""
+    section = data.data if isinstance(data, Recipe) else data
+    source = resolve_source(section.train if split == "train" else section.val, split)
+    return source.class_names or source.classes
 
 
 def _require_labels(source: Source, split: str) -> None:

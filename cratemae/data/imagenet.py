@@ -1,0 +1,279 @@
+"""ImageNet (ILSVRC-2012) as it is downloaded, turned into labelled file lists for the writer.
+
+Two layouts besides plain class folders (which `list_images` reads):
+- image-net.org's: `train/` with one folder per synset, a flat `val/` of
+  `ILSVRC2012_val_NNNNNNNN.JPEG`, and the devkit: `ILSVRC2012_validation_ground_truth.txt`
+  (line i: the ILSVRC2012_ID of val image i) and `meta.mat` (its `synsets` struct:
+  ILSVRC2012_ID, WNID, words, num_children; the 1000 rows with num_children == 0 are the
+  classes), each at the devkit folder's top or in its `data/`;
+- Kaggle's: ROOT/`ILSVRC/Data/CLS-LOC/{train,val}`, ROOT/`LOC_val_solution.csv`
+  (ImageId,PredictionString; the first token of PredictionString is the synset) and
+  ROOT/`LOC_synset_mapping.txt` ("n01440764 tench, Tinca tinca").
+
+Label i is the i-th synset id in sorted order, as class folders give it and as torchvision's
+`ImageNet` and timm number them, so shards of either layout and of a `train/` folder agree.
+Anything that does not fit (a devkit for another folder, val classes that train lacks) is
+bad input, found before a byte is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cratemae.data.folders import INDEX_NAME, list_images, read_index
+from cratemae.errors import BadInputError
+
+__all__ = [
+    "Devkit",
+    "Labelled",
+    "devkit_dataset",
+    "devkit_val",
+    "is_kaggle_root",
+    "kaggle_dataset",
+    "read_devkit",
+    "reference_classes",
+    "relabel",
+]
+
+GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+META_MAT = "meta.mat"
+KAGGLE_SPLITS = Path("ILSVRC", "Data", "CLS-LOC")
+KAGGLE_VAL_CSV = "LOC_val_solution.csv"
+KAGGLE_MAPPING = "LOC_synset_mapping.txt"
+_VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
+_SHOWN = 3  # names quoted in a message
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Labelled files, split by split, ready to shard: split -> [(path, label)], each split's
+    files lying under `roots[split]` (their keys are paths relative to it)."""
+
+    splits: dict[str, list[tuple[str, int]]]
+    roots: dict[str, Path]
+    classes: tuple[str, ...]  # label i is classes[i] (synset ids)
+    class_names: tuple[str, ...] | None = None  # human-readable, same order
+
+
+@dataclass(frozen=True)
+class Devkit:
+    """What the ILSVRC-2012 devkit says about the val images."""
+
+    wnids: dict[int, str]  # ILSVRC2012_ID -> WNID, the leaf synsets (the classes) only
+    words: dict[str, str]  # WNID -> "tench, Tinca tinca"
+    ground_truth: tuple[int, ...]  # [i - 1]: the ILSVRC2012_ID of ILSVRC2012_val_{i:08d}.JPEG
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The synset ids in label order (sorted, as class folders give them)."""
+        return tuple(sorted(self.wnids.values()))
+
+
+def _devkit_file(devkit: Path, name: str) -> Path:
+    for p in (devkit / name, devkit / "data" / name):
+        if p.is_file():
+            return p
+    raise BadInputError(f"--devkit {devkit}: has no {name} (looked in it and in its data/)")
+
+
+def read_devkit(devkit: Path) -> Devkit:
+    """Parse the devkit folder (`ILSVRC2012_devkit_t12`, unpacked) as torchvision does:
+    meta.mat's leaf synsets give ID -> WNID, the ground truth one ID per val image."""
+    if not devkit.is_dir():
+        raise BadInputError(f"--devkit {devkit}: not a directory (unpack the devkit archive)")
+    gt_path, meta_path = _devkit_file(devkit, GROUND_TRUTH), _devkit_file(devkit, META_MAT)
+    try:
+        lines = gt_path.read_text(encoding="ascii").split()
+        truth = tuple(int(v) for v in lines)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BadInputError(f"{gt_path}: not a list of class ids ({type(err).__name__})") from None
+    wnids, words = _read_meta_mat(meta_path)
+    unknown = sorted({t for t in truth if t not in wnids})
+    if not truth or unknown:
+        raise BadInputError(f"{gt_path}: " + ("empty" if not truth else
+                            f"names ids that are no class of {meta_path.name}: "
+                            f"{', '.join(map(str, unknown[:_SHOWN]))}"))
+    return Devkit(wnids, words, truth)
+
+
+def _read_meta_mat(path: Path) -> tuple[dict[int, str], dict[str, str]]:
+    try:
+        import scipy.io
+    except ImportError:
+        raise BadInputError(f"{path}: reading meta.mat needs scipy: pip install scipy") from None
+    try:
+        synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
+        rows = [(int(r["ILSVRC2012_ID"]), str(r["WNID"]), str(r["words"]),
+                 int(r["num_children"])) for r in synsets.ravel()]
+    except Exception as err:  # scipy raises many kinds for a file that is not a .mat
+        raise BadInputError(f"{path}: not the devkit's meta.mat, with a synsets table "
+                            f"({type(err).__name__}: {err})".replace("\n", " ")) from None
+    leaves = [r for r in rows if r[3] == 0]
+    if not leaves:
+        raise BadInputError(f"{path}: its synsets table has no leaf synsets (classes)")
+    return {i: w for i, w, _, _ in leaves}, {w: words for _, w, words, _ in leaves}
+
+
+def reference_classes(ref: Path) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """(class ids, readable names or None) of the train data to label against: a folder
+    written by `cratemae shard` (its shards.json) or an image folder with class folders."""
+    if (ref / INDEX_NAME).is_file():
+        index = read_index(ref)
+        classes, names = index.get("classes"), index.get("class_names")
+        if not classes:
+            raise BadInputError(f"--classes-from {ref}: its {INDEX_NAME} names no classes")
+        return tuple(classes), tuple(names) if names else None
+    if not ref.is_dir():
+        raise BadInputError(f"--classes-from {ref}: not a directory")
+    # As list_images labels class folders, without listing every image: sorted folders
+    # holding at least one visible file.
+    classes = tuple(sorted(d.name for d in ref.iterdir() if d.is_dir()
+                           and not d.name.startswith(".") and _has_files(d)))
+    if not classes:
+        raise BadInputError(f"--classes-from {ref}: has no class folders and no {INDEX_NAME}")
+    return classes, None
+
+
+def _has_files(d: Path) -> bool:
+    return any(not f.startswith(".") for _, _, files in os.walk(d) for f in files)
+
+
+def relabel(files: list[tuple[str, int]], own: Sequence[str], classes: Sequence[str],
+            what: str) -> list[tuple[str, int]]:
+    """Labels numbered by `own` class names renumbered by `classes`; bad input naming
+    `what` if some of `own` are not in `classes` (a val set with classes train lacks)."""
+    where = {c: i for i, c in enumerate(classes)}
+    missing = [c for c in own if c not in where]
+    if missing:
+        raise BadInputError(
+            f"{what}: {len(missing)} of its classes are not among the {len(classes)} of the "
+            f"train data ({', '.join(missing[:_SHOWN])}{', ...' if len(missing) > _SHOWN else ''})")
+    new = [where[c] for c in own]
+    return [(f, new[y]) for f, y in files]
+
+
+def _names(classes: Sequence[str], words: dict[str, str]) -> tuple[str, ...] | None:
+    """Readable names in `classes` order (an id the metadata lacks stands for itself)."""
+    return tuple(words.get(c, c) for c in classes) if words else None
+
+
+def devkit_val(val_dir: Path, devkit: Devkit) -> list[tuple[str, str]]:
+    """(path, WNID) for each image of a flat val folder, checked against the devkit: every
+    ILSVRC2012_val_NNNNNNNN.JPEG from 1 to the ground truth's length, nothing else."""
+    if not val_dir.is_dir():
+        raise BadInputError(f"{val_dir}: not a directory")
+    found: dict[int, str] = {}
+    for p in sorted(val_dir.iterdir()):
+        if p.name.startswith("."):
+            continue
+        m = _VAL_NAME.match(p.name)
+        if p.is_dir() or m is None:
+            raise BadInputError(
+                f"{p}: not an ILSVRC2012_val_NNNNNNNN.JPEG file; --devkit labels the flat val "
+                "folder of image-net.org (a val folder with class sub-folders needs no devkit)")
+        found[int(m.group(1))] = str(p)
+    n = len(devkit.ground_truth)
+    if len(found) != n or not all(1 <= i <= n for i in found):
+        absent = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, n + 1) if i not in found]
+        extra = [Path(found[i]).name for i in sorted(found) if not 1 <= i <= n]
+        raise BadInputError(
+            f"--devkit: its ground truth labels {n} val images but {val_dir} holds "
+            f"{len(found)}" + (f"; missing: {', '.join(absent[:_SHOWN])}" if absent else "")
+            + (f"; not in the ground truth: {', '.join(extra[:_SHOWN])}" if extra else ""))
+    return [(found[i], devkit.wnids[devkit.ground_truth[i - 1]]) for i in sorted(found)]
+
+
+def devkit_dataset(src: Path, devkit_dir: Path, reference: Path | None = None) -> Labelled:
+    """image-net.org's layout: `src` is either the flat val folder, or a folder holding
+    `train/` (synset folders) and `val/`. The classes are train's (given, or `reference`'s,
+    or else the devkit's 1000 synsets), in sorted order; the val labels follow them."""
+    devkit = read_devkit(devkit_dir)
+    splits, roots = {}, {}
+    if (src / "train").is_dir() and (src / "val").is_dir():
+        train, classes = list_images(src / "train")
+        if not classes:
+            raise BadInputError(f"{src / 'train'}: has no class (synset) folders")
+        splits["train"], roots["train"] = train, src / "train"
+        names = _names(classes, devkit.words)
+        val_dir = src / "val"
+    else:
+        classes, names = (reference_classes(reference) if reference is not None
+                          else (devkit.classes, None))
+        names = names or _names(classes, devkit.words)
+        val_dir = src
+    val = devkit_val(val_dir, devkit)
+    wnids = sorted({w for _, w in val})
+    own = {w: i for i, w in enumerate(wnids)}
+    splits["val"] = relabel([(f, own[w]) for f, w in val], wnids, classes,
+                            f"{val_dir} (labelled by {devkit_dir})")
+    roots["val"] = val_dir
+    return Labelled(splits, roots, tuple(classes), names)
+
+
+def is_kaggle_root(root: Path) -> bool:
+    """Whether `root` is the top of Kaggle's ImageNet download (ILSVRC/Data/CLS-LOC/train)."""
+    return (root / KAGGLE_SPLITS / "train").is_dir() and (root / KAGGLE_VAL_CSV).is_file()
+
+
+def _kaggle_words(path: Path) -> dict[str, str]:
+    words: dict[str, str] = {}
+    if not path.is_file():
+        return words
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                words[wnid] = name.strip() or wnid
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{path}: unreadable ({type(err).__name__})") from None
+    return words
+
+
+def _kaggle_val(root: Path) -> dict[str, str]:
+    """ImageId -> synset, from LOC_val_solution.csv (its boxes' first token is the synset)."""
+    path = root / KAGGLE_VAL_CSV
+    out: dict[str, str] = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                tokens = (row.get("PredictionString") or "").split()
+                image = (row.get("ImageId") or "").strip()
+                if not image or not tokens:
+                    raise ValueError(f"row {i + 2} has no ImageId or PredictionString")
+                out[image] = tokens[0]
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as err:
+        raise BadInputError(f"{path}: not Kaggle's ImageId,PredictionString table "
+                            f"({type(err).__name__}: {err})") from None
+    if not out:
+        raise BadInputError(f"{path}: has no rows")
+    return out
+
+
+def kaggle_dataset(root: Path) -> Labelled:
+    """Kaggle's layout: train from its synset folders, val labelled by LOC_val_solution.csv,
+    readable names from LOC_synset_mapping.txt."""
+    train_dir, val_dir = root / KAGGLE_SPLITS / "train", root / KAGGLE_SPLITS / "val"
+    train, classes = list_images(train_dir)
+    if not classes:
+        raise BadInputError(f"{train_dir}: has no class (synset) folders")
+    splits, roots = {"train": train}, {"train": train_dir}
+    if val_dir.is_dir():
+        truth = _kaggle_val(root)
+        files, _ = list_images(val_dir)
+        unlabelled = [f for f, _ in files if Path(f).stem not in truth]
+        if unlabelled or len(files) != len(truth):
+            raise BadInputError(
+                f"{root / KAGGLE_VAL_CSV}: labels {len(truth)} images but {val_dir} holds "
+                f"{len(files)}" + (f"; no label for {', '.join(unlabelled[:_SHOWN])}"
+                                   if unlabelled else ""))
+        wnids = sorted({truth[Path(f).stem] for f, _ in files})
+        own = {w: i for i, w in enumerate(wnids)}
+        splits["val"] = relabel([(f, own[truth[Path(f).stem]]) for f, _ in files], wnids,
+                                classes, f"{val_dir} (labelled by {KAGGLE_VAL_CSV})")
+        roots["val"] = val_dir
+    return Labelled(splits, roots, classes, _names(classes, _kaggle_words(root / KAGGLE_MAPPING)))
