@@ -114,8 +114,8 @@ def test_metadata_names_the_model_and_the_checkpoints_digest(ckpt, folder, tmp_p
 
 def test_chunked_equals_one_shot_to_the_byte(ckpt, folder, tmp_path, monkeypatch) -> None:
     written = []
-    real = embed_mod._write_chunk
-    monkeypatch.setattr(embed_mod, "_write_chunk",
+    real = embed_mod.write_chunk
+    monkeypatch.setattr(embed_mod, "write_chunk",
                         lambda path, rows: (written.append(path.name), real(path, rows)))
     _embed(ckpt, [str(folder)], tmp_path / "chunked.safetensors", chunk_size=3)
     assert len(written) == 3  # 11 samples, batches of 4, a chunk per batch
@@ -205,7 +205,7 @@ def test_an_interrupted_embed_resumes_to_the_same_bytes(ckpt, folder, tmp_path, 
                                                          ) -> None:
     _embed(ckpt, [str(folder)], tmp_path / "whole.safetensors", chunk_size=4)
     out = tmp_path / "f.safetensors"
-    real, count = embed_mod._write_chunk, []
+    real, count = embed_mod.write_chunk, []
 
     def dies_on_the_third(path: Path, rows: list) -> None:
         if len(count) == 2:
@@ -213,7 +213,7 @@ def test_an_interrupted_embed_resumes_to_the_same_bytes(ckpt, folder, tmp_path, 
         count.append(path)
         real(path, rows)
 
-    monkeypatch.setattr(embed_mod, "_write_chunk", dies_on_the_third)
+    monkeypatch.setattr(embed_mod, "write_chunk", dies_on_the_third)
     with pytest.raises(_Died):
         _embed(ckpt, [str(folder)], out, chunk_size=4)
     assert not out.exists() and len(list(parts_dir(out).rglob("chunk-*"))) == 2
@@ -221,7 +221,7 @@ def test_an_interrupted_embed_resumes_to_the_same_bytes(ckpt, folder, tmp_path, 
     debris.write_bytes(b"half")
     with pytest.raises(BadInputError, match=r"other settings .*pool"):
         _embed(ckpt, [str(folder)], out, chunk_size=4, pool="avg")
-    monkeypatch.setattr(embed_mod, "_write_chunk", lambda path, rows: (count.append(path),
+    monkeypatch.setattr(embed_mod, "write_chunk", lambda path, rows: (count.append(path),
                                                                        real(path, rows)))
     result = _embed(ckpt, [str(folder)], out, chunk_size=4)
     assert result.resumed_chunks == 2 and len(count) == 3  # only the last chunk computed

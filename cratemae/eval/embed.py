@@ -25,15 +25,12 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from cratemae.data import Batch, Loader
 from cratemae.data.dataset import EpochDataset, ReadConfig
@@ -44,26 +41,12 @@ from cratemae.data.shards import RawSample, Shard
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import eval_transform
 from cratemae.distributed import dist
-from cratemae.distributed.precision import Precision
+from cratemae.distributed.precision import Precision, resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import sample_positions
-from cratemae.eval.embeddings import (
-    FORMAT,
-    TensorStream,
-    decode_keys,
-    encode_keys,
-    layer_name,
-    write_npy_dir,
-    write_safetensors,
-)
-from cratemae.fs import (
-    atomic_path,
-    atomic_write,
-    atomic_write_json,
-    fsync_dir,
-    is_temp_name,
-    temp_path,
-)
+from cratemae.eval.embed_chunks import assemble, chunk_name, complete_prefix, write_chunk
+from cratemae.eval.embeddings import FORMAT, layer_name
+from cratemae.fs import atomic_write_json, is_temp_name
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
 
@@ -289,7 +272,7 @@ def embed(
             error = err
     dist.raise_together(error, f"{parts}: refused on rank 0")
     dist.barrier()
-    mine = parts / f"rank-{info.rank:05d}-of-{info.world_size:05d}"
+    mine = _rank_dir(parts, info.rank, info.world_size)
     mine.mkdir(parents=True, exist_ok=True)
     _remove_debris(mine)
 
@@ -297,7 +280,7 @@ def embed(
     plan = full.plan
     per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
     n_chunks = -(-plan.num_batches // per_chunk)
-    done_chunks = _complete_prefix(mine, n_chunks)
+    done_chunks = complete_prefix(mine, n_chunks)
     start = min(done_chunks * per_chunk, plan.num_batches)
     if done_chunks:
         log.info("resuming: %d of %d chunks of rank %d already written in %s", done_chunks,
@@ -331,8 +314,6 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
                 device: torch.device, progress: Progress | None) -> None:
     """Encode this rank's batches from `start` on, writing one chunk file per `per_chunk`
     batches."""
-    from cratemae.distributed.precision import resolve_precision
-
     precision = resolve_precision(settings.precision, device)
     total, done, b = len(positions), skipped, start
     pending: list[dict[str, Any]] = []
@@ -348,32 +329,10 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
         pending.append(row)
         done, b = done + n, b + 1
         if b % per_chunk == 0 or b == loader.plan.num_batches:
-            _write_chunk(where / _chunk_name((b - 1) // per_chunk), pending)
+            write_chunk(where / chunk_name((b - 1) // per_chunk), pending)
             pending = []
         if progress is not None:
             progress(done, total)
-
-
-def _chunk_name(k: int) -> str:
-    return f"chunk-{k:06d}.safetensors"
-
-
-def _write_chunk(path: Path, rows: list[dict[str, Any]]) -> None:
-    tensors = {k: torch.cat([r[k] for r in rows]).contiguous()
-               for k in rows[0] if k != "keys"}
-    data, offsets = encode_keys(k for r in rows for k in r["keys"])
-    tensors["keys"] = torch.from_numpy(data.copy())
-    tensors["key_offsets"] = torch.from_numpy(offsets)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-
-
-def _complete_prefix(where: Path, n_chunks: int) -> int:
-    """How many chunks 0, 1, ... are written (each file is whole: written atomically)."""
-    k = 0
-    while k < n_chunks and (where / _chunk_name(k)).is_file():
-        k += 1
-    return k
 
 
 def _source_digest(source: Source) -> str:
@@ -447,149 +406,28 @@ def _prepare(out: Path, parts: Path, record: dict[str, Any], overwrite: bool) ->
         atomic_write_json(settings_file, record)
 
 
-# --- assembling ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Piece:
-    file: Path
-    lo: int  # rows lo..hi-1 of the chunk file
-    hi: int
-
-
-def _layout(chunk_files: list[Path]) -> tuple[list[_Piece], int]:
-    """The pieces of the chunk files in data-set order, each position once (a short rank's
-    repeated last sample is left out), and the number of samples."""
-    runs = []
-    for file in chunk_files:
-        with safe_open(str(file), framework="np") as f:
-            pos = f.get_tensor("positions")
-        breaks = np.flatnonzero(np.diff(pos) != 1) + 1  # (runs - 1,)
-        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(pos)], strict=True):
-            runs.append((int(pos[a]), file, a, b))
-    runs.sort(key=lambda r: (r[0], str(r[1]), r[2]))
-    pieces, expected = [], 0
-    for first, file, a, b in runs:
-        if first > expected:
-            raise BadInputError(f"samples {expected}..{first - 1} are in no chunk file")
-        skip = expected - first  # already written by an earlier piece
-        if b - a > skip:
-            pieces.append(_Piece(file, a + skip, b))
-            expected = first + (b - a)
-    return pieces, expected
-
-
-def _stream(pieces: list[_Piece], name: str) -> Callable[[], Iterator[np.ndarray]]:
-    def chunks() -> Iterator[np.ndarray]:
-        for p in pieces:
-            with safe_open(str(p.file), framework="np") as f:
-                yield f.get_slice(name)[p.lo:p.hi]
-    return chunks
-
-
-def _key_pieces(pieces: list[_Piece]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(key bytes, offsets from 0) of each piece."""
-    for p in pieces:
-        with safe_open(str(p.file), framework="np") as f:
-            offsets = f.get_tensor("key_offsets")[p.lo:p.hi + 1]
-            data = f.get_slice("keys")[int(offsets[0]):int(offsets[-1])]
-        yield data, offsets - offsets[0]
-
-
 def _assemble(out: Path, parts: Path, world: int, n_chunks: int, settings: EmbedSettings,
               identity: dict[str, Any], source: Source, record: dict[str, Any],
               resumed: int) -> EmbedResult:
-    """Rank 0: every rank's chunks -> `out`, streamed, in data-set order; then the chunks go."""
+    """Rank 0: every rank's chunks -> `out`; then the chunks go."""
     files = []
     for r in range(world):
-        where = parts / f"rank-{r:05d}-of-{world:05d}"
-        if _complete_prefix(where, n_chunks) < n_chunks:
+        where = _rank_dir(parts, r, world)
+        if complete_prefix(where, n_chunks) < n_chunks:
             raise BadInputError(f"{where}: rank {r}'s chunks are not all there; --out must be "
                                 "on a file system that every rank sees")
-        files += [where / _chunk_name(k) for k in range(n_chunks)]
-    pieces, n = _layout(files)
-    with safe_open(str(files[0]), framework="np") as f:
-        dim = int(f.get_slice("features").get_shape()[1])
-    labelled, bad = False, 0
-    for p in pieces:
-        with safe_open(str(p.file), framework="np") as f:
-            labelled |= bool((f.get_slice("labels")[p.lo:p.hi] >= 0).any())
-            bad += int((~f.get_slice("valid")[p.lo:p.hi]).sum())
-    key_bytes = sum(int(d.size) for d, _ in _key_pieces(pieces))
-    names = ["features", *[layer_name(i) for i in settings.layers]]
-    tensors = [TensorStream(x, np.dtype("float32"), (n, dim), _stream(pieces, x)) for x in names]
-    if labelled:
-        tensors.append(TensorStream("labels", np.dtype("int64"), (n,), _stream(pieces, "labels")))
-    tensors.append(TensorStream("valid", np.dtype("bool"), (n,), _stream(pieces, "valid")))
+        files += [where / chunk_name(k) for k in range(n_chunks)]
     depth = int(identity.get("model", {}).get("depth", 0))
-    meta = {"format": FORMAT, **{k: v for k, v in identity.items()},
-            "pool": settings.pool, "layer": depth - 1, "layers": list(settings.layers),
-            "img_size": record["img_size"], "mean": record["mean"], "std": record["std"],
-            "precision": settings.precision, "num_samples": n, "dim": dim,
-            "labelled": labelled, "bad_samples": bad,
+    meta = {"format": FORMAT, **identity, "pool": settings.pool, "layer": depth - 1,
+            "layers": list(settings.layers), "img_size": record["img_size"],
+            "mean": record["mean"], "std": record["std"], "precision": settings.precision,
             "classes": list(source.classes) if source.classes else None}
-    if settings.format == "npy":
-        _write_npy(out, tensors, pieces, meta)
-    else:
-        _write_st(out, tensors, pieces, n, key_bytes, meta)
+    meta = assemble(out, files, settings.layers, settings.format, meta)
     shutil.rmtree(parts, ignore_errors=True)
-    log.info("wrote %d embeddings of %d dimensions to %s", n, dim, out)
-    return EmbedResult(out, n, dim, labelled, bad, resumed, True, meta)
+    log.info("wrote %d embeddings of %d dimensions to %s", meta["num_samples"], meta["dim"], out)
+    return EmbedResult(out, meta["num_samples"], meta["dim"], meta["labelled"],
+                       meta["bad_samples"], resumed, True, meta)
 
 
-def _as_strings(meta: dict[str, Any]) -> dict[str, str]:
-    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True, allow_nan=False)
-            for k, v in meta.items()}
-
-
-def _write_st(out: Path, tensors: list[TensorStream], pieces: list[_Piece], n: int,
-              key_bytes: int, meta: dict[str, Any]) -> None:
-    def key_data() -> Iterator[np.ndarray]:
-        for data, _ in _key_pieces(pieces):
-            yield data
-
-    def key_offsets() -> Iterator[np.ndarray]:
-        yield np.zeros(1, dtype=np.int64)
-        base = 0
-        for _, offsets in _key_pieces(pieces):
-            yield offsets[1:] + base
-            base += int(offsets[-1])
-
-    tensors = [*tensors,
-               TensorStream("keys", np.dtype("uint8"), (key_bytes,), key_data),
-               TensorStream("key_offsets", np.dtype("int64"), (n + 1,), key_offsets)]
-    if out.is_dir():
-        _replace_dir_with(out, None)
-    with atomic_write(out) as f:
-        write_safetensors(f, tensors, _as_strings(meta))
-
-
-def _write_npy(out: Path, tensors: list[TensorStream], pieces: list[_Piece],
-               meta: dict[str, Any]) -> None:
-    def keys() -> Iterator[str]:
-        for data, offsets in _key_pieces(pieces):
-            yield from decode_keys(data, offsets)
-
-    tmp = temp_path(out)
-    tmp.mkdir(parents=True)
-    try:
-        write_npy_dir(tmp, tensors, keys(), meta)
-        _replace_dir_with(out, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir_with(out: Path, new: Path | None) -> None:
-    """Put `new` (a finished directory) at `out`, moving what is there aside first and
-    removing it after; `new` None: only remove what is at `out`."""
-    old = None
-    if out.exists() or out.is_symlink():
-        old = temp_path(out)
-        os.replace(out, old)
-    if new is not None:
-        os.replace(new, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+def _rank_dir(parts: Path, rank: int, world: int) -> Path:
+    return parts / f"rank-{rank:05d}-of-{world:05d}"
