@@ -191,6 +191,19 @@ def test_val_classes_that_train_lacks_are_refused(tmp_path):
              "are not among the 3")
 
 
+def test_a_class_folder_val_follows_the_train_classes(tmp_path):
+    """A val folder already sorted into synset folders, some missing: --classes-from numbers
+    them as train does (alone, its 2 folders would be labels 0 and 1)."""
+    assert cli("shard", make_train(tmp_path / "train"), tmp_path / "t").exit_code == 0
+    val = make_train(tmp_path / "val", synsets=[SORTED[1], SORTED[3]], per_class=1)
+    res = cli("shard", val, tmp_path / "v", "--classes-from", tmp_path / "t")
+    assert res.exit_code == 0, res.output
+    assert labels_of(tmp_path / "v", "train") == train_reference([SORTED[1], SORTED[3]], 1)
+    assert json.loads((tmp_path / "v" / "shards.json").read_text())["classes"] == SORTED
+    help_text = cli("shard", "--help").output
+    assert "--devkit" in help_text and "--classes-from" in help_text
+
+
 def test_without_scipy_meta_mat_asks_for_it(tmp_path, monkeypatch):
     val, devkit = make_val(tmp_path / "val"), make_devkit(tmp_path / "devkit")
     monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy.io now raises ImportError
@@ -230,6 +243,21 @@ def test_kaggle_root_becomes_train_and_val_shards(tmp_path):
     assert index["classes"] == SORTED and index["class_names"] == [WORDS[w] for w in SORTED]
     data = data_section(str(out), val=str(out))
     assert class_names(data) == class_names(data, "val") == tuple(WORDS[w] for w in SORTED)
+    got = [int(y) for b in build_loader(data, split="val", augment="none", img_size=16, seed=0,
+                                        epoch=0) for y in b.labels]
+    assert sorted(got) == sorted(val_reference().values())
+
+
+def test_kaggle_root_is_read_in_place(tmp_path):
+    root = make_kaggle(tmp_path / "kaggle")
+    data = data_section(str(root), val=str(root), shuffle_buffer=0)
+    val = resolve_source(data.val, "val")
+    labels = {Path(f).stem: y for s in val.shards for f, y in s.files}
+    assert labels == val_reference() and val.classes == tuple(SORTED)
+    train = resolve_source(data.train, "train")
+    assert {f"{Path(f).parent.name}/{Path(f).stem}": y for s in train.shards
+            for f, y in s.files} == train_reference()
+    assert class_names(data, "val") == tuple(WORDS[w] for w in SORTED)
     got = [int(y) for b in build_loader(data, split="val", augment="none", img_size=16, seed=0,
                                         epoch=0) for y in b.labels]
     assert sorted(got) == sorted(val_reference().values())

@@ -12,7 +12,8 @@ Accepted forms (a list mixes them):
   Hugging Face's `_info.json` (`timm/imagenet-1k-wds`), the tars it lists for the split
   (`validation` is read as data.val) with the counts it gives them; a directory of
   images (class sub-folders give labels; flat = unlabelled), or one whose sub-folders are
-  the splits (`train/`, `val/`), read as the split asked for;
+  the splits (`train/`, `val/`), read as the split asked for; the root of Kaggle's ImageNet
+  (`ILSVRC/Data/CLS-LOC`, its val split labelled by `LOC_val_solution.csv`);
 - `demo:train` / `demo:val`, the built-in demo data set.
 Counts of tars without a `shards.json` or an `_info.json` giving them are found by reading
 them once (local tars: their headers; `pipe:`/URL shards: one pass over the stream, unless
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from cratemae.data.cache import cache_dir
 from cratemae.data.folders import INDEX_NAME, WdsInfo, list_images, read_index, read_wds_info
+from cratemae.data.imagenet import is_kaggle_root, kaggle_dataset
 from cratemae.data.shards import (
     Shard,
     ShardUnreachable,
@@ -122,6 +124,8 @@ def _resolve_one(spec: str, split: str) -> Source:
             tars = _tars_of_split(path, tars, split)
             return _with_info(Source(tuple(Shard(str(p), _indexed_count(p)) for p in tars)),
                               info)
+        if is_kaggle_root(path):
+            return _from_kaggle(path, split)
         return _from_folder(path, split)
     from webdataset.shardlists import expand_urls
 
@@ -262,12 +266,28 @@ def _from_folder(root: Path, split: str) -> Source:
     files, classes = list_images(root)
     if not files:
         raise BadInputError(f"{root}: no shards.json, tar files or images (data.{split})")
-    shards = tuple(
+    return Source(_folder_shards(root, files), classes, random_access=True)
+
+
+def _folder_shards(root: Path, files: list[tuple[str, int]]) -> tuple[Shard, ...]:
+    """Labelled files cut into virtual shards of FOLDER_SHARD files."""
+    return tuple(
         Shard(f"{root}#{i // FOLDER_SHARD}", len(chunk), tuple(chunk))
         for i in range(0, len(files), FOLDER_SHARD)
         for chunk in [files[i : i + FOLDER_SHARD]]
     )
-    return Source(shards, classes, random_access=True)
+
+
+def _from_kaggle(root: Path, split: str) -> Source:
+    """Kaggle's ImageNet read in place: the train synset folders, the val images labelled
+    by LOC_val_solution.csv in the same (sorted synset) numbering."""
+    layout = kaggle_dataset(root)
+    if split not in layout.splits:
+        raise BadInputError(f"data.{split} = {root}: Kaggle's layout there has no {split}/ "
+                            "folder under ILSVRC/Data/CLS-LOC")
+    log.info("data.%s = %s: reading Kaggle's ImageNet layout, %s split", split, root, split)
+    return Source(_folder_shards(layout.roots[split], layout.splits[split]), layout.classes,
+                  random_access=True, class_names=layout.class_names)
 
 
 def _split_folder(root: Path, split: str) -> Path:
