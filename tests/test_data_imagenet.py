@@ -196,10 +196,12 @@ def test_a_class_folder_val_follows_the_train_classes(tmp_path):
     them as train does (alone, its 2 folders would be labels 0 and 1)."""
     assert cli("shard", make_train(tmp_path / "train"), tmp_path / "t").exit_code == 0
     val = make_train(tmp_path / "val", synsets=[SORTED[1], SORTED[3]], per_class=1)
-    res = cli("shard", val, tmp_path / "v", "--classes-from", tmp_path / "t")
+    res = cli("shard", val, tmp_path / "v", "--classes-from", tmp_path / "t", "--split", "val")
     assert res.exit_code == 0, res.output
-    assert labels_of(tmp_path / "v", "train") == train_reference([SORTED[1], SORTED[3]], 1)
+    assert labels_of(tmp_path / "v", "val") == train_reference([SORTED[1], SORTED[3]], 1)
     assert json.loads((tmp_path / "v" / "shards.json").read_text())["classes"] == SORTED
+    data = data_section(str(tmp_path / "t"), val=str(tmp_path / "v"))
+    assert resolve_source(data.val, "val").classes == tuple(SORTED)  # its val split
     help_text = cli("shard", "--help").output
     assert "--devkit" in help_text and "--classes-from" in help_text
 

@@ -43,6 +43,9 @@ def shard(
             "(or a folder holding train/ and val/), by its ground truth and meta.mat.",
         ),
     ] = None,
+    split: Annotated[
+        str, typer.Option(help="The split SRC's images go in: train, or val for a val folder.")
+    ] = "train",
     classes_from: Annotated[
         Path | None,
         typer.Option(
@@ -70,6 +73,7 @@ def shard(
       $ cratemae shard small_set data/small --max-per-shard 64 --overwrite
       $ cratemae shard imagenet/val data/in1k-val --devkit devkit_t12 --classes-from data/in1k
       $ cratemae shard imagenet-object-localization-challenge data/in1k
+      $ cratemae shard photos/val data/photos-val --split val --classes-from data/photos
     """
     from cratemae.data.writer import write_shards  # torch and PIL load lazily
 
@@ -85,6 +89,7 @@ def shard(
             progress=lambda done, total: bar.set(done, total),
             devkit=devkit,
             classes_from=classes_from,
+            split=split,
         )
     for split, shards in summary.splits.items():
         console.log(f"{split}: {summary.samples(split)} samples in {len(shards)} shards")

@@ -231,7 +231,8 @@ def _from_index(directory: Path, split: str, field: str) -> Source:
         have = ", ".join(index["splits"]) or "none"
         raise BadInputError(
             f"{directory}: has no {split!r} split (it has: {have}); for a val split rerun "
-            f"cratemae shard with --val-fraction, or set data.{field} to other data"
+            f"cratemae shard with --val-fraction (or shard a val folder with --split val), "
+            f"or set data.{field} to other data"
         )
     shards = []
     for e in index["splits"][split]:

@@ -44,6 +44,7 @@ from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, 
 __all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
+_SPLITS = ("train", "val")  # the splits a folder's images can go in (`{split}-NNNNNN.tar`)
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
@@ -109,11 +110,13 @@ def write_shards(
     progress: Progress | None = None,
     devkit: Path | None = None,
     classes_from: Path | None = None,
+    split: str = "train",
 ) -> ShardSummary:
     """Shard an ImageFolder tree (labelled), a flat folder of images (unlabelled), or
     ImageNet as downloaded: `devkit` labels image-net.org's flat val folder (or a folder with
     `train/` and `val/`), and Kaggle's layout is recognised by its root. `classes_from`
-    (train shards or a train folder) gives the class list, which the labels then follow."""
+    (train shards or a train folder) gives the class list, which the labels then follow;
+    `split` names the split a folder's images go in (a val folder: "val")."""
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise BadInputError(f"{src}: not a directory")
@@ -121,11 +124,16 @@ def write_shards(
         raise BadInputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if out_dir.resolve().is_relative_to(src.resolve()):
         raise BadInputError(f"{out_dir}: the output must not lie inside the source {src}")
+    if split not in _SPLITS or (split != "train" and val_fraction):
+        raise BadInputError(f"--split {split}: must be {' or '.join(_SPLITS)}, and train with "
+                            "--val-fraction")
     layout = (devkit_dataset(src, Path(devkit), classes_from) if devkit is not None
               else kaggle_dataset(src) if is_kaggle_root(src) else None)
     if layout is not None:
         if val_fraction:
             raise BadInputError(f"{src}: ImageNet's val split is given; drop --val-fraction")
+        if split != "train":
+            raise BadInputError(f"{src}: ImageNet's layouts name their splits; drop --split")
         if classes_from is not None and "train" in layout.splits:
             raise BadInputError(f"{src}: holds its train split, which gives the classes; "
                                 "drop --classes-from")
@@ -149,7 +157,7 @@ def write_shards(
     items = [items[i] for i in order]
     n_val = round(len(items) * val_fraction)
     n_val = max(n_val, 1) if val_fraction > 0 and len(items) > 1 else n_val
-    splits = {"train": items[n_val:]}
+    splits = {split: items[n_val:]}
     if n_val:
         splits["val"] = items[:n_val]
     return write_dataset(
