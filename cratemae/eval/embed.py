@@ -285,7 +285,8 @@ def embed(
     if done_chunks:
         log.info("resuming: %d of %d chunks of rank %d already written in %s", done_chunks,
                  n_chunks, info.rank, mine)
-    all_positions = sample_positions(full)
+    # (n,) int64: 8 bytes a sample, not a Python list's ~36
+    all_positions = torch.tensor(sample_positions(full), dtype=torch.int64)
     skipped = sum(plan.batch_len(b) for b in range(start))
     encoder.eval().to(device)
     loader = _loader(source, data, img_size, info.rank, info.world_size, start)
@@ -310,7 +311,7 @@ def embed(
 
 
 def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
-                positions: list[int], skipped: int, per_chunk: int, start: int, where: Path,
+                positions: torch.Tensor, skipped: int, per_chunk: int, start: int, where: Path,
                 device: torch.device, progress: Progress | None) -> None:
     """Encode this rank's batches from `start` on, writing one chunk file per `per_chunk`
     batches."""
@@ -325,7 +326,7 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
         valid = batch.valid if batch.valid is not None else torch.ones(n, dtype=torch.bool)
         row = {k: torch.where(valid[:, None], v.cpu(), 0.0) for k, v in feats.items()}
         row |= {"labels": batch.labels, "valid": valid, "keys": batch.keys,
-                "positions": torch.tensor(positions[done:done + n], dtype=torch.int64)}
+                "positions": positions[done:done + n]}
         pending.append(row)
         done, b = done + n, b + 1
         if b % per_chunk == 0 or b == loader.plan.num_batches:
