@@ -28,7 +28,7 @@ from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import Progress, classify
 from cratemae.eval.features import CACHE_FORMAT, FeatureSpec, cached_features
-from cratemae.eval.labels import check_labels, resolve_num_classes
+from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
 from cratemae.eval.logreg import fit_logreg, select_weight_decay
 from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
@@ -78,6 +78,7 @@ def probe(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None
                        "top5": details.pop("top5"), "checkpoint": str(checkpoint),
                        "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
                        "img_size": encoder.config.img_size, **details,
+                       "class_names": list(class_names(recipe) or []) or None,
                        "recipe": dump_recipe(recipe)}
             if dist.is_main_process():
                 atomic_write_json(run.files.probe, summary)
