@@ -67,14 +67,16 @@ def _reference(checkpoint: Path, files: list[Path]) -> tuple[torch.Tensor, torch
     return images, loaded.encoder
 
 
-def _embed(checkpoint: Path, data: list[str], out: Path, **kw: object) -> embed_mod.EmbedResult:
+def _embed(checkpoint: Path, data: list[str], out: Path, overwrite: bool = False,
+           **kw: object) -> embed_mod.EmbedResult:
     settings = EmbedSettings(**{"batch_size": 4, "num_workers": 0, **kw})  # type: ignore[arg-type]
     loaded = load_encoder(checkpoint)
     identity = {"architecture": timm_call(loaded.config)["model_name"],
                 "checkpoint_sha256": checkpoint_digest(checkpoint),
                 "model": loaded.config.to_dict()}
     return embed(loaded.encoder, data_source(data), out, settings, mean=loaded.mean,
-                 std=loaded.std, identity=identity, device=torch.device("cpu"))
+                 std=loaded.std, identity=identity, device=torch.device("cpu"),
+                 overwrite=overwrite)
 
 
 # --- what is written --------------------------------------------------------------------
@@ -146,6 +148,9 @@ def test_npy_format_holds_the_same_arrays(ckpt, folder, tmp_path) -> None:
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
         assert {k: v for k, v in b[3].items() if k not in ("arrays", "keys")} == a[3]
     assert read_embeddings(tmp_path / "npy")[3]["checkpoint_sha256"] == checkpoint_digest(ckpt)
+    _embed(ckpt, [str(folder)], tmp_path / "npy", format="npy", overwrite=True)  # no layers
+    assert not (tmp_path / "npy" / "layers.1.npy").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_file_lists_have_keys_and_no_labels(ckpt, folder, tmp_path) -> None:
@@ -246,6 +251,10 @@ def test_bad_input_is_one_error_line(ckpt, folder, tmp_path) -> None:
                                    "--out", out))
     assert "valid: -3..2" in _error_line(cli(*base, "--layers", "1,3"))
     assert "separated by commas" in _error_line(cli(*base, "--layers", "one"))
+    (tmp_path / "mine").mkdir()
+    assert "did not write" in _error_line(cli(*base[:-3], tmp_path / "mine", "--overwrite",
+                                              "--format", "npy"))
+    assert (tmp_path / "mine").is_dir()
     out.write_text("precious")
     assert "--overwrite" in _error_line(cli(*base))
     assert out.read_text() == "precious"

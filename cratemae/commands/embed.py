@@ -72,6 +72,10 @@ def embed(
         "--precision", metavar="bf16|fp16|fp32",
         help="Autocast on a GPU (as the probe's run.precision); always fp32 on a CPU.")
         ] = "bf16",
+    max_bad_fraction: Annotated[float, typer.Option(
+        "--max-bad-fraction", min=0.0, max=1.0,
+        help="Stop if more of the images than this cannot be read (data.max_bad_fraction "
+        "in the messages); those that cannot are kept as zero rows marked invalid.")] = 0.01,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace PATH if it exists, and discard the chunks of an "
         "interrupted embed made with other settings.")] = False,
@@ -119,7 +123,7 @@ def embed(
         settings = EmbedSettings(
             pool=_POOL[pool], layers=wanted, batch_size=batch_size, num_workers=workers,
             chunk_size=chunk_size, precision=resolve_precision(precision, where).name,
-            format=format_.value)
+            format=format_.value, max_bad_fraction=max_bad_fraction)
         identity = {"architecture": timm_call(loaded.config)["model_name"],
                     "checkpoint": str(checkpoint), "checkpoint_sha256":
                     checkpoint_digest(checkpoint), "model": loaded.config.to_dict(),

@@ -45,7 +45,7 @@ from cratemae.distributed.precision import Precision, resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import sample_positions
 from cratemae.eval.embed_chunks import assemble, chunk_name, complete_prefix, write_chunk
-from cratemae.eval.embeddings import FORMAT, layer_name
+from cratemae.eval.embeddings import FORMAT, INDEX_FILE, layer_name
 from cratemae.fs import atomic_write_json, is_temp_name
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
@@ -346,6 +346,15 @@ def _source_digest(source: Source) -> str:
     return h.hexdigest()
 
 
+def _written_by_embed(directory: Path) -> bool:
+    """Whether a directory is the npy output of an embed (which --overwrite may replace)."""
+    try:
+        index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
 # --- starting, resuming, debris -----------------------------------------------------------
 _TEMP_PID = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
 
@@ -385,6 +394,9 @@ def _prepare(out: Path, parts: Path, record: dict[str, Any], overwrite: bool) ->
     `overwrite`); clear the debris of dead writers."""
     if out.exists() and not overwrite:
         raise BadInputError(f"--out {out}: exists; pass --overwrite to replace it")
+    if out.is_dir() and not _written_by_embed(out):
+        raise BadInputError(f"--out {out}: is a directory that cratemae embed did not write; "
+                            "it is not replaced, even with --overwrite")
     _remove_debris(out.parent, prefix=out.name)
     settings_file = parts / SETTINGS_FILE
     if parts.exists():
