@@ -167,6 +167,18 @@ def test_file_lists_have_keys_and_no_labels(ckpt, folder, tmp_path) -> None:
                                    rtol=0)
 
 
+def test_webdataset_shards_give_their_keys_and_labels(ckpt, tmp_path) -> None:
+    from data_fixtures import make_shards
+
+    make_shards(tmp_path / "shards", [3, 4], index=False)  # counts read from the tars
+    out = tmp_path / "f.safetensors"
+    _embed(ckpt, [str(tmp_path / "shards" / "train-{000000..000001}.tar")], out, num_workers=2)
+    feats, labels, keys, meta = read_embeddings(out)
+    assert keys == ["s0_0", "s0_1", "s0_2", "s1_3", "s1_4", "s1_5", "s1_6"]
+    assert labels.tolist() == list(range(7)) and feats.shape == (7, 32)
+    assert meta["classes"] is None
+
+
 def test_an_unreadable_image_is_marked_and_left_out_by_the_reader(ckpt, folder, tmp_path
                                                                   ) -> None:
     files = [*_files(folder)[:4], tmp_path / "broken.png"]
