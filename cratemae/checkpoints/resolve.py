@@ -82,6 +82,10 @@ _META_FIELDS: dict[str, tuple[Any, str]] = {
     "samples_seen": (_count, "a whole number >= 0"),
     "bad_samples": (_count, "a whole number >= 0"),
     "nonfinite_skipped": (_count, "a whole number >= 0"),
+    "recoveries": (_count, "a whole number >= 0"),
+    "lr_factor": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and 0 < v <= 1, "a number in (0, 1]"),
+    "fp32": (lambda v: isinstance(v, bool), "true or false"),
     "world_size": (lambda v: _count(v) and v >= 1, "a whole number >= 1"),
     "wall_time": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
                   "a number"),

@@ -180,10 +180,27 @@ class RunSection(_Section):
     checkpoint_every_minutes: Annotated[float, Field(gt=0)] = Field(30, json_schema_extra=SAFE)
     keep_last: PositiveInt = Field(2, json_schema_extra=SAFE)
     keep_every_epochs: PositiveInt | None = Field(None, json_schema_extra=SAFE)
-    max_nonfinite: PositiveInt = Field(20, json_schema_extra=SAFE)
+    # A step whose loss is not finite (NaN, inf) on any rank is skipped by every rank and
+    # counted. When `nan_patience` of the last `nan_window` steps were skipped (no window:
+    # `nan_patience` in a row), the run recovers as `nan_recovery` says: "rollback" reloads
+    # the run's newest complete checkpoint (weights, optimizer, scaler, weight average, RNG
+    # states, data position) on every rank and goes on with its learning rate times
+    # `nan_lr_factor` from then on (an exact rollback repeats the same batches and masks: at
+    # the same learning rate it would diverge again); "rollback_fp32" also trains in float32
+    # for the rest of the run; "stop" ends the run (exit status 1) naming the last good
+    # checkpoint. After `nan_max_recoveries` rollbacks the next one stops the run instead.
+    # The factor and the float32 switch are saved in later checkpoints, so a resumed run keeps
+    # them. `max_nonfinite = N` (the old key) reads as nan_patience = N, nan_recovery = "stop".
+    nan_patience: PositiveInt = Field(20, json_schema_extra=SAFE)
+    nan_window: PositiveInt | None = Field(None, json_schema_extra=SAFE)
+    nan_recovery: Literal["rollback", "rollback_fp32", "stop"] = Field(
+        "rollback", json_schema_extra=SAFE)
+    nan_max_recoveries: Annotated[int, Field(ge=0)] = Field(3, json_schema_extra=SAFE)
+    nan_lr_factor: Annotated[float, Field(gt=0, le=1)] = Field(0.5, json_schema_extra=SAFE)
     # Pre-training's validation every this many steps and at the end (None: none): val_loss,
-    # k-NN top-1, per-layer coding rate and sparsity, samples/ pictures, on the first
-    # `eval_images` images of data.val (see cratemae.tasks.monitor).
+    # k-NN top-1, per-layer coding rate and sparsity, samples/ pictures, on `eval_images`
+    # images of data.val drawn once by the seed (the same ones at every evaluation and on
+    # resume; see cratemae.tasks.monitor `subset_positions`).
     eval_every_steps: PositiveInt | None = Field(None, json_schema_extra=SAFE)
     eval_images: PositiveInt = Field(1024, json_schema_extra=SAFE)
     # Where the curves go besides metrics.jsonl (always written): "tensorboard"
@@ -193,6 +210,28 @@ class RunSection(_Section):
     # Rendezvous for `srun` launches without torchrun (torchrun sets MASTER_ADDR itself).
     master_addr: str | None = Field(None, json_schema_extra=SAFE)
     master_port: Annotated[int, Field(gt=0, lt=65536)] | None = Field(None, json_schema_extra=SAFE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_max_nonfinite(cls, data: Any) -> Any:
+        """`max_nonfinite = N` (before `nan_patience`; every saved recipe.toml of that time
+        holds it) meant: N non-finite losses in a row stop the run."""
+        if not isinstance(data, dict) or "max_nonfinite" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("max_nonfinite")
+        if data.setdefault("nan_patience", old) != old:
+            raise ValueError("max_nonfinite is the old name of nan_patience: give only "
+                             "nan_patience")
+        data.setdefault("nan_recovery", "stop")
+        return data
+
+    @model_validator(mode="after")
+    def _window_holds_patience(self) -> RunSection:
+        if self.nan_window is not None and self.nan_window < self.nan_patience:
+            raise ValueError(f"nan_window ({self.nan_window}) must be at least nan_patience "
+                             f"({self.nan_patience}): fewer steps can never hold that many")
+        return self
 
 
 Pool = Literal["token", "avg"]

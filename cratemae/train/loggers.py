@@ -6,10 +6,14 @@ in older files) gives `train/loss`, `train/lr`, `train/images_per_s` and
 `train/data_wait_fraction`; an evaluation line (`"kind": "eval"`) gives `val/<name>` for
 each number (`val_loss` -> `val/loss`, `val_knn_top1` -> `val/knn_top1`, fine-tuning's
 `top1` -> `val/top1`), `layers/<name>/<depth>` for each per-layer list (`coding_rate`,
-`sparsity`), and its `samples` picture as the image `val/reconstructions`.
+`sparsity`), and its `samples` picture as the image `val/reconstructions`; a recovery from
+non-finite losses (`"kind": "recovery"`, `cratemae.train.recovery`) gives
+`recovery/lr_factor` and `recovery/number` at the step the run went back to.
 
 A resumed run drops what was logged after its checkpoint (TensorBoard's `purge_step`, as
-metrics.jsonl drops those lines), so the curves continue without a repeated step.
+metrics.jsonl drops those lines), so the curves continue without a repeated step; a rollback
+does the same (`rewind`). W&B cannot take a step back: there the steps repeated after a
+rollback are dropped by W&B until the run passes the step it rolled back from.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger("cratemae")
 LOGGER_NAMES = ("tensorboard", "wandb")
 IMAGE_TAG = "val/reconstructions"
 TRAIN_SCALARS = ("loss", "lr", "images_per_s", "data_wait_fraction")
+RECOVERY_SCALARS = {"lr_factor": "lr_factor", "recovery": "number"}
 LAYER_LISTS = ("coding_rate", "sparsity")
 _NOT_CURVES = {"kind", "step", "epoch", "total_steps", "best", "eval_images", "eval_seconds"}
 
@@ -45,8 +50,14 @@ def _number(value: Any) -> bool:
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The curves one metrics record adds to: {name: value} (see the module docstring)."""
-    if record.get("kind", "train") == "train":
+    kind = record.get("kind", "train")
+    if kind == "train":
         return {f"train/{k}": float(record[k]) for k in TRAIN_SCALARS if _number(record.get(k))}
+    if kind == "recovery":
+        return {f"recovery/{name}": float(record[k]) for k, name in RECOVERY_SCALARS.items()
+                if _number(record.get(k))}
+    if kind != "eval":
+        return {}  # a kind this version does not know: no curve
     out: dict[str, float] = {}
     for key, value in record.items():
         if key in _NOT_CURVES:
@@ -99,6 +110,14 @@ class Loggers:
             if picture is not None:
                 data[IMAGE_TAG] = wandb.Image(str(picture))
             self._wandb.log(data, step=step)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: TensorBoard drops what was logged after it, as on
+        resume (the writer is reopened with that `purge_step`)."""
+        if self._tb is not None:
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = _tensorboard(Path(log_dir), step)
 
     def close(self) -> None:
         if self._tb is not None:

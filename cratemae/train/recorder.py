@@ -84,6 +84,22 @@ class RunRecorder:
         if self.loggers is not None:
             self.loggers.write(record)
 
+    def rewind(self, step: int) -> None:
+        """After a rollback to the checkpoint of `step`: forget what was reported after it,
+        as a resume from it would (metrics.jsonl's lines, TensorBoard's events, the best
+        evaluation), so the reports read as one run that went on from there."""
+        self.resume_step = step
+        if self.main:
+            self.metrics = MetricsLog(RunFiles(self.run_dir).metrics, step)
+        if self.loggers is not None:
+            self.loggers.rewind(step)
+        if self.best is not None:
+            self.best = BestKeeper(self.run_dir, self.task.config, step)
+        self.evals = [r for r in self.evals if r["step"] <= step]
+        self.monitors = [r for r in self.monitors if r["step"] <= step]
+        self.last_monitor_step = min(self.last_monitor_step, step)
+        self.start_clock(step)
+
     # --- training lines ---------------------------------------------------------------------
     def log_due(self, state: TrainState) -> bool:
         return state.step % self.recipe.run.log_every == 0 or state.step == self.total_steps

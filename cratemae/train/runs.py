@@ -53,6 +53,7 @@ class RunInfo:
     state: str  # "running", "finished", "stopped" (resumable) or "failed"
     detail: str  # why: the process, the error, the age of the log
     last_checkpoint: str | None
+    recoveries: int = 0  # rollbacks after non-finite losses (`"kind": "recovery"` lines)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +84,8 @@ def describe_run(run_dir: Path, now: float | None = None) -> RunInfo:
     state, detail = _state(run_dir, kind, step, total, ckpt_step, now)
     return RunInfo(str(run_dir), kind, model, step, total, last.get("loss"),
                    val.get("val_loss"), val.get("val_knn_top1"), top1, state, detail,
-                   str(last_ckpt) if last_ckpt is not None else None)
+                   str(last_ckpt) if last_ckpt is not None else None,
+                   sum(r.get("kind") == "recovery" for r in records))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

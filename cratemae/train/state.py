@@ -42,9 +42,20 @@ class TrainState:
     samples_seen: int = 0  # over all ranks
     bad_samples: int = 0  # over all ranks
     nonfinite_skipped: int = 0
+    # What recoveries from non-finite losses changed (`cratemae.train.recovery`), kept for
+    # the rest of the run and across resume: how many there were, the factor on the
+    # scheduled learning rate, and whether the step was switched to float32.
+    recoveries: int = 0
+    lr_factor: float = 1.0
+    fp32: bool = False
 
     def to_meta(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def replace_with(self, other: TrainState) -> None:
+        """Take every counter of `other` in place (the loop holds this object)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(other, f.name))
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> TrainState:
@@ -90,8 +101,10 @@ def save_run(run_dir: Path, *, model: nn.Module, config: dict, optimizer: torch.
 
 
 def restore_run(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, recipe: Recipe) -> TrainState:
-    """Load everything from checkpoint `path` into the run, all or nothing."""
+                scaler: torch.amp.GradScaler, recipe: Recipe,
+                verb: str = "resumed from") -> TrainState:
+    """Load everything from checkpoint `path` into the run, all or nothing (`verb` names
+    why in the log line: a resume, or a rollback after non-finite losses)."""
     ckpt = load_checkpoint(path)
     if ckpt.weights_only:
         raise BadInputError(f"{ckpt.path}: a weights file cannot be resumed from")
@@ -119,7 +132,7 @@ def restore_run(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
         state = TrainState.from_meta(ckpt.meta)
     except BadInputError as err:
         raise BadInputError(f"{ckpt.path}: {err}") from None
-    log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt.path, state.step,
+    log.info("%s %s (step %d, epoch %d, batch %d)", verb, ckpt.path, state.step,
              state.epoch, state.batch)
     return state
 

@@ -55,7 +55,7 @@ def wrap_model(model: nn.Module, device: torch.device, compile: bool) -> nn.Modu
 class TrainStep:
     """`step(batches, state, counts)`: one optimizer step of `task`'s loss over `accum`
     micro-batches taken from `batches`; `lr(step)` gives the scheduled learning rate (each
-    group's `lr_scale` multiplies it)."""
+    group's `lr_scale` and the run's `state.lr_factor` multiply it)."""
 
     def __init__(self, task: Task, *, optimizer: torch.optim.Optimizer, precision: Precision,
                  lr: Callable[[int], float], accum: int = 1, clip_grad: float | None = None,
@@ -74,7 +74,7 @@ class TrainStep:
         """Advance `state` by one step (and `accum` micro-batches); False if the step was
         skipped because some rank's loss was not finite (then no rank runs backward)."""
         counts = counts if counts is not None else StepCounts()
-        lr = self.lr(state.step)
+        lr = self.lr(state.step) * state.lr_factor  # lowered by recoveries from NaNs
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         start, finite, losses = time.perf_counter(), True, []
@@ -109,6 +109,11 @@ class TrainStep:
         counts.seconds += time.perf_counter() - start
         state.step += 1
         return finite
+
+    def use_precision(self, precision: Precision) -> None:
+        """Train at `precision` from the next step on, with a fresh scaler for it (a recovery
+        from non-finite losses switches to float32, whose scaler passes gradients through)."""
+        self.precision, self.scaler = precision, precision.make_scaler()
 
     def _update(self) -> None:
         if self.clip_grad is not None:

@@ -8,7 +8,9 @@ the checkpoint to resume from. The `Trainer` is the loop: the step plan, one `Tr
 run reports (metrics lines, loggers, evaluations and the best weights, monitoring) is the
 `RunRecorder`'s (`cratemae.train.recorder`). Every decision that ends or saves the run (a
 signal, a save, too many bad samples) is agreed by all ranks through one small all-reduce
-per step, so no rank stops alone while the others wait.
+per step, so no rank stops alone while the others wait. Too many non-finite losses roll the
+run back to its last checkpoint, or stop it (`cratemae.train.recovery`): every rank decides
+alike from the step's all-reduced verdict.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from typing import Any
 
 import torch
 
+from cratemae.checkpoints.layout import step_dir_name
+from cratemae.checkpoints.resolve import check_checkpoint_dir
 from cratemae.distributed import dist
-from cratemae.distributed.precision import resolve_precision
+from cratemae.distributed.precision import Precision, resolve_precision
 from cratemae.distributed.preemption import PreemptionFlag
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
+from cratemae.rundir import RunFiles
 from cratemae.train.ema import WeightEMA, WithEMA
 from cratemae.train.optim import configure_optimizers, lr_at, peak_lr
 from cratemae.train.recorder import RunRecorder
+from cratemae.train.recovery import NanGuard, Rollback
 from cratemae.train.setup import RunSetup
 from cratemae.train.state import TrainState, restore_run, save_run
 from cratemae.train.step import StepCounts, TrainStep
@@ -85,11 +91,15 @@ class Trainer:
         if resume is not None:
             self.state = restore_run(resume, model=self.saved, optimizer=optimizer,
                                      scaler=self.stepper.scaler, recipe=self.recipe)
+            if self.state.fp32:  # a recovery switched the run to float32 before
+                self._use_fp32()
         resume_step = self.state.step if resume is not None else None
         self.recorder = RunRecorder(self.recipe, task, self.run_dir, resume_step=resume_step,
                                     total_steps=self.total_steps, ema=self.ema, on_log=on_log)
-        self.last_checkpoint: Path | None = resume
+        self.last_checkpoint: Path | None = resume  # rank 0's saves (for messages)
+        self.rollback_to: Path | None = resume  # every rank's: the last saved or resumed from
         self.last_saved_step = resume_step if resume_step is not None else -1
+        self.nan_guard = NanGuard(self.recipe.run)
 
     def _plan_steps(self) -> None:
         r, world = self.recipe, self.run.info.world_size
@@ -142,7 +152,7 @@ class Trainer:
         rec.start_clock(state.step)
         self.model.train()
         history: list[dict[str, Any]] = []
-        counts, consecutive_bad = StepCounts(), 0
+        counts = StepCounts()
         last_save = time.monotonic()
         per_epoch = self.steps_per_epoch * self.accum  # micro-batches used per epoch
         with PreemptionFlag() as preempt:
@@ -152,11 +162,9 @@ class Trainer:
                 end_of_epoch = False
                 while not end_of_epoch and state.step < self.total_steps:
                     ok = self.stepper.step(batches, state, counts)
-                    consecutive_bad = 0 if ok else consecutive_bad + 1
-                    if consecutive_bad >= self.recipe.run.max_nonfinite:
-                        raise CrateMAEError(
-                            f"{consecutive_bad} non-finite losses in a row at step "
-                            f"{state.step}; last good checkpoint: {self.last_checkpoint}")
+                    if self.nan_guard.tripped(ok):
+                        self._roll_back(counts, history)  # or raise: the run stops
+                        break  # a new loader, at the checkpoint's data position
                     end_of_epoch = state.batch >= per_epoch
                     if end_of_epoch:
                         state.epoch, state.batch = state.epoch + 1, 0
@@ -167,11 +175,11 @@ class Trainer:
                     if rec.monitor_due(state):
                         rec.monitor(self.model, state)
                     minutes = (time.monotonic() - last_save) / 60
-                    # No routine save inside a run of skipped steps: the newest checkpoint
-                    # stays one taken after a good step.
+                    # No routine save after a skipped step: the newest checkpoint stays
+                    # one taken after a good step (the one a rollback goes back to).
                     stop, save = self._agree(
                         preempt.requested,
-                        consecutive_bad == 0 and (
+                        ok and (
                             minutes >= self.recipe.run.checkpoint_every_minutes
                             or self._save_due(end_of_epoch)),
                         loader.bad_fraction_error(final=end_of_epoch))
@@ -220,5 +228,42 @@ class Trainer:
                         optimizer=self.stepper.optimizer, scaler=self.stepper.scaler,
                         state=self.state, recipe=self.recipe, end_of_epoch=end_of_epoch)
         self.last_checkpoint = path or self.last_checkpoint
+        self.rollback_to = RunFiles(self.run_dir).checkpoints / step_dir_name(self.state.step)
         self.last_saved_step = self.state.step
         dist.barrier()
+
+    # --- recovering from non-finite losses ---------------------------------------------------
+    def _roll_back(self, counts: StepCounts, history: list[dict[str, Any]]) -> None:
+        """Every rank reloads the last checkpoint (weights, optimizer, scaler, average, RNG
+        states, data position) and goes on with a lower lr, maybe in float32; or the run
+        stops (`NanGuard.decide`, the same on every rank)."""
+        found = self.rollback_to
+        if found is not None:
+            try:
+                check_checkpoint_dir(found, verify_hashes=False)
+            except CrateMAEError:
+                found = None
+        # Every rank must see the checkpoint rank 0 saved, or none rolls back.
+        missing = dist.all_reduce_any(found is None)
+        plan: Rollback = self.nan_guard.decide(self.state, None if missing else found)
+        restored = restore_run(plan.checkpoint, model=self.saved,
+                               optimizer=self.stepper.optimizer, scaler=self.stepper.scaler,
+                               recipe=self.recipe, verb="rolled back to")
+        restored.recoveries, restored.lr_factor = plan.number, plan.lr_factor
+        restored.fp32 = plan.fp32
+        self.state.replace_with(restored)
+        if plan.fp32 and self.stepper.precision.name != "fp32":
+            self._use_fp32()
+        self.last_saved_step = self.state.step
+        counts.reset()
+        history[:] = [r for r in history if r["step"] <= self.state.step]
+        self.recorder.rewind(self.state.step)
+        if dist.is_main_process():
+            max_recoveries = self.recipe.run.nan_max_recoveries
+            log.warning(plan.warning(self.state.step, max_recoveries, self.run_dir))
+            self.recorder.write(plan.record(self.state.step, self.stepper.precision.name,
+                                            self.run_dir))
+
+    def _use_fp32(self) -> None:
+        self.precision = Precision("fp32", self.device.type, "")
+        self.stepper.use_precision(self.precision)
