@@ -61,19 +61,19 @@ def embed(
     split: Annotated[str, typer.Option(
         "--split", metavar="val|train",
         help="Split to read of a shard directory or a folder of split folders.")] = "val",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    workers: Annotated[int, typer.Option("--workers", min=0,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", min=1)] = 64,
+    workers: Annotated[int, typer.Option("--workers", metavar="N", min=0,
                                          help="DataLoader workers per process.")] = 4,
     chunk_size: Annotated[int, typer.Option(
-        "--chunk-size", min=1, help="Samples per chunk written while running (memory holds "
-        "one chunk).")] = 4096,
+        "--chunk-size", metavar="N", min=1,
+        help="Samples per chunk written while running (memory holds one chunk).")] = 4096,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda|cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(
         "--precision", metavar="bf16|fp16|fp32",
         help="Autocast on a GPU (as the probe's run.precision); always fp32 on a CPU.")
         ] = "bf16",
     max_bad_fraction: Annotated[float, typer.Option(
-        "--max-bad-fraction", min=0.0, max=1.0,
+        "--max-bad-fraction", metavar="F", min=0.0, max=1.0,
         help="Stop if more of the images than this cannot be read (data.max_bad_fraction "
         "in the messages); those that cannot are kept as zero rows marked invalid.")] = 0.01,
     overwrite: Annotated[bool, typer.Option(
