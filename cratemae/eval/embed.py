@@ -246,8 +246,9 @@ def embed(
     progress: Progress | None = None,
 ) -> EmbedResult:
     """Embed every sample of `source` into `out` (see the module's docstring), on every rank
-    of the process group (or alone). `identity` goes into the file's metadata; its
-    `checkpoint_sha256` and `data` also decide whether leftover chunks can be resumed."""
+    of the process group (or alone). `identity` (architecture, checkpoint_sha256, model
+    configuration, ...) goes into the file's metadata; its `checkpoint_sha256`, the data's
+    shards and files, and `settings` decide whether leftover chunks may be resumed."""
     info = dist.get_dist_info()
     out = Path(out)
     if settings.pool not in POOLS:
@@ -273,25 +274,8 @@ def embed(
     dist.raise_together(error, f"{parts}: refused on rank 0")
     dist.barrier()
     mine = _rank_dir(parts, info.rank, info.world_size)
-    mine.mkdir(parents=True, exist_ok=True)
-    _remove_debris(mine)
-
-    full = _loader(source, data, img_size, info.rank, info.world_size, 0)
-    plan = full.plan
-    per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
-    n_chunks = -(-plan.num_batches // per_chunk)
-    done_chunks = complete_prefix(mine, n_chunks)
-    start = min(done_chunks * per_chunk, plan.num_batches)
-    if done_chunks:
-        log.info("resuming: %d of %d chunks of rank %d already written in %s", done_chunks,
-                 n_chunks, info.rank, mine)
-    # (n,) int64: 8 bytes a sample, not a Python list's ~36
-    all_positions = torch.tensor(sample_positions(full), dtype=torch.int64)
-    skipped = sum(plan.batch_len(b) for b in range(start))
-    encoder.eval().to(device)
-    loader = _loader(source, data, img_size, info.rank, info.world_size, start)
-    _run_chunks(encoder, loader, settings, all_positions, skipped, per_chunk, start, mine,
-                device, progress)
+    loader, n_chunks, done_chunks = _embed_share(encoder, source, data, settings, img_size,
+                                                 mine, device, progress)
     dist.raise_together(loader.bad_fraction_error(final=True),
                         "another rank has too many bad samples")
     dist.barrier()
@@ -308,6 +292,34 @@ def embed(
     if result is None:
         return EmbedResult(out, 0, 0, False, 0, done_chunks, main_process=False)
     return result
+
+
+def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
+                 settings: EmbedSettings, img_size: int, mine: Path, device: torch.device,
+                 progress: Progress | None) -> tuple[Loader, int, int]:
+    """This rank's share into chunk files in `mine`, from the first chunk not yet there.
+    Returns the loader (for its bad-sample count), the rank's chunk count and how many were
+    there already."""
+    info = dist.get_dist_info()
+    mine.mkdir(parents=True, exist_ok=True)
+    _remove_debris(mine)
+    full = _loader(source, data, img_size, info.rank, info.world_size, 0)
+    plan = full.plan
+    per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
+    n_chunks = -(-plan.num_batches // per_chunk)
+    done_chunks = complete_prefix(mine, n_chunks)
+    start = min(done_chunks * per_chunk, plan.num_batches)
+    if done_chunks:
+        log.info("resuming: %d of %d chunks of rank %d already written in %s", done_chunks,
+                 n_chunks, info.rank, mine)
+    # (n,) int64: 8 bytes a sample, not a Python list's ~36
+    positions = torch.tensor(sample_positions(full), dtype=torch.int64)
+    skipped = sum(plan.batch_len(b) for b in range(start))
+    encoder.eval().to(device)
+    loader = _loader(source, data, img_size, info.rank, info.world_size, start)
+    _run_chunks(encoder, loader, settings, positions, skipped, per_chunk, start, mine, device,
+                progress)
+    return loader, n_chunks, done_chunks
 
 
 def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
