@@ -12,7 +12,6 @@ import torch
 from support import cli
 
 from cratemae.analysis import (
-    LoadedEncoder,
     PatchPCA,
     analyze,
     coding_rate,
@@ -20,6 +19,7 @@ from cratemae.analysis import (
     sparsity,
 )
 from cratemae.model import CrateMAE, CrateMAEConfig
+from cratemae.weights.load import LoadedModel
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +64,7 @@ def test_sparsity_is_the_fraction_of_nonzero_entries() -> None:
     assert sparsity(torch.zeros(1, 3, 2)).item() == 0.0
 
 
-def small_encoder(depth: int = 3) -> LoadedEncoder:
+def small_encoder(depth: int = 3) -> LoadedModel:
     torch.manual_seed(0)
     config = CrateMAEConfig(
         img_size=32,
@@ -77,7 +77,7 @@ def small_encoder(depth: int = 3) -> LoadedEncoder:
         decoder_depth=1,
     )
     encoder = CrateMAE(config).encoder.eval()
-    return LoadedEncoder(encoder, Path("random"), (0.5,) * 3, (0.25,) * 3, True)
+    return LoadedModel(encoder, Path("random"), (0.5,) * 3, (0.25,) * 3, True)
 
 
 def test_record_layers_measures_each_layer_output_against_its_own_subspaces() -> None:

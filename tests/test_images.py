@@ -14,13 +14,11 @@ import torch
 from PIL import Image
 from support import cli
 
-from cratemae.analysis import load as analysis_load
 from cratemae.checkpoints import write_model_weights
-from cratemae.data import eval_transform
+from cratemae.data import eval_transform, transforms
 from cratemae.data.decode import MAX_PIXELS, read_image_file
 from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, CrateMAEConfig
-from cratemae.viz import images as viz_images
 
 EXIF_ORIENTATION = 0x0112
 SIZE = 32
@@ -70,11 +68,10 @@ def test_reconstruct_and_analyze_see_the_same_pixels(files, monkeypatch, kind) -
     def resize(img: Image.Image, size: int) -> Image.Image:
         return img.resize((size, size), Image.Resampling.NEAREST)
 
-    monkeypatch.setattr(viz_images, "to_square", resize)
-    monkeypatch.setattr(analysis_load, "eval_transform",
-                        lambda size, mean, std: lambda img, rng: as_tensor(resize(img, size)))
-    by_reconstruct = viz_images.load_image(files[kind], SIZE)
-    by_analyze = next(analysis_load.load_images([files[kind]], SIZE, (0.0,) * 3, (1.0,) * 3, 1))
+    monkeypatch.setattr(transforms, "fit_image", lambda img, size, fit: torch.from_numpy(
+        np.asarray(resize(img, size))).permute(2, 0, 1))
+    by_reconstruct = transforms.image_to_tensor(files[kind], SIZE, fit=transforms.FIT_SHORT_SIDE)
+    by_analyze = transforms.image_to_tensor(files[kind], SIZE, (0.0,) * 3, (1.0,) * 3)[None]
     assert by_reconstruct.shape == (3, SIZE, SIZE)
     assert torch.equal(by_reconstruct, by_analyze[0])
 
@@ -82,10 +79,10 @@ def test_reconstruct_and_analyze_see_the_same_pixels(files, monkeypatch, kind) -
 @pytest.mark.parametrize("kind", ["grey16", "rgba", "exif"])
 def test_both_commands_read_through_read_image_file(files, kind) -> None:
     rgb = read_image_file(files[kind])
-    assert torch.equal(viz_images.load_image(files[kind], SIZE),
-                       as_tensor(viz_images.to_square(rgb, SIZE)))
+    assert torch.equal(transforms.image_to_tensor(files[kind], SIZE, fit=transforms.FIT_SHORT_SIDE),
+                       transforms.fit_image(rgb, SIZE, transforms.FIT_SHORT_SIDE).float() / 255)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    batch = next(analysis_load.load_images([files[kind]], SIZE, mean, std, 1))
+    batch = transforms.image_to_tensor(files[kind], SIZE, mean, std)[None]
     assert torch.equal(batch[0], eval_transform(SIZE, mean, std)(rgb, np.random.default_rng()))
 
 
@@ -115,8 +112,9 @@ def test_the_exif_orientation_is_applied(files) -> None:
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch) -> None:
     bomb = png_header(tmp_path / "bomb.png", 30_000, 30_000)  # 900 Mpx, 100 bytes
-    for read in (read_image_file, lambda p: viz_images.load_image(p, SIZE),
-                 lambda p: next(analysis_load.load_images([p], SIZE, (0,) * 3, (1,) * 3, 1))):
+    for read in (read_image_file,
+                 lambda p: transforms.image_to_tensor(p, SIZE, fit=transforms.FIT_SHORT_SIDE),
+                 lambda p: transforms.image_to_tensor(p, SIZE, (0,) * 3, (1,) * 3)):
         with pytest.raises(BadInputError) as err:
             read(bomb)
         text = str(err.value)

@@ -19,8 +19,10 @@ from support import REPO
 from cratemae.analysis import record_layers
 from cratemae.data.plan import subset_plan
 from cratemae.errors import BadInputError
+from cratemae.eval.knn import knn_top1
+from cratemae.eval.validation import subset_positions
 from cratemae.recipe import load_recipe
-from cratemae.tasks.monitor import PretrainMonitor, knn_top1, subset_positions
+from cratemae.tasks.monitor import PretrainMonitor
 from cratemae.tasks.pretrain import MAETask, build_mae, pretrain
 
 DEMO = REPO / "recipes" / "demo.toml"

@@ -13,8 +13,8 @@ from PIL import Image
 from support import cli
 
 from cratemae.checkpoints import write_model_weights
+from cratemae.data.transforms import FIT_SHORT_SIDE, image_to_tensor
 from cratemae.model import create_model, patchify
-from cratemae.viz.images import load_image
 from cratemae.viz.panel import LEGEND_HEIGHT, MIN_PANEL, _legend
 from cratemae.viz.reconstruction import _as_image_patches
 
@@ -87,7 +87,7 @@ def test_printed_psnr_is_that_of_the_picture_over_the_seeded_mask(
     original, masked, prediction, pasted = panels(out, 32, row=0)
     hidden = np.kron(hidden_patches(64, seed=7, mask_ratio=0.75).reshape(8, 8),
                      np.ones((4, 4))).astype(bool)  # patch 4 px, 8 x 8 grid
-    expected = np.asarray(load_image(photos["jpeg"], 32).permute(1, 2, 0))
+    expected = np.asarray(image_to_tensor(photos["jpeg"], 32, fit=FIT_SHORT_SIDE).permute(1, 2, 0))
     assert np.abs(original - expected).max() <= 0.5 / 255  # the panel is the model's input
     assert np.all(masked[hidden] == 128 / 255)
     assert np.array_equal(pasted[~hidden], original[~hidden])
@@ -107,15 +107,16 @@ def test_the_same_seed_gives_the_same_picture(demo_checkpoint, photos, tmp_path)
 
 
 def test_images_are_upright_rgb_squares(photos) -> None:
-    rotated = load_image(photos["exif"], 48)
+    rotated = image_to_tensor(photos["exif"], 48, fit=FIT_SHORT_SIDE)
     with Image.open(photos["jpeg"]) as im:  # the same crop, turned by hand
         upright = im.crop((0, 0, 512, 300)).transpose(Image.Transpose.ROTATE_270)
         upright.save(photos["exif"].with_name("upright.png"))
-    torch.testing.assert_close(rotated, load_image(photos["exif"].with_name("upright.png"), 48),
+    torch.testing.assert_close(rotated, image_to_tensor(photos["exif"].with_name("upright.png"),
+                                                        48, fit=FIT_SHORT_SIDE),
                                atol=0.1, rtol=0)  # JPEG noise only: a wrong turn is far off
-    grey = load_image(photos["grey"], 48)
+    grey = image_to_tensor(photos["grey"], 48, fit=FIT_SHORT_SIDE)
     assert grey.shape == (3, 48, 48) and torch.equal(grey[0], grey[1])
-    rgba = load_image(photos["rgba"], 48)
+    rgba = image_to_tensor(photos["rgba"], 48, fit=FIT_SHORT_SIDE)
     assert torch.all(rgba[:, :, :20] == 1.0)  # the transparent half, over white
     assert not torch.all(rgba[:, :, 28:] == 1.0)
 

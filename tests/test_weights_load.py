@@ -233,13 +233,11 @@ def test_a_mismatch_is_one_error_line_naming_the_file(mae, tmp_path, how, messag
 
 # --- every command reads weights through the one loader -----------------------------------
 def test_the_commands_and_tasks_hold_the_loader_s_own_functions() -> None:
-    from cratemae.analysis import load as analysis_load
     from cratemae.tasks import finetune, probe
     from cratemae.weights import authors_file
 
     assert probe.load_encoder is finetune.load_encoder is load.load_encoder
     assert probe.checkpoint_digest is load.checkpoint_digest
-    assert analysis_load.LoadedEncoder is load.LoadedModel
     assert authors_file.checkpoint_filter_fn is load.checkpoint_filter_fn
 
 

@@ -10,7 +10,6 @@ May import: errors, recipe, data, model, checkpoints, weights.
 """
 
 from cratemae.analysis.heads import LayerHeads, layer_heads
-from cratemae.analysis.load import LoadedEncoder, load_encoder, load_images
 from cratemae.analysis.measures import EPS2, coding_rate, sparsity
 from cratemae.analysis.record import LayerRecord, record_layers
 from cratemae.analysis.run import Analysis, Picture, analyze, attention_layers
@@ -22,15 +21,12 @@ __all__ = [
     "LayerHeads",
     "LayerRecord",
     "LayerSummary",
-    "LoadedEncoder",
     "PatchPCA",
     "Picture",
     "analyze",
     "attention_layers",
     "coding_rate",
     "layer_heads",
-    "load_encoder",
-    "load_images",
     "record_layers",
     "sparsity",
 ]

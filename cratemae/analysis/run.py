@@ -13,6 +13,7 @@ from cratemae.analysis.heads import SPARSITY_OF, SUBSPACES_OF
 from cratemae.analysis.measures import EPS2
 from cratemae.analysis.record import record_layers
 from cratemae.analysis.summary import LayerSummary, PatchPCA
+from cratemae.data.transforms import unnormalize
 
 if TYPE_CHECKING:
     from cratemae.weights.load import LoadedModel
@@ -58,6 +59,11 @@ def attention_layers(depth: int) -> list[int]:
     return sorted({max(depth - 1, 1), depth})
 
 
+def _for_display(imgs: torch.Tensor, model: LoadedModel) -> np.ndarray:
+    """Normalised (B, 3, S, S) -> (B, S, S, 3) float32 in [0, 1], on the CPU."""
+    return unnormalize(imgs, model.mean, model.std).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def analyze(
     model: LoadedModel,
     batches: Iterable[torch.Tensor],
@@ -85,7 +91,7 @@ def analyze(
         pca.add(record.features)
         start = summary.num_images - imgs.shape[0]
         keep = max(0, min(imgs.shape[0], len(names) - start))  # images of this batch to draw
-        shown = model.unnormalize(imgs[:keep]) if keep else []
+        shown = _for_display(imgs[:keep], model) if keep else []
         for j in range(keep):
             attention = {
                 layer: a[j].reshape(-1, grid, grid).cpu().numpy()  # (K, gh, gw)

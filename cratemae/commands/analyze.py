@@ -90,6 +90,9 @@ def analyze(
     attention per head, last two layers) and pca-IMAGE.png (first three
     principal components of patch features as RGB).
 
+    Image files are fitted to the model's input as evaluation fits them
+    (short side to size*256/224, then the centre square), as --data's are.
+
     CRATE: the subspaces are each layer's MSSA U_k; sparsity is that of
     its ISTA output. MAE ViT (no subspaces of its own): each head's slice
     of the layer's value projection stands for U_k; sparsity is that of
@@ -186,15 +189,9 @@ def _inputs(
     pictures: int,
 ) -> tuple[int, list[str], Iterator[torch.Tensor]]:
     """(number of images, names of those to draw, batches of normalised images)."""
-    from cratemae.analysis import load_images
-
     size = model.config.img_size
     if data is None:
-        return (
-            len(images),
-            _names(images),
-            load_images(images, size, model.mean, model.std, batch_size),
-        )
+        return len(images), _names(images), _image_batches(model, images, batch_size)
     from cratemae.data import build_loader
     from cratemae.recipe.schema import DataSection
 
@@ -210,6 +207,21 @@ def _inputs(
         console.warn(f"--data {data} holds {total} images, fewer than --num-images {num_images}")
     names = [f"sample-{i:04d}" for i in range(min(pictures, total))]
     return total, names, _take(loader, total)
+
+
+def _image_batches(
+    model: LoadedModel, images: list[Path], batch_size: int
+) -> Iterator[torch.Tensor]:
+    """Image files -> normalised batches (B, 3, S, S), read one batch at a time, each image
+    fitted as evaluation fits it (`image_to_tensor`'s "eval": the crop --data gets too)."""
+    import torch
+
+    from cratemae.data.transforms import image_to_tensor
+
+    size = model.config.img_size
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        yield torch.stack([image_to_tensor(path, size, model.mean, model.std) for path in chunk])
 
 
 def _take(loader: Any, count: int) -> Iterator[torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,6 +20,14 @@ __all__ = ["reconstruct"]
 
 RUNS_DIR = Path("runs")
 _CHUNK = 16  # images per forward pass
+
+
+class Fit(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
+    """How a picture is fitted to the model's square input: the `fit` values of
+    `cratemae.data.transforms.image_to_tensor`."""
+
+    short_side = "short-side"
+    eval = "eval"
 
 
 def reconstruct(
@@ -40,6 +49,16 @@ def reconstruct(
         float, typer.Option("--mask-ratio", help="Fraction of patches to hide, in [0, 1).")
     ] = 0.75,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the random mask.")] = 0,
+    fit: Annotated[
+        Fit,
+        typer.Option(
+            "--fit",
+            help="How each picture becomes the model's square input. short-side: the short "
+            "side resized to the model's size, the centre square kept (all of the short "
+            "side is shown); eval: the evaluation crop (short side to size*256/224, then the "
+            "centre square), exactly what probe, embed and analyze feed the model.",
+        ),
+    ] = Fit.short_side,
     out: Annotated[
         Path,
         typer.Option(
@@ -53,12 +72,14 @@ def reconstruct(
 
     Prints, per image, the PSNR of the reconstruction over the hidden patches. Every image
     gets the same seeded mask. Images that cannot be read are reported and skipped; the
-    exit status is then 2.
+    exit status is then 2. Each picture is fitted to the model's input by --fit: by
+    default its whole short side (a little more of it than the evaluation crop shows).
 
     Examples:
       $ cratemae reconstruct photo.jpg --checkpoint runs/base
       $ cratemae reconstruct a.jpg b.png --checkpoint runs/base --mask-ratio 0.9 --seed 1
       $ cratemae reconstruct photo.jpg --checkpoint exported/base --out recon.jpg
+      $ cratemae reconstruct photo.jpg --checkpoint runs/base --fit eval
       $ cratemae reconstruct photo.jpg      # the newest pre-training run under ./runs
     """
     if not 0 <= mask_ratio < 1:
@@ -70,13 +91,13 @@ def reconstruct(
     if not present:
         raise BadInputError("no image to reconstruct")
     loaded = _load(checkpoint)
-    from cratemae.viz.images import load_image
+    from cratemae.data.transforms import image_to_tensor
 
     size = loaded.config.img_size
     pixels, names = [], []
     for image in present:
-        try:
-            pixels.append(load_image(image, size))
+        try:  # pixels in [0, 1]: reconstruct() normalises them with the model's mean/std
+            pixels.append(image_to_tensor(image, size, fit=fit.value))
             names.append(image.name)
         except BadInputError as err:
             console.error(str(err))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cratemae.data.batch import Batch, EncodedBatch
+from cratemae.data.transforms import normalize
 from cratemae.errors import BadInputError
 from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
@@ -47,9 +48,7 @@ def gpu_decode_batch(
             out[i] = _crop_resize(images[j], batch.boxes[j].tolist(), img_size)
     flips = batch.flips.to(device)
     out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    out = (out / 255.0 - m) / s
+    out = normalize(out / 255.0, mean, std)  # out is float in 0..255
     labels = None if batch.labels is None else batch.labels.to(device, non_blocking=True)
     return Batch(out, labels, batch.bad + extra_bad, dict(batch.bad_shards))
 

@@ -10,11 +10,18 @@ the epoch runs whole or resumes mid-way, with any number of workers.
   rand-m9-mstd0.5-inc1 and random erasing 0.25; `data.auto_augment`, `data.re_prob`);
   mixup/cutmix belong to the training step.
 The crop-based two also expose `box()`/`crop()`, which the GPU-decode path reuses.
+
+`image_to_tensor` is the one way an image a person names (`reconstruct`, `analyze`) becomes
+a model input: `fit="eval"` is exactly `eval_transform`'s resize + centre crop, the crop every
+evaluation sees; `fit="short-side"` keeps the whole short side (what `reconstruct` draws).
+`normalize` / `unnormalize` are the one pixel normalisation and its inverse, for every
+path: the loaders, the GPU decode, the reconstructions and the pictures.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Sequence
 
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cratemae.data.decode import read_image_file
 from cratemae.recipe.schema import (
     DEFAULT_AUTO_AUGMENT,
     DEFAULT_RE_PROB,
@@ -30,22 +38,51 @@ from cratemae.recipe.schema import (
 )
 
 __all__ = [
+    "FITS",
+    "FIT_EVAL",
+    "FIT_SHORT_SIDE",
     "BoxTransform",
     "TimmTransform",
     "eval_transform",
     "finetune_transform",
+    "fit_image",
+    "image_to_tensor",
     "normalize",
     "pretrain_transform",
+    "unnormalize",
 ]
 
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
 
+# How an image is fitted to the model's square input (`fit_image`).
+FIT_EVAL = "eval"  # short side to img_size*256/224, centre crop: what evaluation sees
+FIT_SHORT_SIDE = "short-side"  # short side to img_size, centre crop: the whole short side
+FITS = (FIT_EVAL, FIT_SHORT_SIDE)
 
-def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 (x/255 - mean) / std, same shape."""
+
+def _per_channel(
+    x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 (3, 1, 1) on `x`'s device: they broadcast over (..., 3, H, W)."""
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    return (x.float() / 255.0 - m) / s
+    return m, s
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Pixels (..., 3, H, W) -> float32 (x - mean) / std, same shape: what a model takes.
+
+    Float pixels are in [0, 1]; uint8 pixels (0..255, as decoded) are divided by 255 first."""
+    m, s = _per_channel(x, mean, std)
+    unit = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return (unit - m) / s
+
+
+def unnormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The inverse of `normalize`: (..., 3, H, W) -> float32 x * std + mean, clamped to
+    [0, 1] (a model's output may overshoot the pixel range), same shape; for display."""
+    m, s = _per_channel(x, mean, std)
+    return (x.float() * s + m).clamp(0, 1)
 
 
 class BoxTransform:
@@ -75,16 +112,72 @@ class BoxTransform:
 
     def crop(self, img: Image.Image, box: Box, flip: bool) -> torch.Tensor:
         """RGB image -> uint8 (3, img_size, img_size)."""
-        s = self.img_size
-        out = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
-        arr = np.asarray(out)  # (s, s, 3) uint8, read-only view
-        arr = arr[:, ::-1].copy() if flip else arr.copy()
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, s, s)
+        return _resize_box(img, box, self.img_size, flip)
 
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         """RGB image -> float32 (3, img_size, img_size), normalized."""
         box, flip = self.box(*img.size, rng)
         return normalize(self.crop(img, box, flip), self.mean, self.std)
+
+
+def _as_uint8_chw(img: Image.Image, flip: bool = False) -> torch.Tensor:
+    """RGB image -> uint8 (3, H, W), mirrored left-right if `flip`."""
+    arr = np.asarray(img)  # (H, W, 3) uint8, read-only view
+    arr = arr[:, ::-1].copy() if flip else arr.copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+def _resize_box(img: Image.Image, box: Box, size: int, flip: bool = False) -> torch.Tensor:
+    """The `box` of an RGB image resized to size x size (bicubic) -> uint8 (3, size, size)."""
+    return _as_uint8_chw(img.resize((size, size), Image.Resampling.BICUBIC, box=box), flip)
+
+
+def _short_side_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is `size` (bicubic), then crop the centre square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def fit_image(img: Image.Image, img_size: int, fit: str = FIT_EVAL) -> torch.Tensor:
+    """RGB image -> uint8 (3, img_size, img_size), fitted to the model's square input.
+
+    `fit="eval"`: `eval_transform`'s centre crop (short side to img_size*256/224, then the
+    central img_size square), the view of every evaluation, probe and embedding.
+    `fit="short-side"`: short side to img_size, then the central square: nothing of the
+    short side is cut, which is what a person expects to see of a picture they chose.
+    ValueError for any other `fit`."""
+    if fit == FIT_EVAL:
+        return _resize_box(img, _center_box(*img.size, img_size), img_size)
+    if fit == FIT_SHORT_SIDE:
+        return _as_uint8_chw(_short_side_square(img, img_size))
+    raise ValueError(f"fit {fit!r}: expected one of {', '.join(FITS)}")
+
+
+def image_to_tensor(
+    image: Image.Image | str | os.PathLike[str],
+    img_size: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    *,
+    fit: str = FIT_EVAL,
+) -> torch.Tensor:
+    """An image, or an image file, -> float32 (3, img_size, img_size): a model input.
+
+    A file is read as every inference command reads one (`read_image_file`: upright, 8-bit
+    RGB, size-checked; BadInputError naming the file if it cannot be). The image is then
+    fitted (`fit_image`: `fit="eval"` gives exactly what `eval_transform` gives) and
+    normalised with `mean` and `std`; without them the pixels stay in [0, 1] (what
+    `cratemae.viz.reconstruction.reconstruct` takes and draws)."""
+    if not isinstance(image, Image.Image):
+        image = read_image_file(image)
+    pixels = fit_image(image, img_size, fit)  # uint8 (3, S, S)
+    if mean is None or std is None:
+        return normalize(pixels, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # x / 255, in [0, 1]
+    return normalize(pixels, mean, std)
 
 
 def _center_box(w: int, h: int, size: int) -> Box:

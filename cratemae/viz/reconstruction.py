@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cratemae.data.transforms import normalize, unnormalize
 from cratemae.model import CrateMAE, MAEViT, patchify, unpatchify
 
 __all__ = ["Reconstruction", "mask_noise", "masked_psnr", "reconstruct"]
@@ -76,13 +77,11 @@ def reconstruct(
 ) -> list[Reconstruction]:
     """pixels (B, 3, S, S) in [0, 1] -> one `Reconstruction` per image."""
     cfg = model.config
-    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    imgs = (pixels - m) / s
+    imgs = normalize(pixels, mean, std)
     out = model(imgs, mask_ratio=mask_ratio, noise=noise)
     pred = _as_image_patches(out.pred.float(), imgs, cfg.patch_size, cfg.norm_pix_loss)
     grid = (cfg.grid_size, cfg.grid_size)
-    pred_pixels = (unpatchify(pred, cfg.patch_size, grid) * s + m).clamp(0, 1)
+    pred_pixels = unnormalize(unpatchify(pred, cfg.patch_size, grid), mean, std)
     patch_mask = out.mask[..., None].expand(-1, -1, cfg.patch_size**2 * 3)  # (B, L, p*p*3)
     pixel_mask = unpatchify(patch_mask, cfg.patch_size, grid)[:, :1]  # (B, 1, S, S)
     masked = pixels * (1 - pixel_mask) + MASK_GREY * pixel_mask

@@ -52,8 +52,6 @@ from cratemae.model.pos_embed import sincos_2d
 from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from cratemae.recipe.schema import ModelSection
 
 __all__ = [
@@ -78,7 +76,9 @@ _SHOW = 5
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model in eval mode with the facts needed to feed it images and to show them."""
+    """A model in eval mode with the facts needed to feed it images and to show them
+    (`mean` and `std` for `cratemae.data.transforms.normalize` and `unnormalize`, which
+    live with the data: the weights package does not import it)."""
 
     model: CrateMAE | MAEViT | CrateEncoder  # an encoder when the file holds no decoder
     weights_file: Path
@@ -104,13 +104,6 @@ class LoadedModel:
         """Unpacks as `(encoder, configuration dict)`: what probe and finetune build on and
         store with their own weights."""
         return iter((self.encoder, self.config.to_dict()))
-
-    def unnormalize(self, imgs: torch.Tensor) -> np.ndarray:
-        """Normalised (B, 3, H, W) -> (B, H, W, 3) float32 in [0, 1], for display."""
-        mean = torch.tensor(self.mean, device=imgs.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=imgs.device).view(3, 1, 1)
-        out = (imgs.float() * std + mean).clamp(0, 1)
-        return out.permute(0, 2, 3, 1).cpu().numpy()
 
 
 # --- the key mapper -----------------------------------------------------------------------
