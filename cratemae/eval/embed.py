@@ -285,7 +285,7 @@ def embed(
         try:
             result = _assemble(out, parts, info.world_size, n_chunks, settings, identity,
                                source, record, done_chunks)
-        except (BadInputError, OSError) as err:
+        except Exception as err:  # raised here after the others have heard of it
             error = err
     dist.raise_together(error, f"rank 0 could not assemble {out}")
     dist.barrier()
@@ -447,7 +447,8 @@ def _assemble(out: Path, parts: Path, world: int, n_chunks: int, settings: Embed
             "layers": list(settings.layers), "img_size": record["img_size"],
             "mean": record["mean"], "std": record["std"], "precision": settings.precision,
             "classes": list(source.classes) if source.classes else None}
-    meta = assemble(out, files, settings.layers, settings.format, meta)
+    want = sum(int(s.count or 0) for s in source.shards)
+    meta = assemble(out, files, settings.layers, settings.format, meta, num_samples=want)
     shutil.rmtree(parts, ignore_errors=True)
     log.info("wrote %d embeddings of %d dimensions to %s", meta["num_samples"], meta["dim"], out)
     return EmbedResult(out, meta["num_samples"], meta["dim"], meta["labelled"],

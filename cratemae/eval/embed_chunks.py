@@ -110,11 +110,14 @@ def _key_pieces(pieces: list[_Piece]) -> Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 def assemble(out: Path, files: list[Path], layers: tuple[int, ...], fmt: str,
-             meta: dict[str, Any]) -> dict[str, Any]:
+             meta: dict[str, Any], *, num_samples: int) -> dict[str, Any]:
     """The chunk `files` (of every rank) -> `out` ("safetensors" file or "npy" directory),
-    streamed, in data-set order. Returns `meta` completed with what the chunks hold
-    (num_samples, dim, labelled, bad_samples), as written into the file."""
+    streamed, in data-set order; they must hold `num_samples` positions. Returns `meta`
+    completed with what the chunks hold (num_samples, dim, labelled, bad_samples), as
+    written into the file."""
     pieces, n = _layout(files)
+    if n != num_samples:  # a bug, not the input: no file may claim to hold the data
+        raise RuntimeError(f"{out}: the chunks hold {n} samples, the data {num_samples}")
     with safe_open(str(files[0]), framework="np") as f:
         dim = int(f.get_slice("features").get_shape()[1])
     labelled, bad = False, 0
