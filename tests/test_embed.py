@@ -103,6 +103,24 @@ def test_features_are_the_encoders_own_forward(ckpt, folder, tmp_path, pool) -> 
     assert meta["classes"] == ["cat", "dog"] and meta["num_samples"] == N_IMAGES
 
 
+def test_features_are_the_probes_own_feature_pass(ckpt, folder, tmp_path) -> None:
+    from cratemae.distributed.precision import resolve_precision
+    from cratemae.eval.features import FeatureSpec, extract_features
+    from cratemae.recipe.schema import DataSection
+
+    out = tmp_path / "f.safetensors"
+    _embed(ckpt, [str(folder)], out, pool="avg", layers=(0,))
+    loaded = load_encoder(ckpt)
+    data = DataSection(val=str(folder), batch_size=4, num_workers=0, mean=loaded.mean,
+                       std=loaded.std)
+    for layer in (-1, 0):
+        spec = FeatureSpec(layer, "avg", 32, resolve_precision("fp32", torch.device("cpu")))
+        probe = extract_features(loaded.encoder, data, "val", spec)
+        feats, labels, _, _ = read_embeddings(out, None if layer == -1 else layer)
+        torch.testing.assert_close(feats, probe.features, atol=1e-6, rtol=0)
+        assert torch.equal(labels, probe.labels)
+
+
 def test_metadata_names_the_model_and_the_checkpoints_digest(ckpt, folder, tmp_path) -> None:
     out = tmp_path / "f.safetensors"
     _embed(ckpt, [str(folder)], out)
