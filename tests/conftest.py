@@ -27,7 +27,7 @@ def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     recipe = load_recipe(DEMO_RECIPE, [*TINY_MODEL, "schedule.max_steps=150",
                                        "run.log_every=50"])
-    result = pretrain(recipe, out_dir=tmp_path_factory.mktemp("demo-run"))
+    result = pretrain(recipe, run_dir=tmp_path_factory.mktemp("demo-run"))
     assert result.last_checkpoint is not None
     return result.last_checkpoint
 

@@ -168,23 +168,24 @@ def test_rng_restore_reproduces_next_numbers(tmp_path: Path) -> None:
 
 
 def test_latest_points_at_newest_and_find_resume(tmp_path: Path) -> None:
-    assert ck.find_resume(tmp_path, "auto") is None
+    assert ck.find_resume(tmp_path, ck.Resume.parse("auto")) is None
     paths = [_save(tmp_path, s) for s in (10, 20, 30)]
     latest = tmp_path / "checkpoints" / "latest"
     assert latest.read_text().strip() == "step-000000030"
     assert ck.load_checkpoint(tmp_path).step == 30
-    assert ck.find_resume(tmp_path, "auto") == paths[2]
+    assert ck.find_resume(tmp_path, ck.Resume.parse("auto")) == paths[2]
     with pytest.raises(BadInputError, match="--resume never would mix"):
-        ck.find_resume(tmp_path, "never")  # a fresh run into a directory with checkpoints
-    assert ck.find_resume(tmp_path, str(paths[0])) == paths[0]
+        # a fresh run into a directory with checkpoints
+        ck.find_resume(tmp_path, ck.Resume.parse("never"))
+    assert ck.find_resume(tmp_path, ck.Resume.parse(str(paths[0]))) == paths[0]
     with pytest.raises(BadInputError, match="no such checkpoint"):
-        ck.find_resume(tmp_path, str(tmp_path / "nope"))
+        ck.find_resume(tmp_path, ck.Resume.parse(str(tmp_path / "nope")))
     (paths[1] / "meta.json").unlink()
     with pytest.raises(BadInputError, match=r"step-000000020/meta\.json: missing"):
-        ck.find_resume(tmp_path, str(paths[1]))
+        ck.find_resume(tmp_path, ck.Resume.parse(str(paths[1])))
     # A stale pointer (edited by hand) falls back to the newest complete checkpoint.
     latest.write_text("step-000000020\n")
-    assert ck.find_resume(tmp_path, "auto") == paths[2]
+    assert ck.find_resume(tmp_path, ck.Resume.parse("auto")) == paths[2]
     latest.unlink()
     assert ck.load_checkpoint(tmp_path / "checkpoints").step == 30
 

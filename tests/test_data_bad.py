@@ -191,5 +191,5 @@ def test_pretraining_over_mostly_bad_data_stops_in_one_line(tmp_path: Path) -> N
     recipe = tiny_recipe(f"data.train='{root}'", "data.num_workers=0", "schedule.epochs=3",
                          "run.checkpoint_every_minutes=1000")
     with pytest.raises(BadInputError, match=r"of 96 samples were bad \(50\.0% > "):
-        pretrain(recipe, out_dir=tmp_path / "run")
+        pretrain(recipe, run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing saved past bad data

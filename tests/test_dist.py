@@ -104,7 +104,7 @@ def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) 
     info = init_distributed()
     try:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        assert info == DistInfo(0, 1, 0, device, None) and info.is_main
+        assert info == DistInfo(0, 1, 0, device, None) and dist.is_main_process()
         assert get_dist_info() is info
         assert not torch.distributed.is_initialized()
         assert all_reduce_any(True) and not all_reduce_any(False)

@@ -58,7 +58,7 @@ def evals(run_dir: Path) -> list[dict]:
 def test_evaluates_every_epoch_keeps_best_and_last_and_resumes_exactly(
         tmp_path, demo_checkpoint, folders):
     whole = finetune(small(folders, "schedule.epochs=2"), demo_checkpoint,
-                     out_dir=tmp_path / "whole")
+                     run_dir=tmp_path / "whole")
     assert [(e["step"], e["epoch"]) for e in whole.evals] == [(3, 1), (6, 2)]
     assert all(e["images"] == 12 and "ema_top1" in e for e in whole.evals)
     assert evals(tmp_path / "whole") == whole.evals
@@ -79,9 +79,9 @@ def test_evaluates_every_epoch_keeps_best_and_last_and_resumes_exactly(
 
     with pytest.raises(Preempted):
         finetune(small(folders, "schedule.epochs=2"), demo_checkpoint,
-                 out_dir=tmp_path / "split", on_log=stop_at_3)
+                 run_dir=tmp_path / "split", on_log=stop_at_3)
     resumed = finetune(small(folders, "schedule.epochs=2"), demo_checkpoint,
-                       out_dir=tmp_path / "split")
+                       run_dir=tmp_path / "split")
     assert [e["step"] for e in resumed.evals] == [6]
     assert evals(tmp_path / "split") == whole.evals  # one run's records, as if uninterrupted
     a = load_checkpoint(whole.last_checkpoint).model_state
@@ -125,8 +125,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, demo_checkpoint, folders, sets, 
 @pytest.mark.slow
 def test_finetuning_beats_the_linear_probe(tmp_path, demo_checkpoint):
     lin = probe(load_recipe(PROBE, [f'probe.cache_dir="{tmp_path}"']), demo_checkpoint,
-                out_dir=tmp_path / "probe")
-    ft = finetune(load_recipe(FINETUNE), demo_checkpoint, out_dir=tmp_path / "ft")
+                run_dir=tmp_path / "probe")
+    ft = finetune(load_recipe(FINETUNE), demo_checkpoint, run_dir=tmp_path / "ft")
     final = ft.evals[-1]["top1"]
     print(f"\ndemo top-1: linear probe {lin.top1:.2f}%, fine-tuned {final:.2f}% "
           f"(best {ft.best['top1']:.2f}%)")

@@ -43,9 +43,9 @@ def test_train_eval_and_layer_records_are_named_as_tensorboard_shows_them():
 
 
 def test_tensorboard_by_default_and_none_with_an_empty_list(tmp_path):
-    pretrain(load_recipe(DEMO, TINY), out_dir=tmp_path / "default")
+    pretrain(load_recipe(DEMO, TINY), run_dir=tmp_path / "default")
     assert list((tmp_path / "default" / "tensorboard").glob("events.out.tfevents.*"))
-    pretrain(load_recipe(DEMO, [*TINY, "run.loggers=[]"]), out_dir=tmp_path / "off")
+    pretrain(load_recipe(DEMO, [*TINY, "run.loggers=[]"]), run_dir=tmp_path / "off")
     assert not (tmp_path / "off" / "tensorboard").exists()
     assert (tmp_path / "off" / "metrics.jsonl").is_file()  # always written
 
@@ -149,7 +149,7 @@ def test_finetuning_logs_its_evaluations_to_tensorboard(tmp_path, demo_checkpoin
         "data.batch_size=64", "schedule.epochs=1", "schedule.max_steps=3",
         "run.log_every=1", "finetune.randaugment=false", "finetune.mixup=0",
         "finetune.cutmix=0"])
-    finetune(r, demo_checkpoint, out_dir=tmp_path)
+    finetune(r, demo_checkpoint, run_dir=tmp_path)
     records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in records if e.get("kind") == "eval"]
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

@@ -32,7 +32,7 @@ TINY = [
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("meta") / "run"
     pretrain(load_recipe(REPO / "recipes" / "demo.toml", [*TINY, "schedule.max_steps=2"]),
-             out_dir=out)
+             run_dir=out)
     return out
 
 
@@ -63,7 +63,7 @@ def test_an_edited_meta_json_is_refused_naming_the_field(run: Path, tmp_path: Pa
     meta_file.write_text(json.dumps(meta))
     recipe = load_recipe(REPO / "recipes" / "demo.toml", [*TINY, "schedule.max_steps=4"])
     with pytest.raises(BadInputError, match=r"step-000000002/meta\.json: " + message) as err:
-        pretrain(recipe, out_dir=copy)  # resume "auto": the newest checkpoint is the edited
+        pretrain(recipe, run_dir=copy)  # resume "auto": the newest checkpoint is the edited
     assert "\n" not in str(err.value)
     with pytest.raises(BadInputError, match=message):  # readers refuse it as well
         load_model(copy)

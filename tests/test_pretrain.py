@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import shards_with_bad
+from data_fixtures import image_tree, shards_with_bad
 from support import REPO, tiny_recipe, wait_for_steps
 
-from cratemae.checkpoints import load_checkpoint
+from cratemae.checkpoints import Resume, load_checkpoint
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import MAETask, pretrain
@@ -51,7 +51,7 @@ def cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProces
 
 
 def test_run_directory_holds_recipe_metrics_log_and_checkpoint(tmp_path):
-    result = pretrain(recipe(), out_dir=tmp_path)
+    result = pretrain(recipe(), run_dir=tmp_path)
     assert (tmp_path / "recipe.toml").is_file()
     assert load_recipe(tmp_path / "recipe.toml") == recipe()
     records = metrics(tmp_path)
@@ -70,7 +70,7 @@ def test_learning_rate_warms_up_per_step_then_follows_a_half_cosine(tmp_path):
     pretrain(load_recipe(DEMO, [*TINY[:4], "schedule.epochs=2", "schedule.max_steps=60",
                                 "schedule.warmup_epochs=0.5", "optim.base_lr=1.5e-3",
                                 "run.log_every=1"]),
-             out_dir=tmp_path, on_log=lambda r: lrs.append(r["lr"]))
+             run_dir=tmp_path, on_log=lambda r: lrs.append(r["lr"]))
     peak = 1.5e-3 * 64 / 256
     assert len(lrs) == 60
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 39, rel=1e-9)
@@ -82,18 +82,18 @@ def test_learning_rate_warms_up_per_step_then_follows_a_half_cosine(tmp_path):
 
 
 def test_resume_after_signal_repeats_the_uninterrupted_run_exactly(tmp_path):
-    whole = pretrain(recipe(), out_dir=tmp_path / "whole")
+    whole = pretrain(recipe(), run_dir=tmp_path / "whole")
 
     def stop_at_3(record):
         if record["step"] == 3:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     with pytest.raises(Preempted) as stopped:
-        pretrain(recipe(), out_dir=tmp_path / "split", on_log=stop_at_3)
+        pretrain(recipe(), run_dir=tmp_path / "split", on_log=stop_at_3)
     assert stopped.value.exit_code == EXIT_REQUEUE
     first = metrics(tmp_path / "split")
     assert first[-1]["step"] == 3  # acted on at the end of the step it arrived in
-    resumed = pretrain(recipe(), out_dir=tmp_path / "split")
+    resumed = pretrain(recipe(), run_dir=tmp_path / "split")
     assert resumed.state.step == 8
     losses_whole = [r["loss"] for r in metrics(tmp_path / "whole")]
     losses_split = [r["loss"] for r in metrics(tmp_path / "split")]
@@ -104,10 +104,11 @@ def test_resume_after_signal_repeats_the_uninterrupted_run_exactly(tmp_path):
 
 
 def test_resume_mid_epoch_after_crash_drops_metrics_logged_after_the_checkpoint(tmp_path):
-    pretrain(recipe("run.checkpoint_every_steps=3", "schedule.max_steps=5"), out_dir=tmp_path)
+    pretrain(recipe("run.checkpoint_every_steps=3", "schedule.max_steps=5"), run_dir=tmp_path)
     # Simulate a crash after step 5 that lost checkpoint 5: resume from step 3.
     ckpts = tmp_path / "checkpoints"
-    resumed = pretrain(recipe(), out_dir=tmp_path, resume=str(ckpts / "step-000000003"))
+    resumed = pretrain(recipe(), run_dir=tmp_path,
+                       resume=Resume.parse(str(ckpts / "step-000000003")))
     steps = [r["step"] for r in metrics(tmp_path)]
     assert steps == list(range(1, 9))
     assert resumed.state.samples_seen == 8 * 32
@@ -118,7 +119,7 @@ def test_metrics_count_every_corrupt_sample_the_run_read(tmp_path):
     data, corrupt = shards_with_bad(tmp_path / "data", [24, 16], {0, 3, 9, 10, 23, 24, 39})
     result = pretrain(recipe(f'data.train="{data}"', "model.img_size=16", "data.batch_size=8",
                              "data.shuffle_buffer=8", "data.max_bad_fraction=0.5",
-                             "schedule.max_steps=5"), out_dir=tmp_path / "run")
+                             "schedule.max_steps=5"), run_dir=tmp_path / "run")
     counts = [r["bad_samples"] for r in metrics(tmp_path / "run")]
     assert len(counts) == 5 and counts == sorted(counts)  # a running total, logged every step
     assert counts[-1] == corrupt == 7
@@ -133,7 +134,7 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
         return loss * float("nan") if micro in (2, 5) else loss
 
     monkeypatch.setattr(MAETask, "loss", sometimes_nan)
-    result = pretrain(recipe(), out_dir=tmp_path)
+    result = pretrain(recipe(), run_dir=tmp_path)
     records = metrics(tmp_path)
     assert records[-1]["nonfinite_skipped"] == 2
     # NaN windows, written as null and named (strict JSON)
@@ -153,31 +154,31 @@ def test_too_many_nonfinite_losses_stop_the_run_keeping_the_last_good_checkpoint
 
     monkeypatch.setattr(MAETask, "loss", nan_from_4)
     with pytest.raises(CrateMAEError, match="3 non-finite losses in a row") as err:
-        pretrain(recipe("run.max_nonfinite=3", "run.checkpoint_every_steps=2"), out_dir=tmp_path)
+        pretrain(recipe("run.max_nonfinite=3", "run.checkpoint_every_steps=2"), run_dir=tmp_path)
     assert err.value.exit_code == 1
     assert "step-000000004" in str(err.value)
     assert load_checkpoint(tmp_path / "checkpoints" / "step-000000004").meta["step"] == 4
 
 
 def test_resume_refuses_an_unsafe_recipe_change_and_allows_a_safe_one(tmp_path):
-    pretrain(recipe("schedule.max_steps=2"), out_dir=tmp_path)
+    pretrain(recipe("schedule.max_steps=2"), run_dir=tmp_path)
     with pytest.raises(BadInputError, match=r"optim\.base_lr"):
-        pretrain(recipe("schedule.max_steps=4", "optim.base_lr=1e-2"), out_dir=tmp_path)
-    result = pretrain(recipe("schedule.max_steps=4", "run.log_every=2"), out_dir=tmp_path)
+        pretrain(recipe("schedule.max_steps=4", "optim.base_lr=1e-2"), run_dir=tmp_path)
+    result = pretrain(recipe("schedule.max_steps=4", "run.log_every=2"), run_dir=tmp_path)
     assert result.state.step == 4
 
 
 def test_resume_never_refuses_to_mix_a_new_run_into_an_old_one(tmp_path):
-    pretrain(recipe("schedule.max_steps=2"), out_dir=tmp_path)
+    pretrain(recipe("schedule.max_steps=2"), run_dir=tmp_path)
     before = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(BadInputError, match="already holds checkpoints"):
-        pretrain(recipe("schedule.max_steps=2"), out_dir=tmp_path, resume="never")
+        pretrain(recipe("schedule.max_steps=2"), run_dir=tmp_path, resume=Resume.parse("never"))
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
 def test_gradient_accumulation_counts_micro_batches_and_scales_the_lr(tmp_path, caplog):
     caplog.set_level("INFO", logger="cratemae")
-    result = pretrain(recipe("optim.accum_steps=2", "schedule.max_steps=3"), out_dir=tmp_path)
+    result = pretrain(recipe("optim.accum_steps=2", "schedule.max_steps=3"), run_dir=tmp_path)
     assert result.state.batch == 6 and result.state.samples_seen == 6 * 32
     assert "effective batch 64" in caplog.text
 
@@ -267,29 +268,54 @@ def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path, laun
 def test_compiled_run_matches_eager_and_its_checkpoints_load_both_ways(tmp_path):
     """run.compile = true: same losses as eager to 1e-4 relative (float32 CPU, inductor may
     reorder sums), checkpoints without wrapper prefixes, resumable without compiling."""
-    eager = pretrain(recipe("schedule.max_steps=4"), out_dir=tmp_path / "eager")
+    eager = pretrain(recipe("schedule.max_steps=4"), run_dir=tmp_path / "eager")
     compiled = pretrain(recipe("schedule.max_steps=4", "run.compile=true"),
-                        out_dir=tmp_path / "compiled")
+                        run_dir=tmp_path / "compiled")
     a = [r["loss"] for r in metrics(tmp_path / "eager")]
     b = [r["loss"] for r in metrics(tmp_path / "compiled")]
     assert b == pytest.approx(a, rel=1e-4)
     weights = load_checkpoint(compiled.last_checkpoint).model_state
     assert weights.keys() == load_checkpoint(eager.last_checkpoint).model_state.keys()
-    resumed = pretrain(recipe("schedule.max_steps=6"), out_dir=tmp_path / "compiled")
+    resumed = pretrain(recipe("schedule.max_steps=6"), run_dir=tmp_path / "compiled")
     assert resumed.state.step == 6
     again = pretrain(recipe("schedule.max_steps=8", "run.compile=true"),
-                     out_dir=tmp_path / "compiled")
+                     run_dir=tmp_path / "compiled")
     assert again.state.step == 8
 
 
 def test_a_run_shorter_than_its_warm_up_warns_once(tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="cratemae")
-    pretrain(tiny_recipe("schedule.max_steps=2"), out_dir=tmp_path / "a")
+    pretrain(tiny_recipe("schedule.max_steps=2"), run_dir=tmp_path / "a")
     warned = [r for r in caplog.records if "never reaches its peak" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     # the demo: 5,000 images / batch 16 = 312 steps per epoch, warm-up 1 epoch
     assert "the run is 2 steps, shorter than its 312 warm-up steps" in warned[0].getMessage()
     caplog.clear()
     pretrain(tiny_recipe("schedule.max_steps=2", "schedule.warmup_epochs=0"),
-             out_dir=tmp_path / "b")
+             run_dir=tmp_path / "b")
     assert "never reaches its peak" not in caplog.text
+
+
+def test_a_run_resolves_its_data_once_and_builds_one_loader_per_epoch(tmp_path, monkeypatch):
+    import cratemae.data.loader as loader_module
+
+    counts = {"resolve": 0, "loader": 0}
+    resolve, init = loader_module.resolve_source, loader_module.Loader.__init__
+
+    def counting_resolve(*args, **kwargs):
+        counts["resolve"] += 1
+        return resolve(*args, **kwargs)
+
+    def counting_init(self, *args, **kwargs):
+        counts["loader"] += 1
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "resolve_source", counting_resolve)
+    monkeypatch.setattr(loader_module.Loader, "__init__", counting_init)
+    # 24 images in batches of 4: 6 steps an epoch, 3 epochs.
+    data = image_tree(tmp_path / "images", ["a", "b", "c"], per_class=8)
+    result = pretrain(recipe(f'data.train="{data}"', "data.batch_size=4", "data.num_workers=0",
+                             "schedule.epochs=3", "schedule.max_steps=99", "run.log_every=6"),
+                      run_dir=tmp_path / "run")
+    assert (result.state.epoch, result.state.step, result.total_steps) == (3, 18, 18)
+    assert counts == {"resolve": 1, "loader": 3}

@@ -101,7 +101,7 @@ def test_mae_protocol_trains_the_head_on_a_frozen_encoder(tmp_path):
         'optim.name="lars"', "optim.base_lr=0.1", "optim.weight_decay=0",
         "schedule.epochs=1", "schedule.max_steps=3", "schedule.warmup_epochs=0",
         "run.log_every=1"])
-    result = probe(recipe, ckpt, out_dir=tmp_path / "out")
+    result = probe(recipe, ckpt, run_dir=tmp_path / "out")
 
     summary = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert summary == result.summary
@@ -133,7 +133,7 @@ def _free_port() -> int:
 @pytest.mark.slow  # two processes start, extract and fit: ~9 s
 def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoint):
     one = probe(load_recipe(PROBE, [*SMALL, f'probe.cache_dir="{tmp_path / "c1"}"']),
-                demo_checkpoint, out_dir=tmp_path / "one")
+                demo_checkpoint, run_dir=tmp_path / "one")
     port = str(_free_port())
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
@@ -164,7 +164,7 @@ def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_
     from cratemae.tasks.pretrain import pretrain
 
     recipe = load_recipe(REPO / "recipes" / "demo.toml")
-    trained = pretrain(recipe, out_dir=tmp_path / "run").last_checkpoint
+    trained = pretrain(recipe, run_dir=tmp_path / "run").last_checkpoint
     # The README's first command, so its loss is checked here too: it falls by a third.
     records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     losses = [r["loss"] for r in records if r.get("kind", "train") == "train"]
@@ -174,7 +174,7 @@ def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_
     random_init = write_model_weights(tmp_path / "random.safetensors", model.state_dict(),
                                       model.config.to_dict())
     scores = {name: probe(load_recipe(PROBE, [f'probe.cache_dir="{tmp_path}"']), ckpt,
-                          out_dir=tmp_path / name)
+                          run_dir=tmp_path / name)
               for name, ckpt in (("pretrained", trained), ("random", random_init))}
     print("\ndemo probe top-1: " + ", ".join(f"{n} {r.top1:.2f}%" for n, r in scores.items()))
     assert not recipe.model.encoder_visible_only  # the paper's model, not MAE's variant
@@ -211,7 +211,7 @@ def test_probe_reads_pipe_validation_data(demo_checkpoint: Path, tmp_path: Path,
         "data.batch_size=16", "probe.num_classes=2", "probe.weight_decays=[1e-4, 1e-2]",
         "probe.max_iter=20", f'probe.cache_dir="{tmp_path / "cache"}"'])
     caplog.set_level(logging.INFO, logger="cratemae")
-    result = probe(recipe, demo_checkpoint, out_dir=tmp_path / "probe")
+    result = probe(recipe, demo_checkpoint, run_dir=tmp_path / "probe")
     assert result.summary["train_images"] == 40 and result.summary["val_images"] == 12
     assert "(fit 1 of 3)" in caplog.text and "(fit 3 of 3)" in caplog.text  # progress
 

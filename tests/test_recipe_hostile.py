@@ -62,7 +62,7 @@ def test_a_mask_that_hides_every_patch_is_refused_before_training(tmp_path: Path
                                 "model.decoder_depth=1"])
     with pytest.raises(BadInputError, match=r"model\.mask_ratio = 0\.999 leaves no visible "
                                             r"patch of the 64"):
-        pretrain(recipe, out_dir=tmp_path / "run")
+        pretrain(recipe, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -74,11 +74,11 @@ def interrupted_then_resumed(shards: Path, run_dir: Path, stop_at: int, between=
             os.kill(os.getpid(), signal.SIGUSR1)
 
     with pytest.raises(Preempted):
-        pretrain(recipe(shards), out_dir=run_dir, on_log=stop)
+        pretrain(recipe(shards), run_dir=run_dir, on_log=stop)
     assert records(run_dir)[-1]["step"] == stop_at
     if between is not None:
         between()
-    return pretrain(recipe(shards), out_dir=run_dir)
+    return pretrain(recipe(shards), run_dir=run_dir)
 
 
 def _draws() -> list:
@@ -105,7 +105,7 @@ def test_restore_run_puts_back_the_rng_states_saved_with_the_checkpoint(tmp_path
 def whole(tmp_path_factory: pytest.TempPathFactory, shards: Path):
     """The uninterrupted two-epoch run."""
     run_dir = tmp_path_factory.mktemp("whole")
-    result = pretrain(recipe(shards), out_dir=run_dir)
+    result = pretrain(recipe(shards), run_dir=run_dir)
     assert result.state.step == STEPS_PER_EPOCH * EPOCHS
     return run_dir, result
 
@@ -140,7 +140,7 @@ def test_resume_continues_the_global_random_streams(tmp_path, shards, monkeypatc
 
     monkeypatch.setattr(MAETask, "_noise", global_noise)
     reseed_global_rngs(0)
-    whole_run = pretrain(recipe(shards), out_dir=tmp_path / "whole")
+    whole_run = pretrain(recipe(shards), run_dir=tmp_path / "whole")
     reseed_global_rngs(0)
     resumed = interrupted_then_resumed(shards, tmp_path / "split", STEPS_PER_EPOCH,
                                        between=lambda: reseed_global_rngs(1))
@@ -156,15 +156,14 @@ def test_resume_parses_words_and_existing_paths_once(tmp_path: Path) -> None:
     assert Resume.parse("auto") == Resume("auto")
     assert Resume.parse("never") == Resume("never")
     assert Resume.parse(tmp_path) == Resume("path", tmp_path)
-    parsed = Resume.parse("auto")
-    assert Resume.parse(parsed) is parsed  # a parsed value passes through untouched
+    assert Resume("auto") == Resume.AUTO
     with pytest.raises(BadInputError, match=r"--resume .*nope: no such checkpoint"):
         Resume.parse(tmp_path / "nope")
 
 
 def test_resume_never_into_an_empty_directory_starts_fresh(tmp_path: Path) -> None:
     assert find_resume(tmp_path / "new", Resume.parse("never")) is None
-    assert find_resume(tmp_path / "new", "auto") is None
+    assert find_resume(tmp_path / "new", Resume.AUTO) is None
 
 
 def test_a_change_of_data_workers_is_not_safe_on_resume() -> None:

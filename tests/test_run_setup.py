@@ -9,6 +9,7 @@ import pytest
 import torch
 from support import DEMO_RECIPE
 
+from cratemae.checkpoints import Resume
 from cratemae.distributed import dist
 from cratemae.distributed.device import choose_device
 from cratemae.errors import BadInputError
@@ -20,8 +21,8 @@ from cratemae.train.setup import RunSetup
 def test_run_setup_writes_nothing_until_the_run_directory_is_opened(tmp_path: Path) -> None:
     recipe = Recipe()
     run_dir = tmp_path / "run"
-    with RunSetup(recipe, run_dir, resume="auto") as run:
-        assert run.resume_from is None and run.main_process
+    with RunSetup(recipe, run_dir, resume=Resume.AUTO) as run:
+        assert run.resume_from is None and dist.is_main_process()
         assert not run_dir.exists()  # bad input found now leaves nothing behind
         with run.open_run_dir() as opened:
             assert opened == run_dir
@@ -41,7 +42,8 @@ def test_run_setup_seeds_per_rank_only_when_asked(tmp_path: Path) -> None:
 
 def test_run_setup_ends_the_launch_when_resume_is_bad(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(BadInputError), RunSetup(Recipe(), tmp_path, resume=tmp_path / "x"):
+    bad = Resume("path", tmp_path / "x")  # vanished since it was parsed
+    with pytest.raises(BadInputError), RunSetup(Recipe(), tmp_path, resume=bad):
         pass
     assert dist.get_dist_info().world_size == 1
 

@@ -15,7 +15,7 @@ from support import REPO, SMALLEST_MODEL
 
 from cratemae.recipe import load_recipe
 from cratemae.tasks.pretrain import pretrain
-from cratemae.train.run_dir import LIVE_SECONDS, describe_run
+from cratemae.train.runs import LIVE_SECONDS, describe_run
 
 DEMO = REPO / "recipes" / "demo.toml"
 TINY = [
@@ -43,7 +43,7 @@ def stop_at(step: int, error: BaseException, seen: list | None = None):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "finished"
-    pretrain(load_recipe(DEMO, TINY), out_dir=run)
+    pretrain(load_recipe(DEMO, TINY), run_dir=run)
     return run
 
 
@@ -58,7 +58,7 @@ def test_a_finished_pretraining(finished):
 
 def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_final_loss(finished):
     before = (finished / "metrics.jsonl").read_text()
-    again = pretrain(load_recipe(DEMO, TINY), out_dir=finished)
+    again = pretrain(load_recipe(DEMO, TINY), run_dir=finished)
     assert again.finished_before and again.history == []
     assert again.final_loss == json.loads(before.splitlines()[-1])["loss"]
     assert (finished / "metrics.jsonl").read_text() == before
@@ -68,7 +68,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_final_loss(finish
 def test_a_running_then_stopped_run_is_resumable(tmp_path):
     seen: list = [str(tmp_path)]
     with pytest.raises(KeyboardInterrupt):
-        pretrain(load_recipe(DEMO, TINY), out_dir=tmp_path,
+        pretrain(load_recipe(DEMO, TINY), run_dir=tmp_path,
                  on_log=stop_at(2, KeyboardInterrupt(), seen))
     (live,) = seen
     assert live.state == "running" and f"pid {os.getpid()} since" in live.detail  # the lock
@@ -79,7 +79,7 @@ def test_a_running_then_stopped_run_is_resumable(tmp_path):
 
 def test_a_failed_run_says_why(tmp_path):
     with pytest.raises(RuntimeError):
-        pretrain(load_recipe(DEMO, TINY), out_dir=tmp_path,
+        pretrain(load_recipe(DEMO, TINY), run_dir=tmp_path,
                  on_log=stop_at(2, RuntimeError("the disk is on fire")))
     info = describe_run(tmp_path)
     assert info.state == "failed" and "the disk is on fire" in info.detail
@@ -88,7 +88,7 @@ def test_a_failed_run_says_why(tmp_path):
 def test_a_run_killed_without_a_word_is_judged_by_its_process_and_log(tmp_path):
     """SIGKILL leaves status.json saying "running": a process that is gone is not."""
     with pytest.raises(KeyboardInterrupt):
-        pretrain(load_recipe(DEMO, TINY), out_dir=tmp_path,
+        pretrain(load_recipe(DEMO, TINY), run_dir=tmp_path,
                  on_log=stop_at(2, KeyboardInterrupt()))
     status = json.loads((tmp_path / "status.json").read_text())
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
