@@ -15,13 +15,14 @@ import torch
 from support import DEMO_RECIPE, TINY, cli, tiny_recipe
 
 from cratemae.checkpoints import load_checkpoint
+from cratemae.checkpoints.resolve import MetaFieldError, check_meta_fields
 from cratemae.distributed.precision import Precision
 from cratemae.errors import BadInputError, CrateMAEError
 from cratemae.recipe import load_recipe
 from cratemae.recipe.schema import RunSection
 from cratemae.tasks.pretrain import MAETask, pretrain
 from cratemae.train import trainer as trainer_module
-from cratemae.train.loggers import scalars
+from cratemae.train.loggers import Loggers, scalars
 from cratemae.train.recovery import NanGuard
 from cratemae.train.runs import describe_run
 from cratemae.train.state import TrainState
@@ -107,7 +108,7 @@ def test_the_guard_decides_rollback_stop_or_too_many(tmp_path):
         guard.decide(TrainState(step=6), None)
     stop = NanGuard(RunSection(nan_patience=1, nan_recovery="stop"))
     stop.tripped(False)
-    with pytest.raises(CrateMAEError, match="last good checkpoint: .*step-000000004"):
+    with pytest.raises(CrateMAEError, match=r"last good checkpoint: .*step-000000004"):
         stop.decide(TrainState(step=6), ckpt)
 
 
@@ -117,7 +118,7 @@ def test_the_old_max_nonfinite_key_reads_as_patience_and_stop():
     assert load_recipe(DEMO_RECIPE).run.nan_recovery == "rollback"
     with pytest.raises(BadInputError, match="old name of nan_patience"):
         load_recipe(DEMO_RECIPE, ["run.max_nonfinite=3", "run.nan_patience=4"])
-    with pytest.raises(BadInputError, match="nan_window .* at least nan_patience"):
+    with pytest.raises(BadInputError, match=r"nan_window .* at least nan_patience"):
         load_recipe(DEMO_RECIPE, ["run.nan_patience=4", "run.nan_window=3"])
     with pytest.raises(BadInputError, match="nan_recovery"):
         load_recipe(DEMO_RECIPE, ['run.nan_recovery="retry"'])
@@ -249,3 +250,29 @@ def test_recovery_lines_make_their_own_curves():
               "precision": "fp32", "recovery": 1}
     assert scalars(record) == {"recovery/lr_factor": 0.5, "recovery/number": 1.0}
     assert scalars({"kind": "something new", "step": 1, "x": 2.0}) == {}
+
+
+def test_tensorboard_forgets_the_steps_after_a_rollback(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loggers = Loggers(tmp_path, ["tensorboard"], resume_step=None, config={})
+    for step in range(1, 7):
+        loggers.write({"kind": "train", "step": step, "loss": float(step)})
+    loggers.rewind(4)
+    loggers.write({"kind": "recovery", "step": 4, "lr_factor": 0.5, "recovery": 1})
+    loggers.write({"kind": "train", "step": 5, "loss": 50.0})
+    loggers.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0)]
+    assert [e.step for e in acc.Scalars("recovery/lr_factor")] == [4]
+
+
+def test_a_hand_edited_recovery_field_is_refused(tmp_path):
+    meta = {"step": 4, "epoch": 0, "world_size": 1, "wall_time": 0.0,
+            "data_position": {"epoch": 0, "batch": 4}}
+    check_meta_fields({**meta, "lr_factor": 0.5, "fp32": True, "recoveries": 1}, tmp_path)
+    for bad in ({"lr_factor": 0}, {"lr_factor": 2.0}, {"fp32": "yes"}, {"recoveries": -1}):
+        with pytest.raises(MetaFieldError, match=next(iter(bad))):
+            check_meta_fields({**meta, **bad}, tmp_path)

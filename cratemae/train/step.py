@@ -104,7 +104,7 @@ class TrainStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             state.nonfinite_skipped += 1
-            log.warning("non-finite loss at step %d: step skipped", state.step)
+            log.warning("non-finite loss at step %d: step skipped", state.step + 1)
         counts.lr, counts.steps = lr, counts.steps + 1
         counts.seconds += time.perf_counter() - start
         state.step += 1
