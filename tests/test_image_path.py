@@ -1,6 +1,7 @@
 """One image-to-tensor path and one pixel normalisation: `reconstruct` (at `--fit eval`),
 `analyze` (files and --data) and the evaluation loader give the model the same tensor for
-the same file; `normalize` / `unnormalize` are the plain formulas, to the bit."""
+the same file; `normalize` / `unnormalize` are the plain formulas, to the bit, and what
+`reconstruct` and `analyze` draw is back in the image's own pixels."""
 
 from __future__ import annotations
 
@@ -161,3 +162,49 @@ def test_the_evaluation_loader_gives_image_to_tensor_s_tensor(photo) -> None:
     loader = build_loader(section, split="val", labels=False, img_size=SIZE, seed=0, epoch=0)
     (batch,) = list(loader)
     assert torch.equal(batch.images[0], image_to_tensor(photo, SIZE, MEAN, STD))
+
+
+# --- the pair's users map pixels back for display -------------------------------------------
+class PerfectMAE(torch.nn.Module):
+    """Stands in for a `CrateMAE` that predicts every patch of its (normalised) input
+    exactly, and hides the left half of the patches."""
+
+    def __init__(self, config: CrateMAEConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, imgs: torch.Tensor, *, mask_ratio: float, noise: torch.Tensor):
+        from types import SimpleNamespace
+
+        from cratemae.model import patchify
+
+        pred = patchify(imgs, self.config.patch_size)  # (B, L, p*p*3)
+        mask = (torch.arange(pred.shape[1]) % self.config.grid_size < 2).float()
+        return SimpleNamespace(pred=pred, mask=mask.expand(pred.shape[0], -1))
+
+
+def test_a_perfect_prediction_reconstructs_the_original_pixels(photo) -> None:
+    from cratemae.viz.reconstruction import reconstruct
+
+    config = CrateMAEConfig(img_size=SIZE, patch_size=8, embed_dim=64, depth=1, num_heads=4,
+                            decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+    pixels = image_to_tensor(photo, SIZE, fit=FIT_EVAL)[None]  # (1, 3, S, S) in [0, 1]
+    (rec,) = reconstruct(PerfectMAE(config), pixels, mean=MEAN, std=STD, mask_ratio=0.5,
+                         noise=torch.zeros(1, config.num_patches))
+    torch.testing.assert_close(rec.prediction, pixels[0], atol=1e-6, rtol=0)
+    assert rec.psnr > 100
+
+
+def test_analyze_draws_the_images_in_their_own_pixels(photo) -> None:
+    from cratemae.analysis import analyze
+    from cratemae.weights.load import LoadedModel
+
+    torch.manual_seed(0)
+    config = CrateMAEConfig(img_size=SIZE, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+                            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    model = LoadedModel(CrateMAE(config).encoder.eval(), Path("random"), MEAN, STD, True)
+    pixels = image_to_tensor(photo, SIZE, fit=FIT_EVAL)  # (3, S, S) in [0, 1]
+    result = analyze(model, [normalize(pixels, MEAN, STD)[None]], names=["photo"],
+                     pca_layer=2, device=torch.device("cpu"))
+    shown = result.pictures[0].image  # (S, S, 3)
+    np.testing.assert_allclose(shown, pixels.permute(1, 2, 0).numpy(), atol=1e-6, rtol=0)
