@@ -91,8 +91,10 @@ class Trainer:
         if resume is not None:
             self.state = restore_run(resume, model=self.saved, optimizer=optimizer,
                                      scaler=self.stepper.scaler, recipe=self.recipe)
-            if self.state.fp32:  # a recovery switched the run to float32 before
+            if self.state.fp32:
                 self._use_fp32()
+                log.info("training in fp32: a recovery from non-finite losses switched this "
+                         "run to it (run.nan_recovery = \"rollback_fp32\")")
         resume_step = self.state.step if resume is not None else None
         self.recorder = RunRecorder(self.recipe, task, self.run_dir, resume_step=resume_step,
                                     total_steps=self.total_steps, ema=self.ema, on_log=on_log)
