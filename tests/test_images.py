@@ -56,10 +56,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"grey16": d / "grey16.png", "rgba": d / "rgba.png", "exif": d / "rotated.jpg"}
 
 
-def as_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
-
-
 @pytest.mark.parametrize("kind", ["grey16", "rgba", "exif"])
 def test_reconstruct_and_analyze_see_the_same_pixels(files, monkeypatch, kind) -> None:
     """Each command then fits the picture to the model its own way (reconstruct: the whole
