@@ -6,6 +6,7 @@ labelled run with unlabelled data is a mistake to fix, not noise to skip.
 
 `read_image_file` is the same decoding for one file a person names at inference
 (`reconstruct`, `analyze`): there a bad image is a `BadInputError` naming the file.
+`cratemae.data.transforms.image_to_tensor` reads files through it and fits them to the model.
 """
 
 from __future__ import annotations

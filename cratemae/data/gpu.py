@@ -48,7 +48,7 @@ def gpu_decode_batch(
             out[i] = _crop_resize(images[j], batch.boxes[j].tolist(), img_size)
     flips = batch.flips.to(device)
     out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
-    out = normalize(out / 255.0, mean, std)  # out is float in 0..255
+    out = normalize(out / 255.0, mean, std)  # float 0..255 -> [0, 1] -> normalised
     labels = None if batch.labels is None else batch.labels.to(device, non_blocking=True)
     return Batch(out, labels, batch.bad + extra_bad, dict(batch.bad_shards))
 
