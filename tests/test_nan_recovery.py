@@ -171,6 +171,29 @@ def test_a_rollback_at_the_same_lr_repeats_the_clean_run_exactly(tmp_path, monke
     assert all(torch.equal(ran[k], ref[k]) for k in ref)
 
 
+def test_non_finite_weights_are_never_saved_so_the_rollback_goes_further_back(
+        tmp_path, monkeypatch, caplog):
+    """A finite loss whose update overflows leaves NaN weights: the checkpoint due after
+    it is not saved, the next losses are NaN, and the run goes back to the one before."""
+    caplog.set_level(logging.WARNING, logger="cratemae")
+    real, done = MAETask.loss, []
+
+    def loss(self, model, batch, micro):
+        out = real(self, model, batch, micro)
+        if micro == 5 and not done:  # step 6: its loss is finite, its update is not
+            done.append(micro)
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(MAETask, "loss", loss)
+    pretrain(recipe(*NAN), run_dir=tmp_path)
+    assert "non-finite weights after step 6: checkpoint not saved" in caplog.text
+    [record] = recoveries(tmp_path)
+    assert (record["at_step"], record["rolled_back_to"]) == (8, 4)
+    assert all(torch.isfinite(v).all() for v in final_weights(tmp_path).values())
+
+
 def test_a_run_without_nan_is_bit_identical_with_the_keys_set(tmp_path, clean):
     pretrain(recipe("run.nan_patience=3", "run.nan_window=10",
                     'run.nan_recovery="rollback_fp32"', "run.nan_max_recoveries=5",

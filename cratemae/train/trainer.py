@@ -177,14 +177,10 @@ class Trainer:
                     if rec.monitor_due(state):
                         rec.monitor(self.model, state)
                     minutes = (time.monotonic() - last_save) / 60
-                    # No routine save after a skipped step: the newest checkpoint stays
-                    # one taken after a good step (the one a rollback goes back to).
-                    stop, save = self._agree(
-                        preempt.requested,
-                        ok and (
-                            minutes >= self.recipe.run.checkpoint_every_minutes
-                            or self._save_due(end_of_epoch)),
-                        loader.bad_fraction_error(final=end_of_epoch))
+                    due = minutes >= self.recipe.run.checkpoint_every_minutes or (
+                        self._save_due(end_of_epoch))
+                    stop, save = self._agree(preempt.requested, due and self._good(ok),
+                                             loader.bad_fraction_error(final=end_of_epoch))
                     if save or stop:
                         self._save(end_of_epoch)
                         last_save = time.monotonic()
@@ -213,6 +209,19 @@ class Trainer:
         by_epoch = (end_of_epoch and run.keep_every_epochs is not None
                     and state.epoch % run.keep_every_epochs == 0)
         return bool(by_steps or by_epoch)
+
+    def _good(self, ok: bool) -> bool:
+        """Whether a routine save may keep this moment (rank 0 decides): the step was not
+        skipped and the weights are finite, so the newest checkpoint is always one a
+        rollback can go back to (a finite loss whose update overflowed leaves NaN weights
+        that only the next step's loss shows)."""
+        if not ok or not dist.is_main_process():
+            return ok
+        finite = bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
+        if not finite:
+            log.warning("non-finite weights after step %d: checkpoint not saved",
+                        self.state.step)
+        return finite
 
     def _agree(self, stop: bool, save: bool,
                bad_data: Exception | None) -> tuple[bool, bool]:
