@@ -241,3 +241,42 @@ def test_class_names_that_differ_between_train_and_val_are_refused(tmp_path: Pat
         assert resolve_num_classes(recipe, None, "probe.num_classes") == 2
     assert "data.train names its classes (cat, dog" in caplog.text
     assert "numbered labels only" in caplog.text
+
+
+def test_probe_of_embed_files_scores_as_the_probe_of_the_checkpoint(tmp_path, demo_checkpoint):
+    """Features computed once by `cratemae embed` serve the probe: the same top-1 as the
+    probe's own feature pass (the features agree to 1e-6), and no checkpoint is read."""
+    files = [tmp_path / "train.safetensors", tmp_path / "val.safetensors"]
+    for file in files:  # data.val stands in for both splits, as SMALL says
+        code, err = run_cli("embed", "demo:val", "--checkpoint", str(demo_checkpoint),
+                            "--out", str(file))
+        assert code == 0, err
+    own = probe(load_recipe(PROBE, SMALL), demo_checkpoint, run_dir=tmp_path / "own")
+    code, err = run_cli("probe", str(PROBE), "--features", *map(str, files), "--out",
+                        str(tmp_path / "embedded"), "--json", *[f"--set={s}" for s in SMALL])
+    assert code == 0, err
+    embedded = json.loads((tmp_path / "embedded" / "probe.json").read_text())
+    assert embedded["features_files"] == [str(f) for f in files]
+    assert abs(embedded["top1"] - own.top1) <= 0.1  # one image of 1,000 at most
+    assert embedded["weight_decay"] == own.summary["weight_decay"]
+    assert embedded["num_classes"] == own.summary["num_classes"] == 10
+    status = json.loads((tmp_path / "embedded" / "status.json").read_text())
+    assert status["state"] == "finished"
+
+
+def test_probe_features_are_refused_in_one_line(tmp_path, demo_checkpoint):
+    file = tmp_path / "val.safetensors"
+    assert run_cli("embed", "demo:val", "--checkpoint", str(demo_checkpoint), "--out",
+                   str(file), "--pool", "mean")[0] == 0
+    for args, message in [
+        (["--features", str(file), str(file)], "features pooled by 'avg', but probe.pool"),
+        (["--features", str(file), str(file), "--set", 'probe.protocol="mae"'],
+         'the "mae" protocol trains on augmented images'),
+        (["--features", str(file), str(tmp_path / "nope")], "--features file not found"),
+        (["--features", str(file), str(file), "--checkpoint", str(demo_checkpoint)],
+         "not both"),
+        ([], "give --checkpoint CKPT, or --features TRAIN VAL"),
+    ]:
+        code, err = run_cli("probe", str(PROBE), "--out", str(tmp_path / "p"), *args)
+        assert code == 2, err
+        assert message in err and len(err.strip().splitlines()) == 1, err

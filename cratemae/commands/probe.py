@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from cratemae.commands._cli_utils import (
-    CheckpointOpt,
     JsonOpt,
     OutOpt,
     RecipeArg,
@@ -14,6 +16,7 @@ from cratemae.commands._cli_utils import (
     preemptible,
     require_checkpoint,
 )
+from cratemae.errors import BadInputError
 from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
 from cratemae.rundir import RunFiles
@@ -24,7 +27,17 @@ __all__ = ["probe"]
 @preemptible
 def probe(
     recipe: RecipeArg,
-    checkpoint: CheckpointOpt,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", metavar="CKPT", show_default=False,
+                     help="Checkpoint directory, run directory (its latest) or weights file."),
+    ] = None,
+    features: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option("--features", metavar="TRAIN VAL", show_default=False,
+                     help="Probe the features `cratemae embed` wrote for the train and the "
+                     "val split instead of computing them (no --checkpoint)."),
+    ] = None,
     set_: SetOpt = None,
     out: OutOpt = None,
     json_: JsonOpt = False,
@@ -44,13 +57,25 @@ def probe(
       $ cratemae probe recipes/probe/cifar10.toml --checkpoint runs/base --set 'probe.pool="avg"'
       $ cratemae probe recipes/probe/pets.toml --checkpoint runs/base --out runs/lin-pets --json
       $ torchrun --nproc-per-node 8 -m cratemae probe recipes/probe/in1k.toml --checkpoint runs/base
+      $ cratemae embed data/c10 --split train --checkpoint runs/base --out c10-train.safetensors
+      $ cratemae embed data/c10 --split val --checkpoint runs/base --out c10-val.safetensors
+      $ cratemae probe recipes/probe/cifar10.toml \
+          --features c10-train.safetensors c10-val.safetensors
     """
     r = load_recipe(recipe, set_ or [])
-    require_checkpoint(checkpoint)
+    if (checkpoint is None) == (features is None):
+        raise BadInputError("give --checkpoint CKPT, or --features TRAIN VAL (files that "
+                            "`cratemae embed` wrote), not both")
+    if checkpoint is not None:
+        require_checkpoint(checkpoint)
+    for file in features or ():
+        if not file.exists():
+            raise BadInputError(f"{file}: --features file not found")
     from cratemae.tasks.probe import probe as run_probe  # torch loads lazily
 
     with command_console("probe") as (on_progress, on_log):
-        result = run_probe(r, checkpoint, run_dir=out, on_progress=on_progress, on_log=on_log)
+        result = run_probe(r, checkpoint, features=features, run_dir=out,
+                           on_progress=on_progress, on_log=on_log)
     if not result.main_process:
         return
     s = result.summary

@@ -46,6 +46,7 @@ __all__ = [
     "encode_keys",
     "layer_name",
     "read_embeddings",
+    "read_probe_split",
     "write_npy_dir",
     "write_safetensors",
 ]
@@ -157,13 +158,7 @@ def read_embeddings(
     holds `pool` ("token": CLS, "avg": mean of the patch tokens), `layer`, `layers`,
     `architecture`, `checkpoint_sha256`, `img_size`, `classes`, ... (numbers and lists
     decoded)."""
-    path = Path(path)
-    if path.is_dir():
-        arrays, keys, meta = _read_npy_dir(path)
-    elif path.is_file():
-        arrays, keys, meta = _read_safetensors(path)
-    else:
-        raise BadInputError(f"{path}: embeddings not found")
+    arrays, keys, meta = _open(path)
     name = "features"
     if layer is not None:
         depth = int(meta.get("model", {}).get("depth", 0)) or None
@@ -221,3 +216,33 @@ def _read_npy_dir(path: Path) -> tuple[dict[str, Callable[[], torch.Tensor]], li
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise BadInputError(f"{path}: unreadable embeddings directory ({err})") from None
     return {n: (lambda p=p: torch.from_numpy(np.load(p))) for n, p in files.items()}, keys, meta
+
+
+def read_probe_split(path: str | Path, *, pool: str, layer: int,
+                     split: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(features (N, d), labels (N,), metadata) of an embeddings file for the probe's
+    `split`: the file's pooling must be the probe's (`probe.pool`), `layer` must be its main
+    layer or one of its `--layers`, and every sample must carry a label."""
+    meta = _open(path)[2]
+    if meta.get("pool") != pool:
+        raise BadInputError(f"{path}: features pooled by {meta.get('pool')!r}, but "
+                            f"probe.pool = {pool!r} (embed again with --pool, or set "
+                            f"probe.pool)")
+    depth = int(meta.get("model", {}).get("depth", 0))
+    main = depth and layer % depth == int(meta.get("layer", -1)) % depth
+    features, labels, _, meta = read_embeddings(path, None if main else layer)
+    if labels is None or bool((labels < 0).any()):
+        raise BadInputError(f"{path}: the {split} samples must all carry class labels")
+    return features, labels, meta
+
+
+def _open(path: str | Path) -> tuple[dict[str, Callable[[], torch.Tensor]], list[str],
+                                     dict[str, Any]]:
+    """(tensor readers by name, keys, metadata) of an embeddings file or directory; the
+    tensors are read when their reader is called."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_npy_dir(path)
+    if path.is_file():
+        return _read_safetensors(path)
+    raise BadInputError(f"{path}: embeddings not found")

@@ -27,7 +27,8 @@ from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import Progress, classify
-from cratemae.eval.features import CACHE_FORMAT, FeatureSpec, cached_features
+from cratemae.eval.embeddings import read_probe_split
+from cratemae.eval.features import CACHE_FORMAT, FeatureSet, FeatureSpec, cached_features
 from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
 from cratemae.eval.logreg import fit_logreg, select_weight_decay
 from cratemae.fs import atomic_write_json
@@ -53,32 +54,51 @@ class ProbeResult:
     main_process: bool = True
 
 
-def probe(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None,
+def probe(recipe: Recipe, checkpoint: str | Path | None, *,
+          features: tuple[Path, Path] | None = None, run_dir: Path | None = None,
           on_progress: StageProgress | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> ProbeResult:
-    """Probe the encoder of `checkpoint`; write probe.json, recipe.toml and log.txt into
-    `run_dir` (default `run.out_dir`). The `mae` protocol resumes an interrupted probe
-    from the newest checkpoint there."""
+    """Probe the encoder of `checkpoint`, or the (train, val) features `cratemae embed`
+    wrote (`features`: then no checkpoint is read and no image decoded); write probe.json,
+    recipe.toml and log.txt into `run_dir` (default `run.out_dir`). The `mae` protocol
+    resumes an interrupted probe from the newest checkpoint there."""
     p = recipe.probe
+    if features is not None and p.protocol != "features":
+        raise BadInputError('--features: the "mae" protocol trains on augmented images; '
+                            'embeddings files serve probe.protocol = "features"')
+    progress = on_progress or (lambda what, done, total: None)
     with RunSetup(recipe, run_dir, resume=Resume.AUTO) as run:
-        encoder, config = load_encoder(checkpoint, recipe.model)
-        depth = encoder.config.depth
-        if not -depth <= p.layer < depth:
-            raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} has "
-                                f"{depth} layers (valid: {-depth}..{depth - 1})")
-        num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
+        if features is None:
+            assert checkpoint is not None
+            encoder, config = load_encoder(checkpoint, recipe.model)
+            depth = encoder.config.depth
+            if not -depth <= p.layer < depth:
+                raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} "
+                                    f"has {depth} layers (valid: {-depth}..{depth - 1})")
+            num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
+            source, img_size, names = str(checkpoint), encoder.config.img_size, class_names(recipe)
+        else:
+            sets, meta = _embedded_sets(features, p.pool, p.layer)
+            num_classes = _embedded_classes(meta, sets, p.num_classes)
+            source = str(meta.get("checkpoint") or meta.get("checkpoint_sha256"))
+            img_size, names = int(meta.get("img_size", 0)), meta.get("classes")
         with run.open_run_dir():
             log.info("probing %s (%s protocol, %d classes, %d px), %d process(es) on %s",
-                     checkpoint, p.protocol, num_classes, encoder.config.img_size,
-                     run.info.world_size, run.info.device)
-            protocol = _features_protocol if p.protocol == "features" else _mae_protocol
-            details = protocol(recipe, checkpoint, encoder, config, num_classes, run,
-                               on_progress or (lambda what, done, total: None), on_log)
+                     source, p.protocol, num_classes, img_size, run.info.world_size,
+                     run.info.device)
+            if features is not None:
+                details = {**_fit_and_score(recipe, sets, num_classes, run, progress),
+                           "features_files": [str(f) for f in features]}
+            elif p.protocol == "features":
+                details = _features_protocol(recipe, checkpoint, encoder, num_classes, run,
+                                             progress)
+            else:
+                details = _mae_protocol(recipe, encoder, config, num_classes, run, on_log)
             summary = {"protocol": p.protocol, "top1": details.pop("top1"),
-                       "top5": details.pop("top5"), "checkpoint": str(checkpoint),
+                       "top5": details.pop("top5"), "checkpoint": source,
                        "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
-                       "img_size": encoder.config.img_size, **details,
-                       "class_names": list(class_names(recipe) or []) or None,
+                       "img_size": img_size, **details,
+                       "class_names": list(names or []) or None,
                        "recipe": dump_recipe(recipe)}
             if dist.is_main_process():
                 atomic_write_json(run.files.probe, summary)
@@ -86,13 +106,41 @@ def probe(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None
                            dist.is_main_process())
 
 
+def _embedded_sets(files: tuple[Path, Path], pool: str,
+                   layer: int) -> tuple[dict[str, FeatureSet], dict[str, Any]]:
+    """The train and val features of two `cratemae embed` files, which must come from the
+    same weights at the same image size."""
+    sets, metas = {}, []
+    for split, path in zip(("train", "val"), files, strict=True):
+        feats, labels, meta = read_probe_split(path, pool=pool, layer=layer, split=split)
+        sets[split] = FeatureSet(feats, labels, from_cache=True)
+        metas.append(meta)
+    for key in ("checkpoint_sha256", "img_size"):
+        if metas[0].get(key) != metas[1].get(key):
+            raise BadInputError(f"--features: {files[0]} and {files[1]} differ in {key} "
+                                f"({metas[0].get(key)} vs {metas[1].get(key)}): embed both "
+                                f"splits with the same weights")
+    return sets, metas[0]
+
+
+def _embedded_classes(meta: dict[str, Any], sets: dict[str, FeatureSet],
+                      wanted: int | None) -> int:
+    """probe.num_classes, else the number of classes the train file names, else the largest
+    label + 1; every label must fit."""
+    classes = meta.get("classes")
+    num = wanted or (len(classes) if classes else int(sets["train"].labels.max()) + 1)
+    for split, found in sets.items():
+        check_labels(found.labels, num, "probe.num_classes", split)
+    return num
+
+
 def _stage(on_progress: StageProgress, what: str) -> Progress:
     return lambda done, total: on_progress(what, done, total)
 
 
 def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
-                       config: dict, num_classes: int, run: RunSetup,
-                       on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
+                       num_classes: int, run: RunSetup,
+                       on_progress: StageProgress) -> dict[str, Any]:
     p, device = recipe.probe, dist.get_dist_info().device
     spec = FeatureSpec(p.layer, p.pool, encoder.config.img_size,
                        resolve_precision(recipe.run.precision, device))
@@ -106,6 +154,14 @@ def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEnc
                                       root=p.cache_dir,
                                       progress=_stage(on_progress, f"features {split}"))
         check_labels(sets[split].labels, num_classes, "probe.num_classes", split)
+    return _fit_and_score(recipe, sets, num_classes, run, on_progress)
+
+
+def _fit_and_score(recipe: Recipe, sets: dict[str, FeatureSet], num_classes: int,
+                   run: RunSetup, on_progress: StageProgress) -> dict[str, Any]:
+    """Logistic regression for each weight decay of the grid, chosen on a held-out part of
+    the train features, refitted on all of them, scored on the val features."""
+    p, device = recipe.probe, dist.get_dist_info().device
     train, val = sets["train"], sets["val"]
     grid, fits = p.weight_decays, len(p.weight_decays) + 1  # the grid, then the refit
     log.info("fitting the logistic regression for %d weight decays, then once more on all "
@@ -203,9 +259,8 @@ class _MAEProbeTask(Task):
         return classify(model, self.recipe.data, self.img_size, self.precision)
 
 
-def _mae_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
-                  config: dict, num_classes: int, run: RunSetup,
-                  on_progress: StageProgress, on_log: Any) -> dict[str, Any]:
+def _mae_protocol(recipe: Recipe, encoder: CrateEncoder, config: dict, num_classes: int,
+                  run: RunSetup, on_log: Any) -> dict[str, Any]:
     model = LinearProbeModel(encoder, num_classes, recipe.probe.layer, recipe.probe.pool)
     task = _MAEProbeTask(recipe, model, config, num_classes)
     result = Trainer(run, task, on_log=on_log).fit()
