@@ -17,6 +17,7 @@ from PIL import Image
 from support import REPO
 
 from cratemae.analysis import record_layers
+from cratemae.checkpoints import Resume
 from cratemae.data.plan import subset_plan
 from cratemae.errors import BadInputError
 from cratemae.eval.knn import knn_top1
@@ -86,7 +87,7 @@ def test_val_loss_uses_fixed_masks_and_layers_match_analyze(tmp_path):
 def test_pretraining_writes_eval_lines_pictures_and_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pretrain(recipe("run.eval_every_steps=2", "schedule.max_steps=5"), out_dir=tmp_path)
+    pretrain(recipe("run.eval_every_steps=2", "schedule.max_steps=5"), run_dir=tmp_path)
     evals = lines(tmp_path, "eval")
     assert [e["step"] for e in evals] == [2, 4, 5]  # every 2 steps and at the end
     train = lines(tmp_path, "train")
@@ -116,7 +117,7 @@ def test_knn_monitor_is_above_chance_after_training(tmp_path):
     """10 balanced demo classes: chance is 10%."""
     pretrain(recipe("run.eval_every_steps=10", "schedule.max_steps=10",
                     "run.eval_images=128", "run.log_every=10", "run.loggers=[]"),
-             out_dir=tmp_path)
+             run_dir=tmp_path)
     (last,) = lines(tmp_path, "eval")
     assert last["val_knn_top1"] > 20
 
@@ -125,7 +126,7 @@ def test_no_validation_without_data_val(tmp_path, caplog):
     caplog.set_level("INFO", logger="cratemae")
     r = recipe("run.eval_every_steps=2")
     r = r.model_copy(update={"data": r.data.model_copy(update={"val": None})})
-    pretrain(r, out_dir=tmp_path)
+    pretrain(r, run_dir=tmp_path)
     assert lines(tmp_path, "eval") == []
     assert caplog.text.count("data.val is not set: no validation") == 1
 
@@ -134,10 +135,10 @@ def test_resumed_run_continues_the_curves_without_repeating_a_step(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sets = ("run.eval_every_steps=2", "run.checkpoint_every_steps=2", "run.keep_last=3")
-    pretrain(recipe(*sets), out_dir=tmp_path)
+    pretrain(recipe(*sets), run_dir=tmp_path)
     # Resume from step 2: steps 3 and 4 (and their evaluation) were logged and come again.
-    pretrain(recipe(*sets), out_dir=tmp_path,
-             resume=tmp_path / "checkpoints" / "step-000000002")
+    pretrain(recipe(*sets), run_dir=tmp_path,
+             resume=Resume.parse(tmp_path / "checkpoints" / "step-000000002"))
     assert [t["step"] for t in lines(tmp_path, "train")] == [1, 2, 3, 4]
     assert [e["step"] for e in lines(tmp_path, "eval")] == [2, 4]
     acc = EventAccumulator(str(tmp_path / "tensorboard"))

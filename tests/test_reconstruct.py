@@ -200,7 +200,7 @@ def test_without_checkpoint_a_newer_finetune_run_is_passed_over(demo_checkpoint,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo").symlink_to(demo_checkpoint.parent.parent)
-    finetune(recipe, demo_checkpoint, out_dir=tmp_path / "runs" / "demo-finetune")
+    finetune(recipe, demo_checkpoint, run_dir=tmp_path / "runs" / "demo-finetune")
     run = cli("reconstruct", photos["jpeg"])
     assert run.exit_code == 0, run.output
     assert "using runs/demo/checkpoints/" in run.stderr

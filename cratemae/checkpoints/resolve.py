@@ -48,6 +48,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# How deep `find_runs` looks: runs/NAME, runs/GROUP/NAME, ... (and never round a link loop).
+_RUN_DEPTH = 8
+
 
 def check_checkpoint_dir(path: Path, *, verify_hashes: bool = True) -> dict[str, Any]:
     """Return the checkpoint's meta.json, or raise BadInputError naming the bad file."""
@@ -153,12 +156,19 @@ def newest_complete(ckpt_dir: Path, exclude: str | None = None) -> Path | None:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run directories under `root` (itself included): those holding a recipe.toml."""
+    """Run directories under `root` (itself included): those holding a recipe.toml, up to
+    `_RUN_DEPTH` folders down, following links (runs are often linked in from scratch)."""
     if RunFiles(root).is_run():
         return [root]
-    skip = {CKPT_SUBDIR, RunFiles(root).best.name}
-    return sorted(p.parent for p in root.rglob(RunFiles(root).recipe.name)
-                  if not skip & set(p.parent.relative_to(root).parts))
+    skip, found = {CKPT_SUBDIR, RunFiles(root).best.name}, []
+    for where, dirs, files in os.walk(root, followlinks=True):
+        depth = len(Path(where).relative_to(root).parts)
+        if RunFiles(where).recipe.name in files:
+            found.append(Path(where))
+            dirs.clear()  # a run holds no other runs
+        else:
+            dirs[:] = sorted(d for d in dirs if d not in skip) if depth < _RUN_DEPTH else []
+    return sorted(found)
 
 
 def run_dir_of(path: str | os.PathLike[str]) -> Path | None:
@@ -221,7 +231,8 @@ def resolve_checkpoint(path: str | os.PathLike[str] | None, *, runs_dir: Path = 
     if path is None:
         found = _newest_of_runs(runs_dir, accept)
         if found is None:
-            raise BadInputError(f"no --checkpoint given and no {wanted} under {runs_dir}: "
+            where = runs_dir if runs_dir.is_absolute() else f"./{runs_dir}"
+            raise BadInputError(f"no --checkpoint given and no {wanted} under {where}: "
                                 f"pass --checkpoint CKPT")
         return found
     p = Path(path)

@@ -14,6 +14,7 @@ from cratemae.commands import console
 from cratemae.commands._cli_utils import JsonOpt, require_file
 from cratemae.errors import BadInputError
 from cratemae.fs import strict_json
+from cratemae.rundir import RunFiles
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,6 @@ ImagesArg = Annotated[
     list[Path] | None,
     typer.Argument(metavar="IMAGE...", help="Image files to analyse.", show_default=False),
 ]
-RUNS_DIR = Path("runs")
 # layers.png's title: the model and what its coding rate is measured against.
 _FAMILY = {"crate": "CRATE: MSSA subspaces", "vit": "MAE ViT: per-head value projections"}
 CheckpointOpt = Annotated[
@@ -132,12 +132,9 @@ def _checkpoint(checkpoint: Path | None) -> Path:
     """`--checkpoint`, else the newest run's latest checkpoint under ./runs (said so)."""
     if checkpoint is not None:
         return checkpoint
-    from cratemae.weights.load import newest_run_checkpoint
+    from cratemae.checkpoints.resolve import resolve_checkpoint
 
-    found = newest_run_checkpoint(RUNS_DIR)
-    if found is None:
-        raise BadInputError("no --checkpoint given and no run with a checkpoint under ./runs: "
-                            "pass --checkpoint CKPT")
+    found = resolve_checkpoint(None, wanted="run with a checkpoint")
     console.log(f"using {found} (the newest run under ./runs; --checkpoint chooses another)")
     return found
 
@@ -249,9 +246,9 @@ def _write(result: Analysis, model: LoadedModel, out: Path, source: Any) -> dict
     }
     from cratemae.fs import atomic_write_json
 
-    atomic_write_json(out / "layers.json", summary, indent=2)
+    atomic_write_json(RunFiles(out).layers, summary, indent=2)
     written = [
-        out / "layers.json",
+        RunFiles(out).layers,
         plot_layers(
             result.layers,
             out / "layers.png",

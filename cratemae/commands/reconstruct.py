@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = ["reconstruct"]
 
-RUNS_DIR = Path("runs")
 _CHUNK = 16  # images per forward pass
 
 
@@ -117,14 +116,14 @@ def _exists(image: Path) -> bool:
 
 def _load(checkpoint: Path | None) -> LoadedModel:
     """The model to use: `checkpoint`, else the newest run's under ./runs."""
-    from cratemae.weights.load import load_model, newest_run_checkpoint
+    from cratemae.checkpoints.resolve import resolve_checkpoint
+    from cratemae.weights.load import has_decoder, load_model
 
     if checkpoint is None:
         # Only pre-training runs hold the decoder; the newest run is often a fine-tune.
-        checkpoint = newest_run_checkpoint(RUNS_DIR, needs_decoder=True)
-        if checkpoint is None:
-            raise BadInputError("no --checkpoint given and no pre-training run (one whose "
-                                "weights hold the decoder) under ./runs: pass --checkpoint CKPT")
+        checkpoint = resolve_checkpoint(
+            None, accept=has_decoder,
+            wanted="pre-training run (one whose weights hold the decoder)")
         console.log(f"using {checkpoint} (the newest pre-training run under ./runs; "
                     "--checkpoint chooses another)")
     loaded = load_model(checkpoint)

@@ -36,8 +36,8 @@ from cratemae.checkpoints import (
     strip_wrapper_prefixes,
 )
 from cratemae.checkpoints.files import file_digest
-from cratemae.checkpoints.layout import CKPT_SUBDIR, EMA_PREFIX, META, MODEL_FILE
-from cratemae.checkpoints.resolve import complete_checkpoints, resolve_checkpoint
+from cratemae.checkpoints.layout import EMA_PREFIX, META, MODEL_FILE
+from cratemae.checkpoints.resolve import resolve_checkpoint
 from cratemae.errors import BadInputError
 from cratemae.model import (
     CrateEncoder,
@@ -62,9 +62,9 @@ __all__ = [
     "checkpoint_digest",
     "checkpoint_filter_fn",
     "config_key",
+    "has_decoder",
     "load_encoder",
     "load_model",
-    "newest_run_checkpoint",
 ]
 
 CONFIG_FILE = "config.json"  # written next to exported weights
@@ -296,22 +296,7 @@ def _preprocessing(file: Path) -> tuple[tuple, tuple] | None:
 
 
 # --- finding and naming checkpoints -------------------------------------------------------
-def newest_run_checkpoint(runs_dir: Path, needs_decoder: bool = False) -> Path | None:
-    """The most recently saved complete checkpoint of any run under `runs_dir` (searched
-    three levels deep: runs/NAME, runs/GROUP/NAME, ...), or None. `needs_decoder`: only runs
-    whose weights hold a decoder (pre-training runs; fine-tune and probe runs do not)."""
-    best: tuple[float, Path] | None = None
-    for depth in ("*", "*/*", "*/*/*"):
-        for ckpt_dir in runs_dir.glob(f"{depth}/{CKPT_SUBDIR}"):
-            found = complete_checkpoints(ckpt_dir)
-            if found and (not needs_decoder or _has_decoder(found[-1][0] / MODEL_FILE)):
-                path, meta = found[-1]
-                key = (float(meta.get("wall_time", 0.0)), path)
-                best = key if best is None or key[0] > best[0] else best
-    return best[1] if best else None
-
-
-def _has_decoder(weights: Path) -> bool:
+def has_decoder(weights: Path) -> bool:
     """Whether a weights file holds a decoder (read from its header alone)."""
     from safetensors import safe_open
 
