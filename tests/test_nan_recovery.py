@@ -171,6 +171,19 @@ def test_a_rollback_at_the_same_lr_repeats_the_clean_run_exactly(tmp_path, monke
     assert all(torch.equal(ran[k], ref[k]) for k in ref)
 
 
+def test_a_rollback_puts_the_weight_average_back_too(tmp_path, monkeypatch):
+    """Pre-training with an average of the weights (fine-tuning's `finetune.ema`): after
+    a rollback at lr x1 it, too, is the clean run's."""
+    monkeypatch.setattr(MAETask, "ema_decay", 0.5)
+    pretrain(recipe(), run_dir=tmp_path / "clean")
+    inject_nan(monkeypatch, lambda micro: micro in (4, 5))
+    pretrain(recipe(*NAN, "run.nan_lr_factor=1.0"), run_dir=tmp_path / "rolled")
+    assert len(recoveries(tmp_path / "rolled")) == 1
+    ran, ref = final_weights(tmp_path / "rolled"), final_weights(tmp_path / "clean")
+    assert any(k.startswith("ema.") for k in ref)
+    assert all(torch.equal(ran[k], ref[k]) for k in ref)
+
+
 def test_non_finite_weights_are_never_saved_so_the_rollback_goes_further_back(
         tmp_path, monkeypatch, caplog):
     """A finite loss whose update overflows leaves NaN weights: the checkpoint due after
