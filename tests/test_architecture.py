@@ -244,3 +244,29 @@ def test_json_is_written_strictly() -> None:
                     and not any(k.arg == "allow_nan" for k in node.keywords)):
                 found.append(f"{module}:{node.lineno}")
     assert found == []
+
+
+def test_only_rundir_spells_the_names_of_run_files() -> None:
+    """The files and folders of a run are named in `cratemae.rundir` alone: no other module
+    has a string (docstrings aside) that is one of those names or a path inside a folder."""
+    from cratemae import rundir
+
+    files = {v for k, v in vars(rundir).items() if k.endswith("_FILE")}
+    folders = {v for k, v in vars(rundir).items() if k.endswith("_DIR") and isinstance(v, str)}
+    assert {"metrics.jsonl", "status.json", "model.safetensors"} <= files
+    assert {"checkpoints", "samples", "tensorboard"} <= folders
+    found = []
+    for name, path in MODULES.items():
+        if name == "cratemae.rundir":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef)
+                and n.body and isinstance(n.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docs:
+                text = node.value
+                if text in files or any(text.startswith(f"{d}/") for d in folders):
+                    found.append(f"{name}:{node.lineno} {text!r}")
+    assert found == []

@@ -260,8 +260,9 @@ def test_probe_of_embed_files_scores_as_the_probe_of_the_checkpoint(tmp_path, de
     assert abs(embedded["top1"] - own.top1) <= 0.1  # one image of 1,000 at most
     assert embedded["weight_decay"] == own.summary["weight_decay"]
     assert embedded["num_classes"] == own.summary["num_classes"] == 10
-    status = json.loads((tmp_path / "embedded" / "status.json").read_text())
-    assert status["state"] == "finished"
+    runs = CliRunner().invoke(build_app(), ["runs", str(tmp_path), "--json"])
+    states = {Path(r["path"]).name: (r["kind"], r["state"]) for r in json.loads(runs.stdout)}
+    assert states == {"own": ("probe", "finished"), "embedded": ("probe", "finished")}
 
 
 def test_probe_features_are_refused_in_one_line(tmp_path, demo_checkpoint):
