@@ -46,6 +46,7 @@ __all__ = [
     "fsync_file",
     "is_temp_name",
     "naming",
+    "pid_alive",
     "strict_json",
     "temp_path",
 ]
@@ -54,6 +55,18 @@ PathLike = str | os.PathLike[str]
 _TEMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
 # fsync errors that mean "this file system cannot do that", not "the data is lost".
 _UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is alive (someone else's counts): a temporary or a
+    lock it left is then in use, not debris."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def temp_path(path: PathLike) -> Path:

@@ -33,7 +33,7 @@ from cratemae.checkpoints.layout import (
 )
 from cratemae.checkpoints.resolve import newest_complete, read_latest
 from cratemae.checkpoints.tree import flatten_tree
-from cratemae.fs import atomic_write_json, atomic_write_text, fsync_dir
+from cratemae.fs import atomic_write_json, atomic_write_text, fsync_dir, pid_alive
 
 __all__ = ["FORMAT_VERSION", "REQUIRED_META", "RESERVED_META", "save_checkpoint"]
 
@@ -105,23 +105,13 @@ def save_checkpoint(
     return final
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_debris(ckpt_dir: Path) -> None:
     """Delete what unfinished saves and prunes left behind (dot-named temporaries), but only
     this process's and those of processes that are gone: a live process's save in progress
     is never touched, whoever it is."""
     for p in ckpt_dir.iterdir():
         owner = temporary_owner(p.name)
-        if owner is None or (owner != os.getpid() and _alive(owner)):
+        if owner is None or (owner != os.getpid() and pid_alive(owner)):
             continue
         if is_temporary(p.name):
             log.info("removing stale temporary %s", p)

@@ -139,7 +139,7 @@ def embed(
             result = run_embed(loaded.encoder, source, out, settings, mean=loaded.mean,
                                std=loaded.std, identity=identity, device=where,
                                overwrite=overwrite,
-                               progress=on_progress if info.rank == 0 else None)
+                               progress=on_progress if dist.is_main_process() else None)
     finally:
         dist.destroy_distributed()
     if not result.main_process:

@@ -46,7 +46,7 @@ from cratemae.errors import BadInputError
 from cratemae.eval.classify import sample_positions
 from cratemae.eval.embed_chunks import assemble, chunk_name, complete_prefix, write_chunk
 from cratemae.eval.embeddings import FORMAT, INDEX_FILE, layer_name
-from cratemae.fs import atomic_write_json, is_temp_name
+from cratemae.fs import atomic_write_json, is_temp_name, pid_alive
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
 
@@ -266,7 +266,7 @@ def embed(
     record = json.loads(json.dumps(record, allow_nan=False))  # as the settings file reads
     parts = parts_dir(out)
     error = None
-    if info.rank == 0:
+    if dist.is_main_process():
         try:
             _prepare(out, parts, record, overwrite)
         except BadInputError as err:
@@ -281,7 +281,7 @@ def embed(
     dist.barrier()
     result: EmbedResult | None = None
     error = None
-    if info.rank == 0:
+    if dist.is_main_process():
         try:
             result = _assemble(out, parts, info.world_size, n_chunks, settings, identity,
                                source, record, done_chunks)
@@ -371,16 +371,6 @@ def _written_by_embed(directory: Path) -> bool:
 _TEMP_PID = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def _remove_debris(directory: Path, prefix: str = "") -> None:
     """Remove the temporaries (`cratemae.fs` names) of writers that are gone, or this
     process's: a live writer's file in progress is never touched."""
@@ -391,7 +381,7 @@ def _remove_debris(directory: Path, prefix: str = "") -> None:
         if not (is_temp_name(p.name) and m and p.name.startswith(f".{prefix}")):
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         log.info("removing stale temporary %s", p)
         if p.is_dir() and not p.is_symlink():

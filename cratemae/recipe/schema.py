@@ -200,7 +200,7 @@ class RunSection(_Section):
     # Pre-training's validation every this many steps and at the end (None: none): val_loss,
     # k-NN top-1, per-layer coding rate and sparsity, samples/ pictures, on `eval_images`
     # images of data.val drawn once by the seed (the same ones at every evaluation and on
-    # resume; see cratemae.tasks.monitor `subset_positions`).
+    # resume; see cratemae.eval.validation `subset_positions`).
     eval_every_steps: PositiveInt | None = Field(None, json_schema_extra=SAFE)
     eval_images: PositiveInt = Field(1024, json_schema_extra=SAFE)
     # Where the curves go besides metrics.jsonl (always written): "tensorboard"

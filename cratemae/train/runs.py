@@ -5,7 +5,6 @@ written by `cratemae.train.run_dir` and `RunSetup`; the names are `cratemae.rund
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 import tomllib
@@ -15,6 +14,7 @@ from typing import Any
 
 from cratemae.checkpoints.resolve import complete_checkpoints
 from cratemae.errors import BadInputError
+from cratemae.fs import pid_alive
 from cratemae.rundir import RunFiles
 from cratemae.train.lock import lock_holder
 
@@ -117,16 +117,6 @@ def _kind_and_model(run_dir: Path) -> tuple[str, str | None]:
     return "pre-train", recipe.get("model", {}).get("name", "crate_mae_base")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def _state(run_dir: Path, kind: str, step: int | None, total: int | None,
            ckpt_step: int | None, now: float) -> tuple[str, str]:
     holder = lock_holder(run_dir)  # the lock is the authority: held only by a live process
@@ -148,7 +138,7 @@ def _state(run_dir: Path, kind: str, step: int | None, total: int | None,
     if status.get("state") == "running":
         host, pid = status.get("host"), int(status.get("pid", 0))
         if host == socket.gethostname():
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 return "running", f"process {pid} on {host}"
             return _ended(resumable, ckpt_step, f"process {pid} on {host} is gone")
         if log_age is not None and log_age < LIVE_SECONDS:
