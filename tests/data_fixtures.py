@@ -146,3 +146,14 @@ def image_tree(root: Path, classes: list[str], per_class: int = 2) -> Path:
         for i in range(per_class):
             solid(10 * c + i).save(root / name / f"{i}.png")
     return root
+
+
+def read_shards(out: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """The members of `out/{split}-*.tar`: key -> extension -> bytes."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(out.glob(f"{split}-*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return samples

@@ -118,7 +118,9 @@ def test_numbers_do_not_depend_on_batch_size() -> None:
         assert other.num_images == 7
         for a, b in zip(runs[0].layers, other.layers, strict=True):
             for key in ("coding_rate", "sparsity"):
-                assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-9, abs=1e-9)
+                # float32 forwards of other batch sizes differ in the last bits (threads
+                # split a matrix product by its rows): the aggregation must add nothing.
+                assert a[key]["mean"] == pytest.approx(b[key]["mean"], rel=1e-6, abs=1e-9)
                 assert a[key]["std"] == pytest.approx(b[key]["std"], rel=1e-6, abs=1e-9)
         for p, q in zip(runs[0].pictures, other.pictures, strict=True):
             assert p.name == q.name

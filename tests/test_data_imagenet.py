@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import data_section, encode, solid, write_tar
+from data_fixtures import data_section, encode, read_shards, solid, write_tar
 from support import cli
 
 import cratemae.data.sources as sources_mod
@@ -78,16 +77,6 @@ def make_train(root: Path, synsets=SORTED, per_class: int = 2) -> Path:
         for k in range(per_class):
             (root / wnid / f"{wnid}_{k}.JPEG").write_bytes(jpeg(10 * c + k))
     return root
-
-
-def read_shards(out: Path, split: str) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar in sorted(out.glob(f"{split}-*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return samples
 
 
 def labels_of(out: Path, split: str) -> dict[str, int]:

@@ -13,6 +13,7 @@ import typer
 from data_fixtures import (
     encode,
     photo,
+    read_shards,
     solid,
 )
 from PIL import Image
@@ -47,16 +48,6 @@ def tree(tmp_path_factory) -> Path:
     return root
 
 
-def _read_all(out: Path, split: str) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for tar in sorted(out.glob(f"{split}-*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return samples
-
-
 def test_round_trip_is_exact(tree, tmp_path):
     out = tmp_path / "out"
     summary = write_shards(tree, out, max_per_shard=5, seed=1)
@@ -67,7 +58,7 @@ def test_round_trip_is_exact(tree, tmp_path):
     ]
     index = json.loads((out / "shards.json").read_text())
     assert index["classes"] == ["cat", "cup", "man"] and list(index["splits"]) == ["train"]
-    samples = _read_all(out, "train")
+    samples = read_shards(out, "train")
     assert sum(e["samples"] for e in index["splits"]["train"]) == len(samples) == 18
     for e in index["splits"]["train"]:  # counts per shard are right
         with tarfile.open(out / e["name"]) as tf:
@@ -91,7 +82,7 @@ def test_round_trip_is_exact(tree, tmp_path):
 def test_val_split_and_reading_back(tree, tmp_path):
     out = tmp_path / "out"
     summary = write_shards(tree, out, val_fraction=0.2, seed=0)
-    train, val = _read_all(out, "train"), _read_all(out, "val")
+    train, val = read_shards(out, "train"), read_shards(out, "val")
     assert len(val) == summary.samples("val") == 4 and len(train) == 14
     assert not set(train) & set(val)
     data = DataSection(train=str(out), val=str(out), batch_size=2, num_workers=0)
@@ -106,7 +97,7 @@ def test_flat_folder_is_unlabelled(tmp_path):
     for i in range(5):
         solid(i).save(tmp_path / "flat" / f"img{i}.jpg", quality=95)
     summary = write_shards(tmp_path / "flat", tmp_path / "out")
-    samples = _read_all(tmp_path / "out", "train")
+    samples = read_shards(tmp_path / "out", "train")
     assert summary.classes is None and len(samples) == 5
     assert all(set(v) == {"jpg"} for v in samples.values())
 

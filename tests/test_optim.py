@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -181,14 +180,11 @@ def test_adamw_is_fused_on_cpu_with_given_groups(tiny: CrateMAE) -> None:
 
 @pytest.mark.parametrize("with_groups", [False, True])
 def test_trainer_builds_fused_adamw_on_cpu(tiny: CrateMAE, with_groups: bool) -> None:
-    """Both of the trainer's paths: a task whose `param_groups()` gives None (pre-training:
-    the builder's groups) and one that gives its own (fine-tuning)."""
-    from cratemae.train.trainer import Trainer
-
-    task = SimpleNamespace(param_groups=lambda: param_groups(tiny, 0.01) if with_groups else None)
-    trainer = SimpleNamespace(task=task, model=tiny, peak=1e-3,
-                              recipe=SimpleNamespace(optim=OptimSection()))
-    opt = Trainer._build_optimizer(trainer)
+    """Both of the trainer's paths (`configure_optimizers(model, recipe.optim, peak,
+    task.param_groups())`): a task whose `param_groups()` gives None (pre-training: the
+    builder's groups) and one that gives its own (fine-tuning)."""
+    groups = param_groups(tiny, 0.01) if with_groups else None
+    opt = configure_optimizers(tiny, OptimSection(), 1e-3, groups)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     assert opt.param_groups[0]["weight_decay"] == (0.01 if with_groups else 0.05)
 

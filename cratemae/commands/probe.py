@@ -36,7 +36,7 @@ def probe(
         tuple[Path, Path] | None,
         typer.Option("--features", metavar="TRAIN VAL", show_default=False,
                      help="Probe the features `cratemae embed` wrote for the train and the "
-                     "val split instead of computing them (no --checkpoint)."),
+                     "val split (two files) instead of computing them (no --checkpoint)."),
     ] = None,
     set_: SetOpt = None,
     out: OutOpt = None,
@@ -57,8 +57,6 @@ def probe(
       $ cratemae probe recipes/probe/cifar10.toml --checkpoint runs/base --set 'probe.pool="avg"'
       $ cratemae probe recipes/probe/pets.toml --checkpoint runs/base --out runs/lin-pets --json
       $ torchrun --nproc-per-node 8 -m cratemae probe recipes/probe/in1k.toml --checkpoint runs/base
-      $ cratemae embed data/c10 --split train --checkpoint runs/base --out c10-train.safetensors
-      $ cratemae embed data/c10 --split val --checkpoint runs/base --out c10-val.safetensors
       $ cratemae probe recipes/probe/cifar10.toml \
           --features c10-train.safetensors c10-val.safetensors
     """
