@@ -22,7 +22,8 @@ import torch
 from cratemae.checkpoints import write_model_weights
 from cratemae.distributed.device import choose_device
 from cratemae.distributed.precision import resolve_precision
-from cratemae.eval.embed import EmbedSettings, data_source, embed
+from cratemae.eval.embed import EmbedSettings, embed
+from cratemae.eval.embed_data import data_source
 from cratemae.eval.features import FeatureSpec, extract_features
 from cratemae.model import CrateMAEConfig, build_model
 from cratemae.recipe import load_recipe

@@ -18,7 +18,8 @@ from cratemae.checkpoints import write_model_weights
 from cratemae.data.decode import load_rgb
 from cratemae.data.transforms import eval_transform
 from cratemae.errors import BadInputError
-from cratemae.eval.embed import EmbedSettings, data_source, embed, parts_dir
+from cratemae.eval.embed import EmbedSettings, embed, parts_dir
+from cratemae.eval.embed_data import data_source
 from cratemae.eval.embeddings import read_embeddings
 from cratemae.model import CrateMAEConfig, build_model
 from cratemae.weights.export import timm_call

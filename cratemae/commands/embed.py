@@ -110,8 +110,9 @@ def embed(
     from cratemae.distributed import dist
     from cratemae.distributed.device import choose_device
     from cratemae.distributed.precision import resolve_precision
-    from cratemae.eval.embed import EmbedSettings, data_source
+    from cratemae.eval.embed import EmbedSettings
     from cratemae.eval.embed import embed as run_embed
+    from cratemae.eval.embed_data import data_source
     from cratemae.weights.export import timm_call
     from cratemae.weights.load import checkpoint_digest, load_encoder
 

@@ -32,30 +32,24 @@ from typing import Any
 
 import torch
 
-from cratemae.data import Batch, Loader
-from cratemae.data.dataset import EpochDataset, ReadConfig
-from cratemae.data.decode import BadSample, parse_label
-from cratemae.data.folders import IMAGE_EXTS
-from cratemae.data.plan import make_plan
-from cratemae.data.shards import RawSample, Shard
-from cratemae.data.sources import Source, fill_counts, resolve_source
-from cratemae.data.transforms import eval_transform
+from cratemae.data import Loader
+from cratemae.data.sources import Source
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision, resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import sample_positions
 from cratemae.eval.embed_chunks import assemble, chunk_name, complete_prefix, write_chunk
+from cratemae.eval.embed_data import KeyedBatch, keyed_loader
 from cratemae.eval.embeddings import FORMAT, INDEX_FILE, layer_name
 from cratemae.fs import atomic_write_json, is_temp_name, pid_alive
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
 
-__all__ = ["EmbedResult", "EmbedSettings", "data_source", "embed", "parts_dir"]
+__all__ = ["EmbedResult", "EmbedSettings", "embed", "parts_dir"]
 
 log = logging.getLogger("cratemae")
 Progress = Callable[[int, int], None]  # (samples done on this rank, samples on this rank)
 
-FILES_PER_SHARD = 256  # a list of image files is read as virtual shards of this many
 POOLS = ("token", "avg")
 SETTINGS_FILE = "embed.json"
 
@@ -89,115 +83,6 @@ class EmbedResult:
 def parts_dir(out: Path) -> Path:
     """Where the chunks of an embed into `out` are kept until it is complete."""
     return out.with_name(out.name + ".parts")
-
-
-# --- the data -----------------------------------------------------------------------------
-def data_source(inputs: Sequence[str], split: str = "val") -> Source:
-    """The samples that `inputs` name, in order: any `data.val`/`data.train` value (image
-    folder, `cratemae shard` directory, tar files or patterns, `demo:val`), image files,
-    and `@LIST` (a text file naming one image file per line)."""
-    parts: list[Source] = []
-    files: list[str] = []
-
-    def flush() -> None:
-        if files:
-            parts.append(_file_list(list(files)))
-            files.clear()
-
-    for item in inputs:
-        if item.startswith("@"):
-            files.extend(_read_list(Path(item[1:])))
-        elif _is_image_file(item):
-            files.append(item)
-        else:
-            flush()
-            parts.append(resolve_source(item, split))
-    flush()
-    if not parts:
-        raise BadInputError("no data given: name an image folder, shards, image files or @LIST")
-    classes = {p.classes for p in parts if p.classes is not None}
-    if len(classes) > 1:
-        raise BadInputError("the data given disagree on the class names")
-    source = Source(tuple(s for p in parts for s in p.shards), next(iter(classes), None),
-                    all(p.random_access for p in parts))
-    return fill_counts(source) if not source.counts_known else source
-
-
-def _is_image_file(item: str) -> bool:
-    return item.rpartition(".")[2].lower() in IMAGE_EXTS and Path(item).is_file()
-
-
-def _read_list(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"@{path}: unreadable list of files ({err})") from None
-    names = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    base = path.parent
-    names = [n if Path(n).is_absolute() else str(base / n) for n in names]
-    missing = [n for n in names if not Path(n).is_file()]
-    if missing:
-        raise BadInputError(f"@{path}: {len(missing)} file(s) not found, e.g. {missing[0]}")
-    return names
-
-
-def _file_list(files: list[str]) -> Source:
-    """Image files as virtual shards, as an image folder is read (no labels)."""
-    shards = tuple(Shard(f"files#{i // FILES_PER_SHARD}", len(chunk), tuple(chunk))
-                   for i in range(0, len(files), FILES_PER_SHARD)
-                   for chunk in [[(f, -1) for f in files[i:i + FILES_PER_SHARD]]])
-    return Source(shards, None, random_access=True)
-
-
-@dataclass
-class KeyedBatch(Batch):
-    """A `Batch` with each sample's key and whether its image could be read; labels -1
-    where a sample has none."""
-
-    keys: tuple[str, ...] = ()
-    valid: torch.Tensor | None = None  # bool (B,)
-
-
-class _KeyedDataset(EpochDataset):
-    """The loader's dataset, keeping each sample's key, label (if any) and whether it could
-    be read: a bad sample's place holds a repeat of another, which must not be written as
-    its features."""
-
-    def _batch(self, chunk: list[RawSample], log: Any) -> KeyedBatch:
-        self._labels: list[int] = []
-        self._valid: list[bool] = []
-        batch = super()._batch(chunk, log)
-        return KeyedBatch(batch.images, torch.tensor(self._labels, dtype=torch.int64),
-                          batch.bad, batch.bad_shards, keys=tuple(r.key for r in chunk),
-                          valid=torch.tensor(self._valid, dtype=torch.bool))
-
-    def _one(self, raw: RawSample) -> tuple:
-        try:
-            image, _ = super()._one(raw)
-        except BadSample:
-            self._labels.append(-1)
-            self._valid.append(False)
-            raise
-        self._labels.append(parse_label(raw) if "cls" in raw.parts else -1)
-        self._valid.append(True)
-        return image, -1
-
-
-def _loader(source: Source, data: DataSection, img_size: int, rank: int, world: int,
-            start_batch: int) -> Loader:
-    """The evaluation loader (fixed order, every sample, evaluation transform) of `source`,
-    yielding `KeyedBatch`es from `start_batch` on."""
-    workers = data.num_workers
-    if not source.random_access:  # a tar is read by one reader: no more readers than tars
-        workers = max(0, min(workers, len(source.shards) // world))
-        data = data.model_copy(update={"num_workers": workers})
-    plan = make_plan(source, split="val", batch_size=data.batch_size,
-                     num_streams=max(1, workers), training=False, resampled=False,
-                     epoch_samples=None, seed=0, epoch=0, rank=rank, world=world)
-    cfg = ReadConfig(transform=eval_transform(img_size, data.mean, data.std), labelled=False,
-                     shuffle_buffer=0, seed=0, epoch=0, rank=rank)
-    dataset = _KeyedDataset(source.shards, plan, cfg, start_batch)
-    return Loader(dataset, plan, source, data, start_batch)
 
 
 # --- the features -------------------------------------------------------------------------
@@ -303,7 +188,7 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
     info = dist.get_dist_info()
     mine.mkdir(parents=True, exist_ok=True)
     _remove_debris(mine)
-    full = _loader(source, data, img_size, info.rank, info.world_size, 0)
+    full = keyed_loader(source, data, img_size, info.rank, info.world_size, 0)
     plan = full.plan
     per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
     n_chunks = -(-plan.num_batches // per_chunk)
@@ -316,7 +201,7 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
     positions = torch.tensor(sample_positions(full), dtype=torch.int64)
     skipped = sum(plan.batch_len(b) for b in range(start))
     encoder.eval().to(device)
-    loader = _loader(source, data, img_size, info.rank, info.world_size, start)
+    loader = keyed_loader(source, data, img_size, info.rank, info.world_size, start)
     _run_chunks(encoder, loader, settings, positions, skipped, per_chunk, start, mine, device,
                 progress)
     return loader, n_chunks, done_chunks
