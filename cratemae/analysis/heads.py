@@ -18,14 +18,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from cratemae.model import EncoderLayer
+
+if TYPE_CHECKING:
+    from timm.layers import Attention
 
 __all__ = ["SPARSITY_OF", "SUBSPACES_OF", "LayerHeads", "layer_heads"]
 
@@ -73,6 +75,10 @@ def layer_heads(block: nn.Module) -> LayerHeads:
     """The per-family hook: a CRATE `EncoderLayer` or a timm ViT `Block`."""
     if isinstance(block, EncoderLayer):
         return LayerHeads(block.norm1, block.mssa, block.mssa.project, block.mssa.attention)
+    # timm on demand: a CRATE-MAE run (which monitors through here) never imports it.
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
     if isinstance(block, Block) and isinstance(block.attn, Attention):
         attn = block.attn
         return LayerHeads(

@@ -7,11 +7,9 @@ only. A port of facebookresearch/mae `models_mae.MaskedAutoencoderViT`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.layers import DropPath
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,6 +20,9 @@ from cratemae.model.masking import random_masking
 from cratemae.model.patches import masked_patch_loss
 from cratemae.model.pos_embed import sincos_2d
 
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import Block
+
 __all__ = ["MAEViT", "ViTEncoder", "mae_block"]
 
 # MAE's blocks: LayerNorm with eps 1e-6 (models_mae.py: partial(nn.LayerNorm, eps=1e-6)).
@@ -30,7 +31,11 @@ _NORM = partial(nn.LayerNorm, eps=FINAL_NORM_EPS)
 
 def mae_block(dim: int, num_heads: int, mlp_ratio: float) -> Block:
     """One pre-norm transformer block, (B, N, dim) -> (B, N, dim), as MAE builds it:
-    x + attn(norm1(x)), then x + mlp(norm2(x)); qkv with bias, MLP hidden mlp_ratio * dim."""
+    x + attn(norm1(x)), then x + mlp(norm2(x)); qkv with bias, MLP hidden mlp_ratio * dim.
+    timm is imported here, when a ViT is built: it brings torch's compiler along, seconds of
+    start-up that a CRATE-MAE run does not need."""
+    from timm.models.vision_transformer import Block
+
     return Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=_NORM)
 
 
@@ -84,6 +89,8 @@ class ViTEncoder(CrateEncoder):
         linear from 0 at the first block to `rate` at the last."""
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        from timm.layers import DropPath
+
         for block, r in zip(self.blocks, drop_path_rates(rate, len(self.blocks)), strict=True):
             block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
             block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -16,8 +18,6 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-# Not traced: torch.compile would turn the numpy calls into torch ops (other bits).
-@torch.compiler.disable
 def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
     """Table for a grid_h x grid_w patch grid: (1 + grid_h*grid_w, dim), float32.
 
@@ -31,6 +31,20 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     one unit in the last place between numpy builds and CPUs (SVML on AVX-512): the table is
     theirs on the same machine.
     """
+    global _untraced_table
+    if _untraced_table is None:
+        _untraced_table = torch.compiler.disable(_table)
+    return _untraced_table(dim, grid_h, grid_w, cls_token)
+
+
+# `_table` hidden from torch.compile, which would turn its numpy calls into torch ops (other
+# bits). Marked on first use, not on import: marking imports torch's compiler, over a second
+# of every command's start-up. Every model builds its table when it is made, so the mark is
+# in place before any model is compiled.
+_untraced_table: Callable[[int, int, int, bool], torch.Tensor] | None = None
+
+
+def _table(dim: int, grid_h: int, grid_w: int, cls_token: bool) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
     ys, xs = np.meshgrid(np.arange(grid_h, dtype=np.float32),
