@@ -193,6 +193,7 @@ def test_analyze_two_photos_writes_all_outputs(
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG, name
 
 
+@pytest.mark.slow  # ~6 s; quick: test_image_path's analyze --data and the photos test here
 def test_analyze_demo_data(demo_checkpoint: Path, tmp_path: Path) -> None:
     code, err = run_cli(
         "--checkpoint",

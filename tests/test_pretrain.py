@@ -183,6 +183,7 @@ def test_gradient_accumulation_counts_micro_batches_and_scales_the_lr(tmp_path, 
     assert "effective batch 64" in caplog.text
 
 
+@pytest.mark.slow  # three subprocesses, ~11 s; quick: test_cli's and test_recipe_hostile's
 def test_cli_exit_codes_json_and_plain_lines(tmp_path):
     out = tmp_path / "run"
     ok = cli("pretrain", str(DEMO), *[f"--set={s}" for s in TINY], "--set",
