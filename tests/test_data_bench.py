@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import typer
 from data_fixtures import (
     make_shards,
@@ -50,6 +51,7 @@ def test_bench_data_command(tmp_path):
     assert result["batches"] == 5 and result["batch_size"] == 4 and result["images_per_s"] > 0
 
 
+@pytest.mark.slow  # ~6 s; quick: test_bench_data_reports_throughput and _command
 def test_bench_data_measures_at_the_recipe_image_size() -> None:
     run = cli("bench-data", DEMO_RECIPE, "--batches", 2, "--num-workers", 0, "--json")
     assert run.exit_code == 0, run.output

@@ -39,6 +39,7 @@ def test_demo_counts_and_classes(demo):
     assert not [p for p in demo.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
 
 
+@pytest.mark.slow  # builds the whole set a second time, ~6 s: CI runs it
 def test_demo_is_deterministic(demo, tmp_path):
     build_demo(tmp_path / "again")
     assert _digest(tmp_path / "again") == _digest(demo)

@@ -64,6 +64,7 @@ def test_run_directory_holds_recipe_metrics_log_and_checkpoint(tmp_path):
     assert result.final_loss == records[-1]["loss"]
 
 
+@pytest.mark.slow  # ~5 s; quick: test_optim's exact lr_at values and the warm-up warning
 def test_learning_rate_warms_up_per_step_then_follows_a_half_cosine(tmp_path):
     # Batch 64: 78 steps per epoch; 2 epochs capped at 60 steps; warm-up 0.5 epoch = 39 steps.
     lrs = []

@@ -105,6 +105,7 @@ def test_a_run_killed_without_a_word_is_judged_by_its_process_and_log(tmp_path):
     assert describe_run(tmp_path).state == "stopped"
 
 
+@pytest.mark.slow  # two subprocesses, ~5 s; quick: describe_run's tests above
 def test_runs_command_lists_runs_as_a_table_and_as_json(finished):
     result = cli("runs", str(finished.parent), "--json")
     assert result.returncode == 0, result.stderr
