@@ -252,9 +252,12 @@ def test_probe_of_embed_files_scores_as_the_probe_of_the_checkpoint(tmp_path, de
                             "--out", str(file))
         assert code == 0, err
     own = probe(load_recipe(PROBE, SMALL), demo_checkpoint, run_dir=tmp_path / "own")
-    code, err = run_cli("probe", str(PROBE), "--features", *map(str, files), "--out",
-                        str(tmp_path / "embedded"), "--json", *[f"--set={s}" for s in SMALL])
-    assert code == 0, err
+    ran = CliRunner().invoke(build_app(), ["probe", str(PROBE), "--features", *map(str, files),
+                                           "--out", str(tmp_path / "embedded"), "--json",
+                                           *[f"--set={s}" for s in SMALL]])
+    assert ran.exit_code == 0, ran.stderr
+    printed = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert printed["run_dir"] == printed["out_dir"] == str(tmp_path / "embedded")  # old name too
     embedded = json.loads((tmp_path / "embedded" / "probe.json").read_text())
     assert embedded["features_files"] == [str(f) for f in files]
     assert abs(embedded["top1"] - own.top1) <= 0.1  # one image of 1,000 at most

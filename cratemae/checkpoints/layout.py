@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cratemae.rundir import CKPT_DIR, MODEL_FILE
+from cratemae.rundir import MODEL_FILE
 
 __all__ = [
-    "CKPT_SUBDIR",
     "EMA_PREFIX",
     "LATEST",
     "META",
@@ -26,7 +25,6 @@ __all__ = [
     "temporary_owner",
 ]
 
-CKPT_SUBDIR = CKPT_DIR
 LATEST = "latest"
 TRAIN_FILE = "train_state.safetensors"
 META = "meta.json"

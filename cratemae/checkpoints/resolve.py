@@ -20,7 +20,6 @@ from typing import Any, ClassVar, Literal
 
 from cratemae.checkpoints.files import FORMAT, read_json, verify_file
 from cratemae.checkpoints.layout import (
-    CKPT_SUBDIR,
     LATEST,
     META,
     MODEL_FILE,
@@ -29,7 +28,7 @@ from cratemae.checkpoints.layout import (
     step_of,
 )
 from cratemae.errors import BadInputError
-from cratemae.rundir import RUNS_DIR, RunFiles
+from cratemae.rundir import BEST_DIR, CKPT_DIR, RUNS_DIR, RunFiles
 
 __all__ = [
     "MetaFieldError",
@@ -160,7 +159,7 @@ def find_runs(root: Path) -> list[Path]:
     `_RUN_DEPTH` folders down, following links (runs are often linked in from scratch)."""
     if RunFiles(root).is_run():
         return [root]
-    skip, found = {CKPT_SUBDIR, RunFiles(root).best.name}, []
+    skip, found = {CKPT_DIR, BEST_DIR}, []
     for where, dirs, files in os.walk(root, followlinks=True):
         depth = len(Path(where).relative_to(root).parts)
         if RunFiles(where).recipe.name in files:
@@ -198,8 +197,8 @@ def _newest_of_runs(runs_dir: Path, accept: Callable[[Path], bool] | None) -> Pa
 
 def ckpt_dir_of(path: Path) -> Path:
     """`RUN_DIR/checkpoints` for a run directory; a checkpoints directory itself is kept."""
-    if (path / CKPT_SUBDIR).is_dir():
-        return path / CKPT_SUBDIR
+    if RunFiles(path).checkpoints.is_dir():
+        return RunFiles(path).checkpoints
     return path
 
 

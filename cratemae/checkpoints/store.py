@@ -22,7 +22,6 @@ import torch
 
 from cratemae.checkpoints.files import FORMAT, file_digest, write_safetensors
 from cratemae.checkpoints.layout import (
-    CKPT_SUBDIR,
     LATEST,
     META,
     MODEL_FILE,
@@ -34,6 +33,7 @@ from cratemae.checkpoints.layout import (
 from cratemae.checkpoints.resolve import newest_complete, read_latest
 from cratemae.checkpoints.tree import flatten_tree
 from cratemae.fs import atomic_write_json, atomic_write_text, fsync_dir, pid_alive
+from cratemae.rundir import RunFiles
 
 __all__ = ["FORMAT_VERSION", "REQUIRED_META", "RESERVED_META", "save_checkpoint"]
 
@@ -81,7 +81,7 @@ def save_checkpoint(
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise TypeError(f"model_state[{key!r}]: expected str -> Tensor")
 
-    ckpt_dir = Path(run_dir) / CKPT_SUBDIR
+    ckpt_dir = RunFiles(run_dir).checkpoints
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     remove_debris(ckpt_dir)
     final = ckpt_dir / step_dir_name(step)

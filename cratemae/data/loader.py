@@ -147,11 +147,6 @@ class SplitData:
         return self._first.num_batches
 
     @property
-    def samples_per_epoch(self) -> int:
-        """Samples in one epoch on this rank (batches_per_epoch * batch_size in training)."""
-        return self._first.num_samples
-
-    @property
     def classes(self) -> tuple[str, ...] | None:
         """Class names, when the data carries them (cratemae shard / image folders)."""
         return self.source.classes
