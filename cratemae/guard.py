@@ -70,8 +70,8 @@ def check_output(out: PathLike, *, kind: str = "file", reads: Iterable[PathLike]
     label = f"{flag} {out}" if flag else str(out)
     special = special_kind(out)
     if special is not None:
-        raise BadInputError(f"{label}: is {special}, not a {'file' if kind == 'file' else 'directory'}; "
-                            f"give a path to write to")
+        wanted = "file" if kind == "file" else "directory"
+        raise BadInputError(f"{label}: is {special}, not a {wanted}; give a path to write to")
     if kind == "file" and out.is_dir():
         raise BadInputError(f"{label}: is a directory; give a file name")
     if kind == "dir" and out.exists() and not out.is_dir():
