@@ -1,4 +1,5 @@
-"""What the loader yields: `Batch` (decoded), `EncodedBatch` (for GPU decoding), `Failure`."""
+"""What the loader yields: `Batch` (decoded), `EncodedBatch` (for GPU decoding), and, from the
+dataset to the loader only, `Failure` and `CountReport`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["Batch", "EncodedBatch", "Failure"]
+from cratemae.data.shards import Miscount
+
+__all__ = ["Batch", "CountReport", "EncodedBatch", "Failure"]
 
 Box = tuple[float, float, float, float]
 
@@ -20,12 +23,15 @@ class Batch:
     bad: samples skipped since the producing worker's previous batch; each was replaced by a
       repeat of a good sample of this batch, so B stays the planned size.
     bad_shards: shard -> number of those bad samples, for the bad-fraction check.
+    miscounts: shards found, while this batch was read, to hold another number of samples
+      than declared (`cratemae.data.shards.Miscount`); the loader judges them.
     """
 
     images: torch.Tensor
     labels: torch.Tensor | None
     bad: int = 0
     bad_shards: dict[str, int] = field(default_factory=dict)
+    miscounts: tuple[Miscount, ...] = ()
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -51,7 +57,7 @@ class EncodedBatch:
     offsets: int64 (B + 1,).
     boxes: float32 (B, 4), crop (left, top, right, bottom) in source pixels.
     flips: bool (B,).
-    labels, bad, bad_shards: as in `Batch`.
+    labels, bad, bad_shards, miscounts: as in `Batch`.
     """
 
     data: torch.Tensor
@@ -61,6 +67,7 @@ class EncodedBatch:
     labels: torch.Tensor | None
     bad: int = 0
     bad_shards: dict[str, int] = field(default_factory=dict)
+    miscounts: tuple[Miscount, ...] = ()
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -86,3 +93,11 @@ class Failure:
     """A BadInputError raised in a worker, carried to the main process as data."""
 
     message: str
+
+
+@dataclass(frozen=True)
+class CountReport:
+    """Miscounts a stream found after its last yielded batch (a resumed epoch that skips
+    all of a stream's batches still reads its shards): it follows every batch."""
+
+    miscounts: tuple[Miscount, ...]

@@ -9,6 +9,14 @@ before decoding: resuming costs reading headers and shuffling references, not im
 A bad sample keeps its place: it is replaced by a repeat of a good sample of the same batch
 (all-bad batch: zeros), and counted in the batch's `bad`, so batch shapes never change and
 the count reaches the training loop.
+
+Declared counts found wrong while reading (`iter_shard`'s `Miscount`s) ride on the next batch
+of the stream; a stream reads on to the end of its last piece before yielding its last batch,
+so every check is done by then. `ReadConfig.strict_counts` says what a stream does about a
+shard that held fewer samples than declared: in evaluation (strict) its slots stay, as bad
+samples, and the loader's verdict is an error; in training the stream refills the shortfall
+from its own pieces, read again from the first, so it still yields its planned batches with
+real samples, and the same ones on a resume.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import hashlib
 import io
 import itertools
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cratemae.data.batch import Batch, EncodedBatch, Failure
+from cratemae.data.batch import Batch, CountReport, EncodedBatch, Failure
 from cratemae.data.decode import BadLog, BadSample, image_bytes, load_rgb, open_image, parse_label
 from cratemae.data.plan import (
     TAG_BUFFER,
@@ -36,7 +44,7 @@ from cratemae.data.plan import (
     StreamSpec,
     rng_for,
 )
-from cratemae.data.shards import RawSample, Shard, close_files, iter_shard
+from cratemae.data.shards import Miscount, RawSample, Shard, close_files, iter_shard
 from cratemae.data.transforms import BoxTransform, TimmTransform, normalize
 from cratemae.errors import BadInputError
 
@@ -55,6 +63,9 @@ class ReadConfig:
     rank: int
     gpu: bool = False  # yield EncodedBatch (JPEG bytes + boxes) for gpu_decode_batch
     max_pixels: int = 89_478_485
+    # A shard holding another number of samples than declared: True (evaluation, every
+    # sample once) leaves its slots bad for the loader to refuse; False (training) refills.
+    strict_counts: bool = True
 
 
 class EpochDataset(IterableDataset):
@@ -66,7 +77,7 @@ class EpochDataset(IterableDataset):
         super().__init__()
         self.shards, self.plan, self.cfg, self.start_batch = shards, plan, cfg, start_batch
 
-    def __iter__(self) -> Iterator[Batch | EncodedBatch | Failure]:
+    def __iter__(self) -> Iterator[Batch | EncodedBatch | Failure | CountReport]:
         info, n = get_worker_info(), len(self.plan.streams)
         first = self.start_batch % n
         close_files()
@@ -79,24 +90,39 @@ class EpochDataset(IterableDataset):
         except BadInputError as err:  # crosses the process boundary as data, stays one line
             yield Failure(str(err))
 
-    def _stream(self, spec: StreamSpec) -> Iterator[Batch | EncodedBatch]:
-        raw = self._raw(spec)
+    def _stream(self, spec: StreamSpec) -> Iterator[Batch | EncodedBatch | CountReport]:
+        found: list[Miscount] = []
+        raw = self._raw(spec, found.append)
         if self.cfg.shuffle_buffer > 1:
             rng = rng_for(self.cfg.seed, self.cfg.epoch, TAG_BUFFER, self.cfg.rank, spec.index)
             raw = _shuffled(raw, self.cfg.shuffle_buffer, rng)
         log = BadLog()
-        for b in spec.batch_ids():
+        ids = spec.batch_ids()
+        for b in ids:
             chunk = list(itertools.islice(raw, self.plan.batch_len(b)))
+            if b == ids[-1] and spec.mode == "exact":
+                for _ in raw:  # nothing is left: this reads on to where the counts are checked
+                    pass
             if b < self.start_batch:
                 continue  # skipped without decoding
             while len(chunk) < self.plan.batch_len(b):  # the stream ran dry: count as bad
                 chunk.append(RawSample("(stream)", f"#{len(chunk)}", missing="no more samples"))
-            yield self._batch(chunk, log)
+            batch = self._batch(chunk, log)
+            batch.miscounts, found[:] = tuple(found), []
+            yield batch
+        if found:
+            yield CountReport(tuple(found))
 
-    def _raw(self, spec: StreamSpec) -> Iterator[RawSample]:
+    def _raw(self, spec: StreamSpec, report: Callable[[Miscount], None]
+             ) -> Iterator[RawSample]:
+        pad = self.cfg.strict_counts
         if spec.mode == "exact":
+            got = 0
             for shard, lo, hi in spec.segments:
-                yield from iter_shard(self.shards[shard], lo, hi)
+                for s in iter_shard(self.shards[shard], lo, hi, on_miscount=report, pad=pad):
+                    got += 1
+                    yield s
+            yield from self._refill(spec, sum(hi - lo for _, lo, hi in spec.segments) - got)
             return
         tag = TAG_RESAMPLE if spec.mode == "resampled" else TAG_DEAL
         rng = rng_for(self.cfg.seed, self.cfg.epoch, tag, self.cfg.rank, spec.index)
@@ -107,7 +133,7 @@ class EpochDataset(IterableDataset):
         empty, failed, reason = 0, set(), ""
         for i in draws:
             got = 0
-            for s in iter_shard(self.shards[int(i)]):
+            for s in iter_shard(self.shards[int(i)], on_miscount=report, pad=pad):
                 got += s.missing is None
                 reason = s.missing or reason
                 yield s
@@ -119,6 +145,23 @@ class EpochDataset(IterableDataset):
                     f" ({empty} tries in a row); last tried {self.shards[int(i)].url}: "
                     f"{reason or 'empty'} (see the 'cratemae.data' log)"
                 )
+
+    def _refill(self, spec: StreamSpec, need: int) -> Iterator[RawSample]:
+        """`need` samples to make up for shards that held fewer than declared (training):
+        the stream's pieces read again from the first, as often as it takes. Bad samples
+        only if they hold none at all."""
+        while need > 0:
+            before = need
+            for shard, lo, hi in spec.segments:
+                for s in iter_shard(self.shards[shard], lo, hi, pad=False):
+                    yield s
+                    need -= 1
+                    if need == 0:
+                        return
+            if need == before:
+                break
+        for i in range(need):
+            yield RawSample("(stream)", f"#{i}", missing="no samples to refill a short shard")
 
     def _batch(self, chunk: list[RawSample], log: BadLog) -> Batch | EncodedBatch:
         items, bad = [], Counter()

@@ -20,6 +20,12 @@ are counted as batches are yielded; `bad_fraction_error()` decides whether there
 many, and the consumers (the training loop at every step, evaluation at the end of a split)
 agree on it across ranks before they stop, so no rank stops alone while the others wait in
 a collective.
+
+A shard found to hold another number of samples than its declared count (shards.json,
+`_info.json`) is logged when it has been read, naming the shard and both numbers. Training
+warns and goes on: every rank still yields the plan's batches (see `cratemae.data.dataset`).
+Evaluation, which promises every sample once, makes it the verdict: `count_error()`, which
+`bad_fraction_error()` returns first, so the consumers' agreement covers it.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from cratemae.data.batch import Batch, EncodedBatch, Failure
+from cratemae.data.batch import Batch, CountReport, EncodedBatch, Failure
 from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.gpu import gpu_decode_batch
 from cratemae.data.plan import EpochPlan, make_plan
+from cratemae.data.shards import Miscount
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import (
     BoxTransform,
@@ -189,6 +196,7 @@ class SplitData:
             epoch=epoch,
             rank=self.rank,
             shuffle_buffer=self.data.shuffle_buffer if self.training else 0,
+            strict_counts=not self.training,
         )
         dataset = EpochDataset(self.source.shards, plan, cfg, start_batch)
         loader = Loader(dataset, plan, self.source, self.data, start_batch)
@@ -227,6 +235,7 @@ class Loader:
         self.seen = 0  # sample slots yielded so far (good + bad)
         self.bad = 0
         self.bad_by_shard: Counter[str] = Counter()
+        self.miscounts: dict[str, Miscount] = {}  # shard -> its count found wrong, first seen
         self.decode_on: tuple[torch.device, int] | None = None  # (device, img_size)
 
     @property
@@ -266,6 +275,9 @@ class Loader:
             for item in it:
                 if isinstance(item, Failure):
                     raise BadInputError(item.message)
+                self._note(item.miscounts)
+                if isinstance(item, CountReport):
+                    continue
                 self.seen += len(item)
                 if item.bad:
                     self.bad += item.bad
@@ -278,10 +290,40 @@ class Loader:
         finally:
             del it  # shuts the workers down now, not at garbage collection
 
+    def _note(self, miscounts: tuple[Miscount, ...]) -> None:
+        for m in miscounts:
+            if m.shard in self.miscounts:
+                continue
+            self.miscounts[m.shard] = m
+            if self.dataset.cfg.strict_counts:
+                log.warning("%s: its declared count is wrong (an error at the end of the pass)",
+                            m)
+            else:
+                log.warning("%s: its declared count is wrong; training keeps the planned %d "
+                            "batches per epoch on every rank (a shortfall is refilled from "
+                            "this rank's own shards, a surplus left unread)",
+                            m, self.plan.num_batches)
+
+    def count_error(self) -> BadInputError | None:
+        """In evaluation, the error naming the first shard read whose declared count was
+        wrong (its samples were not all read once); None when there was none, or in
+        training, where it is a warning."""
+        if not self.miscounts or not self.dataset.cfg.strict_counts:
+            return None
+        first, more = next(iter(self.miscounts.values())), len(self.miscounts) - 1
+        others = f" (and {more} other shard{'s' if more > 1 else ''})" if more else ""
+        return BadInputError(
+            f"{first}{others}: its declared count (shards.json or _info.json) is wrong, so "
+            "not every sample was read once; correct the count, or rewrite the shards with "
+            "cratemae shard")
+
     def bad_fraction_error(self, final: bool = False) -> BadInputError | None:
-        """The error to stop with if more than data.max_bad_fraction of the samples seen so
-        far were bad, naming the worst shards; None otherwise. Until 200 samples have been
-        seen the fraction is too noisy to act on, unless `final` (the data are all seen)."""
+        """The error to stop with: in evaluation a wrong declared count (`count_error`);
+        else if more than data.max_bad_fraction of the samples seen so far were bad, naming
+        the worst shards; None otherwise. Until 200 samples have been seen the fraction is
+        too noisy to act on, unless `final` (the data are all seen)."""
+        if (wrong := self.count_error()) is not None:
+            return wrong
         if self.seen == 0 or (self.seen < MIN_SAMPLES_FOR_BAD_CHECK and not final):
             return None
         if self.bad <= self.data.max_bad_fraction * self.seen:

@@ -21,6 +21,14 @@ the ones it skips at most once. `EpochPlan.sample_positions` walks the streams t
 to say where each yielded sample sits in the data set (evaluation counts each sample once).
 Changing num_workers or world size mid-epoch changes which samples the rest of that epoch
 holds; resume with the same values for exact continuation.
+
+The plan trusts the declared counts and never changes with what is read: every rank's batch
+count is fixed before the epoch starts. The readers check the counts as they read
+(`cratemae.data.shards.iter_shard`): the stream whose run ends at a shard's declared end
+reads on to its real end, and a shard declared empty is given to one stream of one rank as
+an empty piece `(shard, 0, 0)`, so that it is read too. What a wrong count does (an error in
+evaluation; in training a warning, the stream refilling a shortfall from its own pieces) is
+the dataset's and the loader's (`cratemae.data.dataset`, `cratemae.data.loader`).
 """
 
 from __future__ import annotations
@@ -184,7 +192,8 @@ def _exact_plan(
             segs += _segments(order, ends, p, p + 1)
         n_batches = math.ceil(n / batch)
         last = n - (n_batches - 1) * batch
-    return _deal(segs, n, n_batches, batch, last, n_streams)
+    empty = [int(i) for i in order if counts[i] == 0][rank::world]  # read, to check them
+    return _deal(segs, n, n_batches, batch, last, n_streams, empty)
 
 
 def subset_plan(source: Source, positions: np.ndarray, batch_size: int, num_streams: int
@@ -210,18 +219,19 @@ def subset_plan(source: Source, positions: np.ndarray, batch_size: int, num_stre
 
 
 def _deal(segs: list[Segment], n: int, n_batches: int, batch: int, last: int,
-          n_streams: int) -> EpochPlan:
+          n_streams: int, empty: list[int] | tuple[int, ...] = ()) -> EpochPlan:
     """An exact plan: batch b made by stream b % n_streams, each stream reading the next
-    contiguous run of the `n` samples of `segs`."""
+    contiguous run of the `n` samples of `segs`; the shards declared `empty` go, as empty
+    pieces after their runs, to the streams that yield batches."""
+    checks: list[list[Segment]] = [[] for _ in range(n_streams)]
+    for j, shard in enumerate(empty):
+        checks[j % max(1, min(n_streams, n_batches))].append((shard, 0, 0))
     streams, offset = [], 0
     for s in range(n_streams):
         ids = range(s, n_batches, n_streams)
         size = sum(last if b == n_batches - 1 else batch for b in ids)
-        streams.append(
-            StreamSpec(
-                s, len(ids), s, n_streams, "exact", segments=_cut(segs, offset, offset + size)
-            )
-        )
+        run = _cut(segs, offset, offset + size) + tuple(checks[s])
+        streams.append(StreamSpec(s, len(ids), s, n_streams, "exact", segments=run))
         offset += size
     return EpochPlan(tuple(streams), n_batches, n, batch, last, "exact")
 

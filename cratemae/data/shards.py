@@ -5,6 +5,16 @@ WebDataset. `iter_shard(shard, lo, hi)` yields samples lo..hi-1; the ones before
 skipped from their headers alone (local tars seek past the data), which is what makes
 resuming mid-epoch cheap. Local tars hand out references (path, offset, size) instead of
 bytes, so a shuffle buffer holds a few bytes per sample and only decoded samples are read.
+
+Declared counts (`Shard.count`: shards.json, `_info.json`, the counting cache) are checked
+here, the one place every reader goes through: a reader that asks for them
+(`on_miscount`) and whose piece ends at the shard's declared end reads on to the shard's
+real end, and one whose piece the shard cannot fill finds where the shard ended; either way
+a count that differs is reported as a `Miscount` (declared, read). A shard that breaks off
+(a truncated or unreadable tar) is not a miscount: its missing samples are bad samples.
+
+A local path is opened only when it is a regular file (`cratemae.guard.regular_file`): a
+FIFO, socket or device where a shard or image is expected is refused, never waited on.
 """
 
 from __future__ import annotations
@@ -15,11 +25,14 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cratemae.guard import regular_file
+
 __all__ = [
+    "Miscount",
     "RawSample",
     "Ref",
     "Shard",
@@ -73,6 +86,18 @@ class RawSample:
     missing: str | None = None
 
 
+@dataclass(frozen=True)
+class Miscount:
+    """A shard whose samples, read to its end, are not the number it was declared to hold."""
+
+    shard: str
+    declared: int
+    read: int
+
+    def __str__(self) -> str:
+        return f"{self.shard}: declared {self.declared} samples, read {self.read}"
+
+
 def is_remote(url: str) -> bool:
     """A `pipe:` command or a URL with a scheme other than file://."""
     return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
@@ -95,6 +120,7 @@ class _FdCache:
         path, offset, size = ref
         fd = self.fds.pop(path, None)
         if fd is None:
+            regular_file(path, "data file")  # a FIFO would block the open forever
             fd = os.open(path, os.O_RDONLY)
             while len(self.fds) >= self.size:
                 os.close(self.fds.popitem(last=False)[1])
@@ -125,26 +151,49 @@ def read_part(part: bytes | Ref) -> bytes:
     return part if isinstance(part, bytes) else _FDS.read(part)
 
 
-def iter_shard(shard: Shard, lo: int = 0, hi: int | None = None) -> Iterator[RawSample]:
+def iter_shard(shard: Shard, lo: int = 0, hi: int | None = None, *,
+               on_miscount: Callable[[Miscount], None] | None = None,
+               pad: bool = True) -> Iterator[RawSample]:
     """Samples lo..hi-1 of `shard`. With `hi` given, exactly hi-lo samples come out: any the
-    shard fails to deliver (truncated, unreadable) come as `missing` placeholders."""
-    n = 0
+    shard fails to deliver (truncated, unreadable) come as `missing` placeholders, and so,
+    with `pad`, do those of a shard that ended cleanly before `hi` (without `pad` the caller
+    makes up for them).
+
+    `on_miscount`: told when the shard's declared count is found wrong (see the module
+    docstring); a piece ending at the declared end then reads the rest of the shard's
+    headers, which hold no samples when the count is right."""
+    declared = shard.count
+    check = on_miscount is not None and declared is not None and shard.files is None
+    to_end = check and declared is not None and (hi is None or hi >= declared)
+    seen = [0]  # samples whose first header has been read, lo's predecessors included
+    n, clean = 0, False
     try:
-        src = _iter_folder(shard, lo, hi) if shard.files is not None else _iter_tar(shard, lo, hi)
+        if shard.files is not None:
+            src = _iter_folder(shard, lo, hi)
+        else:
+            src = _iter_tar(shard, lo, None if to_end else hi, seen)
         for sample in src:
+            if hi is not None and lo + n >= hi:
+                continue  # past the piece (reading on to the end): counted, not yielded
             n += 1
             yield sample
-        reason = "shard ended early"
+        reason, clean = "shard ended early", True
     except ShardUnreachable as err:
         reason = str(err).replace("\n", " ")
         log.warning("%s", reason)
     except (OSError, EOFError, tarfile.TarError, ValueError) as err:
         reason = f"shard unreadable: {type(err).__name__}: {err}".replace("\n", " ")
         log.warning("%s: %s (after %d samples)", shard.url, reason, lo + n)
+    # The real count is known when read to the end, or where the shard ended inside the piece.
+    known = clean and (to_end or (hi is not None and seen[0] < hi))
+    if check and known and on_miscount is not None and seen[0] != declared:
+        on_miscount(Miscount(shard.url, int(declared or 0), seen[0]))
     want = None if hi is None else hi - lo
-    if want is None and shard.count is not None:
-        want = shard.count - lo
-    missing = (want - n) if want is not None else (0 if reason == "shard ended early" else 1)
+    if want is None and declared is not None:
+        want = declared - lo
+    missing = (want - n) if want is not None else (0 if clean else 1)
+    if clean and not pad:
+        missing = 0
     for i in range(max(missing, 0)):
         yield RawSample(shard.url, f"#{lo + n + i}", missing=reason)
 
@@ -161,6 +210,8 @@ def _iter_folder(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
 
 def _open_tar(url: str) -> tarfile.TarFile:
     path = url.removeprefix("file://")
+    if not is_remote(url):
+        regular_file(path, "shard")  # a FIFO would block the open; pipes/URLs are streams
     if not is_remote(url) and path.endswith(".tar"):
         return tarfile.open(path, mode="r:")
     from webdataset.gopen import gopen  # only for pipes/URLs/compressed tars
@@ -183,7 +234,10 @@ def _close_quietly(stream: object) -> None:
         stream.close()  # type: ignore[attr-defined]
 
 
-def _iter_tar(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
+def _iter_tar(shard: Shard, lo: int, hi: int | None,
+              seen: list[int] | None = None) -> Iterator[RawSample]:
+    """Samples lo..hi-1 of a tar; `seen[0]` follows how many samples have begun."""
+    seen = [0] if seen is None else seen
     tf = _open_tar(shard.url)
     seekable = tf.mode == "r" and not is_remote(shard.url) and shard.url.endswith(".tar")
     path = shard.url.removeprefix("file://")
@@ -198,6 +252,7 @@ def _iter_tar(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
                 if key is not None and index >= lo:
                     yield RawSample(shard.url, key, parts)
                 index, key, parts = index + 1, kx[0], {}
+                seen[0] = index + 1
                 if hi is not None and index >= hi:
                     return
             if index < lo:
@@ -251,6 +306,7 @@ def count_tar_samples(path: str) -> int:
     """Number of samples (key groups) in a local tar, reading only the headers. A tar that
     breaks off counts what precedes the break, as reading it will deliver just those."""
     n = 0
+    regular_file(path, "shard")
     with tarfile.open(path, mode="r:") as tf:
         try:
             for n in _running_count(tf):  # noqa: B007 - the last count is the answer

@@ -52,7 +52,8 @@ def eval_batches(data: DataSection, split: str, img_size: int,
         if progress is not None:
             progress(done, len(positions))
     dist.raise_together(loader.bad_fraction_error(final=True),
-                        f"data.{split}: another rank has too many bad samples")
+                        f"data.{split}: another rank found bad data (see its error: too "
+                        "many bad samples, or a shard's declared count is wrong)")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

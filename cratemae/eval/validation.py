@@ -68,9 +68,13 @@ def subset_loader(source: Source, positions: np.ndarray, data: DataSection, *, i
 
 
 def on_device(loader: Iterable[Any], device: torch.device) -> Iterator[tuple[torch.Tensor, Any]]:
-    """(images on `device`, labels or None) of each batch of `loader`."""
+    """(images on `device`, labels or None) of each batch of `loader`; at its end, a shard
+    of the subset found to hold another number of samples than declared is an error (the
+    subset is the same on every rank, so every rank that reads it raises it)."""
     for batch in loader:
         yield batch.images.to(device, non_blocking=True), batch.labels
+    if isinstance(loader, Loader) and (error := loader.count_error()) is not None:
+        raise error
 
 
 def validation_masks(count: int, num_patches: int, seed: int) -> torch.Tensor:
