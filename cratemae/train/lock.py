@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -25,11 +26,13 @@ def lock_holder(run_dir: Path) -> str | None:
     """Who holds the lock of `run_dir` ("host HOST pid PID since ..."), or None when no live
     process does."""
     path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # NONBLOCK: a FIFO in its place is not waited on (and holds no lock)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,11 +1,20 @@
 """Reading run directories back for `cratemae runs`: what each run is, how far it got, its
 last figures, and whether it is running, finished, stopped (resumable) or failed. Runs are
-written by `cratemae.train.run_dir` and `RunSetup`; the names are `cratemae.rundir`'s."""
+written by `cratemae.train.run_dir` and `RunSetup`; the names are `cratemae.rundir`'s.
+
+A listing never stops at one bad run: a run whose status.json, metrics.jsonl or recipe.toml
+is damaged (a torn write, a hand edit, a FIFO where a file should be) or whose folder cannot
+be read is listed as `unreadable`, with the reason. Nothing here opens a FIFO, socket or
+device (`cratemae.guard.special_kind`), and metrics.jsonl is read from its end, a window at
+a time, only as far back as the table needs.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import time
 import tomllib
 from dataclasses import asdict, dataclass
@@ -15,26 +24,41 @@ from typing import Any
 from cratemae.checkpoints.resolve import complete_checkpoints
 from cratemae.errors import BadInputError
 from cratemae.fs import pid_alive
-from cratemae.rundir import RunFiles
+from cratemae.guard import special_kind
+from cratemae.rundir import BEST_DIR, CKPT_DIR, RECIPE_FILE, RunFiles
 from cratemae.train.lock import lock_holder
 
-__all__ = ["LIVE_SECONDS", "RunInfo", "describe_run", "read_metrics"]
+__all__ = [
+    "LIVE_SECONDS",
+    "METRICS_WINDOW",
+    "RUN_DEPTH",
+    "STATES",
+    "RunInfo",
+    "UnreadableRun",
+    "describe_run",
+    "list_runs",
+    "tail_metrics",
+]
 
 # A run whose log.txt changed this recently counts as running when its process cannot be
 # checked (another host): a live run logs every `run.log_every` steps.
 LIVE_SECONDS = 600
+# metrics.jsonl is read backwards this many bytes at a time, at most METRICS_MAX_WINDOWS
+# times: the table needs the last training line and the last evaluation, not the history.
+METRICS_WINDOW = 1 << 20
+METRICS_MAX_WINDOWS = 8
+# status.json, recipe.toml, probe.json, finetune.json are small: a bigger one is damage.
+SMALL_FILE_LIMIT = 1 << 20
+# How deep runs are looked for: runs/NAME, runs/GROUP/NAME, ... (as `find_runs`).
+RUN_DEPTH = 8
+# Process ids `os.kill` takes (0 and negative ones would signal process groups).
+_MAX_PID = 2**31 - 1
+STATES = ("running", "finished", "stopped", "failed", "unreadable")
+_NUMBERS = ("step", "total_steps", "loss", "val_loss", "val_knn_top1", "top1", "recovery")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The lines of a metrics.jsonl (none if absent); a line cut short is skipped."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+class UnreadableRun(Exception):
+    """A run file that cannot be read or makes no sense; the message says which and why."""
 
 
 @dataclass
@@ -42,7 +66,7 @@ class RunInfo:
     """What `cratemae runs` shows of one run directory."""
 
     path: str
-    kind: str  # "pre-train", "fine-tune" or "probe"
+    kind: str  # "pre-train", "fine-tune", "probe", or "unknown" when unreadable
     model: str | None
     step: int | None
     total_steps: int | None
@@ -50,8 +74,8 @@ class RunInfo:
     val_loss: float | None
     val_knn_top1: float | None
     top1: float | None  # fine-tuning's and probing's last evaluation
-    state: str  # "running", "finished", "stopped" (resumable) or "failed"
-    detail: str  # why: the process, the error, the age of the log
+    state: str  # one of STATES
+    detail: str  # why: the process, the error, the age of the log, what is unreadable
     last_checkpoint: str | None
     recoveries: int = 0  # rollbacks after non-finite losses (`"kind": "recovery"` lines)
 
@@ -59,62 +83,281 @@ class RunInfo:
         return asdict(self)
 
 
+def unreadable(path: Path, reason: str) -> RunInfo:
+    """The row of a run that cannot be read: state "unreadable", the reason as detail."""
+    return RunInfo(str(path), "unknown", None, None, None, None, None, None, None,
+                   "unreadable", reason, None)
+
+
+def list_runs(root: Path, now: float | None = None) -> list[RunInfo]:
+    """Every run under `root` (or `root` itself), once each however many links lead to it;
+    a damaged or unreadable one as `unreadable`, never an exception."""
+    rows = []
+    for path, problem in find_run_dirs(root):
+        if problem is not None:
+            rows.append(unreadable(path, problem))
+            continue
+        try:
+            rows.append(describe_run(path, now))
+        except (UnreadableRun, BadInputError) as err:
+            rows.append(unreadable(path, str(err)))
+        except OSError as err:
+            rows.append(unreadable(path, _os_reason(err)))
+    return rows
+
+
+def find_run_dirs(root: Path) -> list[tuple[Path, str | None]]:
+    """(run directory, None) for each run under `root` (itself included), and (folder,
+    reason) for each folder that cannot be looked into (no permission, a link to nothing or
+    round a loop). Links are followed (runs are often linked in from scratch); a folder
+    reached twice is listed once, under a path without links when there is one."""
+    runs: dict[tuple[int, int], Path] = {}
+    problems: list[tuple[Path, str | None]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, 0)]
+    while stack:
+        where, depth = stack.pop()
+        try:
+            key = _identity(where)
+        except OSError as err:
+            problems.append((where, _os_reason(err)))
+            continue
+        if key in seen:
+            if key in runs and _preferred(where, runs[key], root):
+                runs[key] = where
+            continue
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(where), key=lambda e: e.name)
+        except OSError as err:
+            problems.append((where, _os_reason(err)))
+            continue
+        if any(e.name == RECIPE_FILE for e in entries):  # a run holds no other runs
+            runs[key] = where
+        elif depth < RUN_DEPTH:
+            stack.extend((Path(e.path), depth + 1) for e in reversed(entries)
+                         if e.name not in (CKPT_DIR, BEST_DIR) and _is_dir_or_broken_link(e))
+    return sorted([*((p, None) for p in runs.values()), *problems])
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(20, "not a directory", str(path))
+    return st.st_dev, st.st_ino
+
+
+def _preferred(path: Path, other: Path, root: Path) -> bool:
+    """Whether `path` names a run better than `other`: without links, else the shorter."""
+    def rank(p: Path) -> tuple[bool, int, str]:
+        return (p.resolve() != root.resolve() / p.relative_to(root), len(p.parts), str(p))
+    return rank(path) < rank(other)
+
+
+def _is_dir_or_broken_link(entry: os.DirEntry[str]) -> bool:
+    """A folder (links followed), or a link that leads nowhere: that one may be a run whose
+    scratch space was purged, and is reported rather than skipped."""
+    try:
+        if entry.is_dir():
+            return True
+        if not entry.is_symlink():
+            return False
+        os.stat(entry.path)
+        return False  # a link to a file
+    except OSError:
+        return True
+
+
+def _os_reason(err: OSError) -> str:
+    where = f"{err.filename}: " if err.filename is not None else ""
+    return f"{where}{err.strerror or err}"
+
+
 def describe_run(run_dir: Path, now: float | None = None) -> RunInfo:
-    """Read a run directory back: its kind, progress, last figures and state."""
+    """Read a run directory back: its kind, progress, last figures and state. Raises
+    `UnreadableRun` when one of its files is damaged."""
     files = RunFiles(run_dir)
     now = time.time() if now is None else now
     kind, model = _kind_and_model(run_dir)
-    records = read_metrics(files.metrics)
+    records = tail_metrics(files.metrics)
     train = [r for r in records if r.get("kind", "train") == "train" and "loss" in r]
     evals = [r for r in records if r.get("kind") == "eval"]
     try:
         found = complete_checkpoints(files.checkpoints) if files.checkpoints.is_dir() else []
     except BadInputError:  # a checkpoint edited into nonsense: the run reads as stopped there
         found = []
-    last_ckpt, ckpt_step = (found[-1][0], int(found[-1][1].get("step", 0))) if found \
-        else (None, None)
+    last_ckpt, meta = found[-1] if found else (None, {})
+    ckpt_step = _whole(meta.get("step", 0), "checkpoint step") if found else None
     last = train[-1] if train else {}
     total = last.get("total_steps")
     step = max((s for s in (last.get("step"), ckpt_step) if s is not None), default=None)
     val = next((r for r in reversed(evals) if "val_loss" in r), {})
     scored = next((r for r in reversed(evals) if "top1" in r), {})
     top1 = scored.get("top1")
-    if kind == "probe" and files.probe.is_file():
-        top1 = _read_json(files.probe).get("top1", top1)
+    if kind == "probe":
+        top1 = _number(_read_json(files.probe).get("top1", top1), f"{files.probe.name}: top1")
+    rolled = [r["recovery"] for r in records if r.get("kind") == "recovery" and "recovery" in r]
+    recoveries = int(max([*rolled[-1:], _whole(meta.get("recoveries", 0), "recoveries")]))
     state, detail = _state(run_dir, kind, step, total, ckpt_step, now)
     return RunInfo(str(run_dir), kind, model, step, total, last.get("loss"),
                    val.get("val_loss"), val.get("val_knn_top1"), top1, state, detail,
-                   str(last_ckpt) if last_ckpt is not None else None,
-                   sum(r.get("kind") == "recovery" for r in records))
+                   str(last_ckpt) if last_ckpt is not None else None, recoveries)
+
+
+def _open_regular(path: Path) -> int | None:
+    """A descriptor of `path` if it is a regular file; None if it is absent. A FIFO, socket,
+    device or folder is `UnreadableRun`, and is never opened."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise UnreadableRun(f"{path.name}: is {kind}, not a file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # NONBLOCK: a FIFO swapped in since
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UnreadableRun(f"{path.name}: {err.strerror or err}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnreadableRun(f"{path.name}: not a regular file")
+    return fd
+
+
+def _read_text(path: Path) -> str | None:
+    """A small run file's text (None if absent); damage is `UnreadableRun`."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(SMALL_FILE_LIMIT + 1)
+    if len(data) > SMALL_FILE_LIMIT:
+        raise UnreadableRun(f"{path.name}: over {SMALL_FILE_LIMIT} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UnreadableRun(f"{path.name}: not text (a torn write?)") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    """A run's JSON record ({} when absent); anything but one JSON object is damage."""
+    text = _read_text(path)
+    if text is None:
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UnreadableRun(f"{path.name}: not JSON (a torn write?)") from None
+    if not isinstance(data, dict):
+        raise UnreadableRun(f"{path.name}: not a JSON object")
+    return data
+
+
+def _number(value: Any, what: str) -> Any:
+    """`value` if it is a number or None; anything else is damage."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise UnreadableRun(f"{what}: not a number ({str(value)[:40]!r})")
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise UnreadableRun(f"{what}: not a whole number >= 0 ({str(value)[:40]!r})")
+
+
+def tail_metrics(path: Path) -> list[dict[str, Any]]:
+    """The last lines of a metrics.jsonl (none if absent), oldest first: read backwards a
+    window at a time until a training line and an evaluation are in hand (or the start, or
+    METRICS_MAX_WINDOWS windows). The very last line may be cut short by a crash and is
+    skipped; any other line that is not a JSON object with numbers where numbers go is
+    `UnreadableRun`."""
+    fd = _open_regular(path)
+    if fd is None:
+        return []
+    with os.fdopen(fd, "rb") as f:
+        end = start = f.seek(0, os.SEEK_END)
+        data = b""
+        for _ in range(METRICS_MAX_WINDOWS):
+            start = max(0, start - METRICS_WINDOW)
+            f.seek(start)
+            data = f.read(end - start)
+            lines = data.split(b"\n")
+            records = _parse_lines(lines if start == 0 else lines[1:], path.name)
+            kinds = {r.get("kind", "train") for r in records}
+            if start == 0 or {"train", "eval"} <= kinds:
+                return records
+    return records
+
+
+def _parse_lines(lines: list[bytes], name: str) -> list[dict[str, Any]]:
+    records = []
+    last = len(lines) - 1
+    while last >= 0 and not lines[last].strip():
+        last -= 1
+    for i, line in enumerate(lines[: last + 1]):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise UnreadableRun(f"{name}: a line is not text (a torn write?)") from None
+        except (ValueError, RecursionError):
+            if i == last:  # the line being written when the run died
+                continue
+            raise UnreadableRun(f"{name}: a line is not JSON (a torn write?)") from None
+        if not isinstance(record, dict):
+            raise UnreadableRun(f"{name}: a line is not a JSON object")
+        for key in _NUMBERS:
+            _number(record.get(key), f"{name}: {key}")
+        for key in ("step", "total_steps"):
+            if key in record:
+                _whole(record[key], f"{name}: {key}")
+        records.append(record)
+    return records
 
 
 def _kind_and_model(run_dir: Path) -> tuple[str, str | None]:
     """Pre-training names its model in the recipe; fine-tuning and probing take theirs
     from a checkpoint, which their log's first line names."""
     files, head = RunFiles(run_dir), ""
-    if files.log.is_file():
-        with open(files.log, encoding="utf-8", errors="replace") as f:
+    fd = _open_regular(files.log)
+    if fd is not None:
+        with open(fd, encoding="utf-8", errors="replace") as f:
             head = f.read(20000)
     for kind, marker, done in (("fine-tune", " fine-tuning ", files.finetune),
                                ("probe", " probing ", files.probe)):
-        if marker in head or done.is_file():
-            source = _read_json(done).get("checkpoint")
+        record = _read_json(done)
+        if marker in head or record:
+            source = record.get("checkpoint")
             if source is None and marker in head:
                 source = head.split(marker, 1)[1].split(" ", 1)[0]
             return kind, f"encoder of {source}" if source else None
+    text = _read_text(files.recipe)
     try:
-        recipe = tomllib.loads(files.recipe.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "pre-train", None
-    return "pre-train", recipe.get("model", {}).get("name", "crate_mae_base")
+        recipe = tomllib.loads(text or "")
+    except (ValueError, RecursionError):
+        raise UnreadableRun(f"{files.recipe.name}: not TOML") from None
+    model = recipe.get("model", {})
+    name = model.get("name", "crate_mae_base") if isinstance(model, dict) else None
+    if not isinstance(name, str):
+        raise UnreadableRun(f"{files.recipe.name}: model is not a section with a name")
+    return "pre-train", name
+
+
+def _status(files: RunFiles) -> dict[str, Any]:
+    """status.json, checked: a known state, a host name, a process id `os.kill` may take."""
+    status = _read_json(files.status)
+    if not status:
+        return {}
+    where = files.status.name
+    if status.get("state") not in ("running", "finished", "stopped", "failed"):
+        raise UnreadableRun(f"{where}: state {str(status.get('state'))[:40]!r} is unknown")
+    if status["state"] == "running":
+        pid, host = status.get("pid"), status.get("host")
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= _MAX_PID):
+            raise UnreadableRun(f"{where}: pid {str(pid)[:40]!r} is not a process id")
+        if not isinstance(host, str):
+            raise UnreadableRun(f"{where}: host {str(host)[:40]!r} is not a host name")
+    return status
 
 
 def _state(run_dir: Path, kind: str, step: int | None, total: int | None,
@@ -123,7 +366,7 @@ def _state(run_dir: Path, kind: str, step: int | None, total: int | None,
     if holder is not None:
         return "running", f"lock held by {holder}"
     files = RunFiles(run_dir)
-    status = _read_json(files.status)
+    status = _status(files)
     done_file = {"fine-tune": files.finetune, "probe": files.probe}.get(kind)
     log_age = now - files.log.stat().st_mtime if files.log.is_file() else None
     resumable = ckpt_step is not None
@@ -136,7 +379,7 @@ def _state(run_dir: Path, kind: str, step: int | None, total: int | None,
     if status.get("state") == "finished" or (finished and status.get("state") != "running"):
         return "finished", ""
     if status.get("state") == "running":
-        host, pid = status.get("host"), int(status.get("pid", 0))
+        host, pid = status["host"], status["pid"]
         if host == socket.gethostname():
             if pid_alive(pid):
                 return "running", f"process {pid} on {host}"
