@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixtures import data_section, make_shards, write_tar
-from support import cli
+from support import TINY_RUN, cli, launch
 from test_embed import ckpt  # noqa: F401 - the tiny checkpoint fixture, reused
 
 from cratemae.data import build_data
@@ -25,6 +25,7 @@ from cratemae.data.sources import resolve_source
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import eval_batches
 from cratemae.eval.validation import on_device, subset_loader, subset_positions
+from cratemae.rundir import RunFiles
 
 
 def wds(root: Path, held: list[int], declared: list[int], split: str = "validation",
@@ -197,6 +198,21 @@ def test_a_rank_whose_shard_ran_short_takes_the_same_steps_as_the_others(tmp_pat
     assert [sum(1 for _ in lo.dataset) for lo in loaders] == [4, 4]
 
 
+@pytest.mark.slow  # two ranks that import torch and train: about 20 s on two busy cores
+def test_two_ranks_train_in_step_when_one_ranks_shard_runs_short(tmp_path):
+    """The quick counterparts: the two tests above, one rank at a time, in-process."""
+    root = wds(tmp_path / "wds", [16, 3, 16, 16], [16] * 4, split="train", prefix="train")
+    make_shards(tmp_path / "val", [8], prefix="val")
+    out = tmp_path / "run"
+    procs = launch(out, [*TINY_RUN, f'data.train="{root}"', f'data.val="{tmp_path / "val"}"',
+                         "data.batch_size=8", "schedule.epochs=2"])
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    steps = [json.loads(x) for x in RunFiles(out).metrics.read_text().splitlines()]
+    assert max(x.get("step", 0) for x in steps) == 8  # 2 epochs x 64 // (2 ranks x 8)
+    assert "train-000001.tar: declared 16 samples, read 3" in "".join(errs)
+
+
 def test_a_declared_empty_shard_is_read_by_one_stream_of_one_rank(tmp_path):
     root = wds(tmp_path / "wds", [8, 3, 8, 8, 8], [8, 0, 8, 8, 8], split="train",
                prefix="train")
@@ -214,3 +230,14 @@ def test_a_declared_empty_shard_is_read_by_one_stream_of_one_rank(tmp_path):
     assert len(list(loader)) == split.batches_per_epoch
     assert str(loader.miscounts[str(root / "train-000001.tar")]).endswith(
         "declared 0 samples, read 3")
+
+
+def test_a_resume_past_every_batch_still_reads_and_refuses(tmp_path):
+    """An interrupted evaluation rerun from its last batch must not pass for lack of reading:
+    the skipped batches' shards are still checked (their counts arrive after the batches)."""
+    data = data_section(None, val=str(wds(tmp_path / "wds", [6, 6], [6, 2])), num_workers=2)
+    split = build_data(data, split="val", img_size=8, seed=0)
+    for start in (split.batches_per_epoch - 1, split.batches_per_epoch):
+        loader = split.loader(0, start_batch=start)
+        assert len(list(loader)) == len(loader)
+        assert "val-000001.tar: declared 2 samples, read 6" in str(loader.bad_fraction_error())
