@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,19 @@ from cratemae.data import Loader
 from cratemae.data.sources import Source
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision, resolve_precision
-from cratemae.errors import BadInputError
+from cratemae.errors import BadInputError, CrateMAEError
 from cratemae.eval.classify import sample_positions
-from cratemae.eval.embed_chunks import assemble, chunk_name, complete_prefix, write_chunk
+from cratemae.eval.embed_chunks import (
+    PartsLock,
+    assemble,
+    chunk_arrays,
+    chunk_name,
+    chunk_problem,
+    complete_prefix,
+    write_chunk,
+)
 from cratemae.eval.embed_data import KeyedBatch, keyed_loader
-from cratemae.eval.embeddings import FORMAT, INDEX_FILE, layer_name
+from cratemae.eval.embeddings import FORMAT, INDEX_FILE, POOL_ALIASES, layer_name
 from cratemae.fs import atomic_write_json, is_temp_name, pid_alive
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
@@ -58,7 +67,7 @@ SETTINGS_FILE = "embed.json"
 class EmbedSettings:
     """How the embeddings are taken and written (all of it decides the bytes written)."""
 
-    pool: str = "token"  # "token": the CLS token; "avg": the mean of the patch tokens
+    pool: str = "token"  # "token": the CLS token; "avg": the mean of the patch tokens (timm's)
     layers: tuple[int, ...] = ()  # more layers to pool (0-based, negative from the end)
     batch_size: int = 64
     num_workers: int = 4
@@ -134,35 +143,46 @@ def embed(
     of the process group (or alone). `identity` (architecture, checkpoint_sha256, model
     configuration, ...) goes into the file's metadata; its `checkpoint_sha256`, the data's
     shards and files, and `settings` decide whether leftover chunks may be resumed."""
-    info = dist.get_dist_info()
     out = Path(out)
-    if settings.pool not in POOLS:
+    pool = POOL_ALIASES.get(settings.pool, settings.pool)
+    if pool not in POOLS:
         raise BadInputError(f"pool {settings.pool!r}: expected one of {', '.join(POOLS)}")
     layers = check_layers(settings.layers, len(encoder.blocks))
-    settings = replace(settings, layers=layers)
-    img_size = encoder.config.img_size
+    settings = replace(settings, pool=pool, layers=layers)
     data = DataSection(batch_size=settings.batch_size, num_workers=settings.num_workers,
                        mean=tuple(mean), std=tuple(std),
                        max_bad_fraction=settings.max_bad_fraction)
-    record = {"format": FORMAT, **asdict(settings), "img_size": img_size, "mean": mean,
-              "std": std, "world_size": info.world_size,
+    record = {"format": FORMAT, **asdict(settings), "img_size": encoder.config.img_size,
+              "mean": mean, "std": std, "world_size": dist.get_dist_info().world_size,
               "checkpoint_sha256": identity.get("checkpoint_sha256"),
               "data": _source_digest(source)}
     record = json.loads(json.dumps(record, allow_nan=False))  # as the settings file reads
-    parts = parts_dir(out)
-    error = None
-    if dist.is_main_process():
-        try:
-            _prepare(out, parts, record, overwrite)
-        except BadInputError as err:
-            error = err
-    dist.raise_together(error, f"{parts}: refused on rank 0")
-    dist.barrier()
+    with ExitStack() as held:  # rank 0 holds the lock of `out` from start to end
+        error = None
+        if dist.is_main_process():
+            try:
+                held.enter_context(PartsLock(out))
+                _prepare(out, parts_dir(out), record, overwrite)
+            except BadInputError as err:
+                error = err
+        dist.raise_together(error, f"{parts_dir(out)}: refused on rank 0")
+        dist.barrier()
+        return _run(encoder, source, out, settings, data, record, identity, device, progress)
+
+
+def _run(encoder: CrateEncoder, source: Source, out: Path, settings: EmbedSettings,
+         data: DataSection, record: dict[str, Any], identity: dict[str, Any],
+         device: torch.device, progress: Progress | None) -> EmbedResult:
+    """Every rank: its share into chunks; then rank 0 assembles `out`."""
+    info, parts = dist.get_dist_info(), parts_dir(out)
+    log.info("images at %d px, mean %s and std %s (%s); %d loader worker(s) per process",
+             record["img_size"], record["mean"], record["std"],
+             identity.get("preprocessing", "as given"), settings.num_workers)
     mine = _rank_dir(parts, info.rank, info.world_size)
-    loader, n_chunks, done_chunks = _embed_share(encoder, source, data, settings, img_size,
-                                                 mine, device, progress)
-    dist.raise_together(loader.bad_fraction_error(final=True),
-                        "another rank has too many bad samples")
+    loader, n_chunks, done_chunks, failed = _embed_share(
+        encoder, source, data, settings, record["img_size"], mine, device, progress)
+    dist.raise_together(failed or loader.bad_fraction_error(final=True),
+                        "another rank could not embed its share")
     dist.barrier()
     result: EmbedResult | None = None
     error = None
@@ -181,10 +201,10 @@ def embed(
 
 def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
                  settings: EmbedSettings, img_size: int, mine: Path, device: torch.device,
-                 progress: Progress | None) -> tuple[Loader, int, int]:
-    """This rank's share into chunk files in `mine`, from the first chunk not yet there.
-    Returns the loader (for its bad-sample count), the rank's chunk count and how many were
-    there already."""
+                 progress: Progress | None) -> tuple[Loader, int, int, CrateMAEError | None]:
+    """This rank's share into chunk files in `mine`, from the first chunk not yet there (or
+    damaged). Returns the loader (for its bad-sample count), the rank's chunk count, how
+    many were there already, and the error that stopped it (a non-finite feature)."""
     info = dist.get_dist_info()
     mine.mkdir(parents=True, exist_ok=True)
     _remove_debris(mine)
@@ -192,7 +212,13 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
     plan = full.plan
     per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
     n_chunks = -(-plan.num_batches // per_chunk)
-    done_chunks = complete_prefix(mine, n_chunks)
+
+    def rows(k: int) -> int:  # the samples of chunk k
+        return sum(plan.batch_len(b) for b in range(k * per_chunk,
+                                                    min((k + 1) * per_chunk, plan.num_batches)))
+
+    done_chunks = complete_prefix(mine, n_chunks, chunk_arrays(settings.layers), rows,
+                                  remove=True)
     start = min(done_chunks * per_chunk, plan.num_batches)
     if done_chunks:
         log.info("resuming: %d of %d chunks of rank %d already written in %s", done_chunks,
@@ -202,16 +228,17 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
     skipped = sum(plan.batch_len(b) for b in range(start))
     encoder.eval().to(device)
     loader = keyed_loader(source, data, img_size, info.rank, info.world_size, start)
-    _run_chunks(encoder, loader, settings, positions, skipped, per_chunk, start, mine, device,
-                progress)
-    return loader, n_chunks, done_chunks
+    failed = _run_chunks(encoder, loader, settings, positions, skipped, per_chunk, start, mine,
+                         device, progress)
+    return loader, n_chunks, done_chunks, failed
 
 
 def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
                 positions: torch.Tensor, skipped: int, per_chunk: int, start: int, where: Path,
-                device: torch.device, progress: Progress | None) -> None:
+                device: torch.device, progress: Progress | None) -> CrateMAEError | None:
     """Encode this rank's batches from `start` on, writing one chunk file per `per_chunk`
-    batches."""
+    batches. A readable image whose features are not finite stops it, and is returned as
+    the error: no row marked valid is ever written non-finite."""
     precision = resolve_precision(settings.precision, device)
     total, done, b = len(positions), skipped, start
     pending: list[dict[str, Any]] = []
@@ -222,6 +249,13 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
                              settings.pool, settings.layers, precision)
         valid = batch.valid if batch.valid is not None else torch.ones(n, dtype=torch.bool)
         row = {k: torch.where(valid[:, None], v.cpu(), 0.0) for k, v in feats.items()}
+        bad = _first_nonfinite(row)
+        if bad is not None:
+            name, i = bad
+            hint = ("its weights may hold NaN or inf" if settings.precision == "fp32" else
+                    "it overflows: embed again with --precision fp32 --overwrite")
+            return CrateMAEError(f"sample {batch.keys[i]!r} gave non-finite {name} out of the "
+                                 f"encoder at precision {settings.precision}; {hint}")
         row |= {"labels": batch.labels, "valid": valid, "keys": batch.keys,
                 "positions": positions[done:done + n]}
         pending.append(row)
@@ -231,6 +265,16 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
             pending = []
         if progress is not None:
             progress(done, total)
+    return None
+
+
+def _first_nonfinite(row: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(array, row) of the first non-finite value among the (B, d) arrays of `row`."""
+    for name, v in row.items():
+        finite = torch.isfinite(v).all(dim=1)  # (B,)
+        if not bool(finite.all()):
+            return name, int((~finite).nonzero()[0])
+    return None
 
 
 def _source_digest(source: Source) -> str:
@@ -313,7 +357,13 @@ def _assemble(out: Path, parts: Path, world: int, n_chunks: int, settings: Embed
     files = []
     for r in range(world):
         where = _rank_dir(parts, r, world)
-        if complete_prefix(where, n_chunks) < n_chunks:
+        names = chunk_arrays(settings.layers)
+        k = complete_prefix(where, n_chunks, names)
+        if k < n_chunks and (where / chunk_name(k)).is_file():
+            raise CrateMAEError(f"{where / chunk_name(k)}: damaged chunk "
+                                f"({chunk_problem(where / chunk_name(k), names)}); run the "
+                                "same command again: it is computed again")
+        if k < n_chunks:
             raise BadInputError(f"{where}: rank {r}'s chunks are not all there; --out must be "
                                 "on a file system that every rank sees")
         files += [where / chunk_name(k) for k in range(n_chunks)]

@@ -5,18 +5,30 @@ yielded them: every array of `cratemae.eval.embeddings` (features, layers.I, lab
 keys, key_offsets) plus `positions`, each row's place in the data set. Batches are runs of
 consecutive positions, so `assemble` sorts runs, not rows: it streams the chunks into the
 final file in data-set order, each position once, holding one piece at a time.
+
+Sizes must be known before the first byte of a safetensors file, so the writer takes
+tensors as (name, dtype, shape, a generator of their bytes): the header is written first,
+then each tensor's bytes stream in; nothing is held whole in memory.
+
+A chunk file is written atomically, so one that exists was whole when written; one damaged
+since (a truncated copy, a bad header, the wrong rows) is found by `complete_prefix`, which
+removes it to be computed again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
+import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -25,18 +37,91 @@ from safetensors.torch import save_file
 
 from cratemae.errors import BadInputError
 from cratemae.eval.embeddings import (
-    TensorStream,
+    INDEX_FILE,
+    KEYS_FILE,
     decode_keys,
     encode_keys,
     layer_name,
-    write_npy_dir,
-    write_safetensors,
 )
-from cratemae.fs import atomic_path, atomic_write, fsync_dir, temp_path
+from cratemae.fs import atomic_path, atomic_write, atomic_write_text, fsync_dir, temp_path
 
-__all__ = ["assemble", "chunk_name", "complete_prefix", "write_chunk"]
+__all__ = [
+    "PartsLock",
+    "TensorStream",
+    "assemble",
+    "chunk_arrays",
+    "chunk_name",
+    "chunk_problem",
+    "complete_prefix",
+    "write_chunk",
+    "write_npy_dir",
+    "write_safetensors",
+]
 
 log = logging.getLogger("cratemae")
+_ST_DTYPES = {np.dtype("float32"): "F32", np.dtype("int64"): "I64", np.dtype("uint8"): "U8",
+              np.dtype("bool"): "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorStream:
+    """One array of the output, described before its bytes are produced."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterator[np.ndarray]]  # the array's rows, in order, piece by piece
+
+
+def _write_stream(f: IO[bytes], t: TensorStream) -> None:
+    """Write the pieces of `t`, checking that they add up to its declared size."""
+    want = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
+    done = 0
+    for piece in t.chunks():
+        data = np.ascontiguousarray(piece, dtype=t.dtype).tobytes()
+        f.write(data)
+        done += len(data)
+    if done != want:
+        raise RuntimeError(f"{t.name}: wrote {done} bytes, expected {want}")
+
+
+def write_safetensors(f: IO[bytes], tensors: list[TensorStream], metadata: dict[str, str]
+                      ) -> None:
+    """A safetensors file, header first (its layout: an 8-byte little-endian header length,
+    the JSON header padded with spaces to a multiple of 8, then the tensors' bytes back to
+    back in the order given)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for t in tensors:
+        size = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
+        header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    text += b" " * (-len(text) % 8)
+    f.write(struct.pack("<Q", len(text)) + text)
+    for t in tensors:
+        _write_stream(f, t)
+
+
+def write_npy_dir(directory: Path, tensors: list[TensorStream], keys: Iterator[str],
+                  index: dict[str, Any]) -> None:
+    """`NAME.npy` for each array, `keys.jsonl`, and `index.json` into an (empty) directory,
+    each file flushed to the disk (the directory is renamed into place afterwards)."""
+    from numpy.lib import format as npy
+
+    for t in tensors:
+        with atomic_write(directory / f"{t.name}.npy") as f:
+            npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(t.dtype),
+                                           "fortran_order": False, "shape": t.shape})
+            _write_stream(f, t)
+    with atomic_write(directory / KEYS_FILE, "w") as f:
+        for key in keys:
+            f.write(json.dumps(key, allow_nan=False) + "\n")
+    files = {t.name: f"{t.name}.npy" for t in tensors}
+    text = json.dumps({**index, "arrays": files, "keys": KEYS_FILE}, indent=1, sort_keys=True,
+                      allow_nan=False)
+    atomic_write_text(directory / INDEX_FILE, text + "\n")
 
 
 def chunk_name(k: int) -> str:
@@ -55,10 +140,50 @@ def write_chunk(path: Path, rows: list[dict[str, Any]]) -> None:
         save_file(tensors, str(tmp))
 
 
-def complete_prefix(where: Path, n_chunks: int) -> int:
-    """How many chunks 0, 1, ... are written (each file is whole: written atomically)."""
+def chunk_arrays(layers: tuple[int, ...]) -> tuple[str, ...]:
+    """The arrays every chunk file of an embed of `layers` holds."""
+    return ("features", *[layer_name(i) for i in layers], "labels", "valid", "positions",
+            "keys", "key_offsets")
+
+
+def chunk_problem(path: Path, names: tuple[str, ...], rows: int | None = None) -> str | None:
+    """Why the chunk file at `path` cannot be used (unreadable, an array missing, rows that
+    do not agree or are not `rows`), or None when it can."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            have = set(f.keys())
+            missing = [n for n in names if n not in have]
+            if missing:
+                return f"it holds no array {missing[0]!r}"
+            n = f.get_slice("positions").get_shape()[0]
+            for name in names:
+                if name == "keys":
+                    continue
+                got = f.get_slice(name).get_shape()[0]
+                if got != (n + 1 if name == "key_offsets" else n):
+                    return f"its array {name!r} has {got} rows, its positions {n}"
+    except (SafetensorError, OSError, ValueError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    if rows is not None and n != rows:
+        return f"it holds {n} rows, its batches {rows}"
+    return None
+
+
+def complete_prefix(where: Path, n_chunks: int, names: tuple[str, ...],
+                    rows: Callable[[int], int] | None = None, *, remove: bool = False) -> int:
+    """How many chunks 0, 1, ... are written and sound (`chunk_problem`; chunk k must hold
+    `rows(k)` rows). With `remove`, the first damaged one is removed, to be computed again."""
     k = 0
     while k < n_chunks and (where / chunk_name(k)).is_file():
+        path = where / chunk_name(k)
+        problem = chunk_problem(path, names, None if rows is None else rows(k))
+        if problem is not None:
+            if remove:
+                log.warning("%s: damaged chunk (%s): computing it again", path, problem)
+                path.unlink(missing_ok=True)
+            break
         k += 1
     return k
 
@@ -197,3 +322,54 @@ def _replace_dir_with(out: Path, new: Path | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+class PartsLock:
+    """`with PartsLock(out):` one embed into `out` at a time: an advisory `flock` on the
+    hidden `.OUT.lock` beside it, held while chunks are written to OUT.parts and assembled
+    into OUT, and removed at the end. A second embed is refused at once, naming the holder.
+    The operating system releases the lock when its process ends, however it ends."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.path = self.out.with_name(f".{self.out.name}.lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> PartsLock:
+        for _ in range(100):  # another holder removing the file as we open it: open again
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise BadInputError(f"--out {self.out}: cannot create its lock {self.path} "
+                                    f"({err.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                raise BadInputError(
+                    f"--out {self.out}: another embed is writing it "
+                    f"({holder or 'holder unknown'}); wait for it to end, or give another "
+                    f"--out") from None
+            if self._still_there(fd):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+                self.fd = fd
+                return self
+            os.close(fd)
+        raise BadInputError(f"--out {self.out}: could not take its lock {self.path}")
+
+    def _still_there(self, fd: int) -> bool:
+        """Whether the file locked is the one at the path (the last holder removes it)."""
+        try:
+            here, locked = os.stat(self.path), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while held: a waiter then finds it gone
+            os.close(self.fd)
+            self.fd = None
