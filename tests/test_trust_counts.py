@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tarfile
 import threading
 from pathlib import Path
 
@@ -61,6 +62,15 @@ def test_a_piece_ending_at_the_declared_end_reads_on_and_reports(tmp_path):
     assert _read(Shard(str(tar), 6), 0, 3)[1] == []  # right, and a piece short of the end
     assert _read(Shard(str(tar), 4), 0, 2)[1] == []  # wrong, but not read to the end: unseen
     assert _read(Shard(str(tar), 6), 3, 6)[1] == []
+
+
+def test_the_samples_past_the_declared_end_are_counted_from_headers(tmp_path, monkeypatch):
+    (tar,) = make_shards(tmp_path, [50], index=False)
+    real, opened = tarfile.TarFile.extractfile, []
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, ti: opened.append(ti.name) or real(self, ti))
+    assert _read(Shard(str(tar), 2), 0, 2)[1] == [Miscount(str(tar), 2, 50)]
+    assert opened == ["s0_0.png", "s0_0.cls", "s0_1.png", "s0_1.cls"]
 
 
 def test_empty_and_declared_empty_shards(tmp_path):

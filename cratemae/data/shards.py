@@ -171,10 +171,8 @@ def iter_shard(shard: Shard, lo: int = 0, hi: int | None = None, *,
         if shard.files is not None:
             src = _iter_folder(shard, lo, hi)
         else:
-            src = _iter_tar(shard, lo, None if to_end else hi, seen)
+            src = _iter_tar(shard, lo, hi, seen, read_on=to_end)
         for sample in src:
-            if hi is not None and lo + n >= hi:
-                continue  # past the piece (reading on to the end): counted, not yielded
             n += 1
             yield sample
         reason, clean = "shard ended early", True
@@ -234,14 +232,16 @@ def _close_quietly(stream: object) -> None:
         stream.close()  # type: ignore[attr-defined]
 
 
-def _iter_tar(shard: Shard, lo: int, hi: int | None,
-              seen: list[int] | None = None) -> Iterator[RawSample]:
-    """Samples lo..hi-1 of a tar; `seen[0]` follows how many samples have begun."""
+def _iter_tar(shard: Shard, lo: int, hi: int | None, seen: list[int] | None = None,
+              read_on: bool = False) -> Iterator[RawSample]:
+    """Samples lo..hi-1 of a tar; `seen[0]` follows how many samples have begun, and with
+    `read_on` the headers after `hi` are read to the end of the tar to count them."""
     seen = [0] if seen is None else seen
     tf = _open_tar(shard.url)
     seekable = tf.mode == "r" and not is_remote(shard.url) and shard.url.endswith(".tar")
     path = shard.url.removeprefix("file://")
     index, key, parts = -1, None, {}
+    end = hi if hi is not None else float("inf")
     try:
         while (ti := tf.next()) is not None:
             tf.members.clear()  # tarfile keeps every header otherwise
@@ -249,14 +249,14 @@ def _iter_tar(shard: Shard, lo: int, hi: int | None,
             if kx is None:
                 continue
             if kx[0] != key:
-                if key is not None and index >= lo:
+                if key is not None and lo <= index < end:
                     yield RawSample(shard.url, key, parts)
                 index, key, parts = index + 1, kx[0], {}
                 seen[0] = index + 1
-                if hi is not None and index >= hi:
+                if index >= end and not read_on:
                     return
-            if index < lo:
-                continue  # skipped sample: header only, data never read
+            if not lo <= index < end:
+                continue  # skipped or counted sample: header only, data never read
             if seekable and ti.size > _EAGER_BYTES:
                 parts[kx[1]] = (path, ti.offset_data, ti.size)
             else:
@@ -265,7 +265,7 @@ def _iter_tar(shard: Shard, lo: int, hi: int | None,
         if seekable and os.path.getsize(path) - tf.offset < 1024:
             # tarfile ends quietly at a cut-off header; the last sample may be incomplete
             raise tarfile.ReadError("truncated tar (no end-of-archive marker)")
-        if key is not None and index >= lo:
+        if key is not None and lo <= index < end:
             yield RawSample(shard.url, key, parts)
     finally:
         try:
