@@ -300,7 +300,7 @@ def test_the_command_writes_and_summarises(ckpt, folder, tmp_path) -> None:
 
     out = tmp_path / "f.safetensors"
     run = cli("embed", folder, "--checkpoint", ckpt, "--out", out, "--workers", "0",
-              "--pool", "mean", "--layers", "-1", "--json")
+              "--pool", "avg", "--layers", "-1", "--json")
     assert run.exit_code == 0, run.output
     summary = json.loads(run.stdout)
     assert summary["num_samples"] == N_IMAGES and summary["pool"] == "avg"

@@ -197,7 +197,7 @@ def test_non_finite_features_are_refused_unless_the_row_is_invalid(tmp_path) -> 
     feats = read_embeddings(write_st(tmp_path / "invalid.st", arrays))[0]
     assert feats.shape == (N - 1, D)
     arrays["layers.0"][0, 0] = float("inf")
-    with pytest.raises(BadInputError, match="'layers.0' holds non-finite"):
+    with pytest.raises(BadInputError, match=r"'layers\.0' holds non-finite"):
         read_embeddings(write_st(tmp_path / "inf.st", arrays), layer=0)
 
 
@@ -210,7 +210,7 @@ def test_keys_that_do_not_match_the_rows_are_refused(tmp_path) -> None:
     tensors = {**_arrays(), "keys": torch.from_numpy(data.copy()),
                "key_offsets": torch.from_numpy(offsets)}
     save_file(tensors, str(tmp_path / "order.st"), metadata={"format": FORMAT})
-    with pytest.raises(BadInputError, match="key_offsets .* do not cut"):
+    with pytest.raises(BadInputError, match=r"key_offsets .* do not cut"):
         read_embeddings(tmp_path / "order.st")
 
 

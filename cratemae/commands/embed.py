@@ -131,7 +131,7 @@ def embed(
       $ cratemae embed demo:val --checkpoint runs/demo --out demo.safetensors --layers 1,2
       $ cratemae embed a.jpg b.jpg @more.txt --checkpoint exported/base --out x --format npy
       $ torchrun --nproc-per-node 8 -m cratemae embed /data/in1k --split train \\
-          --checkpoint runs/base --out in1k-train.safetensors --pool mean
+          --checkpoint runs/base --out in1k-train.safetensors --pool avg
     """
     require_checkpoint(checkpoint)
     if precision not in ("bf16", "fp16", "fp32"):

@@ -13,8 +13,14 @@ When every rank is done, rank 0 streams the chunks, in data-set order and withou
 sample a short rank repeats, into OUT (written under a temporary name, renamed at the end;
 `cratemae.eval.embeddings` says what it holds), and removes OUT.parts. An embed that dies
 leaves OUT.parts: run the same command again and it goes on from the chunks written (other
-settings are refused, `overwrite` starts again). OUT.parts must be on a file system every
-rank sees.
+settings are refused, `overwrite` starts again; a chunk damaged since is computed again).
+OUT.parts must be on a file system every rank sees.
+
+Rank 0 holds a lock beside OUT (`embed_chunks.PartsLock`) from start to end, so a second
+embed into the same OUT is refused at once instead of sharing its chunks. A readable image
+whose features are not finite (weights with NaN, an fp16 overflow) stops the embed with the
+sample's key (exit 1): a row marked valid is always finite, and a row of an image that could
+not be read is zero and marked invalid.
 """
 
 from __future__ import annotations
