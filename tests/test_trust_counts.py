@@ -251,3 +251,15 @@ def test_a_resume_past_every_batch_still_reads_and_refuses(tmp_path):
         loader = split.loader(0, start_batch=start)
         assert len(list(loader)) == len(loader)
         assert "val-000001.tar: declared 2 samples, read 6" in str(loader.bad_fraction_error())
+
+
+def test_embed_refuses_fifos_named_as_images_or_lists(ckpt, tmp_path):  # noqa: F811
+    for name in ("x.png", "list.txt"):
+        os.mkfifo(tmp_path / name)
+    for arg in (tmp_path / "x.png", f"@{tmp_path / 'list.txt'}"):
+        run = cli("embed", arg, "--checkpoint", ckpt, "--out", tmp_path / "f.safetensors")
+        assert run.exit_code == 2 and "is a FIFO" in run.stderr, run.output
+    (tmp_path / "names.txt").write_text("x.png\n")
+    run = cli("embed", f"@{tmp_path / 'names.txt'}", "--checkpoint", ckpt, "--out",
+              tmp_path / "f.safetensors")
+    assert run.exit_code == 2 and "x.png, which is a FIFO" in run.stderr, run.output

@@ -22,6 +22,7 @@ from cratemae.data.shards import RawSample, Shard
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import eval_transform
 from cratemae.errors import BadInputError
+from cratemae.guard import regular_file, special_kind
 from cratemae.recipe.schema import DataSection
 
 __all__ = ["FILES_PER_SHARD", "KeyedBatch", "data_source", "keyed_loader"]
@@ -63,10 +64,16 @@ def data_source(inputs: Sequence[str], split: str = "val") -> Source:
 
 
 def _is_image_file(item: str) -> bool:
-    return item.rpartition(".")[2].lower() in IMAGE_EXTS and Path(item).is_file()
+    """An image file named on its own; a FIFO, socket or device so named is refused."""
+    if item.rpartition(".")[2].lower() not in IMAGE_EXTS:
+        return False
+    if special_kind(item) is not None:
+        regular_file(item, "image")  # raises
+    return Path(item).is_file()
 
 
 def _read_list(path: Path) -> list[str]:
+    regular_file(path, "@list")  # reading a FIFO would wait for a writer forever
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
@@ -74,6 +81,10 @@ def _read_list(path: Path) -> list[str]:
     names = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     base = path.parent
     names = [n if Path(n).is_absolute() else str(base / n) for n in names]
+    special = next((n for n in names if special_kind(n) is not None), None)
+    if special is not None:
+        raise BadInputError(f"@{path}: names {special}, which is {special_kind(special)}, "
+                            "not an image file; refused")
     missing = [n for n in names if not Path(n).is_file()]
     if missing:
         raise BadInputError(f"@{path}: {len(missing)} file(s) not found, e.g. {missing[0]}")
