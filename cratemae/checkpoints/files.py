@@ -22,10 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from cratemae.errors import BadInputError
 from cratemae.fs import atomic_path
+from cratemae.guard import regular_file
 
 __all__ = [
     "FORMAT",
     "file_digest",
+    "read_header",
     "read_json",
     "read_safetensors",
     "verify_file",
@@ -73,6 +75,7 @@ def write_safetensors(
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, or raise BadInputError naming the file."""
+    regular_file(path)  # a FIFO would be waited on for ever
     if not path.is_file():
         raise BadInputError(f"{path}: missing (incomplete checkpoint?)")
     try:
@@ -88,6 +91,7 @@ def verify_file(path: Path, expected: Any) -> None:
     """Check a file against the `{"sha256", "bytes"}` record meta.json keeps for it."""
     if not isinstance(expected, dict) or not {"sha256", "bytes"} <= expected.keys():
         raise BadInputError(f"{path}: meta.json has no size/hash record for this file")
+    regular_file(path)
     if not path.is_file():
         raise BadInputError(f"{path}: missing")
     size = path.stat().st_size
@@ -105,12 +109,31 @@ def read_safetensors(
 
     `required` lists metadata keys that must be present besides `format`.
     """
+    _, metadata = read_header(path, required)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+        raise BadInputError(f"{path}: not a valid safetensors file ({_one_line(exc)})") from exc
+    return tensors, metadata
+
+
+def read_header(
+    path: Path, required: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The header of a safetensors file written by this package, no tensor read:
+    `(stand-ins, metadata)`, each stand-in a tensor on the `meta` device with the stored
+    shape and dtype (it holds no memory). What a loader checks before it builds anything."""
+    regular_file(path)
     if not path.is_file():
         raise BadInputError(f"{path}: missing")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            stand_ins, names = {}, f.keys()
+            for key in names:
+                part = f.get_slice(key)
+                stand_ins[key] = torch.empty(part.get_shape(), device="meta",
+                                             dtype=_DTYPES.get(part.get_dtype(), torch.uint8))
     except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
         raise BadInputError(f"{path}: not a valid safetensors file ({_one_line(exc)})") from exc
     if metadata.get("format") != FORMAT:
@@ -118,7 +141,13 @@ def read_safetensors(
     missing = [k for k in required if k not in metadata]
     if missing:
         raise BadInputError(f"{path}: metadata is missing {', '.join(map(repr, missing))}")
-    return tensors, metadata
+    return stand_ins, metadata
+
+
+# safetensors' dtype names (`get_dtype()`) and torch's.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _one_line(exc: BaseException) -> str:

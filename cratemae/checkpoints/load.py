@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from cratemae.checkpoints.files import (
+    read_header,
     read_json,
     read_safetensors,
     verify_file,
@@ -26,8 +27,15 @@ from cratemae.checkpoints.resolve import check_checkpoint_dir, resolve_checkpoin
 from cratemae.checkpoints.state_dict import strip_wrapper_prefixes
 from cratemae.checkpoints.tree import unflatten_tree
 from cratemae.errors import BadInputError
+from cratemae.guard import regular_file
 
-__all__ = ["Checkpoint", "load_checkpoint", "read_model_weights", "write_model_weights"]
+__all__ = [
+    "Checkpoint",
+    "load_checkpoint",
+    "read_model_header",
+    "read_model_weights",
+    "write_model_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,19 @@ def read_model_weights(
     return strip_wrapper_prefixes(weights), config
 
 
+def read_model_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`(stand-ins, model_config)` as `read_model_weights` gives them, from the file's header
+    alone: each stand-in is a tensor on the `meta` device (its shape and dtype, no memory),
+    so the configuration can be checked against the shapes before any tensor is read or any
+    model is built."""
+    target = resolve_checkpoint(path)
+    file = target if target.is_file() else target / MODEL_FILE
+    stand_ins, metadata = read_header(file, required=("config",))
+    return strip_wrapper_prefixes(stand_ins), _config_of(metadata, file)
+
+
 def write_model_weights(
     path: str | os.PathLike[str], model_state: dict[str, torch.Tensor], model_config: dict[str, Any]
 ) -> Path:
@@ -99,7 +120,7 @@ def write_model_weights(
 def _read_weights_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
     """Read a model file; inside a checkpoint directory, verify it against meta.json first."""
     meta: dict[str, Any] = {}
-    sibling = file.parent / META
+    sibling = regular_file(file.parent / META)
     if sibling.is_file():
         meta = read_json(sibling)
         record = meta.get("files")
@@ -111,15 +132,20 @@ def _read_weights_file(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 def _read_model(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, metadata = read_safetensors(file, required=("config",))
+    return tensors, _config_of(metadata, file)
+
+
+def _config_of(metadata: dict[str, str], file: Path) -> dict[str, Any]:
+    """The model configuration a weights file's metadata records (a JSON object)."""
     if metadata.get("kind", "model") != "model":
         raise BadInputError(f"{file}: holds {metadata['kind']!r}, not model weights")
     try:
         config = json.loads(metadata["config"])
-    except json.JSONDecodeError as exc:
-        raise BadInputError(f"{file}: metadata 'config' is not valid JSON") from exc
+    except (json.JSONDecodeError, RecursionError):  # nested past Python's limit
+        raise BadInputError(f"{file}: metadata 'config' is not valid JSON") from None
     if not isinstance(config, dict):
         raise BadInputError(f"{file}: metadata 'config' is not a JSON object")
-    return tensors, config
+    return config
 
 
 def _read_train_state(file: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from cratemae.checkpoints.layout import (
     step_of,
 )
 from cratemae.errors import BadInputError
+from cratemae.guard import regular_file
 from cratemae.rundir import BEST_DIR, CKPT_DIR, RUNS_DIR, RunFiles
 
 __all__ = [
@@ -121,7 +122,10 @@ def check_meta_fields(meta: dict[str, Any], source: Path) -> None:
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
-    """The directory name in `ckpt_dir/latest`, or None if there is no readable pointer."""
+    """The directory name in `ckpt_dir/latest`, or None if there is no readable pointer.
+    A FIFO, socket or device in its place is refused (BadInputError), never opened."""
+    if not (ckpt_dir / LATEST).is_dir():  # a folder of that name reads as no pointer
+        regular_file(ckpt_dir / LATEST, "the checkpoint pointer")
     try:
         name = (ckpt_dir / LATEST).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):

@@ -7,11 +7,13 @@ gives one readable line that names the checkpoint.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cratemae.errors import BadInputError
 
-__all__ = ["check_state_dict_matches", "strip_wrapper_prefixes"]
+__all__ = ["check_finite", "check_state_dict_matches", "first_nonfinite", "strip_wrapper_prefixes"]
 
 # `module.` comes from DistributedDataParallel / DataParallel, `_orig_mod.` from torch.compile.
 _LEADING = ("module.", "_orig_mod.")
@@ -84,3 +86,36 @@ def _describe(items: list[str], noun: str, plural: str | None = None) -> str:
         f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
     )
     return f"{len(items)} {name}: {shown}"
+
+
+def first_nonfinite(tensors: dict[str, Any]) -> tuple[str, int] | None:
+    """`(key, count)` of the first floating-point tensor (in order, nested dicts and lists
+    walked with dotted keys) holding NaN or inf, and how many such values it holds; None
+    when all are finite. Integer tensors are finite by nature; -0.0 and subnormals are
+    finite."""
+    for key, value in tensors.items():
+        if isinstance(value, dict):
+            found = first_nonfinite({f"{key}.{k}": v for k, v in value.items()})
+        elif isinstance(value, (list, tuple)):
+            found = first_nonfinite({f"{key}.{i}": v for i, v in enumerate(value)})
+        elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+            bad = value.numel() - int(torch.isfinite(value).sum()) if value.numel() else 0
+            found = (key, bad) if bad else None
+        else:
+            found = None
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(tensors: dict[str, Any], source: str, what: str = "weights") -> None:
+    """BadInputError naming `source` and the first tensor of `tensors` that holds NaN or
+    inf: weights that diverged must never pass as a model (every result computed from them
+    would be NaN, or silently wrong)."""
+    found = first_nonfinite(tensors)
+    if found is not None:
+        key, bad = found
+        raise BadInputError(
+            f"{source}: its {what} hold NaN or inf ({bad} value(s) of tensor {key!r}, the "
+            f"first such tensor): the run diverged before this was saved; use an earlier "
+            f"checkpoint")

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 
 from cratemae.checkpoints import check_state_dict_matches
+from cratemae.checkpoints.state_dict import check_finite
 from cratemae.errors import BadInputError
+from cratemae.guard import regular_file
 from cratemae.model import CrateMAE, CrateMAEConfig, preset_config
-from cratemae.weights.load import checkpoint_filter_fn
+from cratemae.weights.load import check_fits, checkpoint_filter_fn
 
 __all__ = ["AuthorsWeights", "build_authors_model", "read_authors_file"]
 
@@ -119,7 +121,7 @@ def _read_safetensors(path: Path) -> AuthorsWeights:
 
 def read_authors_file(path: str | os.PathLike[str]) -> AuthorsWeights:
     """Read any of the three kinds of file (see the module docstring)."""
-    path = Path(path)
+    path = regular_file(path)  # a FIFO, socket or device: refused, never opened
     if not path.is_file():
         raise BadInputError(f"{path}: file not found")
     if path.suffix == ".safetensors":
@@ -166,6 +168,10 @@ def build_authors_model(
         config = CrateMAEConfig.from_dict(values)
     except ValueError as err:
         raise BadInputError(f"{path}: {err}") from None
+    # What the file records may say any size: checked against the tensors on the `meta`
+    # device first, and the values checked finite, before a model is built for real.
+    check_fits(config, weights.state, str(path), CrateMAE)
+    check_finite(weights.state, str(path))
     model = CrateMAE(config)
     # The one key mapper translates their names (a key of no known kind is refused there);
     # then short, counted lists of what is missing or mis-shaped, before anything is copied.

@@ -22,7 +22,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,9 @@ from cratemae.checkpoints import (
 )
 from cratemae.checkpoints.files import file_digest
 from cratemae.checkpoints.layout import EMA_PREFIX, META, MODEL_FILE
+from cratemae.checkpoints.load import read_model_header
 from cratemae.checkpoints.resolve import resolve_checkpoint
+from cratemae.checkpoints.state_dict import check_finite
 from cratemae.errors import BadInputError
 from cratemae.model import (
     CrateEncoder,
@@ -59,6 +61,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LoadedModel",
+    "check_fits",
     "checkpoint_digest",
     "checkpoint_filter_fn",
     "config_key",
@@ -176,9 +179,10 @@ def _without_position_table(state: dict[str, torch.Tensor], source: str
             continue
         n, d = value.shape[-2:] if value.dim() == 3 else (0, 0)
         g = math.isqrt(max(n - 1, 0))
-        fixed = sincos_2d(d, g, g)[None] if g and g * g == n - 1 and d % 4 == 0 else None
-        if fixed is None or value.shape != fixed.shape or not torch.allclose(
-                value.float(), fixed, atol=1e-5):
+        fits = g and g * g == n - 1 and d % 4 == 0 and n * d <= MAX_TABLE
+        fixed = sincos_2d(d, g, g)[None] if fits else None
+        if fixed is None or value.shape != fixed.shape or (not value.is_meta and not (
+                torch.allclose(value.float(), fixed, atol=1e-5))):  # a header: shape only
             raise BadInputError(f"{source}: its position table {key} is not the fixed sin-cos "
                                 "one that cratemae's encoders use; a learned table cannot load")
     return out
@@ -213,14 +217,18 @@ def _load(
     model_section: ModelSection | None = None,
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """Resolve, read, configure, map the keys, check, load: the one path of every loader."""
+    """Resolve; check the configuration against the header; read, check the values; build,
+    map the keys, check, load: the one path of every loader."""
     target = resolve_checkpoint(path)
     file = target if target.is_file() else target / MODEL_FILE
     source = str(file)
-    weights, stored = read_model_weights(target)
+    stand_ins, stored = read_model_header(target)  # shapes only: no tensor is read
     config = _configuration(stored, model_section, source)
+    check_fits(config, stand_ins, source,
+               lambda c: _model_for(_canonical(stand_ins, source), c, backbone=backbone))
+    weights, _ = read_model_weights(target)
     state = _canonical(weights, source)
-    _check_sizes(config, state, source)  # before anything is built from the configuration
+    check_finite(state, source)  # the average under `ema.` is left out: it is never loaded
     model = _model_for(state, config, backbone=backbone)
     state = checkpoint_filter_fn(state, model, source)
     model.load_state_dict(check_state_dict_matches(model, state, source), strict=True)
@@ -228,6 +236,21 @@ def _load(
     mean, std = mean_std or (IMAGENET_MEAN, IMAGENET_STD)
     return LoadedModel(model=model.to(device).eval(), weights_file=file, mean=mean, std=std,
                        preprocessing_known=mean_std is not None)
+
+
+def check_fits(config: CrateMAEConfig, state: dict[str, torch.Tensor], source: str,
+               build: Callable[[CrateMAEConfig], nn.Module]) -> None:
+    """Refuse (BadInputError naming `source`) a configuration that the tensors `state` (in
+    any layout; real tensors or the `meta` stand-ins of a header) do not fit exactly, before
+    anything is built for real: the sizes first (what building on the `meta` device still
+    allocates: the position tables), then every key and shape of the model `build` makes,
+    built on the `meta` device (no memory). A 1 KB file whose configuration asks for width
+    65,536 is refused here, not after allocating gigabytes."""
+    state = _canonical(state, source)
+    _check_sizes(config, state, source)
+    with torch.device("meta"):
+        model = build(config)
+    check_state_dict_matches(model, checkpoint_filter_fn(state, model, source), source)
 
 
 def _model_for(
@@ -324,6 +347,9 @@ def config_key(**parts: object) -> str:
 # A 4,096-pixel square at patch 16: more patches than that is not a model anyone trains, and
 # the position tables alone would take gigabytes.
 MAX_PATCHES = 2**16
+# Entries of a position table (1 + patches, width), computed in memory whatever the weights
+# say: 512 MB of float32 (ViT-L at 448 px, patch 14, needs 1M).
+MAX_TABLE = 2**27
 
 
 def _check_sizes(config: CrateMAEConfig, state: dict[str, torch.Tensor], source: str) -> None:
@@ -333,6 +359,12 @@ def _check_sizes(config: CrateMAEConfig, state: dict[str, torch.Tensor], source:
         raise BadInputError(
             f"{source}: {config.img_size} px at patch {config.patch_size} makes "
             f"{config.num_patches} patches an image, over {MAX_PATCHES}: not a model to build")
+    width = max(config.embed_dim, config.decoder_embed_dim)
+    if (config.num_patches + 1) * width > MAX_TABLE:
+        raise BadInputError(
+            f"{source}: a position table of {config.num_patches + 1} x {width} (width "
+            f"{width} at {config.img_size} px, patch {config.patch_size}) is over "
+            f"{MAX_TABLE} entries: not a model to build")
     proj = state.get("encoder.patch_embed.proj.weight", state.get("patch_embed.proj.weight"))
     want = [config.embed_dim, config.in_chans, config.patch_size, config.patch_size]
     if proj is not None and list(proj.shape) != want:
