@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,8 +144,9 @@ def test_a_rollback_goes_back_to_the_last_checkpoint_with_half_the_lr(
                       "precision": "fp32", "recovery": 1}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
                 and "rolled back" in r.getMessage()]
+    loss4 = f"{train_lines(clean)[3]['loss']:.4g}"  # the checkpoint's last loss
     assert warnings == ["2 non-finite losses in a row at step 6; rolled back to step 4 "
-                        "(checkpoints/step-000000004), lr x0.5, recovery 1 of 3"]
+                        f"(checkpoints/step-000000004, loss {loss4}), lr x0.5, recovery 1 of 3"]
     # One line per step in order, the recovery line where the run went back to.
     assert [r["step"] for r in lines(tmp_path)] == [1, 2, 3, 4, 4, 5, 6, 7, 8]
     ran, ref = train_lines(tmp_path), train_lines(clean)
@@ -201,7 +203,8 @@ def test_non_finite_weights_are_never_saved_so_the_rollback_goes_further_back(
 
     monkeypatch.setattr(MAETask, "loss", loss)
     pretrain(recipe(*NAN), run_dir=tmp_path)
-    assert "non-finite weights after step 6: checkpoint not saved" in caplog.text
+    assert re.search(r"non-finite weights after step 6 \(\S+\): checkpoint not saved",
+                     caplog.text)
     [record] = recoveries(tmp_path)
     assert (record["at_step"], record["rolled_back_to"]) == (8, 4)
     assert all(torch.isfinite(v).all() for v in final_weights(tmp_path).values())
@@ -252,10 +255,11 @@ def test_the_run_stops_after_nan_max_recoveries(tmp_path, monkeypatch):
               "--set=run.nan_max_recoveries=2", "--out", tmp_path)
     assert run.exit_code == 1, run.output
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    loss4 = f"{train_lines(tmp_path)[3]['loss']:.4g}"
     assert errors == [
         "error: 2 non-finite losses in a row at step 6, after 2 rollback(s) "
         f"(run.nan_max_recoveries = 2): the run keeps diverging; last good checkpoint: "
-        f"{tmp_path / 'checkpoints' / 'step-000000004'}"]
+        f"{tmp_path / 'checkpoints' / 'step-000000004'} (loss {loss4})"]
     assert [(r["recovery"], r["lr_factor"]) for r in recoveries(tmp_path)] == [
         (1, 0.5), (2, 0.25)]
     assert hit == [4, 5] * 3
@@ -267,9 +271,10 @@ def test_stop_mode_stops_at_the_threshold_naming_the_last_good_checkpoint(tmp_pa
     run = cli("pretrain", DEMO_RECIPE, *[f"--set={s}" for s in [*TINY, *RUN, *NAN]],
               '--set=run.nan_recovery="stop"', "--out", tmp_path)
     assert run.exit_code == 1, run.output
+    loss4 = f"{train_lines(tmp_path)[3]['loss']:.4g}"
     assert [line for line in run.stderr.splitlines() if line.startswith("error:")] == [
         'error: 2 non-finite losses in a row at step 6 (run.nan_recovery = "stop"); last '
-        f"good checkpoint: {tmp_path / 'checkpoints' / 'step-000000004'}"]
+        f"good checkpoint: {tmp_path / 'checkpoints' / 'step-000000004'} (loss {loss4})"]
     assert recoveries(tmp_path) == []
 
 

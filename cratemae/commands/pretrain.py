@@ -60,7 +60,8 @@ def pretrain(
 
 
 def _the_end(result: Any, train: Any) -> str:
-    """What the run wrote and the commands that naturally follow."""
+    """What the run wrote and the commands that naturally follow, runnable where the user
+    is: shipped recipes by name, never a path into the source tree."""
     run, loss = result.run_dir, result.final_loss
     loss_text = "n/a" if loss is None else f"{loss:.4f}"
     if result.finished_before:
@@ -68,16 +69,30 @@ def _the_end(result: Any, train: Any) -> str:
                 f"final loss {loss_text}; nothing to train")
     else:
         head = f"finished: step {result.state.step} of {result.total_steps}, loss {loss_text}"
+    if result.recovery_note:
+        head += f" ({result.recovery_note} after non-finite losses)"
     files = RunFiles(run)
     written = [f"{result.last_checkpoint} (last checkpoint)", files.metrics.name, files.log.name]
     written += [f"{d.name}/" for d in (files.tensorboard, files.samples) if d.is_dir()]
-    probe = "recipes/probe/demo.toml" if train == "demo:train" else "recipes/probe/in1k.toml"
     return "\n".join([
         head, f"written in {run}: " + ", ".join(written), "next:",
-        f"  cratemae probe {probe} --checkpoint {run}",
+        *_probe_lines(run, train),
         f"  cratemae reconstruct IMAGE --checkpoint {run}",
         f"  cratemae export {run} --out exported/{run.name}",
         f"  tensorboard --logdir {files.tensorboard}"
         if files.tensorboard.is_dir() else f"  cratemae runs {run.parent}",
     ])
 
+
+def _probe_lines(run: Any, train: Any) -> list[str]:
+    """The linear probe that fits the run's data: the demo's on the demo data, ImageNet's on
+    ImageNet; otherwise the demo recipe pointed at labelled data of the user's own."""
+    where = str(train or "").lower()
+    if where.startswith("demo:"):
+        return [f"  cratemae probe probe/demo --checkpoint {run}"]
+    if any(name in where for name in ("imagenet", "in1k", "ilsvrc")):
+        return [f"  cratemae probe probe/in1k --checkpoint {run}"]
+    return [f"  cratemae probe probe/demo --checkpoint {run} "
+            f"--set data.train=LABELLED_TRAIN --set data.val=LABELLED_VAL",
+            "    (labelled folders or shards; or `cratemae recipes copy probe/demo probe.toml` "
+            "and edit it)"]

@@ -175,8 +175,9 @@ class RunRecorder:
             return  # rank 0 reports
         self.write(record)
         ema = (f", average top-1 {record['ema_top1']:.2f}%" if self.ema is not None else "")
-        log.info("eval at step %d (%d epochs done): top-1 %.2f%% top-5 %.2f%%%s",
-                 record["step"], record["epoch"], record["top1"], record["top5"], ema)
+        epochs = "1 epoch" if record["epoch"] == 1 else f"{record['epoch']} epochs"
+        log.info("eval at step %d (%s done): top-1 %.2f%% top-5 %.2f%%%s",
+                 record["step"], epochs, record["top1"], record["top5"], ema)
 
     # --- monitoring (rank 0, the others wait) -----------------------------------------------
     def monitor_due(self, state: TrainState) -> bool:

@@ -22,6 +22,7 @@ from cratemae.checkpoints import (
     save_checkpoint,
     unpack_rng_state,
 )
+from cratemae.checkpoints.state_dict import check_finite
 from cratemae.distributed import dist
 from cratemae.errors import BadInputError
 from cratemae.recipe import Recipe, diff_recipes, dump_recipe, recipe_hash, unsafe_changes
@@ -110,6 +111,10 @@ def restore_run(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimize
         raise BadInputError(f"{ckpt.path}: a weights file cannot be resumed from")
     _check_recipe(ckpt.meta.get("recipe_toml", ""), recipe, ckpt.path)
     weights = check_state_dict_matches(model, ckpt.model_state, str(ckpt.path))
+    # Weights, their average and the optimizer's moments: a NaN in any of them would make
+    # every step after it NaN.
+    check_finite(ckpt.model_state, str(ckpt.path))
+    check_finite(ckpt.optimizer_state or {}, str(ckpt.path), what="optimizer state")
     try:
         optimizer.load_state_dict(ckpt.optimizer_state)
     except (ValueError, KeyError) as err:

@@ -104,7 +104,8 @@ class TrainStep:
         else:
             self.optimizer.zero_grad(set_to_none=True)
             state.nonfinite_skipped += 1
-            log.warning("non-finite loss at step %d: step skipped", state.step + 1)
+            # One warning per window of steps, with the count, is the loop's (`NanGuard`).
+            log.debug("non-finite loss at step %d: step skipped", state.step + 1)
         counts.lr, counts.steps = lr, counts.steps + 1
         counts.seconds += time.perf_counter() - start
         state.step += 1

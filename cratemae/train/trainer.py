@@ -16,6 +16,7 @@ alike from the step's all-reduced verdict.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from typing import Any
 
 import torch
 
-from cratemae.checkpoints.layout import step_dir_name
+from cratemae.checkpoints.layout import step_dir_name, step_of
 from cratemae.checkpoints.resolve import check_checkpoint_dir
+from cratemae.checkpoints.state_dict import first_nonfinite
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision, resolve_precision
 from cratemae.distributed.preemption import PreemptionFlag
@@ -64,6 +66,16 @@ class RunResult:
     monitors: list[dict[str, Any]] = field(default_factory=list)  # with a `monitor` hook
     total_steps: int = 0
     finished_before: bool = False  # resumed at its last step: nothing was left to train
+
+    @property
+    def recovery_note(self) -> str:
+        """`rolled back 2x, lr x0.25` (and `, float32`) when non-finite losses rolled the run
+        back; '' otherwise: for the closing summary of every trainer-driven command."""
+        s = self.state
+        if not s.recoveries:
+            return ""
+        return (f"rolled back {s.recoveries}x, lr x{s.lr_factor:g}"
+                + (", float32" if s.fp32 else ""))
 
 
 class Trainer:
@@ -154,9 +166,31 @@ class Trainer:
         rec.start_clock(state.step)
         self.model.train()
         history: list[dict[str, Any]] = []
+        self._train(history)
+        self._check_trained()  # raises: every step skipped, or weights that are not finite
+        if rec.best is not None and not evaluated and not rec.evaluated_at(state.step):
+            rec.evaluate(self.model, state)
+        if self.task.monitor_every is not None and rec.last_monitor_step != state.step:
+            rec.monitor(self.model, state)
+        if self.last_saved_step != state.step:
+            self._save(end_of_epoch=state.batch == 0)
+        result = RunResult(self.run_dir, self.last_checkpoint, _final_loss(history, rec),
+                           state, history, main_process=dist.is_main_process(),
+                           evals=rec.evals,
+                           best=rec.best.record if rec.best is not None else None,
+                           monitors=rec.monitors, total_steps=self.total_steps,
+                           finished_before=finished_before)
+        if result.recovery_note and dist.is_main_process():
+            log.info("non-finite losses rolled this run back: %s", result.recovery_note)
+        return result
+
+    def _train(self, history: list[dict[str, Any]]) -> None:
+        """The steps, up to `total_steps`; raise `Preempted` after saving on a signal."""
+        rec, state = self.recorder, self.state
         counts = StepCounts()
         last_save = time.monotonic()
         per_epoch = self.steps_per_epoch * self.accum  # micro-batches used per epoch
+        self.steps_run = self.steps_ok = 0
         with PreemptionFlag() as preempt:
             while state.step < self.total_steps:
                 loader = self.task.loader(epoch=state.epoch, start_batch=state.batch)
@@ -164,9 +198,11 @@ class Trainer:
                 end_of_epoch = False
                 while not end_of_epoch and state.step < self.total_steps:
                     ok = self.stepper.step(batches, state, counts)
-                    if self.nan_guard.tripped(ok):
+                    self.steps_run, self.steps_ok = self.steps_run + 1, self.steps_ok + ok
+                    if self.nan_guard.tripped(ok, state.step):
                         self._roll_back(counts, history)  # or raise: the run stops
                         break  # a new loader, at the checkpoint's data position
+                    self._warn(self.nan_guard.report(state.step))
                     end_of_epoch = state.batch >= per_epoch
                     if end_of_epoch:
                         state.epoch, state.batch = state.epoch + 1, 0
@@ -181,26 +217,12 @@ class Trainer:
                         self._save_due(end_of_epoch))
                     stop, save = self._agree(preempt.requested, due and self._good(ok),
                                              loader.bad_fraction_error(final=end_of_epoch))
-                    if save or stop:
+                    if stop:
+                        self._stop(end_of_epoch)  # raises Preempted
+                    if save:
                         self._save(end_of_epoch)
                         last_save = time.monotonic()
-                    if stop:
-                        saved = (self.last_checkpoint if dist.is_main_process() else
-                                 f"step {state.step} (rank 0 saved it)")
-                        raise Preempted(f"stopped by a signal after saving {saved}; rerun "
-                                        f"the same command to resume")
-        if rec.best is not None and not evaluated and not rec.evaluated_at(state.step):
-            rec.evaluate(self.model, state)
-        if self.task.monitor_every is not None and rec.last_monitor_step != state.step:
-            rec.monitor(self.model, state)
-        if self.last_saved_step != state.step:
-            self._save(end_of_epoch=state.batch == 0)
-        final = history[-1]["loss"] if history else rec.last_loss()
-        return RunResult(self.run_dir, self.last_checkpoint, final, state, history,
-                         main_process=dist.is_main_process(), evals=rec.evals,
-                         best=rec.best.record if rec.best is not None else None,
-                         monitors=rec.monitors, total_steps=self.total_steps,
-                         finished_before=finished_before)
+        self._warn(self.nan_guard.report(state.step, final=True))
 
     # --- decisions and saving --------------------------------------------------------------
     def _save_due(self, end_of_epoch: bool) -> bool:
@@ -217,11 +239,53 @@ class Trainer:
         that only the next step's loss shows)."""
         if not ok or not dist.is_main_process():
             return ok
-        finite = bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all())
-        if not finite:
-            log.warning("non-finite weights after step %d: checkpoint not saved",
-                        self.state.step)
-        return finite
+        bad = self._nonfinite()
+        if bad is not None:
+            log.warning("non-finite weights after step %d (%s): checkpoint not saved",
+                        self.state.step, bad)
+        return bad is None
+
+    def _nonfinite(self) -> str | None:
+        """The first tensor of what a checkpoint would hold (the weights, their average)
+        that has NaN or inf, or None."""
+        found = first_nonfinite(self.saved.state_dict())
+        return None if found is None else found[0]
+
+    def _finite_everywhere(self) -> bool:
+        """Every rank's weights are finite (a collective: every rank must call)."""
+        return not dist.all_reduce_any(self._nonfinite() is not None)
+
+    def _stop(self, end_of_epoch: bool) -> None:
+        """A stop signal: save (unless the weights are not finite: a requeued job must
+        resume from a finite checkpoint), then raise `Preempted`."""
+        if not self._finite_everywhere():
+            where = self.rollback_to or "the start (no checkpoint yet)"
+            raise Preempted(f"stopped by a signal at step {self.state.step}, whose weights "
+                            f"are not finite (NaN/inf): not saved; rerun the same command "
+                            f"to resume from {where}")
+        self._save(end_of_epoch)
+        saved = (self.last_checkpoint if dist.is_main_process() else
+                 f"step {self.state.step} (rank 0 saved it)")
+        raise Preempted(f"stopped by a signal after saving {saved}; rerun the same command "
+                        f"to resume")
+
+    def _check_trained(self) -> None:
+        """Exit status 1, nothing saved, when this session's steps were all skipped for
+        non-finite losses, or left weights that are not finite: never "finished"."""
+        last = self.rollback_to or "none (no checkpoint saved yet)"
+        if self.steps_run and not self.steps_ok:
+            raise CrateMAEError(
+                f"every one of the {self.steps_run} step(s) this run took was skipped: its "
+                f"loss was never finite (NaN/inf), nothing was trained and nothing saved "
+                f"(lower optim.base_lr, or check the data); last checkpoint: {last}")
+        if self.steps_run and not self._finite_everywhere():
+            raise CrateMAEError(
+                f"the weights after step {self.state.step} are not finite (NaN/inf): not "
+                f"saved; last finite checkpoint: {last}")
+
+    def _warn(self, message: str | None) -> None:
+        if message is not None and dist.is_main_process():
+            log.warning(message)
 
     def _agree(self, stop: bool, save: bool,
                bad_data: Exception | None) -> tuple[bool, bool]:
@@ -256,7 +320,9 @@ class Trainer:
                 found = None
         # Every rank must see the checkpoint rank 0 saved, or none rolls back.
         missing = dist.all_reduce_any(found is None)
-        plan: Rollback = self.nan_guard.decide(self.state, None if missing else found)
+        loss, best = _losses(history, None if found is None else step_of(found.name))
+        plan: Rollback = self.nan_guard.decide(self.state, None if missing else found,
+                                               loss=loss, best=best)
         restored = restore_run(plan.checkpoint, model=self.saved,
                                optimizer=self.stepper.optimizer, scaler=self.stepper.scaler,
                                recipe=self.recipe, verb="rolled back to")
@@ -278,3 +344,26 @@ class Trainer:
     def _use_fp32(self) -> None:
         self.precision = Precision("fp32", self.device.type, "")
         self.stepper.use_precision(self.precision)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _losses(history: list[dict[str, Any]], step: int | None
+            ) -> tuple[float | None, float | None]:
+    """The last logged loss at or before `step` (a checkpoint's), and the best logged loss
+    of this session: what a rollback's message weighs."""
+    losses = [(r["step"], r["loss"]) for r in history if _finite(r.get("loss"))]
+    at = [loss for s, loss in losses if step is not None and s <= step]
+    return (at[-1] if at else None), (min(loss for _, loss in losses) if losses else None)
+
+
+def _final_loss(history: list[dict[str, Any]], rec: RunRecorder) -> float | None:
+    """The run's last finite logged loss (a window of skipped steps logs NaN: never a
+    result)."""
+    for record in reversed(history):
+        if _finite(record.get("loss")):
+            return record["loss"]
+    last = rec.last_loss()
+    return last if _finite(last) else None
