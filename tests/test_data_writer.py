@@ -138,13 +138,13 @@ def test_failure_inside_a_shard_removes_its_temporary_file(tree, tmp_path, monke
     monkeypatch.setattr(writer_mod._ShardSink, "_member", failing)
     with pytest.raises(OSError, match="disk full"):
         write_shards(tree, tmp_path / "out", max_per_shard=4)
-    assert list((tmp_path / "out").iterdir()) == []  # no shard, no temporary, no index
+    assert not (tmp_path / "out").exists()  # no shard, no temporary, no index: not even OUT
 
 
 def test_bad_arguments(tree, tmp_path):
     with pytest.raises(BadInputError, match="not a directory"):
         write_shards(tmp_path / "nope", tmp_path / "out")
-    with pytest.raises(BadInputError, match="must not lie inside"):
+    with pytest.raises(BadInputError, match=r"inside .*, which is being read"):
         write_shards(tree, tree / "shards")
     with pytest.raises(BadInputError, match="val-fraction"):
         write_shards(tree, tmp_path / "out", val_fraction=1.5)

@@ -20,7 +20,8 @@ def shard(
         typer.Argument(
             metavar="SRC",
             help="Image folder: class sub-folders (labelled) or images directly (unlabelled); "
-            "ImageNet's val folder (with --devkit), or the root of Kaggle's ImageNet.",
+            "a folder whose sub-folders are its splits (train/, val/, test/); ImageNet's train "
+            "or val folder (with --devkit), or the root of Kaggle's ImageNet.",
         ),
     ],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Where to write the shards.")],
@@ -40,7 +41,8 @@ def shard(
         typer.Option(
             metavar="DIR",
             help="The unpacked ILSVRC2012 devkit: labels SRC, image-net.org's flat val folder "
-            "(or a folder holding train/ and val/), by its ground truth and meta.mat.",
+            "(or a folder holding train/ and val/), by its ground truth and meta.mat, and "
+            "gives the readable class names (of a train/ folder too).",
         ),
     ] = None,
     split: Annotated[
@@ -58,12 +60,16 @@ def shard(
     """Turn a folder of images into shuffled WebDataset shards plus shards.json.
 
     Class sub-folders of SRC give the labels (written as KEY.cls; the class names go in
-    shards.json). JPEG files keep their bytes (KEY.jpg), other images are stored losslessly
-    as PNG (KEY.png). Files that are not readable images are listed at the end and left
-    out. Point data.train (and data.val) of a recipe at OUT_DIR to read it.
+    shards.json). A SRC whose only sub-folders are train/ and val/ (or test/) is written
+    as those splits (train-*.tar, val-*.tar), the classes being train/'s sub-folders, as
+    data.train and data.val read such a folder. JPEG files keep their bytes (KEY.jpg),
+    other images are stored losslessly as PNG (KEY.png). Files that are not readable images
+    are listed at the end and left out; a split with no readable image is an error, which
+    leaves OUT_DIR as it was. Point data.train (and data.val) of a recipe at OUT_DIR to read it.
 
-    ImageNet as downloaded: image-net.org's flat val folder is labelled by --devkit; the
-    root of Kaggle's layout (ILSVRC/Data/CLS-LOC, LOC_val_solution.csv) gives train-*.tar
+    ImageNet as downloaded: image-net.org's flat val folder is labelled by --devkit (its
+    train/ folder then gets the readable class names); the root of Kaggle's layout
+    (ILSVRC/Data/CLS-LOC, LOC_val_solution.csv, LOC_synset_mapping.txt) gives train-*.tar
     and val-*.tar. Labels follow the sorted synset ids, as the train folder's do, and
     shards.json keeps the classes' readable names.
 
@@ -71,9 +77,11 @@ def shard(
       $ cratemae shard ~/photos/train data/shards
       $ cratemae shard imagenet/train data/in1k --val-fraction 0.01 --shard-size-mb 200
       $ cratemae shard small_set data/small --max-per-shard 64 --overwrite
+      $ cratemae shard imagenet/train data/in1k --devkit devkit_t12
       $ cratemae shard imagenet/val data/in1k-val --devkit devkit_t12 --classes-from data/in1k
       $ cratemae shard imagenet-object-localization-challenge data/in1k
       $ cratemae shard photos/val data/photos-val --split val --classes-from data/photos
+      $ cratemae shard photos data/photos          # photos/ holds train/ and val/
     """
     from cratemae.data.writer import write_shards  # torch and PIL load lazily
 

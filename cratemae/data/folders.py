@@ -18,11 +18,13 @@ __all__ = [
     "IMAGE_EXTS",
     "INDEX_FORMAT",
     "INDEX_NAME",
+    "SPLIT_WORDS",
     "WDS_INFO_NAMES",
     "WdsInfo",
     "list_images",
     "read_index",
     "read_wds_info",
+    "split_folders",
 ]
 
 log = logging.getLogger("cratemae.data")
@@ -35,6 +37,12 @@ IMAGE_EXTS = frozenset(
 # timm's reader looks for these beside the tars, in this order.
 WDS_INFO_NAMES = ("_info.json", "info.json")
 _SYNSET = re.compile(r"^n\d{8}$")
+# A split's name as it begins shard or folder names: `train-000000.tar`, `val_01.tar`, `val/`.
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "test": "test"}
+# The most samples a count may declare: beyond it a count is a lie, not a data set (and
+# no longer exact as a float).
+MAX_COUNT = 2**53
 
 
 @dataclass(frozen=True)
@@ -54,54 +62,78 @@ class WdsInfo:
         return {n: c for files in self.splits.values() for n, c in files if c is not None}
 
 def read_index(directory: Path) -> dict:
-    """The parsed, checked `shards.json` of a directory written by `cratemae shard`."""
+    """The parsed, checked `shards.json` of a directory written by `cratemae shard`: every
+    entry has a name and a whole, non-negative sample count (bad input naming the key)."""
     path = directory / INDEX_NAME
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         splits = index["splits"]
-        for entries in splits.values():
-            for e in entries:
-                if not isinstance(e["name"], str) or int(e["samples"]) < 0:
-                    raise ValueError(e)
+        entries = [(f"splits.{s}[{i}]", e) for s, v in splits.items() for i, e in enumerate(v)]
+        for key, e in entries:
+            if not isinstance(e["name"], str):
+                raise BadInputError(f"{path}: {key}.name is not a file name")
+            whole_count(e["samples"], path, f"{key}.samples")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise BadInputError(f"{path}: not a valid {INDEX_NAME} ({type(err).__name__})") from None
     return index
+
+
+def whole_count(value: object, path: Path, key: str) -> int:
+    """`value` as a sample count declared by `path` under `key`: a whole number, 0 to
+    MAX_COUNT (not 12.5, "12", true, null, -1 or 1e30), else bad input naming both."""
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:  # bool is no count
+        raise BadInputError(f"{path}: {key} = {json.dumps(value)[:40]} is not a whole number "
+                            f"of samples (0 to {MAX_COUNT})")
+    return value
 
 
 def read_wds_info(directory: Path) -> WdsInfo | None:
     """The `_info.json` (timm's name; `info.json` too) of a folder of WebDataset tars, as
     timm's and Hugging Face's `timm/imagenet-1k-wds` have it: {"splits": {"train":
     {"num_samples", "filenames", "shard_lengths"}, "validation": {...}}}, optionally with
-    HF's {"features": {"cls": {"names": [...]}}}. None when there is none; a malformed one
-    is warned about and ignored (the tars are then counted, as without it)."""
+    HF's {"features": {"cls": {"names": [...]}}}. None when there is none, or when it is not
+    a JSON object with "splits" (another program's info file: warned about and ignored);
+    counts or file names there that are wrong are bad input naming the file and the key."""
     path = next((directory / n for n in WDS_INFO_NAMES if (directory / n).is_file()), None)
     if path is None:
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        splits = {str(k): _wds_split(v) for k, v in info.get("splits", {}).items()}
-        names = _feature_names(info.get("features"))
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+    except (OSError, ValueError) as err:
         log.warning("%s: ignored, not a WebDataset info file (%s: %s)", path,
                     type(err).__name__, err)
         return None
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        log.warning("%s: ignored, not a WebDataset info file (no \"splits\" table)", path)
+        return None
+    splits = {str(k): _wds_split(v, path, f"splits.{k}") for k, v in info["splits"].items()}
+    names = _feature_names(info.get("features"))
     ids = names if names and all(_SYNSET.match(n) for n in names) else None
     return WdsInfo(path, splits, ids, None if ids else names)
 
 
-def _wds_split(entry: dict) -> tuple[tuple[str, int | None], ...]:
+def _wds_split(entry: object, path: Path, key: str) -> tuple[tuple[str, int | None], ...]:
+    if not isinstance(entry, dict):
+        raise BadInputError(f"{path}: {key} is not a table")
     files = entry.get("filenames") or []
-    if not all(isinstance(f, str) for f in files):
-        raise TypeError("filenames must be strings")
+    if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
+        raise BadInputError(f"{path}: {key}.filenames is not a list of file names")
+    total = entry.get("num_samples")  # null: not given
+    total = None if total is None else whole_count(total, path, f"{key}.num_samples")
     lengths = entry.get("shard_lengths")
-    if lengths is None and len(files) == 1 and entry.get("num_samples") is not None:
-        lengths = [entry["num_samples"]]  # one tar: the split's count is its count
-    if lengths is None or len(lengths) != len(files):
-        return tuple((f, None) for f in files)
-    counts = [int(n) for n in lengths]
-    if any(n < 0 for n in counts) or (
-            entry.get("num_samples") is not None and int(entry["num_samples"]) != sum(counts)):
-        raise ValueError("shard_lengths do not add up to num_samples")
+    if lengths is None:
+        if len(files) != 1 or total is None:
+            return tuple((f, None) for f in files)
+        lengths = [total]  # one tar: the split's count is its count
+    if not isinstance(lengths, list) or (files and len(lengths) != len(files)):
+        raise BadInputError(f"{path}: {key}.shard_lengths is not a list of one count per file "
+                            f"of {key}.filenames ({len(files)})")
+    counts = [whole_count(n, path, f"{key}.shard_lengths[{i}]") for i, n in enumerate(lengths)]
+    if not files:  # the split names no files: its tars are found by their names
+        return ()
+    if total is not None and total != sum(counts):
+        raise BadInputError(f"{path}: {key}.num_samples = {total}, but its shard_lengths add "
+                            f"up to {sum(counts)}")
     return tuple(zip(files, counts, strict=True))
 
 
@@ -159,3 +191,23 @@ def _walk_images(d: Path, keep: Callable[[str], bool]) -> list[str]:
     return out
 
 
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """{split: folder} when every visible sub-folder of `root` is named after a split
+    (`train/`, `val/`, `Validation/`, `test/`): then they are its splits, not classes of one
+    mixed set. Empty otherwise. The one rule of `cratemae shard` and of the readers.
+    Two folders of one split (`val/` beside `validation/`) are bad input."""
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = {p: SPLIT_WORDS.get(p.name.lower()) for p in subs}
+    if not subs or not all(names.values()):
+        return {}
+    found: dict[str, Path] = {}
+    for p in subs:
+        split = names[p]
+        assert split is not None
+        if split in found:
+            raise BadInputError(f"{root}: its sub-folders {found[split].name}/ and {p.name}/ "
+                                f"both name the {split} split; keep one")
+        found[split] = p
+    return found

@@ -35,8 +35,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cratemae.data.cache import cache_dir
-from cratemae.data.folders import INDEX_NAME, WdsInfo, list_images, read_index, read_wds_info
-from cratemae.data.imagenet import is_kaggle_root, kaggle_dataset
+from cratemae.data.folders import (
+    INDEX_NAME,
+    SPLIT_WORDS,
+    WdsInfo,
+    list_images,
+    read_index,
+    read_wds_info,
+    split_folders,
+)
+from cratemae.data.imagenet import (
+    is_kaggle_root,
+    kaggle_dataset,
+    reference_classes,
+    relabel,
+    unlabelled_val_reason,
+)
 from cratemae.data.shards import (
     Shard,
     ShardUnreachable,
@@ -54,9 +68,6 @@ log = logging.getLogger("cratemae.data")
 # Image folders are cut into virtual shards of this many files (they read randomly, so the
 # size only sets how finely the epoch's order is shuffled).
 FOLDER_SHARD = 256
-# A split's name as it begins shard or folder names: `train-000000.tar`, `val_01.tar`, `val/`.
-_SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                "validation": "val", "test": "test"}
 _SPLIT_RE = re.compile(r"^([A-Za-z]+)(?:[-_.]|\d|$)")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -150,7 +161,7 @@ def _with_info(source: Source, info: WdsInfo | None) -> Source:
 def _from_wds_info(directory: Path, info: WdsInfo, split: str) -> Source:
     """The tars `_info.json` lists for `split` (its `validation` is data.val), with the
     counts it gives: read directly, no counting pass."""
-    mine = [s for s in info.splits if _SPLIT_WORDS.get(s.lower(), s.lower()) == split]
+    mine = [s for s in info.splits if SPLIT_WORDS.get(s.lower(), s.lower()) == split]
     if not mine:
         have = ", ".join(info.splits) or "none"
         raise BadInputError(f"data.{split} = {directory}: its {info.path.name} has no "
@@ -184,9 +195,9 @@ def _split_of(name: str) -> str | None:
     """The split a file or folder name begins with (`train-000001.tar` -> "train"), or
     else the one a later word of it names (`imagenet1k-validation-00.tar` -> "val")."""
     m = _SPLIT_RE.match(name)
-    if m and m.group(1).lower() in _SPLIT_WORDS:
-        return _SPLIT_WORDS[m.group(1).lower()]
-    words = {_SPLIT_WORDS.get(w.lower()) for w in re.split(r"[-_.]", name)[1:]} - {None}
+    if m and m.group(1).lower() in SPLIT_WORDS:
+        return SPLIT_WORDS[m.group(1).lower()]
+    words = {SPLIT_WORDS.get(w.lower()) for w in re.split(r"[-_.]", name)[1:]} - {None}
     return words.pop() if len(words) == 1 else None
 
 
@@ -263,11 +274,39 @@ def _indexed_count(path: Path) -> int | None:
 
 
 def _from_folder(root: Path, split: str) -> Source:
-    root = _split_folder(root, split)
-    files, classes = list_images(root)
+    found = split_folders(root)
+    folder = _split_folder(root, found, split)
+    files, classes = list_images(folder)
     if not files:
-        raise BadInputError(f"{root}: no shards.json, tar files or images (data.{split})")
-    return Source(_folder_shards(root, files), classes, random_access=True)
+        raise BadInputError(f"{folder}: no shards.json, tar files or images (data.{split})")
+    if split != "train" and "train" in found and classes is not None:
+        # Labels as train/ numbers its classes (as `cratemae shard` writes them), not by
+        # this split's own folders: a val/ lacking a class would shift every label after it.
+        try:
+            ref, _ = reference_classes(found["train"])
+        except BadInputError:
+            raise BadInputError(f"{folder}: has class folders, but {found['train']} has "
+                                "none") from None
+        files, classes = relabel(files, classes, ref, str(folder)), ref
+    if split == "val" and classes is None:
+        _say_unlabelled(root, folder)
+    return Source(_folder_shards(folder, files), classes, random_access=True)
+
+
+_SAID: set[Path] = set()  # the unlabelled val folders already logged: once per process
+
+
+def _say_unlabelled(root: Path, folder: Path) -> None:
+    """One log line: a val folder without class folders has no labels, so no k-NN figure."""
+    if folder in _SAID:
+        return
+    _SAID.add(folder)
+    reason = unlabelled_val_reason(folder)
+    if reason:
+        log.warning("data.val = %s: %s; the k-NN accuracy will be absent", root, reason)
+    else:
+        log.info("data.val = %s: %s has no class sub-folders, so no labels; the k-NN "
+                 "accuracy will be absent", root, folder)
 
 
 def _folder_shards(root: Path, files: list[tuple[str, int]]) -> tuple[Shard, ...]:
@@ -291,20 +330,18 @@ def _from_kaggle(root: Path, split: str) -> Source:
                   random_access=True, class_names=layout.class_names)
 
 
-def _split_folder(root: Path, split: str) -> Path:
-    """`root/SPLIT` when the sub-folders of `root` are splits (`train/`, `val/`, `test/`),
-    which would otherwise be read as classes of one mixed set; else `root`."""
-    subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    names = {p: _SPLIT_WORDS.get(p.name.lower()) for p in subs}
-    if len(subs) < 2 or not all(names.values()):
+def _split_folder(root: Path, found: dict[str, Path], split: str) -> Path:
+    """`root/SPLIT` when the sub-folders of `root` are splits (`found`, from
+    `folders.split_folders`: the rule `cratemae shard` follows too), which would otherwise
+    be read as classes of one mixed set; else `root`."""
+    if not found:
         return root
-    mine = [p for p in subs if names[p] == split]
-    if not mine:
-        have = ", ".join(sorted(p.name for p in subs))
+    if split not in found:
+        have = ", ".join(p.name for p in found.values())
         raise BadInputError(f"data.{split} = {root}: its sub-folders are splits ({have}), none "
                             f"of them {split}: give the folder of the split to read")
-    log.info("data.%s = %s: reading its %s/ sub-folder", split, root, mine[0].name)
-    return mine[0]
+    log.info("data.%s = %s: reading its %s/ sub-folder", split, root, found[split].name)
+    return found[split]
 
 
 def fill_counts(source: Source) -> Source:
@@ -318,7 +355,9 @@ def fill_counts(source: Source) -> Source:
     digest = hashlib.sha1(json.dumps(stats, allow_nan=False).encode()).hexdigest()[:20]
     path = cache_dir() / "counts" / f"{digest}.json"
     try:
-        counts = {k: int(v) for k, v in json.loads(path.read_text()).items()}
+        counts = json.loads(path.read_text())
+        if not all(type(v) is int and v >= 0 for v in counts.values()):
+            raise ValueError("a count that is not a whole number")  # a damaged cache: recount
     except (OSError, ValueError, AttributeError):
         t0 = time.perf_counter()
         remote = sum(is_remote(s.url) for s in todo)

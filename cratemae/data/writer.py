@@ -17,11 +17,15 @@ same way.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import math
 import os
 import re
 import shutil
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cratemae.data.decode import BadSample, load_rgb, open_image
-from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images
+from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images, split_folders
 from cratemae.data.imagenet import (
     Labelled,
     devkit_dataset,
@@ -40,11 +44,15 @@ from cratemae.data.imagenet import (
 )
 from cratemae.errors import BadInputError
 from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, temp_path
+from cratemae.guard import check_output
 
 __all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
 
+log = logging.getLogger("cratemae.data")
+
 Progress = Callable[[int, int], None]  # (items done, items in all)
-_SPLITS = ("train", "val")  # the splits a folder's images can go in (`{split}-NNNNNN.tar`)
+_SPLITS = ("train", "val")  # the splits --split can name (`{split}-NNNNNN.tar`)
+MAX_SHARD_MB = 1e6  # a terabyte: beyond it the option is a typo
 _PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
 
 
@@ -112,80 +120,120 @@ def write_shards(
     classes_from: Path | None = None,
     split: str = "train",
 ) -> ShardSummary:
-    """Shard an ImageFolder tree (labelled), a flat folder of images (unlabelled), or
-    ImageNet as downloaded: `devkit` labels image-net.org's flat val folder (or a folder with
-    `train/` and `val/`), and Kaggle's layout is recognised by its root. `classes_from`
-    (train shards or a train folder) gives the class list, which the labels then follow;
-    `split` names the split a folder's images go in (a val folder: "val")."""
+    """Shard an ImageFolder tree (labelled), a flat folder of images (unlabelled), a folder
+    whose sub-folders are its splits (`train/`, `val/`: `folders.split_folders`, as the
+    readers decide), or ImageNet as downloaded: `devkit` labels image-net.org's flat val
+    folder (or a folder with `train/` and `val/`) and names the synsets of its `train/`,
+    and Kaggle's layout is recognised by its folders. `classes_from` (train shards or a
+    train folder) gives the class list, which the labels then follow; `split` names the
+    split a folder's images go in (a val folder: "val")."""
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise BadInputError(f"{src}: not a directory")
-    if not 0 <= val_fraction < 1:
-        raise BadInputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if out_dir.resolve().is_relative_to(src.resolve()):
-        raise BadInputError(f"{out_dir}: the output must not lie inside the source {src}")
+    _check_numbers(shard_size_mb, max_per_shard, val_fraction, seed)
     if split not in _SPLITS or (split != "train" and val_fraction):
         raise BadInputError(f"--split {split}: must be {' or '.join(_SPLITS)}, and train with "
                             "--val-fraction")
-    layout = (devkit_dataset(src, Path(devkit), classes_from) if devkit is not None
-              else kaggle_dataset(src) if is_kaggle_root(src) else None)
-    if layout is not None:
-        if val_fraction:
-            raise BadInputError(f"{src}: ImageNet's val split is given; drop --val-fraction")
-        if split != "train":
-            raise BadInputError(f"{src}: ImageNet's layouts name their splits; drop --split")
-        if classes_from is not None and "train" in layout.splits:
-            raise BadInputError(f"{src}: holds its train split, which gives the classes; "
-                                "drop --classes-from")
-        return _write_labelled(layout, out_dir, seed, source=str(src), overwrite=overwrite,
-                               shard_size_mb=shard_size_mb, max_per_shard=max_per_shard,
-                               progress=progress)
-    files, classes = list_images(src, any_file=True)
-    if not files:
-        raise BadInputError(f"{src}: no files to shard")
+    reads = [src, *(Path(p) for p in (devkit, classes_from) if p is not None)]
+    check_output(out_dir, kind="dir", reads=reads, flag="OUT_DIR")
+    layout = _layout(src, devkit, classes_from, split)
+    if split != "train" and set(layout.splits) != {split}:
+        raise BadInputError(f"{src}: its layout names its splits ({', '.join(layout.splits)}); "
+                            "drop --split")
+    if val_fraction and "val" in layout.splits:
+        raise BadInputError(f"{src}: its val split is given ({layout.roots['val']}); "
+                            "drop --val-fraction")
+    splits = {}
+    for name, files in layout.splits.items():
+        keys = _unique_keys([os.path.relpath(f, layout.roots[name]) for f, _ in files])
+        items = [Item(k, y, lambda f=f: load_image_file(f), f)
+                 for k, (f, y) in zip(keys, files, strict=True)]
+        order = np.random.default_rng(seed).permutation(len(items))
+        splits[name] = [items[i] for i in order]
+    if val_fraction:
+        train = splits.pop(split)
+        n_val = round(len(train) * val_fraction)
+        n_val = max(n_val, 1) if len(train) > 1 else n_val
+        splits = {split: train[n_val:], **splits}
+        if n_val:
+            splits["val"] = train[:n_val]
+    return write_dataset(splits, out_dir, classes=layout.classes,
+                         class_names=layout.class_names, shard_size_mb=shard_size_mb,
+                         overwrite=overwrite, max_per_shard=max_per_shard, source=str(src),
+                         progress=progress)
+
+
+def _check_numbers(shard_size_mb: float, max_per_shard: int | None, val_fraction: float = 0,
+                   seed: int = 0) -> None:
+    """Each number in its range, before any work (nan and inf are in none)."""
+    if not (math.isfinite(shard_size_mb) and 0 < shard_size_mb <= MAX_SHARD_MB):
+        raise BadInputError(f"--shard-size-mb {shard_size_mb}: must be a number of MB in "
+                            f"(0, {MAX_SHARD_MB}]")
+    if max_per_shard is not None and max_per_shard < 1:
+        raise BadInputError(f"--max-per-shard {max_per_shard}: must be at least 1")
+    if not (math.isfinite(val_fraction) and 0 <= val_fraction < 1):
+        raise BadInputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if not 0 <= seed < 2**63:
+        raise BadInputError(f"--seed {seed}: must be in [0, 2^63)")
+
+
+def _layout(src: Path, devkit: Path | None, classes_from: Path | None,
+            split: str) -> Labelled:
+    """The labelled files of `src`, split by split, whatever its layout."""
+    if devkit is not None:
+        return devkit_dataset(src, Path(devkit), classes_from, split)
+    if is_kaggle_root(src):
+        _no_classes_from(src, classes_from)
+        return kaggle_dataset(src)
+    folders = split_folders(src)
+    if folders:
+        return _split_folders(src, folders, classes_from)
+    files, classes = _files(src)
     names = None
     if classes_from is not None:
         if classes is None:
             raise BadInputError(f"{src}: has no class folders to label by --classes-from")
         ref, names = reference_classes(Path(classes_from))
         files, classes = relabel(files, classes, ref, str(src)), ref
-    keys = _unique_keys([os.path.relpath(f, src) for f, _ in files])
-    items = [
-        Item(k, y, lambda f=f: load_image_file(f), f) for k, (f, y) in zip(keys, files, strict=True)
-    ]
-    order = np.random.default_rng(seed).permutation(len(items))
-    items = [items[i] for i in order]
-    n_val = round(len(items) * val_fraction)
-    n_val = max(n_val, 1) if val_fraction > 0 and len(items) > 1 else n_val
-    splits = {split: items[n_val:]}
-    if n_val:
-        splits["val"] = items[:n_val]
-    return write_dataset(
-        splits,
-        out_dir,
-        classes=classes,
-        class_names=names,
-        shard_size_mb=shard_size_mb,
-        overwrite=overwrite,
-        max_per_shard=max_per_shard,
-        source=str(src),
-        progress=progress,
-    )
+    return Labelled({split: files}, {split: src}, classes, names)
 
 
-def _write_labelled(layout: Labelled, out_dir: Path, seed: int, **kw) -> ShardSummary:
-    """Each split of a labelled layout shuffled (seeded) and written as `{split}-*.tar`."""
+def _no_classes_from(src: Path, classes_from: Path | None) -> None:
+    if classes_from is not None:
+        raise BadInputError(f"{src}: holds its train split, which gives the classes; "
+                            "drop --classes-from")
+
+
+def _files(folder: Path) -> tuple[list[tuple[str, int]], tuple[str, ...] | None]:
+    """Every visible file of `folder`, labelled by its class folders (the writer reports
+    those that are not images); bad input when there is none."""
+    files, classes = list_images(folder, any_file=True)
+    if not files:
+        raise BadInputError(f"{folder}: no files to shard")
+    return files, classes
+
+
+def _split_folders(src: Path, folders: dict[str, Path], classes_from: Path | None) -> Labelled:
+    """A folder whose sub-folders are its splits: each written as its own split; the
+    classes are train/'s (or --classes-from's), which the other splits' labels follow."""
+    listed = {s: _files(d) for s, d in folders.items()}
+    if "train" in listed:
+        _no_classes_from(src, classes_from)
+        classes, names = listed["train"][1], None
+    elif classes_from is not None:
+        classes, names = reference_classes(Path(classes_from))
+    else:
+        classes, names = next(iter(listed.values()))[1], None
     splits = {}
-    for split, files in layout.splits.items():
-        if not files:
-            raise BadInputError(f"{layout.roots[split]}: no images")
-        keys = _unique_keys([os.path.relpath(f, layout.roots[split]) for f, _ in files])
-        items = [Item(k, y, lambda f=f: load_image_file(f), f)
-                 for k, (f, y) in zip(keys, files, strict=True)]
-        order = np.random.default_rng(seed).permutation(len(items))
-        splits[split] = [items[i] for i in order]
-    return write_dataset(splits, out_dir, classes=layout.classes,
-                         class_names=layout.class_names, **kw)
+    for s, (files, own) in listed.items():
+        if (own is None) != (classes is None):
+            raise BadInputError(f"{folders[s]}: {'has' if own else 'has no'} class folders, "
+                                f"unlike the {'train split' if 'train' in listed else 'others'}")
+        splits[s] = files if own is None or own == classes else relabel(
+            files, own, classes, str(folders[s]))
+    log.info("%s: its sub-folders are splits (%s), each written as its own", src,
+             ", ".join(d.name for d in folders.values()))
+    return Labelled(splits, folders, classes, names)
 
 
 def write_dataset(
@@ -201,34 +249,55 @@ def write_dataset(
     progress: Progress | None = None,
 ) -> ShardSummary:
     """Write prepared items as `{split}-NNNNNN.tar` shards and `shards.json` in `out_dir`;
-    `class_names`: readable names of `classes`, recorded when known."""
-    if shard_size_mb <= 0 or (max_per_shard is not None and max_per_shard < 1):
-        raise BadInputError("--shard-size-mb must be > 0 and --max-per-shard >= 1")
+    `class_names`: readable names of `classes`, recorded when known. A split of which no
+    item could be read is bad input, and leaves `out_dir` as it was."""
+    _check_numbers(shard_size_mb, max_per_shard)
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     old = _prepare_out(out_dir, overwrite)
-    # New shards are written beside the old ones, in a hidden folder, and replace them only
-    # once every one of them is complete: a failure (a full disk, Ctrl-C) leaves the old
-    # shards and index as they were.
+    # New shards and index are written beside the old ones, in a hidden folder, and replace
+    # them (renames only) once every one of them is complete: a failure (no readable image,
+    # a full disk, Ctrl-C) leaves the old shards and index as they were.
     staging = temp_path(out_dir / ".staging")
     staging.mkdir()
     try:
         summary = _write_splits(splits, staging, classes, shard_size_mb, max_per_shard,
                                 progress)
+        _check_written(summary, splits, source)
+        summary.class_names = tuple(class_names) if classes and class_names else None
+        atomic_write_json(staging / INDEX_NAME, {
+            "format": INDEX_FORMAT,
+            "classes": list(classes) if classes else None,
+            "class_names": list(summary.class_names) if summary.class_names else None,
+            "splits": {s: [{"name": n, "samples": c} for n, c in v]
+                       for s, v in summary.splits.items()},
+            "source": source,
+            "skipped": len(summary.skipped),
+        })
         _swap_in(staging, out_dir, old)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if still empty: what this call made, nothing else
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     summary.out_dir = out_dir
-    summary.class_names = tuple(class_names) if classes and class_names else None
-    index = {
-        "format": INDEX_FORMAT,
-        "classes": list(classes) if classes else None,
-        "class_names": list(class_names) if classes and class_names else None,
-        "splits": {s: [{"name": n, "samples": c} for n, c in v] for s, v in summary.splits.items()},
-        "source": source,
-        "skipped": len(summary.skipped),
-    }
-    atomic_write_json(out_dir / INDEX_NAME, index)
     return summary
+
+
+def _check_written(summary: ShardSummary, splits: dict[str, Sequence[Item]],
+                   source: str) -> None:
+    """Every split holds a sample; else bad input saying what the source held instead."""
+    for split, items in splits.items():
+        if summary.samples(split) or not items:
+            continue
+        mine = {item.origin or item.key for item in items}
+        reasons = Counter(r for f, r in summary.skipped if f in mine).most_common(2)
+        why = "; ".join(f"{n} {r}" for r, n in reasons)
+        raise BadInputError(f"{source or split}: nothing to shard in {split}: {len(items)} "
+                            f"file{'s' if len(items) > 1 else ''}, none a readable image "
+                            f"({why})")
 
 
 def _write_splits(splits: dict[str, Sequence[Item]], where: Path,
@@ -257,12 +326,18 @@ def _write_splits(splits: dict[str, Sequence[Item]], where: Path,
 
 
 def _swap_in(staging: Path, out_dir: Path, old: list[Path]) -> None:
-    """Replace the old shards and index with the complete new shards (the index is written
-    after this, last, so a reader never finds an index naming shards that are not there)."""
-    for p in sorted(old, key=lambda p: p.name != INDEX_NAME):  # the old index goes first
-        p.unlink(missing_ok=True)
-    for p in sorted(staging.iterdir()):
+    """Replace the old shards and index with the complete new ones, by renames: the old
+    index goes first and the new one comes last, so a reader never finds an index naming
+    shards that are not there, or not those it counted."""
+    new = sorted(p for p in staging.iterdir() if p.name != INDEX_NAME)
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    for p in new:
         os.replace(p, out_dir / p.name)
+    kept = {p.name for p in new}
+    for p in old:
+        if p.name not in kept:
+            p.unlink(missing_ok=True)
+    os.replace(staging / INDEX_NAME, out_dir / INDEX_NAME)
     fsync_dir(out_dir)
 
 
@@ -278,7 +353,7 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> list[Path]:
             raise BadInputError(f"{out_dir}: not empty; pass --overwrite to replace its shards")
         old = [p for p in out_dir.iterdir()
                if p.name == INDEX_NAME or (is_temp_name(p.name) and p.is_file())
-               or re.fullmatch(r"(train|val)-\d{6}\.tar|\..*\.partial", p.name)]
+               or re.fullmatch(r"(train|val|test)-\d{6}\.tar|\..*\.partial", p.name)]
     out_dir.mkdir(parents=True, exist_ok=True)
     return old
 
