@@ -8,6 +8,7 @@ import time
 from typing import Literal
 
 from cratemae.data.loader import build_loader
+from cratemae.errors import BadInputError
 from cratemae.recipe.schema import DataSection
 
 __all__ = ["bench_data"]
@@ -43,6 +44,11 @@ def bench_data(
 ) -> dict:
     """Run the loader for up to `batches` batches; images/s from the first batch's arrival
     to the last (start-up is reported apart), and CPU cores used over the whole run."""
+    if task not in TASK_LOADING:
+        raise BadInputError(f"task {task!r}: must be one of {', '.join(TASK_LOADING)}")
+    if num_workers < 0 or batches < 1 or img_size < 1:
+        raise BadInputError(f"num_workers {num_workers}, batches {batches}, img_size "
+                            f"{img_size}: need num_workers >= 0, batches >= 1, img_size >= 1")
     data = data.model_copy(update={"num_workers": num_workers})
     augment, labels = TASK_LOADING[task]
     loader = build_loader(data, split=split, augment=augment, labels=labels,  # type: ignore[arg-type]

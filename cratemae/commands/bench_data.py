@@ -9,6 +9,7 @@ import typer
 
 from cratemae.commands import console
 from cratemae.commands._cli_utils import SetOpt
+from cratemae.errors import BadInputError
 from cratemae.fs import strict_json
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def bench_data(
       $ cratemae bench-data recipes/base.toml --num-workers 8 --batches 100
       $ cratemae bench-data --data '/data/in1k/train-{000000..001023}.tar' --task finetune
     """
+    _check_options(task, img_size, batch_size, num_workers, batches)
     from cratemae.bench.data import bench_data as run_bench
     from cratemae.recipe import load_recipe
     from cratemae.recipe.schema import DataSection
@@ -59,8 +61,8 @@ def bench_data(
     section = loaded.data if loaded else DataSection(train="demo:train")
     if img_size is None:
         img_size = _recipe_img_size(loaded) if loaded else DEFAULT_IMG_SIZE
-    update = {"train": data} if data else {}
-    if batch_size:
+    update: dict[str, object] = {"train": data} if data else {}
+    if batch_size is not None:
         update["batch_size"] = batch_size
     section = DataSection.model_validate({**section.model_dump(), **update})
     result = run_bench(section, img_size, num_workers, batches, task=task)  # type: ignore[arg-type]
@@ -72,6 +74,29 @@ def bench_data(
         f"{num_workers} workers; {result['cpu_cores_used']:.2f} of "
         f"{result['cpu_cores_available']} CPU cores used; start-up {result['startup_s']:.1f}s"
     )
+
+
+# Beyond these an option is a typo, and would fork thousands of processes or ask for
+# terabytes before failing.
+MAX_WORKERS = 512
+MAX_BATCH = 1 << 16
+MAX_IMG_SIZE = 8192
+
+
+def _check_options(task: str, img_size: int | None, batch_size: int | None,
+                   num_workers: int, batches: int) -> None:
+    """Each option in its range before any work: one `error:` line, exit 2."""
+    from cratemae.bench.data import TASK_LOADING
+
+    if task not in TASK_LOADING:
+        raise BadInputError(f"--task {task}: must be one of {', '.join(TASK_LOADING)}")
+    for flag, value, low, high in (("--img-size", img_size, 1, MAX_IMG_SIZE),
+                                   ("--batch-size", batch_size, 1, MAX_BATCH),
+                                   ("--num-workers", num_workers, 0, MAX_WORKERS),
+                                   ("--batches", batches, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise BadInputError(f"{flag} {value}: must be {bound}")
 
 
 def _recipe_img_size(recipe: Recipe) -> int:
