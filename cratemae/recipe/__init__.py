@@ -1,7 +1,7 @@
 """Recipes: TOML files validated by pydantic, overridable with `--set key.path=value`; the
 shipped ones (`recipes/` in a clone, `cratemae.recipes` when installed) are found by name.
 
-May import: errors, model.
+May import: errors, guard, model.
 """
 
 from cratemae.recipe.load import (

@@ -22,8 +22,15 @@ from cratemae.errors import BadInputError
 from cratemae.recipe.schema import Recipe
 from cratemae.recipe.shipped import resolve_recipe
 
+# The deepest a recipe goes is section.key = [[...]]: a few levels; the limit leaves room.
+MAX_DEPTH = 8
+# Every integer a recipe holds must fit 64 bits (torch, numpy and the OS take no more).
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
 __all__ = [
+    "MAX_DEPTH",
     "apply_overrides",
+    "check_values",
     "diff_recipes",
     "dump_recipe",
     "load_recipe",
@@ -37,21 +44,54 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     """Read, override and validate the recipe at `path` (an existing file, else the name of a
     shipped recipe: `demo`, `probe/cifar10`); raise `BadInputError` if it is bad."""
     file = resolve_recipe(path)
-    try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a byte-order mark some editors write is not a TOML error
+        raw = tomllib.loads(file.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as err:
         raise BadInputError(f"{file}: invalid TOML: {err}") from None
     except UnicodeDecodeError:
         raise BadInputError(f"{file}: not a text file (expected TOML)") from None
+    except RecursionError:
+        raise BadInputError(f"{file}: nested deeper than any recipe is (at most "
+                            f"{MAX_DEPTH} levels)") from None
+    check_values(raw, str(file))
     overrides = list(overrides)
     return parse_recipe(apply_overrides(raw, overrides), source=str(file),
                         overrides=overrides)
+
+
+def check_values(raw: Any, source: str, prefix: str = "") -> None:
+    """What pydantic cannot be trusted with, checked before it sees `raw`: nesting deeper
+    than any recipe key (MAX_DEPTH; 10,000 nested arrays would overflow Python's stack) and
+    integers beyond 64 bits (they overflow in torch, numpy and the operating system far
+    from the recipe). One line naming `source` and the key path."""
+    stack: list[tuple[str, Any, int]] = [(prefix, raw, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        where = f"{source}: {path or '(top level)'}"
+        if depth > MAX_DEPTH:
+            raise BadInputError(f"{where}: nested deeper than any recipe key (at most "
+                                f"{MAX_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v, depth + 1)
+                         for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and not (
+                INT_MIN <= value <= INT_MAX):
+            raise BadInputError(f"{where}: {_short(value)} is beyond a 64-bit integer "
+                                f"({INT_MIN} to {INT_MAX})")
+
+
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 30 else f"{text[:12]}...({len(text)} digits)"
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "<recipe>",
                  overrides: Iterable[str] = ()) -> Recipe:
     """Validate an already-parsed recipe dict; `source` names it in errors, except for the keys
     that one of `overrides` (`--set key=value`) set: those errors name the `--set`."""
+    check_values(raw, source)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
@@ -82,13 +122,32 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 def _parse_value(key: str, text: str) -> Any:
     """A TOML value (`3`, `1e-4`, `true`, `[0.9, 0.95]`, `"x"`); anything else is an error
     naming the `--set`, with the quoted form to use (a bare `avg` is not taken as a string:
-    `--set optim.lr=1e-4x` would otherwise pass as a string and fail far from here)."""
+    `--set optim.lr=1e-4x` would otherwise pass as a string and fail far from here). An
+    array or table left open says so: quoting it would not be what was meant."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
+        check_values(value, f"--set {key}={text}", prefix=key)
+        return value
+    except RecursionError:
+        raise BadInputError(f"--set {key}: nested deeper than any recipe key") from None
     except tomllib.TOMLDecodeError:
+        if text.startswith(("[", "{")):
+            raise BadInputError(_bad_list(key, text)) from None
         quoted = json.dumps(text, allow_nan=False)  # a TOML basic string
         raise BadInputError(f"--set {key}={text}: not a TOML value; a string needs quotes: "
                             f"--set '{key}={quoted}'") from None
+
+
+def _bad_list(key: str, text: str) -> str:
+    """What is wrong with a `--set` array or inline table that is not TOML."""
+    what, close = ("list", "]") if text.startswith("[") else ("table", "}")
+    outside = "".join(text.split('"')[::2])  # the brackets outside double-quoted strings
+    if outside.count(text[0]) > outside.count(close):
+        why = f"the {what} is not closed (a '{close}' is missing)"
+    else:
+        why = f"an item of the {what} is not a TOML value (a string needs quotes)"
+    example = '["a.tar", "b.tar"]' if what == "list" else '{ name = "x" }'
+    return f"--set {key}={text}: {why}; e.g. --set '{key}={example}'"
 
 
 def _format_validation_error(err: ValidationError, source: str,
@@ -108,7 +167,8 @@ def _format_validation_error(err: ValidationError, source: str,
         else:
             msg = e["msg"]
             if "input" in e and not isinstance(e["input"], dict):
-                msg += f" (got {e['input']!r})"
+                got = repr(e["input"])
+                msg += f" (got {got if len(got) <= 60 else got[:57] + '...'})"
         lines.append(f"{_blamed(parts, blame or {}) or source}: {loc}: {msg}")
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ example the number of epochs); any other change makes resume refuse.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from cratemae.model.config import PRESETS, CrateMAEConfig
 
 __all__ = [
+    "POOL_ALIASES",
     "DataSection",
     "FinetuneSection",
     "ModelSection",
@@ -33,6 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # MAE's fine-tuning RandAugment (timm's syntax)
 DEFAULT_RE_PROB = 0.25  # MAE's random erasing
 MODEL_NAMES = tuple(PRESETS)
+
+log = logging.getLogger("cratemae")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 SAFE = {"safe_to_change": True}
@@ -235,6 +239,18 @@ class RunSection(_Section):
 
 
 Pool = Literal["token", "avg"]
+# The pool names before timm's (`global_pool="token"|"avg"`), still read with a warning.
+POOL_ALIASES = {"cls": "token", "mean": "avg"}
+
+
+def _pool_alias(value: Any, key: str) -> Any:
+    """`cls`/`mean` -> `token`/`avg`, with one deprecation line naming the key."""
+    if isinstance(value, str) and value in POOL_ALIASES:
+        new = POOL_ALIASES[value]
+        log.warning(f'{key} = "{value}" is deprecated: write "{new}" (timm\'s name); '
+                    f'read as "{new}"')
+        return new
+    return value
 
 
 class ProbeSection(_Section):
@@ -255,6 +271,11 @@ class ProbeSection(_Section):
     holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     max_iter: PositiveInt = 500  # L-BFGS iterations per fit
     cache_dir: str | None = Field(None, json_schema_extra=SAFE)  # default $CRATEMAE_CACHE
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _old_pool_names(cls, v: Any) -> Any:
+        return _pool_alias(v, "probe.pool")
 
     @field_validator("weight_decays")
     @classmethod
@@ -292,6 +313,11 @@ class FinetuneSection(_Section):
     ema: bool = False
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9999
     eval_every_epochs: PositiveInt = Field(1, json_schema_extra=SAFE)
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _old_pool_names(cls, v: Any) -> Any:
+        return _pool_alias(v, "finetune.pool")
 
 
 class Recipe(_Section):

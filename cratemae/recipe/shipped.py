@@ -17,6 +17,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from cratemae.errors import BadInputError
+from cratemae.guard import regular_file, special_kind
 
 __all__ = [
     "PACKAGE",
@@ -144,6 +145,8 @@ def resolve_recipe(recipe: str | Path) -> Path | Traversable:
     """What a recipe argument names: an existing file as given, else the shipped recipe of
     that name; `BadInputError` (with the close matches) if neither."""
     path = Path(recipe)
+    if special_kind(path) is not None:  # a FIFO or a device: refused, never waited on
+        return regular_file(path, "recipe")
     if path.is_file():
         return path
     return find_recipe(str(recipe), as_file=True).resource
