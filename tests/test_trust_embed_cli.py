@@ -78,6 +78,9 @@ def test_out_in_a_run_or_its_checkpoints_is_refused(ckpt, folder, tmp_path) -> N
     _refused(cli(*_base(folder, weights, out)), "inside")
     _refused(cli(*_base(folder, ckpt, out)), "checkpoints of the run")
     assert not out.exists() and not parts_dir(out).exists()
+    beside = run / "f.safetensors"  # in the run of the checkpoint read
+    _refused(cli(*_base(folder, weights, beside)), "inside", str(run))
+    assert not beside.exists()
 
 
 @pytest.mark.parametrize("special", ["fifo", "/dev/full"])
@@ -127,6 +130,9 @@ def test_the_lock_is_taken_once_and_released(tmp_path) -> None:
     with PartsLock(out):  # free again
         pass
     assert list(tmp_path.iterdir()) == []
+    with PartsLock(tmp_path / "new" / "f.safetensors"):  # --out in a folder still to make
+        pass
+    assert list((tmp_path / "new").iterdir()) == []
 
 
 # --- damaged chunks -----------------------------------------------------------------------

@@ -338,6 +338,7 @@ class PartsLock:
     def __enter__(self) -> PartsLock:
         for _ in range(100):  # another holder removing the file as we open it: open again
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as err:
                 raise BadInputError(f"--out {self.out}: cannot create its lock {self.path} "
