@@ -225,3 +225,15 @@ def test_an_info_json_whose_counts_disagree_is_refused(tmp_path):
         resolve_source(str(d), "train")
     (d / "_info.json").write_text("[1, 2]")  # another program's file: ignored, counted
     assert [s.count for s in resolve_source(str(d), "train").shards] == [None, None]
+
+
+@pytest.mark.parametrize("name", ["../train-000000.tar", "", "..", 7, None])
+def test_a_shards_json_naming_no_file_beside_it_is_refused(tmp_path, name):
+    d = tmp_path / "s"
+    make_shards(d, [3])
+    index = json.loads((d / "shards.json").read_text())
+    index["splits"]["train"][0]["name"] = name
+    (d / "shards.json").write_text(json.dumps(index))
+    with pytest.raises(BadInputError, match=r"splits\.train\[0\]\.name = .* is not the name of "
+                       r"a file beside it"):
+        resolve_source(str(d), "train")

@@ -70,8 +70,10 @@ def read_index(directory: Path) -> dict:
         splits = index["splits"]
         entries = [(f"splits.{s}[{i}]", e) for s, v in splits.items() for i, e in enumerate(v)]
         for key, e in entries:
-            if not isinstance(e["name"], str):
-                raise BadInputError(f"{path}: {key}.name is not a file name")
+            name = e["name"]
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
+                raise BadInputError(f"{path}: {key}.name = {json.dumps(name)[:60]} is not the "
+                                    "name of a file beside it")
             whole_count(e["samples"], path, f"{key}.samples")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise BadInputError(f"{path}: not a valid {INDEX_NAME} ({type(err).__name__})") from None

@@ -80,7 +80,7 @@ class Devkit:
 
 def _devkit_file(devkit: Path, name: str) -> Path:
     for p in (devkit / name, devkit / "data" / name):
-        if p.is_file():
+        if regular_file(p).is_file():  # a FIFO, socket or device: refused, never opened
             return p
     raise BadInputError(f"--devkit {devkit}: has no {name} (looked in it and in its data/)")
 
@@ -91,8 +91,8 @@ def read_devkit(devkit: Path) -> Devkit:
     if not devkit.is_dir():
         raise BadInputError(f"--devkit {devkit}: not a directory (unpack the devkit archive)")
     gt_path, meta_path = _devkit_file(devkit, GROUND_TRUTH), _devkit_file(devkit, META_MAT)
-    wnids, words = _read_meta_mat(regular_file(meta_path))
-    return Devkit(wnids, words, _read_ground_truth(regular_file(gt_path), len(wnids)))
+    wnids, words = _read_meta_mat(meta_path)
+    return Devkit(wnids, words, _read_ground_truth(gt_path, len(wnids)))
 
 
 def _read_ground_truth(path: Path, classes: int) -> tuple[int, ...]:
@@ -285,13 +285,13 @@ def is_kaggle_root(root: Path) -> bool:
 
 
 def _kaggle_file(root: Path, name: str) -> Path:
-    path = root / name
+    path = regular_file(root / name)  # a FIFO, socket or device: refused, never opened
     if not path.is_file():
         raise BadInputError(
             f"{path}: not found, though {root} has Kaggle's ImageNet folders "
             f"({KAGGLE_SPLITS}); the download's {name} must be at its top (or give its "
             f"{KAGGLE_SPLITS}/train folder alone)")
-    return regular_file(path)
+    return path
 
 
 def _kaggle_words(path: Path) -> dict[str, str]:
