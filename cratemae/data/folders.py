@@ -72,7 +72,7 @@ def read_index(directory: Path) -> dict:
         for key, e in entries:
             name = e["name"]
             if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
-                raise BadInputError(f"{path}: {key}.name = {json.dumps(name)[:60]} is not the "
+                raise BadInputError(f"{path}: {key}.name = {name!r:.60} is not the "
                                     "name of a file beside it")
             whole_count(e["samples"], path, f"{key}.samples")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -84,7 +84,7 @@ def whole_count(value: object, path: Path, key: str) -> int:
     """`value` as a sample count declared by `path` under `key`: a whole number, 0 to
     MAX_COUNT (not 12.5, "12", true, null, -1 or 1e30), else bad input naming both."""
     if type(value) is not int or not 0 <= value <= MAX_COUNT:  # bool is no count
-        raise BadInputError(f"{path}: {key} = {json.dumps(value)[:40]} is not a whole number "
+        raise BadInputError(f"{path}: {key} = {value!r:.40} is not a whole number "
                             f"of samples (0 to {MAX_COUNT})")
     return value
 

@@ -33,15 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from cratemae.data.decode import BadSample, load_rgb, open_image
-from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME, list_images, split_folders
-from cratemae.data.imagenet import (
-    Labelled,
-    devkit_dataset,
-    is_kaggle_root,
-    kaggle_dataset,
-    reference_classes,
-    relabel,
-)
+from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME
+from cratemae.data.layouts import labelled_source
 from cratemae.errors import BadInputError
 from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, temp_path
 from cratemae.guard import check_output
@@ -136,7 +129,7 @@ def write_shards(
                             "--val-fraction")
     reads = [src, *(Path(p) for p in (devkit, classes_from) if p is not None)]
     check_output(out_dir, kind="dir", reads=reads, flag="OUT_DIR")
-    layout = _layout(src, devkit, classes_from, split)
+    layout = labelled_source(src, devkit, classes_from, split)
     if split != "train" and set(layout.splits) != {split}:
         raise BadInputError(f"{src}: its layout names its splits ({', '.join(layout.splits)}); "
                             "drop --split")
@@ -175,65 +168,6 @@ def _check_numbers(shard_size_mb: float, max_per_shard: int | None, val_fraction
         raise BadInputError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if not 0 <= seed < 2**63:
         raise BadInputError(f"--seed {seed}: must be in [0, 2^63)")
-
-
-def _layout(src: Path, devkit: Path | None, classes_from: Path | None,
-            split: str) -> Labelled:
-    """The labelled files of `src`, split by split, whatever its layout."""
-    if devkit is not None:
-        return devkit_dataset(src, Path(devkit), classes_from, split)
-    if is_kaggle_root(src):
-        _no_classes_from(src, classes_from)
-        return kaggle_dataset(src)
-    folders = split_folders(src)
-    if folders:
-        return _split_folders(src, folders, classes_from)
-    files, classes = _files(src)
-    names = None
-    if classes_from is not None:
-        if classes is None:
-            raise BadInputError(f"{src}: has no class folders to label by --classes-from")
-        ref, names = reference_classes(Path(classes_from))
-        files, classes = relabel(files, classes, ref, str(src)), ref
-    return Labelled({split: files}, {split: src}, classes, names)
-
-
-def _no_classes_from(src: Path, classes_from: Path | None) -> None:
-    if classes_from is not None:
-        raise BadInputError(f"{src}: holds its train split, which gives the classes; "
-                            "drop --classes-from")
-
-
-def _files(folder: Path) -> tuple[list[tuple[str, int]], tuple[str, ...] | None]:
-    """Every visible file of `folder`, labelled by its class folders (the writer reports
-    those that are not images); bad input when there is none."""
-    files, classes = list_images(folder, any_file=True)
-    if not files:
-        raise BadInputError(f"{folder}: no files to shard")
-    return files, classes
-
-
-def _split_folders(src: Path, folders: dict[str, Path], classes_from: Path | None) -> Labelled:
-    """A folder whose sub-folders are its splits: each written as its own split; the
-    classes are train/'s (or --classes-from's), which the other splits' labels follow."""
-    listed = {s: _files(d) for s, d in folders.items()}
-    if "train" in listed:
-        _no_classes_from(src, classes_from)
-        classes, names = listed["train"][1], None
-    elif classes_from is not None:
-        classes, names = reference_classes(Path(classes_from))
-    else:
-        classes, names = next(iter(listed.values()))[1], None
-    splits = {}
-    for s, (files, own) in listed.items():
-        if (own is None) != (classes is None):
-            raise BadInputError(f"{folders[s]}: {'has' if own else 'has no'} class folders, "
-                                f"unlike the {'train split' if 'train' in listed else 'others'}")
-        splits[s] = files if own is None or own == classes else relabel(
-            files, own, classes, str(folders[s]))
-    log.info("%s: its sub-folders are splits (%s), each written as its own", src,
-             ", ".join(d.name for d in folders.values()))
-    return Labelled(splits, folders, classes, names)
 
 
 def write_dataset(
