@@ -14,6 +14,7 @@ exit status 1, without a traceback unless `--debug` is given.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -100,12 +101,63 @@ def _guard_group(group: typer.Typer) -> None:
     """Wrap, in place, every command and callback of a Typer group and its subgroups."""
     for info in group.registered_commands:
         if info.callback is not None:
+            info.help = help_text(info.help or info.callback.__doc__)
             info.callback = guard(info.callback)
     if group.registered_callback and group.registered_callback.callback is not None:
-        group.registered_callback.callback = guard(group.registered_callback.callback)
+        call = group.registered_callback
+        call.help = help_text(call.help or call.callback.__doc__)
+        call.callback = guard(call.callback)
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
             _guard_group(sub.typer_instance)
+
+
+# An example line is kept whole up to this many characters; a longer one is broken with
+# a shell continuation (` \\`), so that it fits an 80-column `--help` and still pastes.
+EXAMPLE_WIDTH = 72
+
+
+def help_text(doc: str | None) -> str | None:
+    """A command's docstring as its `--help` shows it at any width: each prose paragraph
+    on one line (rich wraps it to the terminal; Typer's rich mode keeps the docstring's own
+    line breaks, which wrap raggedly on a narrow one); example paragraphs (indented lines,
+    `$ ` lines, lists) line by line, each `$ ` line longer than EXAMPLE_WIDTH broken with
+    a shell continuation."""
+    if doc is None:
+        return None
+    out = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.splitlines()
+        if not any(line.startswith((" ", "$", "-", "*")) for line in lines[1:] + lines[:1]):
+            out.append(" ".join(line.strip() for line in lines))
+            continue
+        out.append("\n".join(part for line in lines for part in _fit_example(line)))
+    return "\n\n".join(out)
+
+
+def _fit_example(line: str) -> list[str]:
+    """`line`, or, for a `$ ` example over EXAMPLE_WIDTH, its words in lines that end in ` \\`
+    (the continuation lines indented four more)."""
+    body = line.lstrip()
+    if not body.startswith("$ ") or len(line) <= EXAMPLE_WIDTH:
+        return [line]
+    indent = line[: len(line) - len(body)]
+    command, hash_, comment = body.partition(" # ")
+    lines, current = [], indent + command.split()[0]
+    for word in command.split()[1:]:
+        if len(current) + 1 + len(word) + 2 > EXAMPLE_WIDTH and current.strip() != "$":
+            lines.append(current + " \\")
+            current = indent + "    " + word
+        else:
+            current += " " + word
+    if hash_:  # a comment is never broken: after a continuation it still comments
+        if len(current) + 3 + len(comment) > EXAMPLE_WIDTH:
+            lines.append(current + " \\")
+            current = indent + "    "
+        else:
+            current += " "
+        current += "# " + comment.strip()
+    return [*lines, current]
 
 
 def _register(app: typer.Typer, name: str, obj: object) -> None:
@@ -113,7 +165,7 @@ def _register(app: typer.Typer, name: str, obj: object) -> None:
         _guard_group(obj)
         app.add_typer(obj, name=name)
     elif callable(obj):
-        app.command(name=name)(guard(obj))
+        app.command(name=name, help=help_text(obj.__doc__))(guard(obj))
     else:
         raise TypeError(f"expected a function or a typer.Typer, got {type(obj).__name__}")
 
