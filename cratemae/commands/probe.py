@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,6 @@ import typer
 
 from cratemae.commands._cli_utils import (
     JsonOpt,
-    OutOpt,
     RecipeArg,
     SetOpt,
     command_console,
@@ -22,6 +22,13 @@ from cratemae.recipe import load_recipe
 from cratemae.rundir import RunFiles
 
 __all__ = ["probe"]
+
+# Also in `cratemae finetune` (TODO: one alias in _cli_utils).
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace what the run directory holds when it is the run "
+                 "of another checkpoint (refused without it)."),
+]
 
 
 @preemptible
@@ -39,7 +46,13 @@ def probe(
                      "val split (two files) instead of computing them (no --checkpoint)."),
     ] = None,
     set_: SetOpt = None,
-    out: OutOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", metavar="DIR", show_default=False,
+                     help="Run directory (default: the recipe's run.out_dir if it sets one, "
+                     "else runs/<checkpoint's run>-probe)."),
+    ] = None,
+    overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Linear-probe a pre-trained encoder.
@@ -47,17 +60,20 @@ def probe(
     The encoder is frozen. probe.protocol "features" (the authors'): features of the
     centre-cropped image + logistic regression over a weight-decay grid chosen on a held-out
     part of data.train; "mae" (MAE's): BatchNorm + linear head trained with SGD or LARS
-    (optim.name). Writes probe.json (top1/top5 on data.val) and prints a table. Features
+    (optim.name). Images are sized and normalised as the checkpoint was trained, unless the
+    recipe sets model.img_size or data.mean/std. Writes probe.json (top1/top5 on data.val,
+    the checkpoint's path and SHA-256) into runs/<checkpoint's run>-probe by default; a
+    directory holding the probe of other weights is refused unless --overwrite. Features
     are cached in probe.cache_dir (default: $CRATEMAE_CACHE/features, else
     ~/.cache/cratemae/features); delete it to clear, or point probe.cache_dir at an empty
     folder to bypass it.
 
     Examples:
-      $ cratemae probe recipes/probe/demo.toml --checkpoint runs/demo
-      $ cratemae probe recipes/probe/cifar10.toml --checkpoint runs/base --set 'probe.pool="avg"'
-      $ cratemae probe recipes/probe/pets.toml --checkpoint runs/base --out runs/lin-pets --json
-      $ torchrun --nproc-per-node 8 -m cratemae probe recipes/probe/in1k.toml --checkpoint runs/base
-      $ cratemae probe recipes/probe/cifar10.toml \
+      $ cratemae probe probe/demo --checkpoint runs/demo       # into runs/demo-probe
+      $ cratemae probe probe/cifar10 --checkpoint runs/base --set 'probe.pool="avg"'
+      $ cratemae probe probe/pets --checkpoint runs/base --out runs/lin-pets --json
+      $ torchrun --nproc-per-node 8 -m cratemae probe probe/in1k --checkpoint runs/base
+      $ cratemae probe probe/cifar10 \
           --features c10-train.safetensors c10-val.safetensors
     """
     r = load_recipe(recipe, set_ or [])
@@ -73,6 +89,7 @@ def probe(
 
     with command_console("probe") as (on_progress, on_log):
         result = run_probe(r, checkpoint, features=features, run_dir=out,
+                           overwrite=overwrite, recipe_name=Path(recipe).stem,
                            on_progress=on_progress, on_log=on_log)
     if not result.main_process:
         return
@@ -88,10 +105,23 @@ def probe(
     if "weight_decay" in s:
         rows.append(("weight decay", f"{s['weight_decay']:g} (held-out top-1 "
                                      f"{max(g['holdout_top1'] for g in s['grid']):.2f}%)"))
-    rows += [("top-1", f"{s['top1']:.2f}%"), ("top-5", f"{s['top5']:.2f}%"),
-             ("written", str(RunFiles(result.run_dir).probe))]
+    rows.append(("top-1", f"{s['top1']:.2f}%"))
+    if s["top5"] is not None:  # none with 5 classes or fewer
+        rows.append(("top-5", f"{s['top5']:.2f}%"))
+    rows.append(("written", str(RunFiles(result.run_dir).probe)))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(f"next:\n  cratemae finetune recipes/finetune/{Path(recipe).stem}.toml --checkpoint "
-          f"{s['checkpoint']}\n  cratemae runs {result.run_dir.parent}")
+    print(_next_steps(Path(recipe).stem, s["checkpoint"], result.run_dir))
 
+
+def _next_steps(recipe_stem: str, checkpoint: str, run_dir: Path) -> str:
+    """What to run next, runnable where the user is: the shipped fine-tuning recipe of the
+    same name (named, not as a path into a clone) on the same checkpoint, and the runs."""
+    from cratemae.recipe.shipped import list_recipes
+
+    lines = ["next:"]
+    name = f"finetune/{recipe_stem}"
+    if any(r.name == name for r in list_recipes()) and Path(checkpoint).exists():
+        lines.append(f"  cratemae finetune {name} --checkpoint {shlex.quote(checkpoint)}")
+    lines.append(f"  cratemae runs {shlex.quote(str(run_dir.parent))}")
+    return "\n".join(lines)

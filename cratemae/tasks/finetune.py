@@ -32,10 +32,11 @@ from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
 from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
-from cratemae.train.setup import RunSetup
+from cratemae.rundir import RunFiles
+from cratemae.train.setup import RunSetup, Source, follow_checkpoint, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer
-from cratemae.weights.load import load_encoder
+from cratemae.weights.load import checkpoint_digest, load_encoder
 
 __all__ = ["FinetuneTask", "finetune"]
 
@@ -116,23 +117,39 @@ def _seeded(mixup: Any, imgs: torch.Tensor, labels: torch.Tensor,
 
 
 def finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None,
-             resume: Resume = Resume.AUTO,
+             resume: Resume = Resume.AUTO, overwrite: bool = False,
+             recipe_name: str | None = None,
              on_log: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
-    """Fine-tune the encoder of `checkpoint` into `run_dir` (default `run.out_dir`) and
-    write `finetune.json` there (final and best top-1/top-5)."""
-    with RunSetup(recipe, run_dir, resume=resume) as run:  # the same new head on every rank
-        encoder, config = load_encoder(checkpoint, recipe.model)
+    """Fine-tune the encoder of `checkpoint` into `run_dir` and write `finetune.json` there
+    (final and best top-1/top-5, and the checkpoint: its path and SHA-256).
+
+    `run_dir` defaults to the recipe's run.out_dir when it sets one, else to a directory
+    named after the checkpoint's run (`train.setup.default_run_dir`; `recipe_name` joins
+    it). A directory that holds the fine-tune of other weights is refused, or with
+    `overwrite` replaced. The image size, mean and std are the checkpoint's unless the
+    recipe sets them (`train.setup.follow_checkpoint`)."""
+    source = Source(str(checkpoint), checkpoint_digest(checkpoint))
+    loaded = load_encoder(checkpoint, recipe.model)
+    recipe, notes = follow_checkpoint(recipe, loaded)
+    where = run_dir_for(recipe, checkpoint, "finetune", out=run_dir, recipe_name=recipe_name)
+    recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
+        update={"out_dir": str(where)})})  # recipe.toml says where the run went
+    with RunSetup(recipe, where, resume=resume, source=source,
+                  result=RunFiles(where).finetune, overwrite=overwrite) as run:
+        encoder, config = loaded  # the same new head on every rank: seeded by RunSetup
         num_classes = resolve_num_classes(recipe, recipe.finetune.num_classes,
                                           "finetune.num_classes")
         task = FinetuneTask(recipe, encoder, config, num_classes)
         with run.open_run_dir() as run_dir:
+            for note in notes:
+                log.info(note)
             log.info("fine-tuning %s (%d classes, %d px) in %s, %d process(es) on %s",
                      checkpoint, num_classes, encoder.config.img_size, run_dir,
                      run.info.world_size, run.info.device)
             result = Trainer(run, task, on_log=on_log).fit()
             if dist.is_main_process():
                 summary = {"final": result.evals[-1] if result.evals else None,
-                           "best": result.best, "checkpoint": str(checkpoint),
+                           "best": result.best, **source.fields(),
                            "last_checkpoint": str(result.last_checkpoint),
                            "recipe": dump_recipe(recipe), "num_classes": num_classes,
                            "steps": result.state.step,

@@ -7,7 +7,8 @@
 - `mae` (MAE's `main_linprobe.py`): BatchNorm without affine + a linear head on the frozen
   features, trained on augmented images by the one training loop (LARS or SGD), and scored
   on data.val at the end.
-Both write `probe.json` (top-1/top-5 in percent, the protocol, checkpoint and recipe).
+Both write `probe.json` (top-1/top-5 in percent to 2 decimals, top-5 null with 5 classes or
+fewer; the protocol; the checkpoint, by path and SHA-256; the recipe).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from cratemae.eval.logreg import fit_logreg, select_weight_decay
 from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
-from cratemae.train.setup import RunSetup
+from cratemae.rundir import RunFiles
+from cratemae.train.setup import RunSetup, Source, follow_checkpoint, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import Trainer
 from cratemae.weights.load import checkpoint_digest, config_key, load_encoder
@@ -49,61 +51,92 @@ StageProgress = Callable[[str, int, int], None]  # (what, done, total)
 class ProbeResult:
     run_dir: Path
     top1: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer
     summary: dict[str, Any] = field(default_factory=dict)  # what probe.json holds
     main_process: bool = True
 
 
 def probe(recipe: Recipe, checkpoint: str | Path | None, *,
           features: tuple[Path, Path] | None = None, run_dir: Path | None = None,
+          overwrite: bool = False, recipe_name: str | None = None,
           on_progress: StageProgress | None = None,
           on_log: Callable[[dict[str, Any]], None] | None = None) -> ProbeResult:
     """Probe the encoder of `checkpoint`, or the (train, val) features `cratemae embed`
     wrote (`features`: then no checkpoint is read and no image decoded); write probe.json,
-    recipe.toml and log.txt into `run_dir` (default `run.out_dir`). The `mae` protocol
-    resumes an interrupted probe from the newest checkpoint there."""
+    recipe.toml and log.txt into `run_dir`. The `mae` protocol resumes an interrupted probe
+    from the newest checkpoint there.
+
+    `run_dir` defaults to the recipe's run.out_dir when it sets one, else to a directory
+    named after the checkpoint's run (`train.setup.default_run_dir`; `recipe_name` joins
+    it). A directory that holds the probe of other weights is refused, or with `overwrite`
+    replaced. The image size, mean and std are the checkpoint's unless the recipe sets them
+    (`train.setup.follow_checkpoint`)."""
     p = recipe.probe
     if features is not None and p.protocol != "features":
         raise BadInputError('--features: the "mae" protocol trains on augmented images; '
                             'embeddings files serve probe.protocol = "features"')
     progress = on_progress or (lambda what, done, total: None)
-    with RunSetup(recipe, run_dir, resume=Resume.AUTO) as run:
-        if features is None:
-            assert checkpoint is not None
-            encoder, config = load_encoder(checkpoint, recipe.model)
-            depth = encoder.config.depth
-            if not -depth <= p.layer < depth:
-                raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} "
-                                    f"has {depth} layers (valid: {-depth}..{depth - 1})")
-            num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
-            source, img_size, names = str(checkpoint), encoder.config.img_size, class_names(recipe)
-        else:
-            sets, meta = _embedded_sets(features, p.pool, p.layer)
-            num_classes = _embedded_classes(meta, sets, p.num_classes)
-            source = str(meta.get("checkpoint") or meta.get("checkpoint_sha256"))
-            img_size, names = int(meta.get("img_size", 0)), meta.get("classes")
+    notes: list[str] = []
+    if features is None:
+        assert checkpoint is not None
+        source = Source(str(checkpoint), checkpoint_digest(checkpoint))
+        loaded = load_encoder(checkpoint, recipe.model)
+        recipe, notes = follow_checkpoint(recipe, loaded)
+        encoder, config = loaded
+        depth = encoder.config.depth
+        if not -depth <= p.layer < depth:
+            raise BadInputError(f"probe.layer = {p.layer}, but the encoder of {checkpoint} "
+                                f"has {depth} layers (valid: {-depth}..{depth - 1})")
+        num_classes = resolve_num_classes(recipe, p.num_classes, "probe.num_classes")
+        img_size, names = encoder.config.img_size, class_names(recipe)
+        named = Path(checkpoint)
+    else:
+        sets, meta = _embedded_sets(features, p.pool, p.layer)
+        num_classes = _embedded_classes(meta, sets, p.num_classes)
+        sha = meta.get("checkpoint_sha256")
+        source = Source(str(meta.get("checkpoint") or sha), sha)
+        img_size, names = int(meta.get("img_size", 0)), meta.get("classes")
+        named = Path(str(meta.get("checkpoint") or features[0]))
+    where = run_dir_for(recipe, named, "probe", out=run_dir, recipe_name=recipe_name,
+                        reads=tuple(features or ()))
+    recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
+        update={"out_dir": str(where)})})  # recipe.toml says where the run went
+    with RunSetup(recipe, where, resume=Resume.AUTO, source=source,
+                  result=RunFiles(where).probe, overwrite=overwrite) as run:
         with run.open_run_dir():
+            for note in notes:
+                log.info(note)
             log.info("probing %s (%s protocol, %d classes, %d px), %d process(es) on %s",
-                     source, p.protocol, num_classes, img_size, run.info.world_size,
+                     source.path, p.protocol, num_classes, img_size, run.info.world_size,
                      run.info.device)
             if features is not None:
                 details = {**_fit_and_score(recipe, sets, num_classes, run, progress),
                            "features_files": [str(f) for f in features]}
             elif p.protocol == "features":
-                details = _features_protocol(recipe, checkpoint, encoder, num_classes, run,
+                details = _features_protocol(recipe, source, encoder, num_classes, run,
                                              progress)
             else:
                 details = _mae_protocol(recipe, encoder, config, num_classes, run, on_log)
-            summary = {"protocol": p.protocol, "top1": details.pop("top1"),
-                       "top5": details.pop("top5"), "checkpoint": source,
-                       "num_classes": num_classes, "pool": p.pool, "layer": p.layer,
-                       "img_size": img_size, **details,
+            summary = {"protocol": p.protocol, "top1": _percent(details.pop("top1")),
+                       "top5": _top5(details.pop("top5"), num_classes),
+                       **source.fields(), "num_classes": num_classes, "pool": p.pool,
+                       "layer": p.layer, "img_size": img_size, **details,
                        "class_names": list(names or []) or None,
                        "recipe": dump_recipe(recipe)}
             if dist.is_main_process():
                 atomic_write_json(run.files.probe, summary)
         return ProbeResult(run.run_dir, summary["top1"], summary["top5"], summary,
                            dist.is_main_process())
+
+
+def _percent(value: float) -> float:
+    """A percentage as probe.json holds it: 68.1, not 68.10000000000001."""
+    return round(float(value), 2)
+
+
+def _top5(value: float, num_classes: int) -> float | None:
+    """Top-5 means nothing with 5 classes or fewer (always 100%): None then."""
+    return _percent(value) if num_classes > 5 else None
 
 
 def _embedded_sets(files: tuple[Path, Path], pool: str,
@@ -138,13 +171,13 @@ def _stage(on_progress: StageProgress, what: str) -> Progress:
     return lambda done, total: on_progress(what, done, total)
 
 
-def _features_protocol(recipe: Recipe, checkpoint: str | Path, encoder: CrateEncoder,
+def _features_protocol(recipe: Recipe, source: Source, encoder: CrateEncoder,
                        num_classes: int, run: RunSetup,
                        on_progress: StageProgress) -> dict[str, Any]:
     p, device = recipe.probe, dist.get_dist_info().device
     spec = FeatureSpec(p.layer, p.pool, encoder.config.img_size,
                        resolve_precision(recipe.run.precision, device))
-    digest = checkpoint_digest(checkpoint)
+    digest = source.sha256
     sets = {}
     for split in ("train", "val"):
         key = config_key(format=CACHE_FORMAT, checkpoint=digest, data=getattr(recipe.data, split),
@@ -185,7 +218,7 @@ def _fit_and_score(recipe: Recipe, sets: dict[str, FeatureSet], num_classes: int
     on_progress("fit", fits, fits)
     top1, top5 = fit.accuracy(val.features, val.labels)
     return {"top1": top1, "top5": top5, "weight_decay": p.weight_decays[best],
-            "grid": [{"weight_decay": wd, "holdout_top1": s}
+            "grid": [{"weight_decay": wd, "holdout_top1": _percent(s)}
                      for wd, s in zip(p.weight_decays, scores, strict=True)],
             "train_images": len(train.labels), "val_images": len(val.labels),
             "feature_dim": int(train.features.shape[1]),

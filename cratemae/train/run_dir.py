@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from cratemae.errors import BadInputError
 from cratemae.fs import atomic_write_json, atomic_write_text, strict_json
 from cratemae.rundir import RunFiles
 
-__all__ = ["MetricsLog", "log_file", "max_memory_gb", "write_status"]
+__all__ = ["MetricsLog", "log_file", "max_memory_gb", "recorded_source", "write_status"]
 
 log = logging.getLogger("cratemae")
 
@@ -109,3 +110,30 @@ def write_status(run_dir: Path, state: str, **fields: Any) -> None:
     record = {"state": state, "host": socket.gethostname(), "pid": os.getpid(),
               "time": time.time(), **fields}
     atomic_write_json(RunFiles(run_dir).status, record)
+
+
+_SOURCE_KEYS = ("checkpoint", "checkpoint_sha256")
+
+
+def recorded_source(run_dir: Path, result: Path | None = None) -> dict[str, Any] | None:
+    """The checkpoint the run in `run_dir` started from, as its result file (`result`) or
+    else its status.json records it (`{"checkpoint": path, "checkpoint_sha256": digest}`,
+    the digest absent in older runs); `{}` for a run that records none (a pre-training
+    run); None for a directory that holds no run. A record that cannot be read (cut short,
+    edited) is a `BadInputError` naming the file: whose run it is cannot be told."""
+    files = RunFiles(run_dir)
+    for file in (result, files.status):
+        if file is None or not (file.exists() or file.is_symlink()):
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+            raise BadInputError(f"{file}: unreadable ({reason})") from None
+        if not isinstance(data, dict):
+            raise BadInputError(f"{file}: unreadable (not a JSON object)")
+        found = {k: data[k] for k in _SOURCE_KEYS if isinstance(data.get(k), str)}
+        if found:
+            return found
+    has_result = result is not None and result.exists()
+    return {} if files.is_run() or has_result or files.checkpoints.is_dir() else None
