@@ -83,7 +83,7 @@ def small_encoder(depth: int = 3) -> LoadedModel:
 def test_record_layers_measures_each_layer_output_against_its_own_subspaces() -> None:
     encoder = small_encoder().encoder
     imgs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    record = record_layers(encoder, imgs, attention_layers=(2, 3), feature_layer=2)
+    record = record_layers(encoder, imgs, attention_layers=(1, 2), feature_layer=1)  # from 0
     with torch.no_grad():  # the same, by hand: run the layers one by one
         tokens, cls, _ = encoder.embed(imgs)
         z = torch.cat([cls.expand(3, -1, -1), tokens], dim=1)
@@ -101,8 +101,8 @@ def test_record_layers_measures_each_layer_output_against_its_own_subspaces() ->
     assert torch.allclose(record.coding_rate_input, torch.stack(inputs, 1), rtol=1e-6)
     assert torch.equal(record.sparsity, torch.stack(sparse, 1))
     assert record.features is not None and torch.allclose(record.features, features, atol=1e-6)
-    assert sorted(record.cls_attention) == [2, 3]
-    att = record.cls_attention[3]  # (B, K, L): the CLS row without the CLS column
+    assert sorted(record.cls_attention) == [1, 2]
+    att = record.cls_attention[2]  # (B, K, L): the CLS row without the CLS column
     assert att.shape == (3, 4, 16) and bool((att > 0).all()) and bool((att.sum(-1) < 1).all())
 
 
@@ -111,7 +111,7 @@ def test_numbers_do_not_depend_on_batch_size() -> None:
     imgs = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     names = ["a", "b", "c", "d", "e"]
     runs = [
-        analyze(model, imgs.split(size), names=names, pca_layer=3, device=torch.device("cpu"))
+        analyze(model, imgs.split(size), names=names, pca_layer=2, device=torch.device("cpu"))
         for size in (7, 3, 1)
     ]
     for other in runs[1:]:
@@ -125,7 +125,7 @@ def test_numbers_do_not_depend_on_batch_size() -> None:
         for p, q in zip(runs[0].pictures, other.pictures, strict=True):
             assert p.name == q.name
             np.testing.assert_allclose(p.pca_rgb, q.pca_rgb, atol=1e-4)
-            np.testing.assert_allclose(p.attention[3], q.attention[3], atol=1e-6)
+            np.testing.assert_allclose(p.attention[2], q.attention[2], atol=1e-6)
     assert [p.name for p in runs[0].pictures] == names
 
 
@@ -225,7 +225,7 @@ def test_analyze_demo_data(demo_checkpoint: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         ("{ckpt} {dir}/nope.jpg", "{dir}/nope.jpg: image not found"),
-        ("{ckpt} {photo} --pca-layer 7", "--pca-layer 7: the model has layers 1..2"),
+        ("{ckpt} {photo} --pca-layer 7", "--pca-layer 7: the model has layers 0..1"),
         ("{ckpt} --num-images 4", "give image files or --data SHARDS"),
         ("{ckpt} {photo} --data demo:val", "give image files or --data SHARDS"),
         ("{dir}/missing {photo}", "{dir}/missing: no such checkpoint"),

@@ -62,7 +62,7 @@ def plot_layers(layers: list[dict[str, Any]], path: Path, title: str = "") -> Pa
         std = np.array([e[key]["std"] for e in layers])
         ax.errorbar(depth, mean, yerr=std, marker="o", capsize=3, label="tokens at this depth")
         ax.set(
-            xlabel="depth (0 = input to layer 1; l = output of layer l)",
+            xlabel="depth (0 = input to layer 0; d = output of layer d - 1)",
             ylabel=ylabel,
             title=name,
             xticks=depth,

@@ -1,9 +1,11 @@
 """One forward pass of the encoder, measured layer by layer through forward hooks.
 
-Depth 0 is the input to the first layer (patch embedding + positions, CLS in front) and
-depth l (1..L) the output of layer l (for CRATE its ISTA step). Each depth's coding rate
-is taken against the subspaces of one layer: layer l's for depth l, and layer 1's for the
-input, so that depths 0 and 1 show what the first layer did against its own subspaces. As
+Layers are numbered from 0 (the first encoder block), as probe.layer and embed's --layers
+number them. Depth 0 is the input to layer 0 (patch embedding + positions, CLS in front)
+and depth d (1..L) the output of layer d - 1 (for CRATE its ISTA step). Each depth's coding
+rate is taken against the subspaces of one layer: layer d - 1's for depth d, and layer 0's
+for the input, so that depths 0 and 1 show what the first layer did against its own
+subspaces. As
 the notes define it, the tokens go through that layer's first LayerNorm before U. Which
 subspaces a layer has depends on the family of model: see `cratemae.analysis.heads`.
 
@@ -54,7 +56,7 @@ def record_layers(
 ) -> LayerRecord:
     """Run `encoder` on unmasked images (B, C, H, W) and measure every layer.
 
-    `attention_layers` and `feature_layer` count from 1 (layer 1 is the first).
+    `attention_layers` and `feature_layer` count from 0 (layer 0 is the first block).
     """
     blocks = list(encoder.blocks)
     heads = [layer_heads(block) for block in blocks]
@@ -65,18 +67,18 @@ def record_layers(
     record = LayerRecord(rate, rate_in, sparse)
 
     def on_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        z0 = args[0]  # (B, 1+L, d), what layer 1 receives
+        z0 = args[0]  # (B, 1+L, d), what layer 0 receives
         sparse[:, 0] = sparsity(z0).cpu()
         rate[:, 0] = _rate(heads[0], z0, eps2).cpu()
 
     def on_attention(i: int):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0]  # (B, 1+L, d) = LN1(Z^{l-1}), the input of layer l = i + 1
+            x = args[0]  # (B, 1+L, d) = LN1(Z^i), the input of layer i
             u = heads[i].project(x)  # (B, K, 1+L, p)
             rate_in[:, i] = coding_rate(u, eps2).cpu()
-            if i + 1 in attention_layers:
-                record.cls_attention[i + 1] = heads[i].attention(x)[:, :, 0, 1:].float()
-            if i + 1 == feature_layer:
+            if i in attention_layers:
+                record.cls_attention[i] = heads[i].attention(x)[:, :, 0, 1:].float()
+            if i == feature_layer:
                 record.features = u.transpose(1, 2).flatten(2)[:, 1:].float()  # (B, L, d)
 
         return hook

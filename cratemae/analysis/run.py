@@ -55,8 +55,8 @@ class Analysis:
 
 
 def attention_layers(depth: int) -> list[int]:
-    """The penultimate and the last layer (1-based), or the only one."""
-    return sorted({max(depth - 1, 1), depth})
+    """The penultimate and the last layer (numbered from 0), or the only one."""
+    return sorted({max(depth - 2, 0), depth - 1})
 
 
 def _for_display(imgs: torch.Tensor, model: LoadedModel) -> np.ndarray:
@@ -75,8 +75,13 @@ def analyze(
 ) -> Analysis:
     """Run the encoder on every batch (normalised images); draw the first `len(names)`.
 
-    `pca_layer` counts from 1. The numbers do not depend on how the images are batched.
+    `pca_layer` counts from 0 (the first block; -1 the last). The numbers do not depend
+    on how the images are batched.
     """
+    depth = model.config.depth
+    if not -depth <= pca_layer < depth:
+        raise ValueError(f"pca_layer {pca_layer}: the encoder has layers 0..{depth - 1}")
+    pca_layer %= depth
     grid = model.config.grid_size
     summary, pca, pictures = LayerSummary(), PatchPCA(), []
     att_layers = attention_layers(model.config.depth)

@@ -46,7 +46,8 @@ class LayerSummary:
         }
 
     def layers(self) -> list[dict[str, Any]]:
-        """One entry per depth: 0 is the input to layer 1, l the output of layer l."""
+        """One entry per depth: 0 is the input to layer 0, d the output of layer d - 1
+        (`"layer"`: numbered from 0, as --pca-layer and probe.layer; None for the input)."""
         values = self.per_image()
         rate, rate_in, sparse = (
             values["coding_rate"],
@@ -57,8 +58,9 @@ class LayerSummary:
         for depth in range(rate.shape[1]):
             entry: dict[str, Any] = {
                 "depth": depth,
-                "tokens": "input to layer 1" if depth == 0 else f"output of layer {depth}",
-                "subspaces_of_layer": max(depth, 1),
+                "layer": depth - 1 if depth else None,
+                "tokens": "input to layer 0" if depth == 0 else f"output of layer {depth - 1}",
+                "subspaces_of_layer": max(depth - 1, 0),
                 "coding_rate": _stats(rate[:, depth]),
             }
             if depth > 0:

@@ -66,7 +66,8 @@ def analyze(
         typer.Option(
             "--pca-layer",
             metavar="L",
-            help="Layer whose patch features the PCA shows (1 = first, -1 = last).",
+            help="Layer whose patch features the PCA shows, numbered from 0 as probe.layer "
+            "and embed's --layers (0 = first, -1 = last).",
         ),
     ] = -1,
     pictures: Annotated[
@@ -103,7 +104,7 @@ def analyze(
       $ cratemae analyze --checkpoint runs/demo photo.jpg other.png
       $ cratemae analyze --checkpoint runs/demo --data demo:val --num-images 256
       $ cratemae analyze --checkpoint runs/base --data val-{00..63}.tar --json
-      $ cratemae analyze --checkpoint model.safetensors a.jpg --pca-layer 6
+      $ cratemae analyze --checkpoint model.safetensors a.jpg --pca-layer 5
     """
     _check_options(images or [], data, num_images, batch_size, pictures)
     from cratemae.analysis.plots import require_matplotlib
@@ -114,10 +115,13 @@ def analyze(
     from cratemae.weights.load import load_encoder
 
     where = choose_device(device)
-    model = load_encoder(_checkpoint(checkpoint), device=where)
+    found = _checkpoint(checkpoint)
+    _check_out(out, found, images or [])
+    model = load_encoder(found, device=where)
     if not model.preprocessing_known:
         console.warn(f"{model.path}: no recipe saved with it; assuming ImageNet mean and std")
     layer = _layer(pca_layer, model.config.depth)
+    console.log(f"PCA of the patch features of layer {layer} (of 0..{model.config.depth - 1})")
     total, names, batches = _inputs(model, images or [], data, num_images, batch_size, pictures)
     with console.progress(total, "analyze") as bar:
         result = run_analysis(
@@ -154,14 +158,23 @@ def _check_options(
 
 
 def _layer(value: int, depth: int) -> int:
-    """--pca-layer as a 1-based layer number."""
-    if 1 <= value <= depth:
-        return value
-    if -depth <= value <= -1:
-        return depth + 1 + value
+    """--pca-layer as a layer index from 0 (negative: from the end, -1 the last)."""
+    if -depth <= value < depth:
+        return value % depth
     raise BadInputError(
-        f"--pca-layer {value}: the model has layers 1..{depth} (or -1..-{depth} from the end)"
+        f"--pca-layer {value}: the model has layers 0..{depth - 1} (or -1..-{depth} from the "
+        f"end; layers are numbered from 0)"
     )
+
+
+def _check_out(out: Path, checkpoint: Path, images: list[Path]) -> None:
+    """--out must be a directory this command may write, before any work: not a special
+    file, not the checkpoint read (nor inside or holding it, nor any run's checkpoints/),
+    nor holding an image read (`cratemae.guard.check_output`)."""
+    from cratemae.checkpoints.resolve import resolve_checkpoint
+    from cratemae.guard import check_output
+
+    check_output(out, kind="dir", reads=[resolve_checkpoint(checkpoint), *images])
 
 
 def _names(paths: list[Path]) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -10,6 +12,7 @@ import typer
 
 from cratemae.commands import console
 from cratemae.errors import BadInputError
+from cratemae.rundir import RunFiles
 
 if TYPE_CHECKING:
     import torch
@@ -19,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["reconstruct"]
 
 _CHUNK = 16  # images per forward pass
+_DEFAULT_MASK_RATIO = 0.75  # MAE's, and the recipe's default
 
 
 class Fit(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
@@ -40,13 +44,16 @@ def reconstruct(
             "--checkpoint",
             metavar="CKPT",
             help="Checkpoint, run directory or exported weights with the decoder (default: "
-            "the newest pre-training run under ./runs).",
+            "the newest pre-training run under ./runs that finished or stopped).",
             show_default=False,
         ),
     ] = None,
     mask_ratio: Annotated[
-        float, typer.Option("--mask-ratio", help="Fraction of patches to hide, in [0, 1).")
-    ] = 0.75,
+        float | None,
+        typer.Option("--mask-ratio", show_default=False,
+                     help="Fraction of patches to hide, in [0, 1) (default: the ratio the "
+                     "checkpoint was pre-trained with, else 0.75)."),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the random mask.")] = 0,
     fit: Annotated[
         Fit,
@@ -81,8 +88,9 @@ def reconstruct(
       $ cratemae reconstruct photo.jpg --checkpoint runs/base --fit eval
       $ cratemae reconstruct photo.jpg      # the newest pre-training run under ./runs
     """
-    if not 0 <= mask_ratio < 1:
+    if mask_ratio is not None and not 0 <= mask_ratio < 1:
         raise BadInputError(f"--mask-ratio {mask_ratio}: expected a value in [0, 1)")
+    from cratemae.guard import check_output
     from cratemae.viz.panel import picture_format
 
     picture_format(out)  # an unknown extension is refused before any work
@@ -90,6 +98,9 @@ def reconstruct(
     if not present:
         raise BadInputError("no image to reconstruct")
     loaded = _load(checkpoint)
+    check_output(out, kind="file", reads=[*images, loaded.weights_file])
+    if mask_ratio is None:
+        mask_ratio = _trained_mask_ratio(loaded)
     from cratemae.data.transforms import image_to_tensor
 
     size = loaded.config.img_size
@@ -114,18 +125,54 @@ def _exists(image: Path) -> bool:
     return False
 
 
+def _usable(weights: Path) -> bool:
+    """A pre-training run's weights (they hold the decoder) of a run that finished or
+    stopped (resumable), not one that failed or is still running; a run older than
+    status.json counts."""
+    from cratemae.checkpoints.resolve import run_dir_of
+    from cratemae.weights.load import has_decoder
+
+    run = run_dir_of(weights)
+    status = RunFiles(run).status if run is not None else None
+    if status is not None and status.is_file():
+        try:
+            state = json.loads(status.read_text(encoding="utf-8")).get("state")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if state not in ("finished", "stopped"):
+            return False
+    return has_decoder(weights)
+
+
+def _probe_run(checkpoint: Path) -> None:
+    """A probe run holds a linear head at most, never a decoder: say so, and name the
+    checkpoint it probed, rather than that it is no run directory."""
+    files = RunFiles(checkpoint)
+    if checkpoint.is_dir() and files.probe.is_file() and not files.checkpoints.is_dir():
+        try:
+            probed = json.loads(files.probe.read_text(encoding="utf-8")).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            probed = None
+        hint = f": give the checkpoint it probed, {probed}" if probed else ""
+        raise BadInputError(f"{checkpoint}: a probe run, which holds no decoder (a probe "
+                            f"keeps no weights of the model){hint}")
+
+
 def _load(checkpoint: Path | None) -> LoadedModel:
-    """The model to use: `checkpoint`, else the newest run's under ./runs."""
+    """The model to use: `checkpoint`, else the newest usable run's under ./runs."""
     from cratemae.checkpoints.resolve import resolve_checkpoint
-    from cratemae.weights.load import has_decoder, load_model
+    from cratemae.weights.load import load_model
 
     if checkpoint is None:
         # Only pre-training runs hold the decoder; the newest run is often a fine-tune.
         checkpoint = resolve_checkpoint(
-            None, accept=has_decoder,
-            wanted="pre-training run (one whose weights hold the decoder)")
-        console.log(f"using {checkpoint} (the newest pre-training run under ./runs; "
-                    "--checkpoint chooses another)")
+            None, accept=_usable,
+            wanted="pre-training run that finished or stopped (one whose weights hold "
+                   "the decoder)")
+        console.log(f"using {checkpoint} (the newest pre-training run under ./runs that "
+                    "finished or stopped; --checkpoint chooses another)")
+    else:
+        _probe_run(checkpoint)
     loaded = load_model(checkpoint)
     if not hasattr(loaded.model, "decoder_blocks"):
         export = ("MAE ViT exports hold the encoder only (timm's layout): give the "
@@ -138,6 +185,25 @@ def _load(checkpoint: Path | None) -> LoadedModel:
         console.warn(f"{loaded.weights_file}: no record of the mean/std it was trained with; "
                      "assuming ImageNet's")
     return loaded
+
+
+def _trained_mask_ratio(loaded: LoadedModel) -> float:
+    """The mask ratio the weights were pre-trained with: their checkpoint's recipe's
+    model.mask_ratio (the recipe's default when it sets none), else MAE's 0.75, said."""
+    from cratemae.checkpoints.layout import META
+
+    meta = loaded.weights_file.parent / META
+    try:
+        recipe = tomllib.loads(json.loads(meta.read_text(encoding="utf-8"))["recipe_toml"])
+        ratio = float(recipe.get("model", {}).get("mask_ratio", _DEFAULT_MASK_RATIO))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        console.log(f"--mask-ratio {_DEFAULT_MASK_RATIO:g} (no record of the ratio "
+                    f"{loaded.path} was trained with)")
+        return _DEFAULT_MASK_RATIO
+    if not 0 <= ratio < 1:
+        return _DEFAULT_MASK_RATIO
+    console.log(f"--mask-ratio {ratio:g}: the ratio {loaded.path} was pre-trained with")
+    return ratio
 
 
 def _run(loaded: LoadedModel, pixels: list[torch.Tensor], names: list[str], *,
