@@ -79,9 +79,9 @@ def test_export_into_the_run_it_reads_is_refused(run: Path, tmp_path: Path, wher
     out = where.replace("RUN", str(copy))
     done = cratemae("export", copy, "--out", out)
     assert done.exit_code == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [
-        f"error: --out {out}: inside the run {copy} that is being read; export to a directory "
-        "outside it"]
+    # One line naming the place and why (its wording is cratemae.guard's).
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out {out}: ") and "being read" in line, line
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
 
 
@@ -89,5 +89,5 @@ def test_export_over_the_export_it_reads_is_refused(run: Path, tmp_path: Path) -
     assert cratemae("export", run, "--out", tmp_path / "exp").exit_code == 0
     weights = (tmp_path / "exp" / "model.safetensors").read_bytes()
     again = cratemae("export", tmp_path / "exp", "--out", tmp_path / "exp")
-    assert again.exit_code == 2 and "would write over the weights being read" in again.stderr
+    assert again.exit_code == 2 and "being read" in again.stderr
     assert (tmp_path / "exp" / "model.safetensors").read_bytes() == weights
