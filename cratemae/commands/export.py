@@ -11,7 +11,6 @@ import typer
 from cratemae.commands import console
 from cratemae.commands._cli_utils import CheckpointArg
 from cratemae.errors import BadInputError
-from cratemae.rundir import RunFiles
 
 if TYPE_CHECKING:
     from cratemae.weights.load import LoadedModel
@@ -57,9 +56,7 @@ def export(
     """
     if not checkpoint.exists():
         raise BadInputError(f"{checkpoint}: checkpoint not found")
-    if out.is_file():
-        raise BadInputError(f"--out {out}: is a file; expected a directory")
-    _refuse_writing_into_the_source(checkpoint, out)
+    _check_out(checkpoint, out)
     from cratemae.weights.load import load_model
 
     loaded = load_model(checkpoint)  # checks the weights against their configuration
@@ -100,19 +97,13 @@ def _export_onnx(loaded: LoadedModel, out: Path) -> None:
                f"(tolerance {ONNX_TOLERANCE:.0e} x (1 + |x|))")
 
 
-def _refuse_writing_into_the_source(checkpoint: Path, out: Path) -> None:
-    """No export into the run it reads (its checkpoints, which retention prunes, or beside
-    them) nor over the weights it reads: exit 2 before anything is written."""
+def _check_out(checkpoint: Path, out: Path) -> None:
+    """Where the export goes, checked before anything is read (exit 2, one line): not a
+    special file, not a file, not over or inside the weights or the run being read, and a
+    place that can be written (`cratemae.guard.check_output`)."""
     from cratemae.checkpoints.resolve import resolve_checkpoint, run_dir_of
+    from cratemae.guard import check_output
 
-    source = resolve_checkpoint(checkpoint).resolve()
-    where = out.resolve()
+    source = resolve_checkpoint(checkpoint)
     run = run_dir_of(source)
-    if run is not None and (where == run or where.is_relative_to(run)):
-        raise BadInputError(f"--out {out}: inside the run {run} that is being read; "
-                            f"export to a directory outside it")
-    over = RunFiles(where).model == source if source.is_file() else (
-        where == source or where.is_relative_to(source))
-    if over:
-        raise BadInputError(f"--out {out}: would write over the weights being read "
-                            f"({source}); give another directory")
+    check_output(out, kind="dir", reads=[source, *([run] if run is not None else [])])
