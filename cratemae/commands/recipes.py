@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from cratemae.commands import console
+from cratemae.commands._cli_utils import JsonOpt
 from cratemae.errors import BadInputError, CrateMAEError
 
 __all__ = ["recipes"]
@@ -37,6 +38,7 @@ def list_recipes(ctx: typer.Context) -> None:
       $ cratemae recipes
       $ cratemae recipes show probe/cifar10
       $ cratemae recipes copy base my-base.toml
+      $ cratemae recipes keys schedule
       $ cratemae pretrain demo
     """
     if ctx.invoked_subcommand is not None:
@@ -104,3 +106,48 @@ def copy(
     if recipe.command != "pretrain":
         run += " --checkpoint CKPT"
     console.log(f"wrote {target}; edit it, then: {run}")
+
+
+@recipes.command("keys")
+def keys(
+    prefix: Annotated[
+        str,
+        typer.Argument(metavar="PREFIX", help="Only the keys that start with this (a section: "
+                       "'schedule', 'run.nan').", show_default=False),
+    ] = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Every recipe key: its type, default and what it does.
+
+    Read from the recipe schema itself, so it lists exactly the keys a recipe file and
+    --set take. Each key is one line (key, type, default), its help the line below.
+
+    Examples:
+      $ cratemae recipes keys
+      $ cratemae recipes keys schedule
+      $ cratemae recipes keys --json
+    """
+    from dataclasses import asdict
+
+    from cratemae.fs import strict_json
+    from cratemae.recipe.keys import recipe_keys
+
+    found = [k for k in recipe_keys() if k.path.startswith(prefix)]
+    if not found:
+        raise BadInputError(f"{prefix}: no recipe key starts with this")
+    if json_:
+        typer.echo(strict_json([asdict(k) for k in found]))
+        return
+    import textwrap
+
+    def indented(text: str) -> str:
+        return textwrap.fill(text, 80, initial_indent="    ", subsequent_indent="    ")
+
+    for key in found:
+        line = f"{key.path}  {key.type}  (default {key.default})"
+        if len(line) > 80:  # a long choice of words: the type on lines of its own
+            line = f"{key.path}  (default {key.default})\n" + indented(
+                key.type.replace('"|"', '" | "'))
+        typer.echo(line)
+        if key.help:
+            typer.echo(indented(key.help))
