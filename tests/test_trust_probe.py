@@ -239,3 +239,16 @@ def test_a_stopped_finetune_resumes_only_with_its_own_weights(runs, shapes):
     other = finetune("runs/preempt", shapes, "--out", str(out))
     assert other.exit_code == 2 and "runs/demo " in other.stderr, other.output
     assert read(out / "status.json")["state"] == "stopped"
+
+
+def test_a_run_older_than_the_records_is_known_by_its_log_line(tmp_path):
+    from cratemae.train.run_dir import recorded_source
+
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "recipe.toml").write_text("")
+    assert recorded_source(run) == {}  # a run that names no checkpoint (pre-training)
+    (run / "log.txt").write_text("2026-01-01 INFO fine-tuning runs/demo (3 classes, 32 px) "
+                                 "in runs/old, 1 process(es) on cpu\n")
+    assert recorded_source(run) == {"checkpoint": "runs/demo"}
+    assert recorded_source(tmp_path / "none") is None

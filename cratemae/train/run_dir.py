@@ -135,5 +135,22 @@ def recorded_source(run_dir: Path, result: Path | None = None) -> dict[str, Any]
         found = {k: data[k] for k in _SOURCE_KEYS if isinstance(data.get(k), str)}
         if found:
             return found
+    logged = _logged_source(files.log)  # a run older than these records: its log's line
+    if logged is not None:
+        return {"checkpoint": logged}
     has_result = result is not None and result.exists()
     return {} if files.is_run() or has_result or files.checkpoints.is_dir() else None
+
+
+def _logged_source(log_path: Path) -> str | None:
+    """The checkpoint that a probe's or fine-tune's first log line names ("probing X (...",
+    "fine-tuning X (..."), as `cratemae runs` reads it; None without one."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            head = f.read(20000)
+    except OSError:
+        return None
+    for marker in (" fine-tuning ", " probing "):
+        if marker in head:
+            return head.split(marker, 1)[1].split(" ", 1)[0] or None
+    return None
