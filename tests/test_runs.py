@@ -127,4 +127,18 @@ def test_rerunning_a_finished_run_says_so_and_reports_its_final_loss(finished):
     assert "already finished" in result.stderr
     text = cli("pretrain", str(DEMO), *sets, "--out", str(finished))
     assert text.returncode == 0 and "already finished" in text.stdout
-    assert f"cratemae probe recipes/probe/demo.toml --checkpoint {finished}" in text.stdout
+    assert f"cratemae probe probe/demo --checkpoint {finished}" in text.stdout
+
+
+def test_the_newest_run_resolver_sees_a_linked_run_once(tmp_path):
+    """`find_runs` (reconstruct's and analyze's "newest run") and `cratemae runs` share one
+    walk: a run reached through a link is one run, under the name without the link."""
+    from cratemae.checkpoints.resolve import find_runs
+    from cratemae.rundir import RunFiles
+
+    run = tmp_path / "runs" / "a"
+    RunFiles(run).checkpoints.mkdir(parents=True)
+    RunFiles(run).recipe.write_text("")
+    (tmp_path / "runs" / "link").symlink_to(run)
+    (tmp_path / "runs" / "loop").symlink_to(tmp_path / "runs")
+    assert find_runs(tmp_path / "runs") == [run]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from cratemae.checkpoints.discover import find_run_dirs
 from cratemae.checkpoints.files import FORMAT, read_json, verify_file
 from cratemae.checkpoints.layout import (
     LATEST,
@@ -29,7 +30,7 @@ from cratemae.checkpoints.layout import (
 )
 from cratemae.errors import BadInputError
 from cratemae.guard import regular_file
-from cratemae.rundir import BEST_DIR, CKPT_DIR, RUNS_DIR, RunFiles
+from cratemae.rundir import RUNS_DIR, RunFiles
 
 __all__ = [
     "MetaFieldError",
@@ -48,8 +49,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# How deep `find_runs` looks: runs/NAME, runs/GROUP/NAME, ... (and never round a link loop).
-_RUN_DEPTH = 8
 
 
 def check_checkpoint_dir(path: Path, *, verify_hashes: bool = True) -> dict[str, Any]:
@@ -159,19 +158,10 @@ def newest_complete(ckpt_dir: Path, exclude: str | None = None) -> Path | None:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run directories under `root` (itself included): those holding a recipe.toml, up to
-    `_RUN_DEPTH` folders down, following links (runs are often linked in from scratch)."""
-    if RunFiles(root).is_run():
-        return [root]
-    skip, found = {CKPT_DIR, BEST_DIR}, []
-    for where, dirs, files in os.walk(root, followlinks=True):
-        depth = len(Path(where).relative_to(root).parts)
-        if RunFiles(where).recipe.name in files:
-            found.append(Path(where))
-            dirs.clear()  # a run holds no other runs
-        else:
-            dirs[:] = sorted(d for d in dirs if d not in skip) if depth < _RUN_DEPTH else []
-    return sorted(found)
+    """Run directories under `root` (itself included), once each however many links lead to
+    them (`discover.find_run_dirs`); folders that cannot be looked into are left out here
+    (`cratemae runs` lists them as unreadable)."""
+    return sorted(path for path, problem in find_run_dirs(root) if problem is None)
 
 
 def run_dir_of(path: str | os.PathLike[str]) -> Path | None:

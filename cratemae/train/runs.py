@@ -21,17 +21,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cratemae.checkpoints.discover import find_run_dirs, os_reason
 from cratemae.checkpoints.resolve import complete_checkpoints
 from cratemae.errors import BadInputError
 from cratemae.fs import pid_alive
 from cratemae.guard import special_kind
-from cratemae.rundir import BEST_DIR, CKPT_DIR, RECIPE_FILE, RunFiles
+from cratemae.rundir import RunFiles
 from cratemae.train.lock import lock_holder
 
 __all__ = [
     "LIVE_SECONDS",
     "METRICS_WINDOW",
-    "RUN_DEPTH",
     "STATES",
     "RunInfo",
     "UnreadableRun",
@@ -49,8 +49,6 @@ METRICS_WINDOW = 1 << 20
 METRICS_MAX_WINDOWS = 8
 # status.json, recipe.toml, probe.json, finetune.json are small: a bigger one is damage.
 SMALL_FILE_LIMIT = 1 << 20
-# How deep runs are looked for: runs/NAME, runs/GROUP/NAME, ... (as `find_runs`).
-RUN_DEPTH = 8
 # Process ids `os.kill` takes (0 and negative ones would signal process groups).
 _MAX_PID = 2**31 - 1
 STATES = ("running", "finished", "stopped", "failed", "unreadable")
@@ -102,75 +100,8 @@ def list_runs(root: Path, now: float | None = None) -> list[RunInfo]:
         except (UnreadableRun, BadInputError) as err:
             rows.append(unreadable(path, str(err)))
         except OSError as err:
-            rows.append(unreadable(path, _os_reason(err)))
+            rows.append(unreadable(path, os_reason(err)))
     return rows
-
-
-def find_run_dirs(root: Path) -> list[tuple[Path, str | None]]:
-    """(run directory, None) for each run under `root` (itself included), and (folder,
-    reason) for each folder that cannot be looked into (no permission, a link to nothing or
-    round a loop). Links are followed (runs are often linked in from scratch); a folder
-    reached twice is listed once, under a path without links when there is one."""
-    runs: dict[tuple[int, int], Path] = {}
-    problems: list[tuple[Path, str | None]] = []
-    seen: set[tuple[int, int]] = set()
-    stack = [(root, 0)]
-    while stack:
-        where, depth = stack.pop()
-        try:
-            key = _identity(where)
-        except OSError as err:
-            problems.append((where, _os_reason(err)))
-            continue
-        if key in seen:
-            if key in runs and _preferred(where, runs[key], root):
-                runs[key] = where
-            continue
-        seen.add(key)
-        try:
-            entries = sorted(os.scandir(where), key=lambda e: e.name)
-        except OSError as err:
-            problems.append((where, _os_reason(err)))
-            continue
-        if any(e.name == RECIPE_FILE for e in entries):  # a run holds no other runs
-            runs[key] = where
-        elif depth < RUN_DEPTH:
-            stack.extend((Path(e.path), depth + 1) for e in reversed(entries)
-                         if e.name not in (CKPT_DIR, BEST_DIR) and _is_dir_or_broken_link(e))
-    return sorted([*((p, None) for p in runs.values()), *problems])
-
-
-def _identity(path: Path) -> tuple[int, int]:
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(20, "not a directory", str(path))
-    return st.st_dev, st.st_ino
-
-
-def _preferred(path: Path, other: Path, root: Path) -> bool:
-    """Whether `path` names a run better than `other`: without links, else the shorter."""
-    def rank(p: Path) -> tuple[bool, int, str]:
-        return (p.resolve() != root.resolve() / p.relative_to(root), len(p.parts), str(p))
-    return rank(path) < rank(other)
-
-
-def _is_dir_or_broken_link(entry: os.DirEntry[str]) -> bool:
-    """A folder (links followed), or a link that leads nowhere: that one may be a run whose
-    scratch space was purged, and is reported rather than skipped."""
-    try:
-        if entry.is_dir():
-            return True
-        if not entry.is_symlink():
-            return False
-        os.stat(entry.path)
-        return False  # a link to a file
-    except OSError:
-        return True
-
-
-def _os_reason(err: OSError) -> str:
-    where = f"{err.filename}: " if err.filename is not None else ""
-    return f"{where}{err.strerror or err}"
 
 
 def describe_run(run_dir: Path, now: float | None = None) -> RunInfo:
