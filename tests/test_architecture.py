@@ -180,8 +180,9 @@ def test_commands_share_helpers_through_the_private_module_only() -> None:
 
 
 def test_one_task_never_imports_another() -> None:
-    """Helpers of a task that are not tasks (pre-training's validation) may be imported."""
-    helpers = {"cratemae.tasks.monitor"}
+    """Helpers of a task that are not tasks (pre-training's validation, the preprocessing an
+    evaluation takes from its checkpoint) may be imported."""
+    helpers = {"cratemae.tasks.monitor", "cratemae.tasks.follow"}
     for module, targets in GRAPH.items():
         if package_of(module) != "tasks" or module in {"cratemae.tasks", *helpers}:
             continue

@@ -205,6 +205,6 @@ def test_analyze_draws_the_images_in_their_own_pixels(photo) -> None:
     model = LoadedModel(CrateMAE(config).encoder.eval(), Path("random"), MEAN, STD, True)
     pixels = image_to_tensor(photo, SIZE, fit=FIT_EVAL)  # (3, S, S) in [0, 1]
     result = analyze(model, [normalize(pixels, MEAN, STD)[None]], names=["photo"],
-                     pca_layer=2, device=torch.device("cpu"))
+                     pca_layer=-1, device=torch.device("cpu"))
     shown = result.pictures[0].image  # (S, S, 3)
     np.testing.assert_allclose(shown, pixels.permute(1, 2, 0).numpy(), atol=1e-6, rtol=0)

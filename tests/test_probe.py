@@ -287,3 +287,18 @@ def test_probe_features_are_refused_in_one_line(tmp_path, demo_checkpoint):
         code, err = run_cli("probe", str(PROBE), "--out", str(tmp_path / "p"), *args)
         assert code == 2, err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_probe_features_that_do_not_belong_together_are_refused(tmp_path):
+    """`probe --features` goes through `read_probe_pair`: a val file of other classes is
+    not scored against train's (it was exit 0 with top-1 0.0), nor one file twice."""
+    from test_trust_embed_reader import write_st
+
+    train = write_st(tmp_path / "train.st")
+    val = write_st(tmp_path / "val.st", classes=["n01440764", "n01443537"])
+    for files, message in [((train, val), "name their classes differently"),
+                           ((train, train), "given as both TRAIN and VAL")]:
+        code, err = run_cli("probe", str(PROBE), "--features", *map(str, files),
+                            "--out", str(tmp_path / "p"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "p").exists()

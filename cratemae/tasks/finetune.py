@@ -33,7 +33,8 @@ from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.rundir import RunFiles
-from cratemae.train.setup import RunSetup, Source, follow_checkpoint, run_dir_for
+from cratemae.tasks.follow import follow_checkpoint
+from cratemae.train.setup import RunSetup, Source, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer
 from cratemae.weights.load import checkpoint_digest, load_encoder
@@ -127,7 +128,7 @@ def finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = N
     named after the checkpoint's run (`train.setup.default_run_dir`; `recipe_name` joins
     it). A directory that holds the fine-tune of other weights is refused, or with
     `overwrite` replaced. The image size, mean and std are the checkpoint's unless the
-    recipe sets them (`train.setup.follow_checkpoint`)."""
+    recipe sets them (`tasks.follow.follow_checkpoint`)."""
     source = Source(str(checkpoint), checkpoint_digest(checkpoint))
     loaded = load_encoder(checkpoint, recipe.model)
     recipe, notes = follow_checkpoint(recipe, loaded)

@@ -28,7 +28,7 @@ from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
 from cratemae.eval.classify import Progress, classify
-from cratemae.eval.embeddings import read_probe_split
+from cratemae.eval.embeddings import read_probe_pair
 from cratemae.eval.features import CACHE_FORMAT, FeatureSet, FeatureSpec, cached_features
 from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
 from cratemae.eval.logreg import fit_logreg, select_weight_decay
@@ -36,7 +36,8 @@ from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.rundir import RunFiles
-from cratemae.train.setup import RunSetup, Source, follow_checkpoint, run_dir_for
+from cratemae.tasks.follow import follow_checkpoint
+from cratemae.train.setup import RunSetup, Source, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import Trainer
 from cratemae.weights.load import checkpoint_digest, config_key, load_encoder
@@ -70,7 +71,7 @@ def probe(recipe: Recipe, checkpoint: str | Path | None, *,
     named after the checkpoint's run (`train.setup.default_run_dir`; `recipe_name` joins
     it). A directory that holds the probe of other weights is refused, or with `overwrite`
     replaced. The image size, mean and std are the checkpoint's unless the recipe sets them
-    (`train.setup.follow_checkpoint`)."""
+    (`tasks.follow.follow_checkpoint`)."""
     p = recipe.probe
     if features is not None and p.protocol != "features":
         raise BadInputError('--features: the "mae" protocol trains on augmented images; '
@@ -141,19 +142,11 @@ def _top5(value: float, num_classes: int) -> float | None:
 
 def _embedded_sets(files: tuple[Path, Path], pool: str,
                    layer: int) -> tuple[dict[str, FeatureSet], dict[str, Any]]:
-    """The train and val features of two `cratemae embed` files, which must come from the
-    same weights at the same image size."""
-    sets, metas = {}, []
-    for split, path in zip(("train", "val"), files, strict=True):
-        feats, labels, meta = read_probe_split(path, pool=pool, layer=layer, split=split)
-        sets[split] = FeatureSet(feats, labels, from_cache=True)
-        metas.append(meta)
-    for key in ("checkpoint_sha256", "img_size"):
-        if metas[0].get(key) != metas[1].get(key):
-            raise BadInputError(f"--features: {files[0]} and {files[1]} differ in {key} "
-                                f"({metas[0].get(key)} vs {metas[1].get(key)}): embed both "
-                                f"splits with the same weights")
-    return sets, metas[0]
+    """The train and val features of two `cratemae embed` files, checked to belong together
+    (`read_probe_pair`: the same weights, preprocessing, width and class names, finite, and
+    not one file twice)."""
+    train, val, meta = read_probe_pair(*files, pool=pool, layer=layer)
+    return {"train": train, "val": val}, meta
 
 
 def _embedded_classes(meta: dict[str, Any], sets: dict[str, FeatureSet],
