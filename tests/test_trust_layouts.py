@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -237,3 +238,16 @@ def test_a_shards_json_naming_no_file_beside_it_is_refused(tmp_path, name):
     with pytest.raises(BadInputError, match=r"splits\.train\[0\]\.name = .* is not the name of "
                        r"a file beside it"):
         resolve_source(str(d), "train")
+
+
+def test_a_fifo_named_as_a_shard_is_refused_not_skipped(tmp_path):
+    """A `.tar` in a data folder that is a FIFO would make the epoch a shard short if it
+    were skipped, and would block forever if it were opened: it is refused by name."""
+    from data_fixtures import write_tar
+
+    from cratemae.data.sources import resolve_source
+
+    write_tar(tmp_path / "train-000000.tar", [("a.jpg", b"x"), ("a.cls", b"0")])
+    os.mkfifo(tmp_path / "train-000001.tar")
+    with pytest.raises(BadInputError, match=r"train-000001\.tar: is a FIFO"):
+        resolve_source(str(tmp_path), "train")

@@ -62,7 +62,8 @@ OutOpt = Annotated[
     typer.Option(
         "--out",
         metavar="DIR",
-        help="Output directory (default: the recipe's run.out_dir).",
+        help="Output directory (default: the recipe's run.out_dir; for probe and finetune, "
+        "when the recipe sets none, named after the checkpoint's run: runs/demo-probe).",
         show_default=False,
     ),
 ]

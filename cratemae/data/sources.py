@@ -60,6 +60,7 @@ from cratemae.data.shards import (
 )
 from cratemae.errors import BadInputError
 from cratemae.fs import atomic_write_json
+from cratemae.guard import regular_file
 
 __all__ = ["Source", "fill_counts", "resolve_source"]
 
@@ -127,7 +128,7 @@ def _resolve_one(spec: str, split: str) -> Source:
     if path.is_dir():
         if (path / INDEX_NAME).is_file():
             return _from_index(path, split, split)
-        tars = sorted(p for p in path.iterdir() if p.name.endswith(".tar") and p.is_file())
+        tars = _tars_in(path)
         if tars:
             info = read_wds_info(path)
             if info is not None and info.splits:
@@ -143,7 +144,7 @@ def _resolve_one(spec: str, split: str) -> Source:
     shards = []
     for url in expand_urls(str(path)):
         for file in _glob(url, split, spec):
-            if not Path(file).is_file():
+            if not regular_file(file, "shard").is_file():
                 raise BadInputError(f"{file}: shard file not found (data.{split} = {spec!r})")
             shards.append(Shard(file, _indexed_count(Path(file))))
     parents = {Path(s.url).parent for s in shards}
@@ -168,10 +169,10 @@ def _from_wds_info(directory: Path, info: WdsInfo, split: str) -> Source:
                             f"{split!r} split (it has: {have}); set data.{split} to other data")
     files = info.splits[mine[0]]
     if not files:  # the split names no files: its tars are those its name begins
-        tars = sorted(p for p in directory.iterdir() if p.name.endswith(".tar") and p.is_file())
+        tars = _tars_in(directory)
         return _with_info(Source(tuple(Shard(str(p), _indexed_count(p))
                                        for p in _tars_of_split(directory, tars, split))), info)
-    absent = [n for n, _ in files if not (directory / n).is_file()]
+    absent = [n for n, _ in files if not regular_file(directory / n, "shard").is_file()]
     if absent:
         raise BadInputError(
             f"{directory / absent[0]}: shard file not found ({len(absent)} of the "
@@ -179,6 +180,14 @@ def _from_wds_info(directory: Path, info: WdsInfo, split: str) -> Source:
             f"ones there, give a pattern of them, e.g. {directory}/*{mine[0]}*.tar")
     shards = tuple(Shard(str(directory / n), c) for n, c in files)
     return _with_info(Source(shards), info)
+
+
+def _tars_in(directory: Path) -> list[Path]:
+    """The `*.tar` files of a folder, sorted; one that is a FIFO, socket or device is
+    refused (`guard.regular_file`), not skipped: skipping it would make the epoch a shard
+    short, silently."""
+    return sorted(regular_file(p, "shard") for p in directory.iterdir()
+                  if p.name.endswith(".tar") and not p.is_dir())
 
 
 def _glob(pattern: str, split: str, spec: str) -> list[str]:
@@ -248,7 +257,7 @@ def _from_index(directory: Path, split: str, field: str) -> Source:
     shards = []
     for e in index["splits"][split]:
         p = directory / e["name"]
-        if not p.is_file():
+        if not regular_file(p, "shard").is_file():
             raise BadInputError(f"{p}: shard file not found (listed in {directory / INDEX_NAME})")
         shards.append(Shard(str(p), int(e["samples"])))
     classes, names = index.get("classes"), index.get("class_names")

@@ -66,16 +66,18 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 def classify(model: nn.Module, data: DataSection, img_size: int, precision: Precision,
              progress: Progress | None = None) -> dict[str, float]:
     """Top-1/top-5 (percent) of `model` (images -> logits) on data.val, over all ranks,
-    each sample counted once."""
+    each sample counted once; top-5 is None with 5 classes or fewer (it would be 100%)."""
     info = dist.get_dist_info()
     was_training = model.training
     model.eval()
     seen: set[int] = set()
     counts = torch.zeros(3, dtype=torch.float64)  # samples, top-1 hits, top-5 hits
+    num_classes = 0
     for batch, pos in eval_batches(data, "val", img_size, progress):
         with precision.autocast():
             logits = model(batch.images.to(info.device, non_blocking=True)).float()
         labels = batch.labels.to(info.device)
+        num_classes = logits.shape[-1]
         fresh = torch.tensor([int(p) not in seen for p in pos], device=info.device)
         seen.update(int(p) for p in pos)
         counts += torch.stack([fresh.sum(), (topk_correct(logits, labels, 1) & fresh).sum(),
@@ -83,5 +85,5 @@ def classify(model: nn.Module, data: DataSection, img_size: int, precision: Prec
     model.train(was_training)
     counts = dist.all_reduce_sum(counts.to(dist.comm_device())).cpu()
     n = max(float(counts[0]), 1.0)
-    return {"top1": 100 * float(counts[1]) / n, "top5": 100 * float(counts[2]) / n,
-            "images": int(counts[0])}
+    top5 = 100 * float(counts[2]) / n if num_classes > 5 else None
+    return {"top1": 100 * float(counts[1]) / n, "top5": top5, "images": int(counts[0])}

@@ -176,8 +176,9 @@ class RunRecorder:
         self.write(record)
         ema = (f", average top-1 {record['ema_top1']:.2f}%" if self.ema is not None else "")
         epochs = "1 epoch" if record["epoch"] == 1 else f"{record['epoch']} epochs"
-        log.info("eval at step %d (%s done): top-1 %.2f%% top-5 %.2f%%%s",
-                 record["step"], epochs, record["top1"], record["top5"], ema)
+        top5 = f" top-5 {record['top5']:.2f}%" if record.get("top5") is not None else ""
+        log.info("eval at step %d (%s done): top-1 %.2f%%%s%s",
+                 record["step"], epochs, record["top1"], top5, ema)
 
     # --- monitoring (rank 0, the others wait) -----------------------------------------------
     def monitor_due(self, state: TrainState) -> bool:
