@@ -11,8 +11,20 @@ from typing import Any, Literal
 __all__ = ["PRESETS", "CrateMAEConfig"]
 
 # Bounds of a field, in its metadata: checked here, and turned into the recipe's validation
-# (`cratemae.recipe.schema.ModelSection` is derived from this class).
+# (`cratemae.recipe.schema.ModelSection` is derived from this class). The upper bounds are far
+# above any real model: they are there so that a typo (depth = 100000000) is refused at once
+# instead of hanging the machine while the weights are allocated.
 POSITIVE = {"gt": 0}
+
+
+def _size(limit: int) -> dict[str, int]:
+    return {"gt": 0, "le": limit}
+
+
+MAX_DEPTH = _size(1024)
+MAX_WIDTH = _size(65536)
+MAX_HEADS = _size(4096)
+MAX_IMG = _size(8192)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,21 +58,21 @@ class CrateMAEConfig:
             "crate").
     """
 
-    img_size: int = field(default=224, metadata=POSITIVE)
-    patch_size: int = field(default=16, metadata=POSITIVE)
-    in_chans: int = field(default=3, metadata=POSITIVE)
-    embed_dim: int = field(default=768, metadata=POSITIVE)
-    depth: int = field(default=12, metadata=POSITIVE)
-    num_heads: int = field(default=12, metadata=POSITIVE)
-    decoder_embed_dim: int = field(default=768, metadata=POSITIVE)
-    decoder_depth: int = field(default=12, metadata=POSITIVE)
-    decoder_num_heads: int = field(default=12, metadata=POSITIVE)
+    img_size: int = field(default=224, metadata=MAX_IMG)
+    patch_size: int = field(default=16, metadata=MAX_IMG)
+    in_chans: int = field(default=3, metadata=_size(1024))
+    embed_dim: int = field(default=768, metadata=MAX_WIDTH)
+    depth: int = field(default=12, metadata=MAX_DEPTH)
+    num_heads: int = field(default=12, metadata=MAX_HEADS)
+    decoder_embed_dim: int = field(default=768, metadata=MAX_WIDTH)
+    decoder_depth: int = field(default=12, metadata=MAX_DEPTH)
+    decoder_num_heads: int = field(default=12, metadata=MAX_HEADS)
     norm_pix_loss: bool = False
     ista_step_size: float = field(default=0.1, metadata=POSITIVE)
     ista_lambda: float = field(default=0.5, metadata={"ge": 0})
     encoder_visible_only: bool = False
     family: Literal["crate", "vit"] = "crate"
-    mlp_ratio: float = field(default=4.0, metadata=POSITIVE)
+    mlp_ratio: float = field(default=4.0, metadata={"gt": 0, "le": 1024})
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -73,6 +85,8 @@ class CrateMAEConfig:
                                  f"{f.name} must be above {f.metadata['gt']}, got {value}")
             if "ge" in f.metadata and not value >= f.metadata["ge"]:
                 raise ValueError(f"{f.name} must be at least {f.metadata['ge']}, got {value}")
+            if "le" in f.metadata and not value <= f.metadata["le"]:
+                raise ValueError(f"{f.name} must be at most {f.metadata['le']}, got {value}")
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
