@@ -9,6 +9,7 @@ line or just above it in `cratemae.recipe.schema`, else (the model section's fie
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import re
 import types
@@ -106,14 +107,21 @@ def _help(model: type[BaseModel], name: str, field: FieldInfo) -> str:
 
 
 def _first_sentence(text: str) -> str:
+    """Up to the first full stop followed by a space outside brackets (so "He et al. 2022"
+    in parentheses does not end it); semicolons do not end it: "...; unset: none" is help."""
     text = " ".join(text.split())
-    cut = re.search(r"(?<=[.;])\s", text)
-    return text[: cut.start()].rstrip(";") if cut else text
+    depth = 0
+    for i, char in enumerate(text):
+        depth += (char in "([") - (char in ")]")
+        if char == "." and depth <= 0 and text[i + 1:i + 2] == " ":
+            return text[: i + 1]
+    return text
 
 
 _FIELD_LINE = re.compile(r"^    (\w+):")
 
 
+@functools.cache  # parsing a class's source costs milliseconds: once per section, not per key
 def _comments(model: type[BaseModel]) -> dict[str, str]:
     """Each field's comment in the class source: on its line, else the block above it."""
     try:
@@ -137,6 +145,7 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
     return found
 
 
+@functools.cache
 def _config_args() -> dict[str, str]:
     """`CrateMAEConfig`'s `Args:` entries, first sentence each."""
     doc = inspect.getdoc(CrateMAEConfig) or ""
