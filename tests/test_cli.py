@@ -467,3 +467,18 @@ def test_progress_rich_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "epoch [2]" in text
     assert "4/4" in text
     assert not re.search(STAMP, text)
+
+
+def test_next_steps_are_called_as_the_user_called_cratemae(tmp_path):
+    """Right after the README's set-up, cratemae is `.venv/bin/cratemae`, not on PATH: the
+    printed next steps call it (and the tensorboard beside it) by that path."""
+    from cratemae.commands.console import as_invoked
+
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "tensorboard").write_text("")
+    text = "next:\n  cratemae probe probe/demo --checkpoint runs/demo\n  tensorboard --logdir x"
+    shown = as_invoked(text, argv0=str(bin_dir / "cratemae"))
+    assert f"  {bin_dir / 'cratemae'} probe probe/demo --checkpoint runs/demo" in shown
+    assert f"  {bin_dir / 'tensorboard'} --logdir x" in shown
+    assert as_invoked(text, argv0="cratemae") == text  # found on PATH: as printed

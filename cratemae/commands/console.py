@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,9 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["LogHandler", "Tracker", "error", "is_interactive", "log", "progress", "warn"]
+__all__ = [
+    "LogHandler", "Tracker", "as_invoked", "error", "is_interactive", "log", "progress", "warn",
+]
 
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -79,6 +83,31 @@ def _prefixed(prefix: str, style: str, message: str) -> None:
         for line in lines:
             print(f"{prefix} {line}", file=stream)
         stream.flush()
+
+
+def as_invoked(text: str, argv0: str | None = None) -> str:
+    """Next-step lines (`  cratemae probe ...`, `  tensorboard ...`) as the user can run them
+    where they are: when cratemae was called by a path that is not what PATH finds (right
+    after the README's set-up, `.venv/bin/cratemae`), the commands are called by that path
+    and the tensorboard beside it."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if os.path.basename(argv0) != "cratemae" or os.sep not in argv0:
+        return text
+    found = shutil.which("cratemae")
+    if found is not None and os.path.realpath(found) == os.path.realpath(argv0):
+        return text
+    names = {"cratemae": argv0}
+    board = os.path.join(os.path.dirname(argv0), "tensorboard")
+    if os.path.isfile(board):
+        names["tensorboard"] = board
+    out = []
+    for line in text.split("\n"):
+        body = line.lstrip(" ")
+        word = body.split(" ", 1)[0]
+        if word in names:
+            line = line[: len(line) - len(body)] + shlex.quote(names[word]) + body[len(word):]
+        out.append(line)
+    return "\n".join(out)
 
 
 def error(message: str) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from cratemae.commands import console
 from cratemae.commands._cli_utils import (
     CheckpointOpt,
     JsonOpt,
@@ -95,11 +96,11 @@ def finetune(
                f"{result.last_checkpoint} (last checkpoint)", files.metrics.name, files.log.name]
     written += [f"{files.tensorboard.name}/"] if files.tensorboard.is_dir() else []
     print(f"written in {run}: " + ", ".join(written))
-    print("next:\n  cratemae export "
+    print(console.as_invoked("next:\n  cratemae export "
           f"{shlex.quote(str(files.best_model))} --out {shlex.quote(f'exported/{run.name}')}"
           + (f"\n  tensorboard --logdir {shlex.quote(str(files.tensorboard))}"
              if files.tensorboard.is_dir() else "")
-          + f"\n  cratemae runs {shlex.quote(str(run.parent))}")
+          + f"\n  cratemae runs {shlex.quote(str(run.parent))}"))
 
 
 def _num_classes(result: Path) -> int | None:

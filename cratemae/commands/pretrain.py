@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cratemae.commands import console
 from cratemae.commands._cli_utils import (
     JsonOpt,
     OutOpt,
@@ -56,7 +57,7 @@ def pretrain(
             "already_finished": result.finished_before,
         }))
     elif result.main_process:
-        print(_the_end(result, r.data.train))
+        print(console.as_invoked(_the_end(result, r.data.train)))
 
 
 def _the_end(result: Any, train: Any) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from cratemae.commands import console
 from cratemae.commands._cli_utils import (
     JsonOpt,
     RecipeArg,
@@ -111,7 +112,7 @@ def probe(
     rows.append(("written", str(RunFiles(result.run_dir).probe)))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(_next_steps(Path(recipe).stem, s["checkpoint"], result.run_dir))
+    print(console.as_invoked(_next_steps(Path(recipe).stem, s["checkpoint"], result.run_dir)))
 
 
 def _next_steps(recipe_stem: str, checkpoint: str, run_dir: Path) -> str:
