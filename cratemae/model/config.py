@@ -25,6 +25,9 @@ MAX_DEPTH = _size(1024)
 MAX_WIDTH = _size(65536)
 MAX_HEADS = _size(4096)
 MAX_IMG = _size(8192)
+# Tokens per image: 8192 px at patch 1 passes both bounds above but makes 67M tokens, whose
+# position table alone would fill the machine. 2**20 is a 1024 x 1024 grid.
+MAX_PATCHES = 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +93,11 @@ class CrateMAEConfig:
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.num_patches > MAX_PATCHES:
+            raise ValueError(
+                f"img_size {self.img_size} at patch_size {self.patch_size} makes "
+                f"{self.num_patches} patches an image, over {MAX_PATCHES}"
             )
         if self.embed_dim % self.num_heads:
             raise ValueError(
