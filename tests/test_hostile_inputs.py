@@ -90,10 +90,11 @@ def test_file_names_that_are_not_utf8_are_read_from_a_folder_and_sharded(
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"img_size": 1_048_576, "patch_size": 1}, r"1099511627776 patches an image"),
+    ({"img_size": 8192, "patch_size": 16}, r"262144 patches an image"),
     ({"embed_dim": 65536, "decoder_embed_dim": 65536, "num_heads": 1,
       "decoder_num_heads": 1}, r"patch projection of \[65536, 3, 8, 8\]"),
-    ({"depth": 4096}, r"depth = 4096, its weights hold 1 such layers"),
+    ({"depth": 1024}, r"depth = 1024, its weights hold 1 such layers"),
+    ({"depth": 10**8}, r"depth must be at most 1024"),
 ])
 def test_a_weights_file_whose_configuration_lies_is_refused_before_building(
         tmp_path: Path, config: dict, message: str) -> None:
