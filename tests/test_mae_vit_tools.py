@@ -57,7 +57,7 @@ def vit_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_vit_layers_are_measured_against_each_heads_value_projection() -> None:
     encoder = tiny_vit().encoder
     x = images(3, seed=1)
-    record = record_layers(encoder, x, attention_layers=(1, 2), feature_layer=2)
+    record = record_layers(encoder, x, attention_layers=(0, 1), feature_layer=1)  # 0-based
     d, K, p = CONFIG.embed_dim, CONFIG.num_heads, CONFIG.embed_dim // CONFIG.num_heads
 
     def values(block, z):  # (B, K, N, p): head k's rows k*p:(k+1)*p of W_v = qkv rows [2d:3d]
