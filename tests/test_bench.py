@@ -148,14 +148,16 @@ def test_bench_refuses_to_time_a_broken_fast_path(monkeypatch):
 
 
 def test_bench_help_shows_the_examples():
+    from test_cli import joined_examples  # a long example is shown with a continuation
+
     from cratemae.commands.bench import bench
 
     doc = (bench.__doc__ or "").splitlines()
     assert doc[0].startswith("Time complete training steps")
-    examples = [line.strip() for line in doc if line.strip().startswith("$ cratemae bench")]
+    examples = [e for e in joined_examples(doc) if e.startswith("$ cratemae bench")]
     run = CliRunner().invoke(build_app(), ["bench", "--help"], env={"COLUMNS": "200"})
     assert run.exit_code == 0 and len(examples) >= 2
-    shown = [line.strip().strip("│").strip() for line in run.stdout.splitlines()]
+    shown = joined_examples([line.strip().strip("│").strip() for line in run.stdout.splitlines()])
     assert all(example in shown for example in examples)
 
 

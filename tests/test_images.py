@@ -153,7 +153,8 @@ def test_both_commands_refuse_an_over_limit_image_in_one_line(checkpoint, tmp_pa
                                                               command) -> None:
     bomb = png_header(tmp_path / "bomb.png", 30_000, 30_000)
     args = (["reconstruct", str(bomb), "--out", str(tmp_path / "r.png")]
-            if command == "reconstruct" else ["analyze", str(bomb), "--out", str(tmp_path)])
+            if command == "reconstruct"
+            else ["analyze", str(bomb), "--out", str(tmp_path / "analysis")])
     run = cli(*args, "--checkpoint", checkpoint)
     assert run.exit_code == 2, run.output
     about = [line for line in run.stderr.splitlines() if str(bomb) in line]
