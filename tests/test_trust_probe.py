@@ -162,9 +162,14 @@ def test_a_corrupt_result_file_is_refused_until_overwrite(runs, shapes):
 
 
 def test_a_pre_training_run_is_no_place_for_a_probe(runs, shapes):
+    before = sorted(p.name for p in Path("runs/preempt").rglob("*"))
     result = probe("runs/demo", shapes, "--out", "runs/preempt")
     assert result.exit_code == 2, result.output
     assert "records no checkpoint" in result.output
+    # --overwrite replaces a probe's results, never a run of another kind: nothing goes
+    forced = probe("runs/demo", shapes, "--out", "runs/preempt", "--overwrite")
+    assert forced.exit_code == 2 and "replaces only a probe's results" in forced.output
+    assert sorted(p.name for p in Path("runs/preempt").rglob("*")) == before
 
 
 # --- evaluation follows the checkpoint --------------------------------------------------------

@@ -33,7 +33,7 @@ from cratemae.distributed import dist
 from cratemae.distributed.preemption import PreemptionFlag
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.fs import atomic_write_text
-from cratemae.guard import check_output
+from cratemae.guard import check_output, special_kind
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.rundir import MODEL_FILE, RUNS_DIR, RunFiles
 from cratemae.train.lock import RunLock
@@ -172,10 +172,11 @@ class RunSetup:
         try:
             recorded = recorded_source(self.run_dir, self.result)
         except BadInputError as err:
-            if not self.overwrite:
+            if not self.overwrite or self._kind_here() != self._my_kind():
                 raise BadInputError(f"{err}: cannot tell which checkpoint the run in "
-                                    f"{self.run_dir} belongs to; give another --out, or "
-                                    f"--overwrite to replace it") from None
+                                    f"{self.run_dir} belongs to; give another --out"
+                                    + ("" if self.overwrite else ", or --overwrite to "
+                                       "replace it")) from None
             return str(err)
         if recorded is None or source.same_as(recorded):
             return None
@@ -185,11 +186,40 @@ class RunSetup:
             what = "a run that records no checkpoint (a pre-training run, or an older one)"
         else:
             what = f"the run of {other.describe()}"
+        kind = self._kind_here()
+        if kind != self._my_kind():  # --overwrite never removes another kind of run
+            raise BadInputError(
+                f"{self.run_dir} holds {what} ({kind}), not a {self._my_kind()} of "
+                f"{source.describe()}: --overwrite replaces only a {self._my_kind()}'s "
+                f"results; give another --out")
         if not self.overwrite:
             raise BadInputError(
                 f"{self.run_dir} holds {what}, not of {source.describe()}: give another "
                 f"--out, or --overwrite to replace it")
         return what
+
+    def _my_kind(self) -> str:
+        """'probe' or 'fine-tune': the kind of run this one is (by its result file)."""
+        return "probe" if self.result == self.files.probe else "fine-tune"
+
+    def _kind_here(self) -> str:
+        """The kind of the run already in the run directory, as `cratemae runs` reads it
+        ("pre-train", "fine-tune", "probe"; "unknown" when it cannot be read)."""
+        from cratemae.train.runs import describe_run
+
+        try:
+            return describe_run(self.run_dir).kind
+        except Exception:  # a damaged record: its result file's name or log may still say
+            if self.result is not None and self.result.exists():
+                return self._my_kind()
+        log_file_ = self.files.log
+        if special_kind(log_file_) is None and log_file_.is_file():
+            with open(log_file_, encoding="utf-8", errors="replace") as f:
+                head = f.read(20000)
+            for kind, marker in (("fine-tune", " fine-tuning "), ("probe", " probing ")):
+                if marker in head:
+                    return kind
+        return "unknown"
 
     def _clear_replaced(self) -> None:
         """Remove what the replaced run left that this one would mix with (rank 0, locked)."""
