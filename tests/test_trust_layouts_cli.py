@@ -14,6 +14,7 @@ from data_fixtures import data_section, image_tree, read_shards
 from support import cli
 
 from cratemae.data.sources import resolve_source
+from cratemae.errors import BadInputError
 
 
 def refused(command: str, *args: object, match: str) -> str:
@@ -141,3 +142,48 @@ def test_split_folders_that_do_not_agree_are_refused(tmp_path):
     assert sorted(json.loads((tmp_path / "o" / "shards.json").read_text())["splits"]) == [
         "test", "train", "val"]
     refused("shard", root, tmp_path / "o2", "--split", "val", match="drop --split")
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
+    """Quick twin of the next test: the writer's reader refuses it at once (a read of a
+    FIFO would wait for a writer forever; the thread's join bounds the test)."""
+    import threading
+
+    from cratemae.data.writer import load_image_file
+
+    os.mkfifo(tmp_path / "pipe.png")
+    raised: list[BaseException] = []
+    worker = threading.Thread(target=lambda: raised.extend(
+        _raises(load_image_file, str(tmp_path / "pipe.png"))), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert raised and "is a FIFO" in str(raised[0])
+
+
+def _raises(fn, *args) -> list[BaseException]:
+    try:
+        fn(*args)
+    except BadInputError as err:
+        return [err]
+    return []
+
+
+@pytest.mark.slow
+def test_shard_refuses_a_fifo_among_the_images_and_leaves_nothing(tmp_path):
+    """A FIFO named like an image in a class folder blocked `cratemae shard` forever."""
+    import subprocess
+    import sys
+
+    from data_fixtures import encode, solid
+
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    (src / "0.png").write_bytes(encode(solid(0)))
+    os.mkfifo(src / "pipe.png")
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "cratemae", "shard", str(src.parent), str(out)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert [line for line in run.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: image {src / 'pipe.png'}: is a FIFO, not a regular file; refused"]
+    assert not out.exists()

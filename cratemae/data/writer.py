@@ -37,7 +37,7 @@ from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME
 from cratemae.data.layouts import labelled_source
 from cratemae.errors import BadInputError
 from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, temp_path
-from cratemae.guard import check_output
+from cratemae.guard import check_output, regular_file
 
 __all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
 
@@ -75,7 +75,9 @@ class ShardSummary:
 
 
 def load_image_file(path: str) -> tuple[str, bytes]:
-    """A source file -> ("jpg", original bytes) / ("png", original or re-encoded bytes)."""
+    """A source file -> ("jpg", original bytes) / ("png", original or re-encoded bytes). A
+    FIFO, socket or device is refused (`guard.regular_file`): reading it would never end."""
+    regular_file(path, "image")
     try:
         data = Path(path).read_bytes()
     except OSError as err:
