@@ -4,6 +4,7 @@ mode a user may have: the picture, the PSNR it prints, the seeded mask, bad imag
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,16 @@ def test_mask_ratio_zero_prints_no_nan_and_the_legend_is_drawn(demo_checkpoint, 
     assert "on visible patches it is unconstrained" in text
     for column in ("original:", "masked:", "reconstruction:", "reconstruction + visible:"):
         assert column in text
+
+
+def test_no_image_at_all_is_one_error_line(tmp_path) -> None:
+    """A missing image or a FIFO alone: one `error:` line naming it, before any weights are
+    read (it was two lines, the second "no image to reconstruct")."""
+    os.mkfifo(tmp_path / "pipe.png")
+    for image, why in [(tmp_path / "missing.jpg", "image not found"),
+                       (tmp_path / "pipe.png", "is a FIFO, not an image file")]:
+        run = cli("reconstruct", image, "--checkpoint", tmp_path / "nothing", "--out",
+                  tmp_path / "r.png")
+        assert run.exit_code == 2
+        assert [line for line in run.stderr.splitlines() if line.startswith("error:")] == [
+            f"error: {image}: {why}; no image to reconstruct"]

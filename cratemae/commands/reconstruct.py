@@ -12,6 +12,7 @@ import typer
 
 from cratemae.commands import console
 from cratemae.errors import BadInputError
+from cratemae.guard import special_kind
 from cratemae.rundir import RunFiles
 
 if TYPE_CHECKING:
@@ -94,9 +95,7 @@ def reconstruct(
     from cratemae.viz.panel import picture_format
 
     picture_format(out)  # an unknown extension is refused before any work
-    present = [image for image in images if _exists(image)]
-    if not present:
-        raise BadInputError("no image to reconstruct")
+    present = _present(images)
     loaded = _load(checkpoint)
     check_output(out, kind="file", reads=[*images, loaded.weights_file])
     if mask_ratio is None:
@@ -118,11 +117,23 @@ def reconstruct(
         raise BadInputError(f"{failed} of {len(images)} images could not be read")
 
 
-def _exists(image: Path) -> bool:
-    if image.is_file():
-        return True
-    console.error(f"{image}: image not found")
-    return False
+def _present(images: list[Path]) -> list[Path]:
+    """The images that are files; the others are named in an error line each (the run
+    goes on, and exits 2 at the end), or, when none is, in the one error line (a FIFO,
+    socket or device is never opened)."""
+    problems = {}
+    for image in images:
+        kind = special_kind(image)
+        if kind is not None or not image.is_file():
+            problems[image] = f"is {kind}, not an image file" if kind else "image not found"
+    present = [image for image in images if image not in problems]
+    if not present:
+        first, why = next(iter(problems.items()))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BadInputError(f"{first}: {why}{more}; no image to reconstruct")
+    for image, why in problems.items():
+        console.error(f"{image}: {why}")
+    return present
 
 
 def _usable(weights: Path) -> bool:
