@@ -105,3 +105,14 @@ def test_too_many_patches_an_image_is_refused_before_any_model(
                  "model.patch_size=1", "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     assert "patches an image" in result.output and not (tmp_path / "run").exists()
+
+
+def test_sizes_each_within_bounds_but_too_big_together_are_refused() -> None:
+    """Width 65,536 at the documented bound passed every per-key check and then hung the
+    machine building 300 G parameters; the whole model's size is bounded too."""
+    from cratemae.model.config import MAX_PARAMS, CrateMAEConfig
+
+    with pytest.raises(ValueError, match="parameters, over"):
+        CrateMAEConfig(embed_dim=65536, num_heads=16, decoder_embed_dim=512)
+    base = CrateMAEConfig()  # the paper's Base fits with room to spare
+    assert base.approx_params < MAX_PARAMS / 100

@@ -28,6 +28,10 @@ MAX_IMG = _size(8192)
 # Tokens per image: 8192 px at patch 1 passes both bounds above but makes 67M tokens, whose
 # position table alone would fill the machine. 2**20 is a 1024 x 1024 grid.
 MAX_PATCHES = 2**20
+# Weights of the whole model, estimated as a ViT's (12 d^2 a block, encoder and decoder): each
+# size may be within its bound and the whole still far beyond any machine (width 65,536 is
+# 52 G parameters a block). 2e10 is 80 GB in float32, 65 times CRATE-MAE-Large.
+MAX_PARAMS = 2 * 10**10
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +103,11 @@ class CrateMAEConfig:
                 f"img_size {self.img_size} at patch_size {self.patch_size} makes "
                 f"{self.num_patches} patches an image, over {MAX_PATCHES}"
             )
+        if self.approx_params > MAX_PARAMS:
+            raise ValueError(
+                f"embed_dim {self.embed_dim}, depth {self.depth}, decoder_embed_dim "
+                f"{self.decoder_embed_dim}, decoder_depth {self.decoder_depth} make about "
+                f"{self.approx_params:.2g} parameters, over {MAX_PARAMS:.0e}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
@@ -123,6 +132,13 @@ class CrateMAEConfig:
     def grid_size(self) -> int:
         """Patches per side at the training size."""
         return self.img_size // self.patch_size
+
+    @property
+    def approx_params(self) -> int:
+        """A ViT's count for these sizes (12 d^2 a block, encoder and decoder): an upper
+        estimate of CRATE's, whose blocks share their attention projections."""
+        return 12 * (self.depth * self.embed_dim**2
+                     + self.decoder_depth * self.decoder_embed_dim**2)
 
     @property
     def num_patches(self) -> int:
