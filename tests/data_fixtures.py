@@ -157,3 +157,17 @@ def read_shards(out: Path, split: str) -> dict[str, dict[str, bytes]]:
                 key, ext = m.name.split(".", 1)
                 samples.setdefault(key, {})[ext] = tf.extractfile(m).read()
     return samples
+
+
+def shape_folders(root: Path, train: int, val: int, classes: int = 3) -> tuple[Path, Path]:
+    """train/ and val/ image folders of demo shapes under `root`: `classes` class folders
+    with `train` and `val` 32 px PNGs each, drawn from seeds that name class, index, split."""
+    from cratemae.data.demo import CLASSES, render
+
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            (root / split / CLASSES[c]).mkdir(parents=True)
+            for i in range(n):
+                img = render(c, np.random.default_rng([c, i, len(split)]))
+                Image.fromarray(img).save(root / split / CLASSES[c] / f"{i}.png")
+    return root / "train", root / "val"

@@ -8,16 +8,15 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_fixtures import shape_folders
 from support import REPO
 from typer.testing import CliRunner
 
 from cratemae.checkpoints import load_checkpoint, read_model_weights
 from cratemae.commands.app import build_app
-from cratemae.data.demo import CLASSES, render
+from cratemae.data.demo import CLASSES
 from cratemae.model import CrateMAEConfig
 from cratemae.recipe import load_recipe
 from cratemae.tasks.finetune import finetune
@@ -31,14 +30,7 @@ PROBE = REPO / "recipes" / "probe" / "demo.toml"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> tuple[Path, Path]:
     """Image folders (class sub-folders) of demo shapes: 3 classes x 8 train, x 4 val."""
-    root = tmp_path_factory.mktemp("shapes")
-    for split, n in (("train", 8), ("val", 4)):
-        for c in range(3):
-            (root / split / CLASSES[c]).mkdir(parents=True)
-            for i in range(n):
-                img = render(c, np.random.default_rng([c, i, len(split)]))
-                Image.fromarray(img).save(root / split / CLASSES[c] / f"{i}.png")
-    return root / "train", root / "val"
+    return shape_folders(tmp_path_factory.mktemp("shapes"), train=8, val=4)
 
 
 def small(folders, *sets: str):

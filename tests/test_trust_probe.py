@@ -9,14 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from data_fixtures import shape_folders
 from support import cli
 
 from cratemae.checkpoints import write_model_weights
-from cratemae.data.demo import CLASSES, render
 from cratemae.model import create_model
 from cratemae.train.setup import default_run_dir
 
@@ -26,14 +24,7 @@ MEAN, STD = [0.1, 0.2, 0.3], [0.3, 0.35, 0.4]
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> tuple[Path, Path]:
     """Image folders of demo shapes: 3 classes x 4 train, x 2 val (32 px)."""
-    root = tmp_path_factory.mktemp("shapes")
-    for split, n in (("train", 4), ("val", 2)):
-        for c in range(3):
-            (root / split / CLASSES[c]).mkdir(parents=True)
-            for i in range(n):
-                img = render(c, np.random.default_rng([c, i, len(split)]))
-                Image.fromarray(img).save(root / split / CLASSES[c] / f"{i}.png")
-    return root / "train", root / "val"
+    return shape_folders(tmp_path_factory.mktemp("shapes"), train=4, val=2)
 
 
 def make_run(where: Path, seed: int, mean=MEAN, std=STD) -> Path:
