@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from support import REPO
 
 import cratemae.checkpoints as ck
+from cratemae.checkpoints.resolve import resolve_checkpoint
 from cratemae.errors import BadInputError
 
 BASE_META = {"samples_seen": 128, "recipe_hash": "deadbeef", "recipe_toml": "[run]\nseed = 1\n"}
@@ -178,6 +179,8 @@ def test_latest_points_at_newest_and_find_resume(tmp_path: Path) -> None:
         # a fresh run into a directory with checkpoints
         ck.find_resume(tmp_path, ck.Resume.parse("never"))
     assert ck.find_resume(tmp_path, ck.Resume.parse(str(paths[0]))) == paths[0]
+    # The pointer file named as a checkpoint is followed, never read as a weights file.
+    assert resolve_checkpoint(latest) == paths[2]
     with pytest.raises(BadInputError, match="no such checkpoint"):
         ck.find_resume(tmp_path, ck.Resume.parse(str(tmp_path / "nope")))
     (paths[1] / "meta.json").unlink()

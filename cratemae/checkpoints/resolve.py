@@ -232,6 +232,12 @@ def resolve_checkpoint(path: str | os.PathLike[str] | None, *, runs_dir: Path = 
     if p.is_file():
         if p.name == META:
             return p.parent
+        if p.name == LATEST and p.parent.name == RunFiles(p.parent.parent).checkpoints.name:
+            # the pointer file itself: the checkpoint it names, never its text read as weights
+            found = _latest_in(p.parent)
+            if found is None:
+                raise BadInputError(f"{p.parent}: no complete checkpoint in this directory")
+            return found
         return p
     if not p.exists():
         raise BadInputError(f"{p}: no such checkpoint file or directory")
