@@ -56,6 +56,28 @@ def shard(
             "SRC's labels follow; a class of SRC that TRAIN lacks is an error.",
         ),
     ] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="Read SRC as this layout instead of recognising it from its files: folders, "
+            "cifar10-binary, cifar100-binary, cifar10-python, cifar100-python, flowers102, "
+            "pets, parquet.",
+        ),
+    ] = None,
+    cifar100_labels: Annotated[
+        str | None,
+        typer.Option(metavar="KIND", help="CIFAR-100's labels: fine (100 classes, the "
+                     "default) or coarse (20 super-classes)."),
+    ] = None,
+    image_column: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Parquet: the image column (else found by its type)."),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option(metavar="NAME", help="Parquet: the label column (else found by its type)."),
+    ] = None,
 ) -> None:
     """Turn a folder of images into shuffled WebDataset shards plus shards.json.
 
@@ -73,6 +95,15 @@ def shard(
     and val-*.tar. Labels follow the sorted synset ids, as the train folder's do, and
     shards.json keeps the classes' readable names.
 
+    Downloads, recognised from their files (--layout forces one), written as the splits
+    they give (train-*.tar, val-*.tar, test-*.tar), numbered as the files (and torchvision)
+    number them: CIFAR-10/100, binary or Python version (its pickles are read without
+    running anything from them; CIFAR-100: fine labels unless --cifar100-labels coarse);
+    Oxford Flowers-102 (jpg/, imagelabels.mat, setid.mat: train, val, test); Oxford-IIIT
+    Pets (images/, annotations/: trainval written as train, and test); Hugging Face Parquet
+    files (a folder of them, the split from each file's name; pip install
+    'cratemae[parquet]').
+
     Examples:
       $ cratemae shard ~/photos/train data/shards
       $ cratemae shard imagenet/train data/in1k --val-fraction 0.01 --shard-size-mb 200
@@ -82,7 +113,13 @@ def shard(
       $ cratemae shard imagenet-object-localization-challenge data/in1k
       $ cratemae shard photos/val data/photos-val --split val --classes-from data/photos
       $ cratemae shard photos data/photos          # photos/ holds train/ and val/
+      $ cratemae shard cifar-10-batches-py data/cifar10
+      $ cratemae shard cifar-100-binary data/cifar100-coarse --cifar100-labels coarse
+      $ cratemae shard flowers-102 data/flowers102
+      $ cratemae shard oxford-iiit-pet data/pets
+      $ cratemae shard hf/cifar10 data/cifar10     # huggingface-cli download's folder
     """
+    from cratemae.data.layouts import DownloadOptions
     from cratemae.data.writer import write_shards  # torch and PIL load lazily
 
     with console.progress(None, "sharding", every_percent=10, every_seconds=30) as bar:
@@ -98,9 +135,14 @@ def shard(
             devkit=devkit,
             classes_from=classes_from,
             split=split,
+            options=DownloadOptions(layout, cifar100_labels, image_column, label_column),
         )
+    if summary.layout:
+        console.log(f"layout: {summary.layout}")
     for split, shards in summary.splits.items():
-        console.log(f"{split}: {summary.samples(split)} samples in {len(shards)} shards")
+        classes = summary.split_classes.get(split)
+        console.log(f"{split}: {summary.samples(split)} samples in {len(shards)} shards"
+                    + (f", {classes} classes" if classes else ""))
     if summary.classes:
         console.log(
             f"{len(summary.classes)} classes: {', '.join(summary.classes[:10])}"

@@ -1,14 +1,21 @@
 """What `cratemae shard` reads from a source folder: its files and labels, split by split,
 whatever its layout (a class folder, a folder of split folders, image-net.org's with its
-devkit, Kaggle's). The readers (`cratemae.data.sources`) share the split-folder rule
-(`folders.split_folders`), so a folder is the same data to both.
+devkit, Kaggle's, or a download format: CIFAR's, Flowers-102's, Oxford-IIIT Pets',
+Hugging Face's Parquet files). The readers (`cratemae.data.sources`) share the split-folder
+rule (`folders.split_folders`) and the download formats, so a folder is the same data to both.
+
+Each download format is one module that says how to recognise it and how to read each split
+(`cifar`, `flowers`, `pets`, `parquet`); `download_records` tries them in turn, or the one
+`--layout` names, and holds no format's details.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from cratemae.data import cifar, flowers, parquet, pets
 from cratemae.data.folders import list_images, split_folders
 from cratemae.data.imagenet import (
     Labelled,
@@ -18,16 +25,68 @@ from cratemae.data.imagenet import (
     reference_classes,
     relabel,
 )
+from cratemae.data.records import Records
 from cratemae.errors import BadInputError
 
-__all__ = ["labelled_source"]
+__all__ = ["LAYOUTS", "DownloadOptions", "download_records", "labelled_source"]
 
 log = logging.getLogger("cratemae.data")
 
+# The names --layout takes: "folders" (class folders, split folders, ImageNet's layouts) and
+# each download format.
+LAYOUTS = ("folders", *cifar.FORMATS, "flowers102", "pets", "parquet")
+
+
+@dataclass(frozen=True)
+class DownloadOptions:
+    """What a download format may be told: --layout, --cifar100-labels, the Parquet columns,
+    and the seed of the order of Parquet's row groups."""
+
+    layout: str | None = None
+    cifar100_labels: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    seed: int = 0
+
+
+def download_records(src: Path, options: DownloadOptions) -> Records | None:
+    """The splits of `src` when it is a download format (recognised from its files, or the
+    one `options.layout` names), else None (it is read as folders)."""
+    name = options.layout
+    if name is not None and name not in LAYOUTS:
+        raise BadInputError(f"--layout {name}: unknown; the layouts are {', '.join(LAYOUTS)}")
+    if name == "folders":
+        return None
+    if (name is None or name in cifar.FORMATS) and cifar.find_cifar(src, name) is not None:
+        return cifar.cifar_records(src, name, options.cifar100_labels)
+    if options.cifar100_labels is not None:
+        raise BadInputError(f"{src}: --cifar100-labels applies to CIFAR-100, which this is not")
+    if name == "flowers102" or (name is None and flowers.is_flowers_root(src)):
+        return flowers.flowers_records(src)
+    if name == "pets" or (name is None and pets.is_pets_root(src)):
+        return pets.pets_records(src)
+    if name == "parquet" or (name is None and parquet.is_parquet_source(src)):
+        return parquet.parquet_records(src, options.image_column, options.label_column,
+                                       options.seed)
+    return None
+
 
 def labelled_source(src: Path, devkit: Path | None, classes_from: Path | None,
-                    split: str) -> Labelled:
-    """The labelled files of `src`, split by split, whatever its layout."""
+                    split: str, options: DownloadOptions | None = None) -> Labelled | Records:
+    """The labelled files (or records) of `src`, split by split, whatever its layout."""
+    options = options or DownloadOptions()
+    columns = options.image_column or options.label_column
+    if columns and options.layout != "parquet" and (options.layout is not None
+                                                    or not parquet.is_parquet_source(src)):
+        raise BadInputError(f"{src}: --image-column and --label-column apply to Parquet "
+                            "files, which it does not hold")
+    if devkit is None:
+        records = download_records(src, options)
+        if records is not None:
+            if classes_from is not None:
+                raise BadInputError(f"{src}: {records.layout} names its classes; drop "
+                                    "--classes-from")
+            return records
     if devkit is not None:
         return devkit_dataset(src, Path(devkit), classes_from, split)
     if is_kaggle_root(src):

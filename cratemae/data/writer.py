@@ -27,36 +27,27 @@ import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from cratemae.data.decode import BadSample, load_rgb, open_image
+from cratemae.data.decode import BadSample
 from cratemae.data.folders import INDEX_FORMAT, INDEX_NAME
-from cratemae.data.layouts import labelled_source
+from cratemae.data.layouts import DownloadOptions, labelled_source
+from cratemae.data.records import Item, Records, image_member, load_image_file
 from cratemae.errors import BadInputError
 from cratemae.fs import AtomicFile, atomic_write_json, fsync_dir, is_temp_name, temp_path
-from cratemae.guard import check_output, regular_file
+from cratemae.guard import check_output
 
-__all__ = ["Item", "ShardSummary", "load_image_file", "write_dataset", "write_shards"]
+__all__ = ["Item", "ShardSummary", "image_member", "load_image_file", "write_dataset",
+           "write_shards"]
 
 log = logging.getLogger("cratemae.data")
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
 _SPLITS = ("train", "val")  # the splits --split can name (`{split}-NNNNNN.tar`)
 MAX_SHARD_MB = 1e6  # a terabyte: beyond it the option is a typo
-_PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-
-
-@dataclass(frozen=True)
-class Item:
-    """One sample to write: `load()` -> (extension, bytes), raising BadSample if unusable."""
-
-    key: str
-    label: int  # -1: unlabelled
-    load: Callable[[], tuple[str, bytes]]
-    origin: str = ""  # for the report of skipped files
 
 
 @dataclass
@@ -69,36 +60,11 @@ class ShardSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     bytes_written: int = 0
     class_names: tuple[str, ...] | None = None  # readable names of `classes`, when known
+    layout: str | None = None  # the download format recognised ("CIFAR-10, binary version")
+    split_classes: dict[str, int] = field(default_factory=dict)  # split -> labels it holds
 
     def samples(self, split: str) -> int:
         return sum(n for _, n in self.splits.get(split, []))
-
-
-def load_image_file(path: str) -> tuple[str, bytes]:
-    """A source file -> ("jpg", original bytes) / ("png", original or re-encoded bytes). A
-    FIFO, socket or device is refused (`guard.regular_file`): reading it would never end."""
-    regular_file(path, "image")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise BadSample(f"unreadable: {err.strerror}") from None
-    if not data:
-        raise BadSample("empty file")
-    img = open_image(data)
-    if img.format == "JPEG":
-        load_rgb(img, draft=(64, 64))  # full entropy decode at 1/8 scale: finds truncation
-        return "jpg", data
-    try:
-        img.load()
-    except Exception as err:
-        raise BadSample(f"corrupt image ({type(err).__name__})") from None
-    if img.format == "PNG":
-        return "png", data
-    if img.mode not in _PNG_MODES:
-        img = img.convert("RGB")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "png", buf.getvalue()
 
 
 def write_shards(
@@ -114,6 +80,7 @@ def write_shards(
     devkit: Path | None = None,
     classes_from: Path | None = None,
     split: str = "train",
+    options: DownloadOptions | None = None,
 ) -> ShardSummary:
     """Shard an ImageFolder tree (labelled), a flat folder of images (unlabelled), a folder
     whose sub-folders are its splits (`train/`, `val/`: `folders.split_folders`, as the
@@ -121,9 +88,12 @@ def write_shards(
     folder (or a folder with `train/` and `val/`) and names the synsets of its `train/`,
     and Kaggle's layout is recognised by its folders. `classes_from` (train shards or a
     train folder) gives the class list, which the labels then follow; `split` names the
-    split a folder's images go in (a val folder: "val")."""
+    split a folder's images go in (a val folder: "val"). The download formats (CIFAR's,
+    Flowers-102's, Pets', Parquet files: `layouts.download_records`) are recognised from
+    their files, or named by `options.layout`, and written as the splits they give."""
     src, out_dir = Path(src), Path(out_dir)
-    if not src.is_dir():
+    options = DownloadOptions(seed=seed) if options is None else replace(options, seed=seed)
+    if not (src.is_dir() or (src.is_file() and src.suffix == ".parquet")):
         raise BadInputError(f"{src}: not a directory")
     _check_numbers(shard_size_mb, max_per_shard, val_fraction, seed)
     if split not in _SPLITS or (split != "train" and val_fraction):
@@ -131,18 +101,24 @@ def write_shards(
                             "--val-fraction")
     reads = [src, *(Path(p) for p in (devkit, classes_from) if p is not None)]
     check_output(out_dir, kind="dir", reads=reads, flag="OUT_DIR")
-    layout = labelled_source(src, devkit, classes_from, split)
+    layout = labelled_source(src, devkit, classes_from, split, options)
     if split != "train" and set(layout.splits) != {split}:
         raise BadInputError(f"{src}: its layout names its splits ({', '.join(layout.splits)}); "
                             "drop --split")
     if val_fraction and "val" in layout.splits:
-        raise BadInputError(f"{src}: its val split is given ({layout.roots['val']}); "
-                            "drop --val-fraction")
-    splits = {}
+        where = layout.layout if isinstance(layout, Records) else layout.roots["val"]
+        raise BadInputError(f"{src}: its val split is given ({where}); drop --val-fraction")
+    splits: dict[str, Sequence[Item]] = {}
     for name, files in layout.splits.items():
-        keys = _unique_keys([os.path.relpath(f, layout.roots[name]) for f, _ in files])
-        items = [Item(k, y, lambda f=f: load_image_file(f), f)
-                 for k, (f, y) in zip(keys, files, strict=True)]
+        if isinstance(layout, Records):
+            items = list(files)
+        else:
+            keys = _unique_keys([os.path.relpath(f, layout.roots[name]) for f, _ in files])
+            items = [Item(k, y, lambda f=f: load_image_file(f), f)
+                     for k, (f, y) in zip(keys, files, strict=True)]
+        if isinstance(layout, Records) and layout.ordered:
+            splits[name] = items
+            continue
         order = np.random.default_rng(seed).permutation(len(items))
         splits[name] = [items[i] for i in order]
     if val_fraction:
@@ -152,10 +128,12 @@ def write_shards(
         splits = {split: train[n_val:], **splits}
         if n_val:
             splits["val"] = train[:n_val]
-    return write_dataset(splits, out_dir, classes=layout.classes,
-                         class_names=layout.class_names, shard_size_mb=shard_size_mb,
-                         overwrite=overwrite, max_per_shard=max_per_shard, source=str(src),
-                         progress=progress)
+    summary = write_dataset(splits, out_dir, classes=layout.classes,
+                            class_names=layout.class_names, shard_size_mb=shard_size_mb,
+                            overwrite=overwrite, max_per_shard=max_per_shard, source=str(src),
+                            progress=progress)
+    summary.layout = layout.layout if isinstance(layout, Records) else None
+    return summary
 
 
 def _check_numbers(shard_size_mb: float, max_per_shard: int | None, val_fraction: float = 0,
@@ -243,11 +221,13 @@ def _write_splits(splits: dict[str, Sequence[Item]], where: Path,
     total, done = sum(len(v) for v in splits.values()), 0
     for split, items in splits.items():
         sink = _ShardSink(where, split, int(shard_size_mb * 1e6), max_per_shard)
+        labels: set[int] = set()
         try:
             for item in items:
                 try:
                     ext, data = item.load()
                     sink.add(item.key, ext, data, item.label)
+                    labels.add(item.label)
                 except BadSample as err:
                     summary.skipped.append((item.origin or item.key, str(err)))
                 done += 1
@@ -257,6 +237,7 @@ def _write_splits(splits: dict[str, Sequence[Item]], where: Path,
         finally:
             sink.abort()  # removes a half-written shard (no-op after finish)
         summary.splits[split] = sink.done
+        summary.split_classes[split] = len(labels - {-1})
         summary.bytes_written += sink.bytes_total
     return summary
 

@@ -1,0 +1,93 @@
+"""Oxford Flowers-102 as downloaded from robots.ox.ac.uk (and by torchvision's `Flowers102`):
+`jpg/image_00001.jpg` ..., `imagelabels.mat` (its `labels`: the class, 1..102, of image i
+at [i - 1]) and `setid.mat` (`trnid`, `valid`, `tstid`: the 1-based image numbers of the
+train, val and test splits). Label = class - 1, as torchvision gives it; the class names
+are torchvision's list. The paper's fine-tuning trains on train + val.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from cratemae.data.records import Item, Records, load_image_file
+from cratemae.errors import BadInputError
+from cratemae.guard import regular_file
+
+__all__ = ["CLASSES", "flowers_records", "is_flowers_root"]
+
+CLASSES = 102
+_SPLITS = {"train": "trnid", "val": "valid", "test": "tstid"}
+_FILES = ("imagelabels.mat", "setid.mat")
+
+
+def _folder(root: Path) -> Path | None:
+    """`root`, or its `flowers-102/` (torchvision's folder), when it holds the download."""
+    for folder in (root, root / "flowers-102"):
+        if (folder / "jpg").is_dir() and all((folder / f).is_file() for f in _FILES):
+            return folder
+    return None
+
+
+def is_flowers_root(root: Path) -> bool:
+    return _folder(root) is not None
+
+
+def _load_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        import scipy.io
+    except ImportError:
+        raise BadInputError(f"{path}: reading it needs scipy: pip install scipy") from None
+    try:
+        mat = scipy.io.loadmat(str(regular_file(path)))
+        out = {k: np.asarray(mat[k]).ravel() for k in keys}
+    except Exception as err:  # scipy raises many kinds for a file that is not a .mat
+        raise BadInputError(f"{path}: not Flowers-102's {path.name}, with {', '.join(keys)} "
+                            f"({type(err).__name__}: {err})".replace("\n", " ")) from None
+    for k, v in out.items():
+        if v.size == 0 or v.dtype.kind not in "iuf" or not np.all(v == np.round(v)):
+            raise BadInputError(f"{path}: its {k} is not a list of whole numbers")
+    return {k: v.astype(np.int64) for k, v in out.items()}
+
+
+def class_names() -> tuple[str, ...]:
+    """torchvision's names of the 102 classes (its `Flowers102.classes`), else their numbers."""
+    try:
+        from torchvision.datasets import Flowers102
+
+        names = tuple(getattr(Flowers102, "classes", ()))
+    except Exception:  # an older or broken torchvision: the classes keep their numbers
+        names = ()
+    return names if len(names) == CLASSES else tuple(str(i) for i in range(1, CLASSES + 1))
+
+
+def flowers_records(root: Path) -> Records:
+    """The train, val and test splits as `setid.mat` gives them, labelled by
+    `imagelabels.mat`; an image listed but missing or corrupt is a skipped sample."""
+    folder = _folder(root)
+    if folder is None:
+        raise BadInputError(f"{root}: --layout flowers102: holds no jpg/, imagelabels.mat and "
+                            "setid.mat (nor a flowers-102/ folder with them)")
+    labels = _load_mat(folder / "imagelabels.mat", ("labels",))["labels"]
+    bad = np.flatnonzero((labels < 1) | (labels > CLASSES))
+    if bad.size:
+        raise BadInputError(f"{folder / 'imagelabels.mat'}: image {int(bad[0]) + 1} has class "
+                            f"{int(labels[bad[0]])}, outside 1..{CLASSES}")
+    ids = _load_mat(folder / "setid.mat", tuple(_SPLITS.values()))
+    splits = {}
+    for split, key in _SPLITS.items():
+        past = ids[key][(ids[key] < 1) | (ids[key] > labels.size)]
+        if past.size:
+            raise BadInputError(f"{folder / 'setid.mat'}: its {key} lists image {int(past[0])}, "
+                                f"past the {labels.size} images of imagelabels.mat")
+        splits[split] = [Item(f"image_{i:05d}", int(labels[i - 1]) - 1,
+                              _loader(folder / "jpg" / f"image_{i:05d}.jpg"),
+                              str(folder / "jpg" / f"image_{i:05d}.jpg"))
+                         for i in (int(i) for i in ids[key])]
+    return Records("Oxford Flowers-102", splits, class_names())
+
+
+def _loader(path: Path) -> Callable[[], tuple[str, bytes]]:
+    return lambda: load_image_file(str(path))
