@@ -4,6 +4,8 @@ input is wrong."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ import cratemae.eval.embed as embed_mod
 from cratemae.checkpoints import write_model_weights
 from cratemae.data.decode import load_rgb
 from cratemae.data.transforms import eval_transform
-from cratemae.errors import BadInputError
+from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.eval.embed import EmbedSettings, embed, parts_dir
 from cratemae.eval.embed_data import data_source
 from cratemae.eval.embeddings import read_embeddings
@@ -263,6 +265,25 @@ def test_an_interrupted_embed_resumes_to_the_same_bytes(ckpt, folder, tmp_path, 
     assert result.resumed_chunks == 2 and len(count) == 3  # only the last chunk computed
     assert out.read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
     assert not parts_dir(out).exists() and not debris.exists()
+
+
+def test_a_stop_signal_ends_the_embed_between_chunks_with_exit_3(ckpt, folder, tmp_path,
+                                                                  monkeypatch) -> None:
+    _embed(ckpt, [str(folder)], tmp_path / "whole.safetensors", chunk_size=4)
+    out, real = tmp_path / "f.safetensors", embed_mod.write_chunk
+
+    def signalled_after_the_first(path: Path, rows: list) -> None:
+        real(path, rows)
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM signals every process of the job
+
+    monkeypatch.setattr(embed_mod, "write_chunk", signalled_after_the_first)
+    with pytest.raises(CrateMAEError, match=r"stopped by SIGTERM after 4 of 11 samples") as err:
+        _embed(ckpt, [str(folder)], out, chunk_size=4)
+    assert err.value.exit_code == EXIT_REQUEUE
+    assert not out.exists() and len(list(parts_dir(out).rglob("chunk-*"))) == 1
+    monkeypatch.setattr(embed_mod, "write_chunk", real)
+    assert _embed(ckpt, [str(folder)], out, chunk_size=4).resumed_chunks == 1
+    assert out.read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
 
 
 def _error_line(run) -> str:

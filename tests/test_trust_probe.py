@@ -116,6 +116,9 @@ def test_a_probe_into_the_directory_of_another_checkpoints_probe_is_refused(runs
     forced = probe("runs/preempt", shapes, "--out", "runs/demo-probe", "--overwrite")
     assert forced.exit_code == 0, forced.output
     assert read(runs / "demo-probe" / "probe.json")["checkpoint"] == "runs/preempt"
+    # the replaced run's log lines go with it: log.txt tells of one run
+    log = (runs / "demo-probe" / "log.txt").read_text()
+    assert "runs/preempt" in log and "runs/demo " not in log and "runs/demo\n" not in log
 
 
 def test_the_same_bytes_by_another_path_or_a_link_are_the_same_checkpoint(runs, shapes):

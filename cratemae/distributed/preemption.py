@@ -60,7 +60,8 @@ class PreemptionFlag:
 
 def _handle(signum: int, frame: types.FrameType | None) -> None:
     if _State.signum is None:
-        log.warning("received %s: saving a checkpoint at the next step, then stopping",
+        log.warning("received %s: stopping at the next step (a training run saves a "
+                    "checkpoint first)",
                     signal.Signals(signum).name)
     _State.signum = signum
 

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -43,7 +44,8 @@ from cratemae.data import Loader
 from cratemae.data.sources import Source
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision, resolve_precision
-from cratemae.errors import BadInputError, CrateMAEError
+from cratemae.distributed.preemption import PreemptionFlag
+from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.eval.classify import sample_positions
 from cratemae.eval.embed_chunks import (
     PartsLock,
@@ -248,29 +250,53 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
     precision = resolve_precision(settings.precision, device)
     total, done, b = len(positions), skipped, start
     pending: list[dict[str, Any]] = []
-    for batch in loader:
-        assert isinstance(batch, KeyedBatch)
-        n = len(batch)
-        feats = encode_batch(encoder, batch.images.to(device, non_blocking=True),
-                             settings.pool, settings.layers, precision)
-        valid = batch.valid if batch.valid is not None else torch.ones(n, dtype=torch.bool)
-        row = {k: torch.where(valid[:, None], v.cpu(), 0.0) for k, v in feats.items()}
-        bad = _first_nonfinite(row)
-        if bad is not None:
-            name, i = bad
-            hint = ("its weights may hold NaN or inf" if settings.precision == "fp32" else
-                    "it overflows: embed again with --precision fp32 --overwrite")
-            return CrateMAEError(f"sample {batch.keys[i]!r} gave non-finite {name} out of the "
-                                 f"encoder at precision {settings.precision}; {hint}")
-        row |= {"labels": batch.labels, "valid": valid, "keys": batch.keys,
-                "positions": positions[done:done + n]}
-        pending.append(row)
-        done, b = done + n, b + 1
-        if b % per_chunk == 0 or b == loader.plan.num_batches:
-            write_chunk(where / chunk_name((b - 1) // per_chunk), pending)
-            pending = []
-        if progress is not None:
-            progress(done, total)
+    with PreemptionFlag() as stop:
+        for batch in loader:
+            if stop.requested and not pending:  # at a chunk's end: what is written is whole
+                return _stopped(stop, where, done, total)
+            failed = _encode_into(encoder, batch, settings, precision, positions[done:],
+                                  device, pending)
+            if failed is not None:
+                return failed
+            done, b = done + len(batch), b + 1
+            if b % per_chunk == 0 or b == loader.plan.num_batches:
+                write_chunk(where / chunk_name((b - 1) // per_chunk), pending)
+                pending = []
+            if progress is not None:
+                progress(done, total)
+        return None
+
+
+def _stopped(stop: PreemptionFlag, where: Path, done: int, total: int) -> CrateMAEError:
+    """The error (exit 3, as a stopped training run) of an embed stopped by a signal between
+    chunks: the chunks written stay, and the same command goes on from them."""
+    name = signal.Signals(stop.signum or signal.SIGTERM).name
+    return CrateMAEError(f"stopped by {name} after {done} of {total} samples: the chunks "
+                         f"written are kept in {where.parent}; run the same command again to "
+                         "go on from them", exit_code=EXIT_REQUEUE)
+
+
+def _encode_into(encoder: CrateEncoder, batch: Any, settings: EmbedSettings,
+                 precision: Precision, positions: torch.Tensor, device: torch.device,
+                 pending: list[dict[str, Any]]) -> CrateMAEError | None:
+    """Append one batch's rows to `pending`; the error if a readable image's features are
+    not finite (never written as a valid row)."""
+    assert isinstance(batch, KeyedBatch)
+    n = len(batch)
+    feats = encode_batch(encoder, batch.images.to(device, non_blocking=True),
+                         settings.pool, settings.layers, precision)
+    valid = batch.valid if batch.valid is not None else torch.ones(n, dtype=torch.bool)
+    row = {k: torch.where(valid[:, None], v.cpu(), 0.0) for k, v in feats.items()}
+    bad = _first_nonfinite(row)
+    if bad is not None:
+        name, i = bad
+        hint = ("its weights may hold NaN or inf" if settings.precision == "fp32" else
+                "it overflows: embed again with --precision fp32 --overwrite")
+        return CrateMAEError(f"sample {batch.keys[i]!r} gave non-finite {name} out of the "
+                             f"encoder at precision {settings.precision}; {hint}")
+    row |= {"labels": batch.labels, "valid": valid, "keys": batch.keys,
+            "positions": positions[:n]}
+    pending.append(row)
     return None
 
 

@@ -224,12 +224,12 @@ class RunSetup:
     def _clear_replaced(self) -> None:
         """Remove what the replaced run left that this one would mix with (rank 0, locked)."""
         log.warning("replacing %s in %s (--overwrite)", self.replacing, self.run_dir)
-        for folder in (self.files.checkpoints, self.files.best):
+        for folder in (self.files.checkpoints, self.files.best, self.files.tensorboard):
             if folder.is_dir() and not folder.is_symlink():
                 shutil.rmtree(folder)
             elif folder.is_symlink():
                 folder.unlink()
-        for file in (self.result, self.files.metrics):
+        for file in (self.result, self.files.metrics, self.files.log):
             if file is not None and (file.is_file() or file.is_symlink()):
                 file.unlink()
 
