@@ -21,6 +21,26 @@ __all__ = ["CLASSES", "flowers_records", "is_flowers_root"]
 CLASSES = 102
 _SPLITS = {"train": "trnid", "val": "valid", "test": "tstid"}
 _FILES = ("imagelabels.mat", "setid.mat")
+# The 102 class names in label order, as torchvision's `Flowers102.classes` gives them.
+_NAMES = (  # noqa: SIM905 - a paragraph reads better than 102 lines
+    "pink primrose, hard-leaved pocket orchid, canterbury bells, sweet pea, english marigold, "
+    "tiger lily, moon orchid, bird of paradise, monkshood, globe thistle, snapdragon, colt's "
+    "foot, king protea, spear thistle, yellow iris, globe-flower, purple coneflower, peruvian "
+    "lily, balloon flower, giant white arum lily, fire lily, pincushion flower, fritillary, "
+    "red ginger, grape hyacinth, corn poppy, prince of wales feathers, stemless gentian, "
+    "artichoke, sweet william, carnation, garden phlox, love in the mist, mexican aster, "
+    "alpine sea holly, ruby-lipped cattleya, cape flower, great masterwort, siam tulip, "
+    "lenten rose, barbeton daisy, daffodil, sword lily, poinsettia, bolero deep blue, "
+    "wallflower, marigold, buttercup, oxeye daisy, common dandelion, petunia, wild pansy, "
+    "primula, sunflower, pelargonium, bishop of llandaff, gaura, geranium, orange dahlia, "
+    "pink-yellow dahlia?, cautleya spicata, japanese anemone, black-eyed susan, silverbush, "
+    "californian poppy, osteospermum, spring crocus, bearded iris, windflower, tree poppy, "
+    "gazania, azalea, water lily, rose, thorn apple, morning glory, passion flower, lotus, "
+    "toad lily, anthurium, frangipani, clematis, hibiscus, columbine, desert-rose, tree "
+    "mallow, magnolia, cyclamen, watercress, canna lily, hippeastrum, bee balm, ball moss, "
+    "foxglove, bougainvillea, camellia, mallow, mexican petunia, bromelia, blanket flower, "
+    "trumpet creeper, blackberry lily"
+).split(", ")
 
 
 def _folder(root: Path) -> Path | None:
@@ -52,17 +72,6 @@ def _load_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     return {k: v.astype(np.int64) for k, v in out.items()}
 
 
-def class_names() -> tuple[str, ...]:
-    """torchvision's names of the 102 classes (its `Flowers102.classes`), else their numbers."""
-    try:
-        from torchvision.datasets import Flowers102
-
-        names = tuple(getattr(Flowers102, "classes", ()))
-    except Exception:  # an older or broken torchvision: the classes keep their numbers
-        names = ()
-    return names if len(names) == CLASSES else tuple(str(i) for i in range(1, CLASSES + 1))
-
-
 def flowers_records(root: Path) -> Records:
     """The train, val and test splits as `setid.mat` gives them, labelled by
     `imagelabels.mat`; an image listed but missing or corrupt is a skipped sample."""
@@ -86,7 +95,7 @@ def flowers_records(root: Path) -> Records:
                               _loader(folder / "jpg" / f"image_{i:05d}.jpg"),
                               str(folder / "jpg" / f"image_{i:05d}.jpg"))
                          for i in (int(i) for i in ids[key])]
-    return Records("Oxford Flowers-102", splits, class_names())
+    return Records("Oxford Flowers-102", splits, tuple(_NAMES))
 
 
 def _loader(path: Path) -> Callable[[], tuple[str, bytes]]:
