@@ -126,6 +126,23 @@ def test_the_same_samples_in_two_files_is_a_warning(tmp_path, caplog) -> None:
     assert f"{N} of the {N} val samples" in caplog.text
 
 
+def test_files_given_the_other_way_round_are_a_warning(tmp_path, caplog) -> None:
+    train = write_st(tmp_path / "train.st", split="train")
+    val = write_st(tmp_path / "val.st", split="val")
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        pair(train, val)
+    assert "TRAIN VAL" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        pair(val, train)
+    assert "embedded from the val split" in caplog.text
+    caplog.clear()
+    few = {k: v[:3] for k, v in _arrays().items()}
+    small = write_st(tmp_path / "small.st", arrays=few, keys=_keys("s")[:3], num_samples=3)
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        pair(small, val)
+    assert f"fewer samples (3) than the VAL file {val} ({N})" in caplog.text
+
+
 @pytest.mark.parametrize(("key", "value"), [
     ("checkpoint_sha256", "b" * 64), ("img_size", 64), ("mean", [0.4] * 3),
     ("architecture", "vit_tiny_patch16_224")])

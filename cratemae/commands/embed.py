@@ -169,7 +169,7 @@ def embed(
         identity = {"architecture": timm_call(loaded.config)["model_name"],
                     "checkpoint": str(checkpoint), "checkpoint_sha256":
                     checkpoint_digest(checkpoint), "model": loaded.config.to_dict(),
-                    "data": list(data), "cratemae_version": __version__,
+                    "data": list(data), "split": split, "cratemae_version": __version__,
                     "preprocessing": _preprocessing(loaded)}
         with command_console("embed"), ExitStack() as stack:
             bars: list[console.Tracker] = []  # opened at the first images, after the checks

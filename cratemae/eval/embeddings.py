@@ -318,11 +318,26 @@ def read_probe_pair(train: str | Path, val: str | Path, *, pool: str, layer: int
         raise BadInputError(f"--features: {train} holds {a[0].shape[1]}-dimensional features, "
                             f"{val} {b[0].shape[1]}-dimensional")
     _check_classes(train, val, a[3].get("classes"), b[3].get("classes"))
+    _check_order(train, val, a[3].get("split"), b[3].get("split"), len(a[2]), len(b[2]))
     shared = len(set(a[2]) & set(b[2]))
     if shared:
         log.warning("--features: %d of the %d val samples of %s are also in %s: the probe is "
                     "scored on samples it was fitted on", shared, len(b[2]), val, train)
     return FeatureSet(a[0], a[1], from_cache=True), FeatureSet(b[0], b[1], from_cache=True), a[3]
+
+
+def _check_order(train: Path, val: Path, split_a: Any, split_b: Any, n_a: int, n_b: int
+                 ) -> None:
+    """Warn when the two files look given the other way round: embedded from the val and
+    the train split (as `embed --split` recorded them), or the TRAIN file the smaller."""
+    if (split_a, split_b) == ("val", "train"):
+        log.warning("--features: %s was embedded from the val split and %s from the train "
+                    "split: the probe is fitted on the first file and scored on the second "
+                    "(--features TRAIN VAL)", train, val)
+    elif n_a < n_b:
+        log.warning("--features: the TRAIN file %s holds fewer samples (%d) than the VAL file "
+                    "%s (%d): the probe is fitted on the first file and scored on the second "
+                    "(--features TRAIN VAL)", train, n_a, val, n_b)
 
 
 def _same_path(a: Path, b: Path) -> bool:
