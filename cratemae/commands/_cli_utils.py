@@ -26,16 +26,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 __all__ = [
     "CheckpointArg",
     "CheckpointOpt",
+    "DryRunOpt",
+    "GpuMemoryOpt",
+    "ImagesPerSecondOpt",
     "JsonOpt",
     "OutOpt",
     "RecipeArg",
     "ResumeOpt",
     "SetOpt",
+    "WorldSizeOpt",
     "command_console",
     "plain_help_types",
     "preemptible",
     "require_checkpoint",
     "require_file",
+    "show_plan",
 ]
 
 RecipeArg = Annotated[
@@ -96,6 +101,30 @@ CheckpointArg = Annotated[
         help="Checkpoint directory, run directory (its latest) or weights file.",
         show_default=False,
     ),
+]
+
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Check and plan the run without starting it: data, model, "
+                 "memory, schedule, run directory and time; no accelerator used, nothing "
+                 "written. Exit 0 when it would start, 2 with every reason when not."),
+]
+GpuMemoryOpt = Annotated[
+    float | None,
+    typer.Option("--gpu-memory", metavar="GIB", show_default=False,
+                 help="With --dry-run: the memory of one GPU, to say the largest batch that "
+                 "fits (and refuse a recipe whose batch does not)."),
+]
+ImagesPerSecondOpt = Annotated[
+    float | None,
+    typer.Option("--images-per-second", metavar="N", show_default=False,
+                 help="With --dry-run: one rank's training speed (`cratemae bench`), for the "
+                 "wall time per epoch and for the run."),
+]
+WorldSizeOpt = Annotated[
+    int | None,
+    typer.Option("--world-size", metavar="N", min=1, show_default=False,
+                 help="With --dry-run: plan for N ranks (default: the launch's, else 1)."),
 ]
 
 
@@ -215,3 +244,60 @@ def command_console(name: str) -> Iterator[tuple[StageProgress, LogCallback]]:
             yield on_progress, on_log
     finally:
         logger.removeHandler(handler)
+
+
+def launch_rank_world(world_size: int | None) -> tuple[int, int]:
+    """(rank, world size) of the launch this process is part of, without joining it;
+    `world_size` (--world-size) plans for another (as rank 0)."""
+    import os
+
+    from cratemae.distributed.dist import parse_launch_env
+
+    launch = parse_launch_env(os.environ)
+    if world_size is not None:
+        return 0, world_size
+    return launch.rank, launch.world_size
+
+
+def show_plan(plan: Any, *, json_: bool) -> None:
+    """Print `plan` (a `cratemae.train.plan.Plan`; the GFLOP row added here, by the bench's
+    count) as a table or one JSON object, on rank 0; exit 2 with every reason when the run
+    would not start (each rank checks its own share)."""
+    from cratemae.errors import EXIT_BAD_INPUT
+    from cratemae.fs import strict_json
+
+    if plan.model_config is not None:
+        from cratemae.bench.speed import forward_flops
+
+        gflop = forward_flops(plan.model_config, mask_ratio=plan.mask_ratio) / 1e9
+        plan.add("Model", "gflop_per_image", gflop,
+                 f"{gflop:,.2f} GFLOP per image forward (matrix products, `cratemae bench`)")
+    from cratemae.distributed.dist import is_main_process
+
+    if plan.rank == 0 and is_main_process():
+        if json_:
+            print(strict_json(plan.as_dict()))
+        else:
+            _print_plan(plan)
+    if not plan.ok:
+        console.error("\n".join(f"{r} (rank {plan.rank})" if plan.world > 1 else r
+                                 for r in plan.reasons))
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _print_plan(plan: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cratemae {plan.command} --dry-run", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_column(overflow="fold")
+    for title, rows in plan.sections.items():
+        for i, (key, _, text) in enumerate(rows):
+            table.add_row(title if i == 0 else "", key.replace("_", " "), text)
+        table.add_section()
+    verdict = "the run would start" if plan.ok else (
+        f"the run would not start: {len(plan.reasons)} reason(s) below")
+    Console(highlight=False, soft_wrap=False).print(table, verdict)

@@ -6,13 +6,19 @@ from typing import Any
 
 from cratemae.commands import console
 from cratemae.commands._cli_utils import (
+    DryRunOpt,
+    GpuMemoryOpt,
+    ImagesPerSecondOpt,
     JsonOpt,
     OutOpt,
     RecipeArg,
     ResumeOpt,
     SetOpt,
+    WorldSizeOpt,
     command_console,
+    launch_rank_world,
     preemptible,
+    show_plan,
 )
 from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
@@ -28,6 +34,10 @@ def pretrain(
     out: OutOpt = None,
     resume: ResumeOpt = "auto",
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
+    images_per_second: ImagesPerSecondOpt = None,
+    world_size: WorldSizeOpt = None,
 ) -> None:
     """Pre-train CRATE-MAE from a recipe.
 
@@ -40,12 +50,21 @@ def pretrain(
       $ cratemae pretrain recipes/base.toml --set optim.base_lr=1e-4 --out runs/base
       $ torchrun --nproc-per-node 8 -m cratemae pretrain recipes/base.toml
       $ cratemae pretrain recipes/base.toml --resume never --json
+      $ cratemae pretrain recipes/base.toml --dry-run --world-size 8 --gpu-memory 80
     """
     r = load_recipe(recipe, set_ or [])
     from cratemae.checkpoints import Resume  # torch loads lazily
     from cratemae.tasks.pretrain import pretrain as run_pretrain
 
     where = Resume.parse(resume)
+    if dry_run:
+        from cratemae.tasks.pretrain import plan_pretrain
+
+        rank, world = launch_rank_world(world_size)
+        show_plan(plan_pretrain(r, run_dir=out, resume=where, world=world, rank=rank,
+                                gpu_memory=gpu_memory, images_per_second=images_per_second),
+                  json_=json_)
+        return
     with command_console("pretrain") as (_, on_log):
         result = run_pretrain(r, run_dir=out, resume=where, on_log=on_log)
     if json_ and result.main_process:

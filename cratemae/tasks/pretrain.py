@@ -18,14 +18,27 @@ from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, MAEViT, create_model
 from cratemae.recipe import Recipe
 from cratemae.tasks.monitor import PretrainMonitor
+from cratemae.train.memory import MemoryEstimate, measure_activations, state_bytes
 from cratemae.train.optim import param_groups
+from cratemae.train.plan import (
+    Plan,
+    plan_data,
+    plan_memory,
+    plan_model,
+    plan_run_dir,
+    plan_schedule,
+    plan_steps,
+    plan_time,
+)
 from cratemae.train.setup import RunSetup
 from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer
 
-__all__ = ["MAETask", "build_mae", "pretrain"]
+__all__ = ["MAETask", "build_mae", "plan_pretrain", "pretrain"]
 
 log = logging.getLogger("cratemae")
+# How pre-training reads data.train (the run and its plan): cropped, unlabelled.
+TRAIN_DATA: dict[str, Any] = {"split": "train", "augment": "crop", "labels": False}
 
 
 def build_mae(recipe: Recipe) -> CrateMAE | MAEViT:
@@ -64,10 +77,9 @@ class MAETask(Task):
             self._monitor = PretrainMonitor(recipe, self.info.device, model.config.img_size)
         if recipe.data.train is None:
             raise BadInputError("data.train: no training data given in the recipe")
-        self.data = build_data(recipe.data, split="train", augment="crop", labels=False,
-                               img_size=model.config.img_size, seed=recipe.run.seed,
-                               rank=self.info.rank, world_size=self.info.world_size,
-                               decode_device=self.info.device)
+        self.data = build_data(recipe.data, **TRAIN_DATA, img_size=model.config.img_size,
+                               seed=recipe.run.seed, rank=self.info.rank,
+                               world_size=self.info.world_size, decode_device=self.info.device)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """MAE's pre-training groups, what the authors trained with: every weight matrix and
@@ -105,3 +117,49 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: Resume = Re
             log.info("run directory %s, %d process(es) on %s", run.run_dir,
                      run.info.world_size, run.info.device)
             return Trainer(run, task, on_log=on_log).fit()
+
+
+def plan_pretrain(recipe: Recipe, *, run_dir: Path | None = None,
+                  resume: Resume = Resume.AUTO, world: int = 1, rank: int = 0,
+                  gpu_memory: float | None = None,
+                  images_per_second: float | None = None) -> Plan:
+    """What `pretrain` would do, need and cost, without an accelerator or a write
+    (`cratemae pretrain --dry-run`): each step of its start-up, every failure a reason."""
+    plan = Plan("pretrain", world=world, rank=rank)
+    setup = RunSetup(recipe, run_dir, resume=resume, seed_per_rank=True)
+    plan_run_dir(plan, setup)
+    model = None
+    with plan.check(), torch.device("meta"):
+        model = build_mae(recipe)
+    img_size = model.config.img_size if model is not None else recipe.model.img_size or 224
+    data = None
+    if recipe.data.train is None:
+        plan.reasons.append("data.train: no training data given in the recipe")
+    else:
+        data = plan_data(plan, recipe.data, **TRAIN_DATA, img_size=img_size,
+                         seed=recipe.run.seed)
+    if recipe.run.eval_every_steps is not None and recipe.data.val is not None:
+        plan_data(plan, recipe.data, split="val", augment="none", labels=False,
+                  img_size=img_size, seed=recipe.run.seed)
+    if model is not None:
+        plan_model(plan, model, recipe.model.name, mask_ratio=recipe.model.mask_ratio)
+        model = model.to_empty(device="cpu")  # sizes only: its values are never read
+        estimate = _estimate(recipe, model)
+        plan.checkpoint_bytes = estimate.weights + estimate.optimizer
+        plan_memory(plan, estimate, recipe.run.grad_checkpointing, gpu_memory)
+    if data is not None:
+        with plan.check():
+            plan_schedule(plan, recipe, plan_steps(recipe, data.batches_per_epoch, world))
+    plan_time(plan, images_per_second)
+    return plan
+
+
+def _estimate(recipe: Recipe, model: CrateMAE | MAEViT) -> MemoryEstimate:
+    def forward(m: nn.Module, batch: int) -> torch.Tensor:  # as MAETask.loss
+        imgs = torch.randn(batch, m.config.in_chans, m.config.img_size, m.config.img_size)
+        noise = torch.rand(batch, m.config.num_patches)
+        return m(imgs, mask_ratio=recipe.model.mask_ratio, noise=noise).loss
+
+    acts = measure_activations(model, forward, recipe.run.precision)
+    return MemoryEstimate(*state_bytes(model, recipe.optim.name), acts,
+                          recipe.data.batch_size, recipe.run.precision)

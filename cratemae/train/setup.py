@@ -157,14 +157,28 @@ class RunSetup:
             raise
         try:
             torch.manual_seed(run.seed + (self.info.rank if self.seed_per_rank else 0))
-            fresh = self.replacing is not None and (
-                self.resume is None or self.resume.mode != "path")
-            if self.resume is not None and not fresh:
-                self.resume_from = find_resume(self.run_dir, self.resume)
+            self.resume_from = self._resume_point()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint to continue from: none when the task never resumes or replaces
+        another run (unless resumed from a named path), else `find_resume`'s."""
+        fresh = self.replacing is not None and (
+            self.resume is None or self.resume.mode != "path")
+        if self.resume is None or fresh:
+            return None
+        return find_resume(self.run_dir, self.resume)
+
+    def decide_resume(self) -> Path | None:
+        """What entering decides about the run directory, without the launch, the seed or
+        the stop signals (`--dry-run`): the claim on it (with a `source`), then the
+        checkpoint to continue from (None: a fresh start)."""
+        if self.source is not None:
+            self.replacing = self._claim(self.source)
+        return self._resume_point()
 
     def _claim(self, source: Source) -> str | None:
         """None when the run directory is free or holds a run of `source`'s weights; the

@@ -34,7 +34,8 @@ from cratemae.distributed.preemption import PreemptionFlag
 from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.rundir import RunFiles
 from cratemae.train.ema import WeightEMA, WithEMA
-from cratemae.train.optim import configure_optimizers, lr_at, peak_lr
+from cratemae.train.optim import configure_optimizers, lr_at
+from cratemae.train.plan import plan_steps
 from cratemae.train.recorder import RunRecorder
 from cratemae.train.recovery import NanGuard, Rollback
 from cratemae.train.setup import RunSetup
@@ -117,19 +118,11 @@ class Trainer:
 
     def _plan_steps(self) -> None:
         r, world = self.recipe, self.run.info.world_size
-        batches = self.task.batches_per_epoch()
-        self.accum = r.optim.accum_steps
-        self.steps_per_epoch = batches // self.accum
-        if self.steps_per_epoch == 0:
-            raise BadInputError(
-                f"data.train: {batches} batch(es) per rank per epoch, fewer than "
-                f"optim.accum_steps={self.accum}: use a smaller data.batch_size or more data")
-        self.total_steps = r.schedule.epochs * self.steps_per_epoch
-        if r.schedule.max_steps is not None:
-            self.total_steps = min(self.total_steps, r.schedule.max_steps)
-        self.warmup_steps = round(r.schedule.warmup_epochs * self.steps_per_epoch)
-        self.peak, lr_note = peak_lr(r.optim, r.data.batch_size * self.accum * world)
-        log.info("%s; %d steps (%d per epoch), %d warm-up", lr_note, self.total_steps,
+        steps = plan_steps(r, self.task.batches_per_epoch(), world)  # what --dry-run shows
+        self.accum, self.steps_per_epoch = steps.accum, steps.steps_per_epoch
+        self.total_steps, self.warmup_steps = steps.total_steps, steps.warmup_steps
+        self.peak = steps.peak_lr
+        log.info("%s; %d steps (%d per epoch), %d warm-up", steps.lr_note, self.total_steps,
                  self.steps_per_epoch, self.warmup_steps)
         if self.total_steps < self.warmup_steps and dist.is_main_process():
             # A short trial run (`--set schedule.max_steps=...`) otherwise trains at a fraction

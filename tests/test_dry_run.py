@@ -1,0 +1,193 @@
+"""`--dry-run`: the plan of a run, from the run's own start-up code, with nothing written.
+
+In-process (the library planner, or the command through Typer's CliRunner) and fast: the
+demo recipe with the smallest model, and hand-made shard indexes and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from support import DEMO_RECIPE, SMALLEST_MODEL, cli, tiny_recipe
+
+from cratemae.checkpoints import Resume, collect_rng_state, save_checkpoint
+from cratemae.recipe import dump_recipe, recipe_hash
+from cratemae.tasks.pretrain import build_mae, plan_pretrain
+from cratemae.train.lock import RunLock
+from cratemae.train.memory import ERROR, MemoryEstimate, measure_activations, state_bytes
+
+
+def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `roots` with its size and modification time."""
+    found = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                found[str(p)] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def _shards(root: Path, n: int, count: int) -> Path:
+    """A `cratemae shard` directory of `n` (empty) tars whose shards.json records `count`
+    samples each: the plan reads the counts, never the tars."""
+    root.mkdir()
+    entries = []
+    for i in range(n):
+        name = f"train-{i:06d}.tar"
+        (root / name).touch()
+        entries.append({"name": name, "samples": count})
+    (root / "shards.json").write_text(json.dumps({"splits": {"train": entries}}))
+    return root
+
+
+def _checkpoint(run_dir: Path, recipe, step: int) -> Path:
+    """A checkpoint the resume scan takes (complete, with the recipe it was saved under)."""
+    meta = {"epoch": 1, "samples_seen": 0, "data_position": {"epoch": 1, "batch": 3},
+            "recipe_hash": recipe_hash(recipe), "recipe_toml": dump_recipe(recipe),
+            "end_of_epoch": False}
+    return save_checkpoint(run_dir, step=step, model_state={"w": torch.zeros(2)},
+                           model_config={}, optimizer_state={"state": {}, "param_groups": []},
+                           scaler_state={}, rng_states=[collect_rng_state()], meta=meta)
+
+
+def test_demo_plan_counts_steps_and_lr(tmp_path: Path) -> None:
+    plan = plan_pretrain(tiny_recipe(), run_dir=tmp_path / "run", world=2, rank=1)
+    assert plan.ok, plan.reasons
+    d = plan.as_dict()
+    assert d["data"]["train"] == {"shards": 500, "samples": 5000}
+    # 5,000 samples over 2 ranks x batch 16: 156 batches per rank, 4,992 per epoch
+    assert d["data"]["per_rank"] == 156 * 16 and d["data"]["samples_per_epoch"] == 4992
+    assert d["schedule"]["steps"]["per_epoch"] == 156
+    assert d["schedule"]["steps"]["total"] == 13 * 156
+    assert d["schedule"]["lr"] == pytest.approx(3e-3 * 32 / 256)
+    assert d["run_directory"]["resume_from"] is None
+    assert d["model"]["parameters"]["trainable"] == sum(
+        p.numel() for p in build_mae(tiny_recipe()).parameters())
+
+
+def test_1024_shards_with_recorded_counts_plan_in_well_under_a_second(tmp_path: Path) -> None:
+    import time
+
+    data = _shards(tmp_path / "in1k", 1024, 1251)
+    recipe = tiny_recipe(f'data.train="{data}"', "data.batch_size=256", "data.num_workers=8")
+    t0 = time.perf_counter()
+    plan = plan_pretrain(recipe, run_dir=tmp_path / "run", world=8)
+    seconds = time.perf_counter() - t0
+    d = plan.as_dict()
+    assert d["data"]["train"] == {"shards": 1024, "samples": 1024 * 1251}
+    assert d["schedule"]["steps"]["per_epoch"] == 1024 * 1251 // (8 * 256)
+    # the first shard is read (the others never are): these tars are empty
+    assert plan.reasons == [f"data.train: {data / 'train-000000.tar'}: not one sample could "
+                            "be read (shard unreadable: ReadError: empty file)"]
+    assert seconds < 3
+
+
+def test_a_held_lock_is_a_reason(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        plan = plan_pretrain(tiny_recipe(), run_dir=run)
+    assert any("another run is writing into this directory" in r for r in plan.reasons)
+    assert plan.as_dict()["run_directory"]["locked_by"].startswith("host ")
+
+
+def test_resume_auto_names_the_checkpoint_and_a_refused_recipe_change(tmp_path: Path) -> None:
+    run, recipe = tmp_path / "run", tiny_recipe()
+    _checkpoint(run, recipe, step=7)
+    newest = _checkpoint(run, recipe, step=9)
+    plan = plan_pretrain(recipe, run_dir=run)
+    assert plan.ok, plan.reasons
+    assert plan.as_dict()["run_directory"]["resume_from"] == {
+        "path": str(newest), "step": 9, "epoch": 1}
+    changed = plan_pretrain(tiny_recipe("model.embed_dim=64"), run_dir=run)
+    assert any("cannot change on resume" in r and "model.embed_dim" in r
+               for r in changed.reasons), changed.reasons
+    never = plan_pretrain(recipe, run_dir=run, resume=Resume("never"))
+    assert any("--resume never" in r for r in never.reasons)
+
+
+def test_every_reason_exit_2_and_nothing_written(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three faults at once, all reported; neither the working folder, the run directory nor
+    the cache (the demo set, the shard counts) gains or changes a file."""
+    from cratemae.data.cache import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    sets = [f"--set={s}" for s in SMALLEST_MODEL]
+    with RunLock(run):
+        snapshot = _tree(tmp_path, cache)
+        bad = cli("pretrain", DEMO_RECIPE, *sets, "--set=model.mask_ratio=0.999",
+                  "--set", 'data.train="missing/*.tar"', "--out", run, "--dry-run",
+                  "--gpu-memory", "0.0001")
+        assert _tree(tmp_path, cache) == snapshot
+    assert bad.exit_code == 2, bad.output
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3, bad.stderr
+    assert any("mask_ratio" in e for e in errors)
+    assert any("another run is writing" in e for e in errors)
+    assert any("missing/*.tar" in e for e in errors)
+    before = _tree(tmp_path, cache)
+    good = cli("pretrain", DEMO_RECIPE, *sets, "--out", tmp_path / "fresh", "--dry-run",
+               "--json", "--images-per-second", "1000")
+    assert good.exit_code == 0, good.output
+    result = json.loads(good.stdout)
+    assert result["would_start"] and result["time"]["run_s"] > 0
+    assert _tree(tmp_path, cache) == before
+
+
+def _cpu_peak(step) -> int:
+    """Peak bytes allocated by torch on the CPU during `step()` (the profiler's allocation
+    and free events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    now = peak = 0
+    for _, n in events:
+        now += n
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_estimate_holds_a_real_cpu_step(checkpointing: bool) -> None:
+    """A training step (forward, backward, AdamW) of a small model on the CPU peaks within
+    ERROR of the estimate, with and without gradient checkpointing."""
+    from cratemae.train.optim import configure_optimizers, param_groups
+
+    recipe = tiny_recipe("model.embed_dim=64", "model.decoder_embed_dim=64", "model.depth=2",
+                         "data.batch_size=48", )
+    torch.manual_seed(0)
+    model = build_mae(recipe)
+    model.set_grad_checkpointing(checkpointing)
+
+    def forward(m, batch):
+        imgs = torch.randn(batch, 3, 32, 32)
+        return m(imgs, mask_ratio=0.5, noise=torch.rand(batch, m.config.num_patches)).loss
+
+    estimate = MemoryEstimate(*state_bytes(model, "adamw"),
+                              measure_activations(model, forward, "fp32"), 48, "fp32")
+    optimizer = configure_optimizers(model, recipe.optim, 1e-3, param_groups(model, 0.05))
+
+    def step() -> None:
+        forward(model, 48).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer's moments exist from here on, as in every later step
+    real = estimate.weights + estimate.optimizer + _cpu_peak(step)
+    assert abs(real / estimate.total(checkpointing) - 1) < ERROR
+    assert estimate.total(True) < 0.8 * estimate.total(False)
+    fits = estimate.largest_batch(estimate.total(checkpointing), checkpointing)
+    assert fits == 48 or fits == 49
