@@ -139,7 +139,8 @@ def test_chunked_equals_one_shot_to_the_byte(ckpt, folder, tmp_path, monkeypatch
     written = []
     real = embed_mod.write_chunk
     monkeypatch.setattr(embed_mod, "write_chunk",
-                        lambda path, rows: (written.append(path.name), real(path, rows)))
+                        lambda path, rows, tag: (written.append(path.name),
+                                                 real(path, rows, tag)))
     _embed(ckpt, [str(folder)], tmp_path / "chunked.safetensors", chunk_size=3)
     assert len(written) == 3  # 11 samples, batches of 4, a chunk per batch
     assert not parts_dir(tmp_path / "chunked.safetensors").exists()
@@ -245,11 +246,11 @@ def test_an_interrupted_embed_resumes_to_the_same_bytes(ckpt, folder, tmp_path, 
     out = tmp_path / "f.safetensors"
     real, count = embed_mod.write_chunk, []
 
-    def dies_on_the_third(path: Path, rows: list) -> None:
+    def dies_on_the_third(path: Path, rows: list, tag: str) -> None:
         if len(count) == 2:
             raise _Died
         count.append(path)
-        real(path, rows)
+        real(path, rows, tag)
 
     monkeypatch.setattr(embed_mod, "write_chunk", dies_on_the_third)
     with pytest.raises(_Died):
@@ -259,8 +260,8 @@ def test_an_interrupted_embed_resumes_to_the_same_bytes(ckpt, folder, tmp_path, 
     debris.write_bytes(b"half")
     with pytest.raises(BadInputError, match=r"other settings .*pool"):
         _embed(ckpt, [str(folder)], out, chunk_size=4, pool="avg")
-    monkeypatch.setattr(embed_mod, "write_chunk", lambda path, rows: (count.append(path),
-                                                                       real(path, rows)))
+    monkeypatch.setattr(embed_mod, "write_chunk", lambda path, rows, tag: (
+        count.append(path), real(path, rows, tag)))
     result = _embed(ckpt, [str(folder)], out, chunk_size=4)
     assert result.resumed_chunks == 2 and len(count) == 3  # only the last chunk computed
     assert out.read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
@@ -272,8 +273,8 @@ def test_a_stop_signal_ends_the_embed_between_chunks_with_exit_3(ckpt, folder, t
     _embed(ckpt, [str(folder)], tmp_path / "whole.safetensors", chunk_size=4)
     out, real = tmp_path / "f.safetensors", embed_mod.write_chunk
 
-    def signalled_after_the_first(path: Path, rows: list) -> None:
-        real(path, rows)
+    def signalled_after_the_first(path: Path, rows: list, tag: str) -> None:
+        real(path, rows, tag)
         os.kill(os.getpid(), signal.SIGTERM)  # as SLURM signals every process of the job
 
     monkeypatch.setattr(embed_mod, "write_chunk", signalled_after_the_first)

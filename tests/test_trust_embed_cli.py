@@ -136,14 +136,14 @@ def test_the_lock_is_taken_once_and_released(tmp_path) -> None:
 
 
 # --- damaged chunks -----------------------------------------------------------------------
-def _chunk(path: Path, n: int = 4, d: int = 8) -> None:
+def _chunk(path: Path, n: int = 4, d: int = 8, tag: str = "mine") -> None:
     write_chunk(path, [{"features": torch.zeros(n, d),
                         "labels": torch.zeros(n, dtype=torch.int64),
                         "valid": torch.ones(n, dtype=torch.bool),
-                        "keys": [str(i) for i in range(n)], "positions": torch.arange(n)}])
+                        "keys": [str(i) for i in range(n)], "positions": torch.arange(n)}], tag)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "header", "rows", "array"])
+@pytest.mark.parametrize("damage", ["truncated", "header", "rows", "array", "foreign"])
 def test_a_damaged_chunk_is_found_and_removed_to_be_computed_again(tmp_path, damage) -> None:
     names = chunk_arrays(())
     for k in range(3):
@@ -155,11 +155,13 @@ def test_a_damaged_chunk_is_found_and_removed_to_be_computed_again(tmp_path, dam
         bad.write_bytes(b"\xff" * 8 + bad.read_bytes()[8:])
     elif damage == "rows":
         _chunk(bad, n=3)
+    elif damage == "foreign":  # a whole chunk of another embed, copied in by hand
+        _chunk(bad, tag="another embed's")
     else:
         write_chunk(bad, [{"features": torch.zeros(4, 8), "positions": torch.arange(4),
-                           "keys": list("abcd")}])
-    assert complete_prefix(tmp_path, 3, names, lambda k: 4) == 1 and bad.exists()
-    assert complete_prefix(tmp_path, 3, names, lambda k: 4, remove=True) == 1
+                           "keys": list("abcd")}], "mine")
+    assert complete_prefix(tmp_path, 3, names, "mine", lambda k: 4) == 1 and bad.exists()
+    assert complete_prefix(tmp_path, 3, names, "mine", lambda k: 4, remove=True) == 1
     assert not bad.exists()
 
 
@@ -168,11 +170,11 @@ def test_an_embed_resumes_past_a_truncated_chunk(ckpt, folder, tmp_path, monkeyp
     out = tmp_path / "f.safetensors"
     real, count = embed_mod.write_chunk, []
 
-    def dies_on_the_third(path: Path, rows: list) -> None:
+    def dies_on_the_third(path: Path, rows: list, tag: str) -> None:
         if len(count) == 2:
             raise KeyboardInterrupt
         count.append(path)
-        real(path, rows)
+        real(path, rows, tag)
 
     monkeypatch.setattr(embed_mod, "write_chunk", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):

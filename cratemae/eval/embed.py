@@ -54,6 +54,7 @@ from cratemae.eval.embed_chunks import (
     chunk_name,
     chunk_problem,
     complete_prefix,
+    record_tag,
     write_chunk,
 )
 from cratemae.eval.embed_data import KeyedBatch, keyed_loader
@@ -188,7 +189,7 @@ def _run(encoder: CrateEncoder, source: Source, out: Path, settings: EmbedSettin
              identity.get("preprocessing", "as given"), settings.num_workers)
     mine = _rank_dir(parts, info.rank, info.world_size)
     loader, n_chunks, done_chunks, failed = _embed_share(
-        encoder, source, data, settings, record["img_size"], mine, device, progress)
+        encoder, source, data, settings, record, mine, device, progress)
     dist.raise_together(failed or loader.bad_fraction_error(final=True),
                         "another rank could not embed its share")
     dist.barrier()
@@ -208,12 +209,13 @@ def _run(encoder: CrateEncoder, source: Source, out: Path, settings: EmbedSettin
 
 
 def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
-                 settings: EmbedSettings, img_size: int, mine: Path, device: torch.device,
-                 progress: Progress | None) -> tuple[Loader, int, int, CrateMAEError | None]:
+                 settings: EmbedSettings, record: dict[str, Any], mine: Path,
+                 device: torch.device, progress: Progress | None
+                 ) -> tuple[Loader, int, int, CrateMAEError | None]:
     """This rank's share into chunk files in `mine`, from the first chunk not yet there (or
     damaged). Returns the loader (for its bad-sample count), the rank's chunk count, how
     many were there already, and the error that stopped it (a non-finite feature)."""
-    info = dist.get_dist_info()
+    info, img_size, tag = dist.get_dist_info(), record["img_size"], record_tag(record)
     mine.mkdir(parents=True, exist_ok=True)
     _remove_debris(mine)
     full = keyed_loader(source, data, img_size, info.rank, info.world_size, 0)
@@ -225,7 +227,7 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
         return sum(plan.batch_len(b) for b in range(k * per_chunk,
                                                     min((k + 1) * per_chunk, plan.num_batches)))
 
-    done_chunks = complete_prefix(mine, n_chunks, chunk_arrays(settings.layers), rows,
+    done_chunks = complete_prefix(mine, n_chunks, chunk_arrays(settings.layers), tag, rows,
                                   remove=True)
     start = min(done_chunks * per_chunk, plan.num_batches)
     if done_chunks:
@@ -237,16 +239,17 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
     encoder.eval().to(device)
     loader = keyed_loader(source, data, img_size, info.rank, info.world_size, start)
     failed = _run_chunks(encoder, loader, settings, positions, skipped, per_chunk, start, mine,
-                         device, progress)
+                         device, progress, tag)
     return loader, n_chunks, done_chunks, failed
 
 
 def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
                 positions: torch.Tensor, skipped: int, per_chunk: int, start: int, where: Path,
-                device: torch.device, progress: Progress | None) -> CrateMAEError | None:
+                device: torch.device, progress: Progress | None, tag: str
+                ) -> CrateMAEError | None:
     """Encode this rank's batches from `start` on, writing one chunk file per `per_chunk`
-    batches. A readable image whose features are not finite stops it, and is returned as
-    the error: no row marked valid is ever written non-finite."""
+    batches (tagged `tag`). A readable image whose features are not finite stops it, and
+    is returned as the error: no row marked valid is ever written non-finite."""
     precision = resolve_precision(settings.precision, device)
     total, done, b = len(positions), skipped, start
     pending: list[dict[str, Any]] = []
@@ -260,7 +263,7 @@ def _run_chunks(encoder: CrateEncoder, loader: Loader, settings: EmbedSettings,
                 return failed
             done, b = done + len(batch), b + 1
             if b % per_chunk == 0 or b == loader.plan.num_batches:
-                write_chunk(where / chunk_name((b - 1) // per_chunk), pending)
+                write_chunk(where / chunk_name((b - 1) // per_chunk), pending, tag)
                 pending = []
             if progress is not None:
                 progress(done, total)
@@ -389,11 +392,11 @@ def _assemble(out: Path, parts: Path, world: int, n_chunks: int, settings: Embed
     files = []
     for r in range(world):
         where = _rank_dir(parts, r, world)
-        names = chunk_arrays(settings.layers)
-        k = complete_prefix(where, n_chunks, names)
+        names, tag = chunk_arrays(settings.layers), record_tag(record)
+        k = complete_prefix(where, n_chunks, names, tag)
         if k < n_chunks and (where / chunk_name(k)).is_file():
             raise CrateMAEError(f"{where / chunk_name(k)}: damaged chunk "
-                                f"({chunk_problem(where / chunk_name(k), names)}); run the "
+                                f"({chunk_problem(where / chunk_name(k), names, tag)}); run the "
                                 "same command again: it is computed again")
         if k < n_chunks:
             raise BadInputError(f"{where}: rank {r}'s chunks are not all there; --out must be "

@@ -11,13 +11,15 @@ tensors as (name, dtype, shape, a generator of their bytes): the header is writt
 then each tensor's bytes stream in; nothing is held whole in memory.
 
 A chunk file is written atomically, so one that exists was whole when written; one damaged
-since (a truncated copy, a bad header, the wrong rows) is found by `complete_prefix`, which
+since (a truncated copy, a bad header, the wrong rows), or one of another embed copied in
+(each carries its embed's `record_tag`), is found by `complete_prefix`, which
 removes it to be computed again.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +55,7 @@ __all__ = [
     "chunk_name",
     "chunk_problem",
     "complete_prefix",
+    "record_tag",
     "write_chunk",
     "write_npy_dir",
     "write_safetensors",
@@ -128,16 +131,23 @@ def chunk_name(k: int) -> str:
     return f"chunk-{k:06d}.safetensors"
 
 
-def write_chunk(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_chunk(path: Path, rows: list[dict[str, Any]], tag: str) -> None:
     """One chunk file from rows of batches ({"features": (B, d), ..., "positions": (B,),
-    "keys": B strings}), atomically: a chunk file that exists is whole."""
+    "keys": B strings}), atomically: a chunk file that exists is whole. `tag` (the embed's
+    `record_tag`) goes into its metadata: a chunk of another embed is never taken."""
     tensors = {k: torch.cat([r[k] for r in rows]).contiguous()
                for k in rows[0] if k != "keys"}
     data, offsets = encode_keys(k for r in rows for k in r["keys"])
     tensors["keys"] = torch.from_numpy(data.copy())
     tensors["key_offsets"] = torch.from_numpy(offsets)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"embed": tag})
+
+
+def record_tag(record: dict[str, Any]) -> str:
+    """What every chunk of one embed carries: a digest of its settings record (checkpoint
+    SHA-256, data, pooling, layers, ...)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def chunk_arrays(layers: tuple[int, ...]) -> tuple[str, ...]:
@@ -146,13 +156,16 @@ def chunk_arrays(layers: tuple[int, ...]) -> tuple[str, ...]:
             "keys", "key_offsets")
 
 
-def chunk_problem(path: Path, names: tuple[str, ...], rows: int | None = None) -> str | None:
-    """Why the chunk file at `path` cannot be used (unreadable, an array missing, rows that
-    do not agree or are not `rows`), or None when it can."""
+def chunk_problem(path: Path, names: tuple[str, ...], tag: str, rows: int | None = None
+                  ) -> str | None:
+    """Why the chunk file at `path` cannot be used (unreadable, made by another embed than
+    `tag`'s, an array missing, rows that do not agree or are not `rows`), or None."""
     from safetensors import SafetensorError
 
     try:
         with safe_open(str(path), framework="np") as f:
+            if (f.metadata() or {}).get("embed") != tag:
+                return "it was made by another embed (other weights, data or settings)"
             have = set(f.keys())
             missing = [n for n in names if n not in have]
             if missing:
@@ -171,14 +184,14 @@ def chunk_problem(path: Path, names: tuple[str, ...], rows: int | None = None) -
     return None
 
 
-def complete_prefix(where: Path, n_chunks: int, names: tuple[str, ...],
+def complete_prefix(where: Path, n_chunks: int, names: tuple[str, ...], tag: str,
                     rows: Callable[[int], int] | None = None, *, remove: bool = False) -> int:
     """How many chunks 0, 1, ... are written and sound (`chunk_problem`; chunk k must hold
     `rows(k)` rows). With `remove`, the first damaged one is removed, to be computed again."""
     k = 0
     while k < n_chunks and (where / chunk_name(k)).is_file():
         path = where / chunk_name(k)
-        problem = chunk_problem(path, names, None if rows is None else rows(k))
+        problem = chunk_problem(path, names, tag, None if rows is None else rows(k))
         if problem is not None:
             if remove:
                 log.warning("%s: damaged chunk (%s): computing it again", path, problem)
