@@ -28,7 +28,8 @@ from cratemae.data.imagenet import (
 from cratemae.data.records import Records
 from cratemae.errors import BadInputError
 
-__all__ = ["LAYOUTS", "DownloadOptions", "download_records", "labelled_source"]
+__all__ = ["LAYOUTS", "DownloadOptions", "InPlace", "download_records", "labelled_source",
+           "read_in_place"]
 
 log = logging.getLogger("cratemae.data")
 
@@ -69,6 +70,51 @@ def download_records(src: Path, options: DownloadOptions) -> Records | None:
         return parquet.parquet_records(src, options.image_column, options.label_column,
                                        options.seed)
     return None
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """One split of a download format read in place: pieces to wrap in shards, either
+    record slices (CIFAR's batch files, Parquet's row groups) or labelled image files."""
+
+    layout: str
+    split: str  # the split read: data.val reads val, else test
+    slices: list[tuple[str, int, object]]  # (name, samples, RecordSlice)
+    files: list[tuple[str, int]]  # (image file, label)
+    classes: tuple[str, ...] | None
+    class_names: tuple[str, ...] | None = None
+
+
+def read_in_place(path: Path, split: str) -> InPlace | None:
+    """`split` of `path` read where it lies when `path` is a download format (the same
+    labels as its shards: the same code reads them), else None."""
+    found = cifar.find_cifar(path) if path.is_dir() else None
+    if found is not None:
+        want = _split_read(path, split, tuple(found[0].splits))
+        fmt, pieces, names = cifar.cifar_pieces(path, want)
+        return InPlace(fmt.title, want, pieces, [], names)
+    if parquet.is_parquet_source(path):
+        title, pieces, names = parquet.parquet_pieces(path, split)
+        return InPlace(title, split, pieces, [], names)
+    for recognise, read in ((flowers.is_flowers_root, flowers.flowers_records),
+                            (pets.is_pets_root, pets.pets_records)):
+        if path.is_dir() and recognise(path):
+            records = read(path)
+            want = _split_read(path, split, tuple(records.splits))
+            files = [(item.origin, item.label) for item in records.splits[want]]
+            return InPlace(records.layout, want, [], files, records.classes)
+    return None
+
+
+def _split_read(path: Path, split: str, have: tuple[str, ...]) -> str:
+    """The split data.SPLIT reads: its own, or for data.val the test split when there is
+    no val split (CIFAR, Pets)."""
+    if split in have:
+        return split
+    if split == "val" and "test" in have:
+        log.info("data.val = %s: it has no val split; reading its test split", path)
+        return "test"
+    raise BadInputError(f"data.{split} = {path}: has the splits {', '.join(have)}, not {split}")
 
 
 def labelled_source(src: Path, devkit: Path | None, classes_from: Path | None,

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cratemae.guard import regular_file
 
@@ -64,6 +65,9 @@ class Shard:
     count: int | None = None  # samples in it, when known
     # Image folders: (file path, label or -1) for each sample, in order.
     files: tuple[tuple[str, int], ...] | None = None
+    # A download format read in place (`cratemae.data.records.RecordSlice`: a CIFAR batch
+    # file, a Parquet row group): its `samples(lo, hi)` give (key, ext, bytes, label).
+    records: Any = None
 
     @property
     def name(self) -> str:
@@ -163,12 +167,15 @@ def iter_shard(shard: Shard, lo: int = 0, hi: int | None = None, *,
     docstring); a piece ending at the declared end then reads the rest of the shard's
     headers, which hold no samples when the count is right."""
     declared = shard.count
-    check = on_miscount is not None and declared is not None and shard.files is None
+    check = (on_miscount is not None and declared is not None and shard.files is None
+             and shard.records is None)
     to_end = check and declared is not None and (hi is None or hi >= declared)
     seen = [0]  # samples whose first header has been read, lo's predecessors included
     n, clean = 0, False
     try:
-        if shard.files is not None:
+        if shard.records is not None:
+            src = _iter_records(shard, lo, hi)
+        elif shard.files is not None:
             src = _iter_folder(shard, lo, hi)
         else:
             src = _iter_tar(shard, lo, hi, seen, read_on=to_end)
@@ -204,6 +211,14 @@ def _iter_folder(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
         if label >= 0:
             parts["cls"] = str(label).encode()
         yield RawSample(shard.url, path, parts)  # the key is the file's path: unique, findable
+
+
+def _iter_records(shard: Shard, lo: int, hi: int | None) -> Iterator[RawSample]:
+    for key, ext, data, label in shard.records.samples(lo, hi):
+        parts: dict[str, bytes | Ref] = {ext: data}
+        if label >= 0:
+            parts["cls"] = str(label).encode()
+        yield RawSample(shard.url, key, parts)
 
 
 def _open_tar(url: str) -> tarfile.TarFile:

@@ -13,7 +13,10 @@ Accepted forms (a list mixes them):
   (`validation` is read as data.val) with the counts it gives them; a directory of
   images (class sub-folders give labels; flat = unlabelled), or one whose sub-folders are
   the splits (`train/`, `val/`), read as the split asked for; the root of Kaggle's ImageNet
-  (`ILSVRC/Data/CLS-LOC`, its val split labelled by `LOC_val_solution.csv`);
+  (`ILSVRC/Data/CLS-LOC`, its val split labelled by `LOC_val_solution.csv`); a download
+  format read in place (`layouts.read_in_place`: CIFAR's batch files, Parquet files, one
+  shard per batch file or row group; Flowers-102's and Pets' images), data.val reading its
+  val split, else its test split, labelled as `cratemae shard` labels it;
 - `demo:train` / `demo:val`, the built-in demo data set.
 Counts of tars without a `shards.json` or an `_info.json` giving them are found by reading
 them once (local tars: their headers; `pipe:`/URL shards: one pass over the stream, unless
@@ -51,6 +54,7 @@ from cratemae.data.imagenet import (
     relabel,
     unlabelled_val_reason,
 )
+from cratemae.data.layouts import InPlace, read_in_place
 from cratemae.data.shards import (
     Shard,
     ShardUnreachable,
@@ -138,7 +142,12 @@ def _resolve_one(spec: str, split: str) -> Source:
                               info)
         if is_kaggle_root(path):
             return _from_kaggle(path, split)
+        in_place = read_in_place(path, split)
+        if in_place is not None:
+            return _from_download(path, in_place, split)
         return _from_folder(path, split)
+    if path.suffix == ".parquet" and regular_file(path).is_file():
+        return _from_download(path, read_in_place(path, split), split)
     from webdataset.shardlists import expand_urls
 
     shards = []
@@ -337,6 +346,20 @@ def _from_kaggle(root: Path, split: str) -> Source:
     log.info("data.%s = %s: reading Kaggle's ImageNet layout, %s split", split, root, split)
     return Source(_folder_shards(layout.roots[split], layout.splits[split]), layout.classes,
                   random_access=True, class_names=layout.class_names)
+
+
+def _from_download(root: Path, found: InPlace | None, split: str) -> Source:
+    """A download format read in place (`layouts.read_in_place`): its batch files or row
+    groups as shards of records, or its image files as folder shards; labelled as its
+    shards would be."""
+    if found is None:
+        raise BadInputError(f"data.{split} = {root}: not a Parquet data set")
+    log.info("data.%s = %s: reading %s in place, its %s split", split, root, found.layout,
+             found.split)
+    shards = tuple(Shard(name, n, records=piece) for name, n, piece in found.slices)
+    if found.files:
+        shards += _folder_shards(root, found.files)
+    return Source(shards, found.classes, random_access=True, class_names=found.class_names)
 
 
 def _split_folder(root: Path, found: dict[str, Path], split: str) -> Path:
