@@ -12,13 +12,19 @@ import typer
 from cratemae.commands import console
 from cratemae.commands._cli_utils import (
     CheckpointOpt,
+    DryRunOpt,
+    GpuMemoryOpt,
+    ImagesPerSecondOpt,
     JsonOpt,
     RecipeArg,
     ResumeOpt,
     SetOpt,
+    WorldSizeOpt,
     command_console,
+    launch_rank_world,
     preemptible,
     require_checkpoint,
+    show_plan,
 )
 from cratemae.fs import strict_json
 from cratemae.recipe import load_recipe
@@ -49,6 +55,10 @@ def finetune(
     resume: ResumeOpt = "auto",
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
+    images_per_second: ImagesPerSecondOpt = None,
+    world_size: WorldSizeOpt = None,
 ) -> None:
     """Fine-tune a pre-trained encoder with a new classification head.
 
@@ -67,6 +77,7 @@ def finetune(
       $ cratemae finetune finetune/cifar10 --checkpoint runs/base --out runs/ft
       $ torchrun --nproc-per-node 8 -m cratemae finetune finetune/in1k --checkpoint runs/base
       $ cratemae finetune finetune/demo --checkpoint runs/demo --resume never --json
+      $ cratemae finetune finetune/in1k --checkpoint runs/base --dry-run --world-size 8
     """
     r = load_recipe(recipe, set_ or [])
     require_checkpoint(checkpoint)
@@ -74,6 +85,15 @@ def finetune(
     from cratemae.tasks.finetune import finetune as run_finetune
 
     where = Resume.parse(resume)
+    if dry_run:
+        from cratemae.tasks.finetune import plan_finetune
+
+        rank, world = launch_rank_world(world_size)
+        show_plan(plan_finetune(r, checkpoint, run_dir=out, resume=where, overwrite=overwrite,
+                                recipe_name=Path(recipe).stem, world=world, rank=rank,
+                                gpu_memory=gpu_memory, images_per_second=images_per_second),
+                  json_=json_)
+        return
     with command_console("finetune") as (_, on_log):
         result = run_finetune(r, checkpoint, run_dir=out, resume=where, overwrite=overwrite,
                               recipe_name=Path(recipe).stem, on_log=on_log)

@@ -10,12 +10,18 @@ import typer
 
 from cratemae.commands import console
 from cratemae.commands._cli_utils import (
+    DryRunOpt,
+    GpuMemoryOpt,
+    ImagesPerSecondOpt,
     JsonOpt,
     RecipeArg,
     SetOpt,
+    WorldSizeOpt,
     command_console,
+    launch_rank_world,
     preemptible,
     require_checkpoint,
+    show_plan,
 )
 from cratemae.errors import BadInputError
 from cratemae.fs import strict_json
@@ -55,6 +61,10 @@ def probe(
     ] = None,
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    gpu_memory: GpuMemoryOpt = None,
+    images_per_second: ImagesPerSecondOpt = None,
+    world_size: WorldSizeOpt = None,
 ) -> None:
     """Linear-probe a pre-trained encoder.
 
@@ -76,6 +86,7 @@ def probe(
       $ torchrun --nproc-per-node 8 -m cratemae probe probe/in1k --checkpoint runs/base
       $ cratemae probe probe/cifar10 \
           --features c10-train.safetensors c10-val.safetensors
+      $ cratemae probe probe/in1k --checkpoint runs/base --dry-run
     """
     r = load_recipe(recipe, set_ or [])
     if (checkpoint is None) == (features is None):
@@ -86,6 +97,15 @@ def probe(
     for file in features or ():
         if not file.exists():
             raise BadInputError(f"{file}: --features file not found")
+    if dry_run:
+        from cratemae.tasks.probe import plan_probe
+
+        rank, world = launch_rank_world(world_size)
+        show_plan(plan_probe(r, checkpoint, features=features, run_dir=out,
+                             overwrite=overwrite, recipe_name=Path(recipe).stem, world=world,
+                             rank=rank, gpu_memory=gpu_memory,
+                             images_per_second=images_per_second), json_=json_)
+        return
     from cratemae.tasks.probe import probe as run_probe  # torch loads lazily
 
     with command_console("probe") as (on_progress, on_log):

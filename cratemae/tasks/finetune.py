@@ -34,12 +34,24 @@ from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.rundir import RunFiles
 from cratemae.tasks.follow import follow_checkpoint
+from cratemae.train.plan import (
+    Plan,
+    estimate_memory,
+    plan_data,
+    plan_memory,
+    plan_model,
+    plan_run_dir,
+    plan_schedule,
+    plan_steps,
+    plan_time,
+    unbuilt_demo_classes,
+)
 from cratemae.train.setup import RunSetup, Source, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer
 from cratemae.weights.load import checkpoint_digest, load_encoder
 
-__all__ = ["FinetuneTask", "finetune"]
+__all__ = ["FinetuneTask", "finetune", "plan_finetune"]
 
 log = logging.getLogger("cratemae")
 
@@ -51,17 +63,14 @@ class FinetuneTask(Task):
                  num_classes: int) -> None:
         ft = recipe.finetune
         self.recipe, self.model, self.config = recipe, encoder, config
-        encoder.set_grad_checkpointing(recipe.run.grad_checkpointing)
+        _with_head(recipe, encoder, num_classes)
         self.num_classes = num_classes
-        encoder.reset_classifier(num_classes, ft.pool)
-        encoder.set_drop_path_rate(ft.drop_path_rate)
         self.info = dist.get_dist_info()
         self.ema_decay = ft.ema_decay if ft.ema else None
         self.eval_every = ft.eval_every_epochs
         self.precision = resolve_precision(recipe.run.precision, self.info.device)
         self.mixup = _make_mixup(recipe, num_classes)
-        self.data = build_data(recipe.data, split="train",
-                               augment="randaugment" if ft.randaugment else "crop",
+        self.data = build_data(recipe.data, **_train_data(recipe),
                                img_size=encoder.config.img_size, seed=recipe.run.seed,
                                rank=self.info.rank, world_size=self.info.world_size,
                                decode_device=self.info.device)
@@ -87,6 +96,21 @@ class FinetuneTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return classify(model, self.recipe.data, self.model.config.img_size, self.precision)
+
+
+def _with_head(recipe: Recipe, encoder: CrateEncoder, num_classes: int) -> CrateEncoder:
+    """The encoder as fine-tuning trains it: a new head, drop path, checkpointing."""
+    ft = recipe.finetune
+    encoder.set_grad_checkpointing(recipe.run.grad_checkpointing)
+    encoder.reset_classifier(num_classes, ft.pool)
+    encoder.set_drop_path_rate(ft.drop_path_rate)
+    return encoder
+
+
+def _train_data(recipe: Recipe) -> dict[str, Any]:
+    """How fine-tuning reads data.train (the run and its plan): labelled, augmented."""
+    return {"split": "train", "augment": "randaugment" if recipe.finetune.randaugment
+            else "crop", "labels": True}
 
 
 def _make_mixup(recipe: Recipe, num_classes: int) -> Any:
@@ -157,3 +181,61 @@ def finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = N
                            "class_names": list(class_names(recipe) or []) or None}
                 atomic_write_json(run.files.finetune, summary)
         return result
+
+
+def plan_finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | None = None,
+                  resume: Resume = Resume.AUTO, overwrite: bool = False,
+                  recipe_name: str | None = None, world: int = 1, rank: int = 0,
+                  gpu_memory: float | None = None,
+                  images_per_second: float | None = None) -> Plan:
+    """What `finetune` would do, need and cost, without an accelerator or a write
+    (`cratemae finetune --dry-run`): each step of its start-up, every failure a reason."""
+    plan = Plan("finetune", world=world, rank=rank)
+    source = loaded = None
+    with plan.check():
+        source = Source(str(checkpoint), checkpoint_digest(checkpoint))
+        loaded = load_encoder(checkpoint, recipe.model)
+        recipe, notes = follow_checkpoint(recipe, loaded)
+        plan.add("Model", "checkpoint", str(checkpoint),
+                 "; ".join([source.describe(), *notes]))
+    with plan.check():
+        where = run_dir_for(recipe, checkpoint, "finetune", out=run_dir,
+                            recipe_name=recipe_name)
+        recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
+            update={"out_dir": str(where)})})
+        plan_run_dir(plan, RunSetup(recipe, where, resume=resume, source=source,
+                                    result=RunFiles(where).finetune, overwrite=overwrite))
+    num_classes = None
+    with plan.check():
+        wanted = recipe.finetune.num_classes
+        num_classes = (wanted or unbuilt_demo_classes(recipe.data)
+                       or resolve_num_classes(recipe, wanted, "finetune.num_classes"))
+        _make_mixup(recipe, num_classes)
+    img_size = loaded.model.config.img_size if loaded is not None else (
+        recipe.model.img_size or 224)
+    data = plan_data(plan, recipe.data, **_train_data(recipe), img_size=img_size,
+                     seed=recipe.run.seed)
+    plan_data(plan, recipe.data, split="val", augment="none", labels=True, img_size=img_size,
+              seed=0)
+    if loaded is not None and num_classes is not None:
+        encoder = _with_head(recipe, loaded.model, num_classes)  # type: ignore[arg-type]
+        c = encoder.config
+        plan_model(plan, encoder, f"{c.family} encoder, width {c.embed_dim}, depth {c.depth}, "
+                   f"{c.img_size} px, {num_classes} classes", encoder_only=True)
+        estimate = estimate_memory(encoder, _classifier_loss(num_classes), recipe,
+                                   average=recipe.finetune.ema)
+        plan.checkpoint_bytes = estimate.weights + estimate.average + estimate.optimizer
+        plan_memory(plan, estimate, recipe.run.grad_checkpointing, gpu_memory)
+    if data is not None:
+        with plan.check():
+            plan_schedule(plan, recipe, plan_steps(recipe, data.batches_per_epoch, world))
+    plan_time(plan, images_per_second)
+    return plan
+
+
+def _classifier_loss(num_classes: int) -> Callable[[nn.Module, int], torch.Tensor]:
+    def forward(model: nn.Module, batch: int) -> torch.Tensor:  # as FinetuneTask.loss
+        size = model.config.img_size  # type: ignore[union-attr]
+        logits = model(torch.randn(batch, 3, size, size))
+        return F.cross_entropy(logits, torch.randint(num_classes, (batch,)))
+    return forward

@@ -18,10 +18,10 @@ from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, MAEViT, create_model
 from cratemae.recipe import Recipe
 from cratemae.tasks.monitor import PretrainMonitor
-from cratemae.train.memory import MemoryEstimate, measure_activations, state_bytes
 from cratemae.train.optim import param_groups
 from cratemae.train.plan import (
     Plan,
+    estimate_memory,
     plan_data,
     plan_memory,
     plan_model,
@@ -144,7 +144,7 @@ def plan_pretrain(recipe: Recipe, *, run_dir: Path | None = None,
     if model is not None:
         plan_model(plan, model, recipe.model.name, mask_ratio=recipe.model.mask_ratio)
         model = model.to_empty(device="cpu")  # sizes only: its values are never read
-        estimate = _estimate(recipe, model)
+        estimate = estimate_memory(model, _mae_loss(recipe), recipe)
         plan.checkpoint_bytes = estimate.weights + estimate.optimizer
         plan_memory(plan, estimate, recipe.run.grad_checkpointing, gpu_memory)
     if data is not None:
@@ -154,12 +154,10 @@ def plan_pretrain(recipe: Recipe, *, run_dir: Path | None = None,
     return plan
 
 
-def _estimate(recipe: Recipe, model: CrateMAE | MAEViT) -> MemoryEstimate:
+def _mae_loss(recipe: Recipe) -> Callable[[nn.Module, int], torch.Tensor]:
     def forward(m: nn.Module, batch: int) -> torch.Tensor:  # as MAETask.loss
-        imgs = torch.randn(batch, m.config.in_chans, m.config.img_size, m.config.img_size)
-        noise = torch.rand(batch, m.config.num_patches)
+        c = m.config  # type: ignore[union-attr]
+        imgs = torch.randn(batch, c.in_chans, c.img_size, c.img_size)
+        noise = torch.rand(batch, c.num_patches)
         return m(imgs, mask_ratio=recipe.model.mask_ratio, noise=noise).loss
-
-    acts = measure_activations(model, forward, recipe.run.precision)
-    return MemoryEstimate(*state_bytes(model, recipe.optim.name), acts,
-                          recipe.data.batch_size, recipe.run.precision)
+    return forward

@@ -37,15 +37,29 @@ from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
 from cratemae.rundir import RunFiles
 from cratemae.tasks.follow import follow_checkpoint
+from cratemae.train.plan import (
+    Plan,
+    estimate_memory,
+    plan_data,
+    plan_memory,
+    plan_model,
+    plan_run_dir,
+    plan_schedule,
+    plan_steps,
+    plan_time,
+    unbuilt_demo_classes,
+)
 from cratemae.train.setup import RunSetup, Source, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import Trainer
 from cratemae.weights.load import checkpoint_digest, config_key, load_encoder
 
-__all__ = ["LinearProbeModel", "ProbeResult", "probe"]
+__all__ = ["LinearProbeModel", "ProbeResult", "plan_probe", "probe"]
 
 log = logging.getLogger("cratemae")
 StageProgress = Callable[[str, int, int], None]  # (what, done, total)
+# How the "mae" protocol reads data.train (the run and its plan): cropped, labelled.
+MAE_TRAIN_DATA: dict[str, Any] = {"split": "train", "augment": "crop", "labels": True}
 
 
 @dataclass
@@ -270,7 +284,7 @@ class _MAEProbeTask(Task):
         self.info = dist.get_dist_info()
         self.img_size = model.encoder.config.img_size
         self.precision = resolve_precision(recipe.run.precision, self.info.device)
-        self.data = build_data(recipe.data, split="train", augment="crop",
+        self.data = build_data(recipe.data, **MAE_TRAIN_DATA,
                                img_size=self.img_size, seed=recipe.run.seed,
                                rank=self.info.rank, world_size=self.info.world_size,
                                decode_device=self.info.device)
@@ -293,3 +307,90 @@ def _mae_protocol(recipe: Recipe, encoder: CrateEncoder, config: dict, num_class
     final = result.evals[-1]
     return {"top1": final["top1"], "top5": final["top5"], "steps": result.state.step,
             "val_images": final["images"], "last_checkpoint": str(result.last_checkpoint)}
+
+
+def plan_probe(recipe: Recipe, checkpoint: str | Path | None, *,
+               features: tuple[Path, Path] | None = None, run_dir: Path | None = None,
+               overwrite: bool = False, recipe_name: str | None = None, world: int = 1,
+               rank: int = 0, gpu_memory: float | None = None,
+               images_per_second: float | None = None) -> Plan:
+    """What `probe` would do, need and cost, without an accelerator or a write
+    (`cratemae probe --dry-run`): each step of its start-up, every failure a reason."""
+    p, plan = recipe.probe, Plan("probe", world=world, rank=rank)
+    source, encoder, num_classes = None, None, None
+    named = Path(checkpoint) if checkpoint is not None else None
+    with plan.check():
+        if features is not None and p.protocol != "features":
+            raise BadInputError('--features: the "mae" protocol trains on augmented images; '
+                                'embeddings files serve probe.protocol = "features"')
+        if features is not None:
+            sets, meta = _embedded_sets(features, p.pool, p.layer)
+            num_classes = _embedded_classes(meta, sets, p.num_classes)
+            source = Source(str(meta.get("checkpoint") or meta.get("checkpoint_sha256")),
+                            meta.get("checkpoint_sha256"))
+            named = Path(str(meta.get("checkpoint") or features[0]))
+            plan.add("Data", "features", [str(f) for f in features],
+                     f"{len(sets['train'].labels):,} train and {len(sets['val'].labels):,} "
+                     f"val features, {num_classes} classes: no image is decoded")
+        else:
+            assert checkpoint is not None
+            source = Source(str(checkpoint), checkpoint_digest(checkpoint))
+            loaded = load_encoder(checkpoint, recipe.model)
+            recipe, notes = follow_checkpoint(recipe, loaded)
+            encoder = loaded.model
+            depth = encoder.config.depth
+            plan.add("Model", "checkpoint", str(checkpoint),
+                     "; ".join([source.describe(), *notes]))
+            if not -depth <= p.layer < depth:
+                raise BadInputError(f"probe.layer = {p.layer}, but the encoder of "
+                                    f"{checkpoint} has {depth} layers (valid: "
+                                    f"{-depth}..{depth - 1})")
+            num_classes = (p.num_classes or unbuilt_demo_classes(recipe.data)
+                           or resolve_num_classes(recipe, p.num_classes, "probe.num_classes"))
+    if named is not None:
+        with plan.check():
+            where = run_dir_for(recipe, named, "probe", out=run_dir, recipe_name=recipe_name,
+                                reads=tuple(features or ()))
+            recipe = recipe.model_copy(update={"run": recipe.run.model_copy(
+                update={"out_dir": str(where)})})
+            plan_run_dir(plan, RunSetup(recipe, where, resume=Resume.AUTO, source=source,
+                                        result=RunFiles(where).probe, overwrite=overwrite))
+    if features is not None or encoder is None or num_classes is None:
+        return plan
+    img_size = encoder.config.img_size  # type: ignore[union-attr]
+    if p.protocol == "features":  # inference over both splits, then a regression
+        for split in ("train", "val"):
+            plan_data(plan, recipe.data, split=split, augment="none", labels=True,
+                      img_size=img_size, seed=0)
+        plan_model(plan, encoder, _described(encoder, num_classes), encoder_only=True)
+        plan.add("Schedule", "protocol", "features",
+                 "features of both splits once (cached in probe.cache_dir), then logistic "
+                 f"regression for {len(p.weight_decays)} weight decays and a refit: no "
+                 "training steps")
+        return plan
+    model = LinearProbeModel(encoder, num_classes, p.layer, p.pool)  # type: ignore[arg-type]
+    data = plan_data(plan, recipe.data, **MAE_TRAIN_DATA, img_size=img_size,
+                     seed=recipe.run.seed)
+    plan_data(plan, recipe.data, split="val", augment="none", labels=True, img_size=img_size,
+              seed=0)
+    plan_model(plan, model, _described(encoder, num_classes), encoder_only=True)
+    plan.model_config = encoder.config  # type: ignore[union-attr]
+
+    def forward(m: nn.Module, batch: int) -> torch.Tensor:  # as _MAEProbeTask.loss
+        logits = m(torch.randn(batch, 3, img_size, img_size))
+        return nn.functional.cross_entropy(logits, torch.randint(num_classes, (batch,)))
+
+    estimate = estimate_memory(model, forward, recipe)
+    plan.checkpoint_bytes = estimate.weights + estimate.optimizer
+    plan_memory(plan, estimate, recipe.run.grad_checkpointing, gpu_memory)
+    if data is not None:
+        with plan.check():
+            plan_schedule(plan, recipe, plan_steps(recipe, data.batches_per_epoch, world))
+    plan_time(plan, images_per_second)
+    return plan
+
+
+def _described(encoder: Any, num_classes: int) -> str:
+    c = encoder.config
+    return (f"{c.family} encoder, width {c.embed_dim}, depth {c.depth}, {c.img_size} px, "
+            f"{num_classes} classes")

@@ -5,7 +5,7 @@
 Weights, their average and the optimizer's moments are fp32 and counted exactly from the
 parameters (AdamW: 2 moments per trainable parameter; SGD, LARS: 1). Gradients exist only
 for trainable parameters (fp32). Activations are measured, not modelled: one forward pass
-and loss of the real model at batches of 1 and 2 images on the CPU, under the recipe's
+and loss of the real model at batches of 2 and 4 images on the CPU, under the recipe's
 autocast dtype, counting the bytes of every tensor autograd saves for the backward (each
 storage once: the bf16 copies of the weights, attention outputs, norms' inputs...). The
 difference of the two passes is the cost per image, the rest the fixed cost; both are
@@ -100,22 +100,16 @@ def state_bytes(model: nn.Module, optimizer: str, *, average: bool = False
 
 
 def measure_activations(model: nn.Module, forward: Forward, precision: str) -> Activations:
-    """Saved-tensor bytes of `forward(model, b)` for b = 1 and 2 on the model's (CPU)
+    """Saved-tensor bytes of `forward(model, b)` for b = 2 and 4 on the model's (CPU)
     device under `precision`'s autocast, with each top-level block's share (the elements
     of a `...blocks` ModuleList) for the checkpointed figure. No backward is run."""
-    one, two = _saved(model, forward, 1, precision), _saved(model, forward, 2, precision)
-    per_image = max(0, two.total - one.total)
-    blocks_one, blocks_two = one.blocks, two.blocks
-    inputs_one, inputs_two = one.inputs, two.inputs
-    outside_one = one.total - sum(blocks_one)
-    outside_two = two.total - sum(blocks_two)
-    largest_one = max(blocks_one, default=0)
-    largest_two = max(blocks_two, default=0)
-    ckpt_one = outside_one + inputs_one + largest_one
-    ckpt_two = outside_two + inputs_two + largest_two
-    per_ckpt = max(0, ckpt_two - ckpt_one)
-    return Activations(fixed=max(0, one.total - per_image), per_image=per_image,
-                       fixed_ckpt=max(0, ckpt_one - per_ckpt), per_image_ckpt=per_ckpt)
+    one, two = _saved(model, forward, 2, precision), _saved(model, forward, 4, precision)
+    ckpt_one = one.total - sum(one.blocks) + one.inputs + max(one.blocks, default=0)
+    ckpt_two = two.total - sum(two.blocks) + two.inputs + max(two.blocks, default=0)
+    per_image = max(0, two.total - one.total) // 2
+    per_ckpt = max(0, ckpt_two - ckpt_one) // 2
+    return Activations(fixed=max(0, one.total - 2 * per_image), per_image=per_image,
+                       fixed_ckpt=max(0, ckpt_one - 2 * per_ckpt), per_image_ckpt=per_ckpt)
 
 
 @dataclass
@@ -150,6 +144,8 @@ def _saved(model: nn.Module, forward: Forward, batch: int, precision: str) -> _S
         def hook(module: nn.Module, args: tuple) -> None:
             nonlocal inputs
             current.append(i)
+            if not torch.is_grad_enabled():  # a frozen block keeps nothing (probe)
+                return
             inputs += sum(a.untyped_storage().nbytes() for a in args
                           if isinstance(a, torch.Tensor))
         return hook

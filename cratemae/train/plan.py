@@ -29,11 +29,29 @@ from cratemae.guard import check_output
 from cratemae.recipe import Recipe
 from cratemae.recipe.schema import DataSection
 from cratemae.train.lock import lock_holder
-from cratemae.train.memory import ERROR, MemoryEstimate
+from cratemae.train.memory import (
+    ERROR,
+    Forward,
+    MemoryEstimate,
+    measure_activations,
+    state_bytes,
+)
 from cratemae.train.optim import peak_lr
 from cratemae.train.setup import RunSetup
 
-__all__ = ["Plan", "StepPlan", "plan_data", "plan_steps"]
+__all__ = [
+    "Plan",
+    "StepPlan",
+    "estimate_memory",
+    "plan_data",
+    "plan_memory",
+    "plan_model",
+    "plan_run_dir",
+    "plan_schedule",
+    "plan_steps",
+    "plan_time",
+    "unbuilt_demo_classes",
+]
 
 GIB = 2**30
 
@@ -88,6 +106,7 @@ class Plan:
     memory: MemoryEstimate | None = None
     checkpoint_bytes: int | None = None
     mask_ratio: float = 0.0
+    encoder_only: bool = False  # the GFLOP count leaves out the decoder
     resume_step: int = 0  # the step of the checkpoint the run would continue from
 
     @property
@@ -263,12 +282,33 @@ def plan_run_dir(plan: Plan, setup: RunSetup, *, flag: str = "--out") -> Path | 
 
 
 # --- model, memory, schedule, time ---------------------------------------------------------------
-def plan_model(plan: Plan, model: torch.nn.Module, name: str, *, mask_ratio: float = 0.0
-               ) -> None:
+def unbuilt_demo_classes(data: DataSection) -> int | None:
+    """The demo's number of classes when data.train or data.val names the demo set and it
+    is not built yet (the run builds it; the plan must not), else None."""
+    from cratemae.data.demo import CLASSES, demo_dir
+    from cratemae.data.folders import INDEX_NAME
+
+    specs = [s for s in (data.train, data.val) if isinstance(s, str)]
+    demo = any(s.startswith("demo:") for s in specs)
+    return len(CLASSES) if demo and not (demo_dir() / INDEX_NAME).is_file() else None
+
+
+def estimate_memory(model: torch.nn.Module, forward: Forward, recipe: Recipe, *,
+                    average: bool = False) -> MemoryEstimate:
+    """`MemoryEstimate` of `model` (on the CPU; its values unused) training with
+    `forward`'s loss at the recipe's batch, precision and optimizer."""
+    acts = measure_activations(model, forward, recipe.run.precision)
+    return MemoryEstimate(*state_bytes(model, recipe.optim.name, average=average), acts,
+                          recipe.data.batch_size, recipe.run.precision)
+
+
+def plan_model(plan: Plan, model: torch.nn.Module, name: str, *, mask_ratio: float = 0.0,
+               encoder_only: bool = False) -> None:
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     frozen = sum(p.numel() for p in params) - trainable
     plan.model_config, plan.mask_ratio = getattr(model, "config", None), mask_ratio
+    plan.encoder_only = encoder_only
     plan.add("Model", "preset", name)
     plan.add("Model", "parameters", {"trainable": trainable, "frozen": frozen},
              f"{trainable / 1e6:,.2f} M trainable, {frozen / 1e6:,.2f} M frozen")
@@ -290,9 +330,9 @@ def plan_memory(plan: Plan, estimate: MemoryEstimate, checkpointing: bool,
     plan.add("Memory", "peak_bytes", total,
              f"{_size(total)} per rank, +/-{ERROR:.0%} ({m.precision}; the CUDA context, "
              "about 0.5 GiB, comes on top)")
-    plan.add("Memory", "method", "saved-tensor bytes at batch 1 and 2, CPU",
+    plan.add("Memory", "method", "saved-tensor bytes at batch 2 and 4, CPU",
              "exact state; activations: bytes autograd saves in the real model's forward at "
-             "batches 1 and 2 on the CPU under the recipe's autocast, linear in the batch")
+             "batches 2 and 4 on the CPU under the recipe's autocast, linear in the batch")
     if gpu_memory is not None:
         budget = gpu_memory * GIB
         fits = {ck: m.largest_batch(budget, ck) for ck in (False, True)}
