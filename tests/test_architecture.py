@@ -19,7 +19,7 @@ import cratemae
 
 ROOT = Path(cratemae.__file__).parent
 # Modules at the top of the package that every package may use: they import nothing of it.
-BASE = {"errors", "fs", "guard", "rundir"}
+BASE = {"errors", "fs", "guard", "lock", "rundir"}
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
 
 
@@ -111,6 +111,7 @@ def test_the_rules_that_never_relax() -> None:
         if path.is_file():
             assert set(GRAPH[f"cratemae.{base}"]) <= {f"cratemae.{b}" for b in BASE}, base
     assert GRAPH["cratemae.errors"] == GRAPH["cratemae.fs"] == GRAPH["cratemae.rundir"] == []
+    assert GRAPH["cratemae.lock"] == []
 
 
 def test_nothing_imports_the_commands() -> None:

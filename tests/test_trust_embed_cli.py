@@ -108,7 +108,7 @@ def test_a_second_embed_into_the_same_out_is_refused_at_start(ckpt, folder, tmp_
         msg = _refused(cli(*_base(folder, ckpt, out)), "another embed is writing it")
         assert f"pid {os.getpid()}" in msg
         assert not parts_dir(out).exists() and not out.exists()
-    assert not PartsLock(out).path.exists()  # the first leaves nothing behind
+    assert not PartsLock(out).lock.path.exists()  # the first leaves nothing behind
 
 
 def test_the_lock_is_taken_once_and_released(tmp_path) -> None:

@@ -18,15 +18,12 @@ removes it to be computed again.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +43,7 @@ from cratemae.eval.embeddings import (
     layer_name,
 )
 from cratemae.fs import atomic_path, atomic_write, atomic_write_text, fsync_dir, temp_path
+from cratemae.lock import FileLock, LockHeld
 
 __all__ = [
     "PartsLock",
@@ -147,7 +145,7 @@ def write_chunk(path: Path, rows: list[dict[str, Any]], tag: str) -> None:
 def record_tag(record: dict[str, Any]) -> str:
     """What every chunk of one embed carries: a digest of its settings record (checkpoint
     SHA-256, data, pooling, layers, ...)."""
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(record, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 def chunk_arrays(layers: tuple[int, ...]) -> tuple[str, ...]:
@@ -338,52 +336,27 @@ def _replace_dir_with(out: Path, new: Path | None) -> None:
 
 
 class PartsLock:
-    """`with PartsLock(out):` one embed into `out` at a time: an advisory `flock` on the
-    hidden `.OUT.lock` beside it, held while chunks are written to OUT.parts and assembled
-    into OUT, and removed at the end. A second embed is refused at once, naming the holder.
-    The operating system releases the lock when its process ends, however it ends."""
+    """`with PartsLock(out):` one embed into `out` at a time: the lock
+    (`cratemae.lock.FileLock`) on the hidden `.OUT.lock` beside it, held while chunks are
+    written to OUT.parts and assembled into OUT, and removed at the end. A second embed is
+    refused at once, naming the holder."""
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
-        self.path = self.out.with_name(f".{self.out.name}.lock")
-        self.fd: int | None = None
+        self.lock = FileLock(self.out.with_name(f".{self.out.name}.lock"), remove=True)
 
     def __enter__(self) -> PartsLock:
-        for _ in range(100):  # another holder removing the file as we open it: open again
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            except OSError as err:
-                raise BadInputError(f"--out {self.out}: cannot create its lock {self.path} "
-                                    f"({err.strerror})") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-                os.close(fd)
-                raise BadInputError(
-                    f"--out {self.out}: another embed is writing it "
-                    f"({holder or 'holder unknown'}); wait for it to end, or give another "
-                    f"--out") from None
-            if self._still_there(fd):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
-                              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-                self.fd = fd
-                return self
-            os.close(fd)
-        raise BadInputError(f"--out {self.out}: could not take its lock {self.path}")
-
-    def _still_there(self, fd: int) -> bool:
-        """Whether the file locked is the one at the path (the last holder removes it)."""
         try:
-            here, locked = os.stat(self.path), os.fstat(fd)
-        except FileNotFoundError:
-            return False
-        return (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+            self.lock.path.parent.mkdir(parents=True, exist_ok=True)
+            self.lock.__enter__()
+        except LockHeld as held:
+            raise BadInputError(f"--out {self.out}: another embed is writing it "
+                                f"({held.holder}); wait for it to end, or give another "
+                                "--out") from None
+        except OSError as err:
+            raise BadInputError(f"--out {self.out}: cannot create its lock {self.lock.path} "
+                                f"({err.strerror})") from None
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            self.path.unlink(missing_ok=True)  # while held: a waiter then finds it gone
-            os.close(self.fd)
-            self.fd = None
+        self.lock.__exit__()
