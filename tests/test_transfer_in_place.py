@@ -86,3 +86,48 @@ def test_cifar_in_place_through_the_loader(tmp_path: Path) -> None:
     assert train.classes == NAMES10 and (train.num_samples, val.num_samples) == (15, 4)
     labels = sorted(int(y) for b in val for y in b.labels)
     assert labels == sorted(int(y) for y in cifar10_batches()["test_batch"][1])
+
+
+def test_data_val_of_shards_with_train_and_test_reads_test(tmp_path: Path) -> None:
+    write_cifar10_binary(tmp_path / "dl")
+    write_shards(tmp_path / "dl", tmp_path / "out")
+    val = resolve_source(str(tmp_path / "out"), "val")
+    assert [Path(s.url).name for s in val.shards] == ["test-000000.tar"]
+    assert val.classes == NAMES10
+
+
+# --- the shipped recipes read what `cratemae shard` writes ------------------------------------
+
+WRITERS = {"cifar10": write_cifar10_binary, "cifar100": write_cifar100_binary,
+           "flowers102": write_flowers, "pets": write_pets}
+# (recipe, data.train's splits, data.val's split)
+READS = [("probe/cifar10", ["train"], "test"), ("finetune/cifar10", ["train"], "test"),
+         ("probe/cifar100", ["train"], "test"), ("finetune/cifar100", ["train"], "test"),
+         ("probe/flowers102", ["train"], "test"), ("finetune/flowers102", ["train", "val"], "test"),
+         ("probe/pets", ["train"], "test"), ("finetune/pets", ["train"], "test")]
+
+
+@pytest.mark.parametrize(("name", "train_splits", "val_split"), READS,
+                         ids=[r[0] for r in READS])
+def test_shipped_recipes_point_at_what_shard_writes(tmp_path: Path, name: str,
+                                                    train_splits: list[str],
+                                                    val_split: str) -> None:
+    import tomllib
+
+    from support import REPO
+
+    recipe = tomllib.loads((REPO / "recipes" / f"{name}.toml").read_text())
+    dataset = name.split("/")[1]
+    WRITERS[dataset](tmp_path / "dl")
+    write_shards(tmp_path / "dl", tmp_path / dataset)
+    task = recipe["probe" if name.startswith("probe") else "finetune"]
+
+    def where(spec):
+        return [where(s)[0] for s in spec] if isinstance(spec, list) else [
+            spec.replace(f"/data/{dataset}", str(tmp_path / dataset))]
+
+    train = resolve_source(where(recipe["data"]["train"]), "train")
+    val = resolve_source(where(recipe["data"]["val"])[0], "val")
+    assert sorted({Path(s.url).name.split("-")[0] for s in train.shards}) == train_splits
+    assert {Path(s.url).name.split("-")[0] for s in val.shards} == {val_split}
+    assert len(train.classes) == len(val.classes) == task["num_classes"]

@@ -5,7 +5,7 @@ Accepted forms (a list mixes them):
   ones, `/data/in1k/train-*.tar` (a URL cannot be globbed: the message says to use braces);
 - a `pipe:` command or `http(s)://` URL pattern;
 - a directory written by `cratemae shard` (its `shards.json` gives names and counts):
-  `data.train` reads its `train` split and `data.val` its `val` split;
+  `data.train` reads its `train` split and `data.val` its `val` split (else its `test`);
 - a directory of tar files: all of them, unless their names say they hold several splits
   (`train-*.tar` beside `val-*.tar`, or `imagenet1k-train-0000.tar` beside
   `imagenet1k-validation-00.tar`), then those of the split asked for; with timm's and
@@ -157,7 +157,14 @@ def _resolve_one(spec: str, split: str) -> Source:
                 raise BadInputError(f"{file}: shard file not found (data.{split} = {spec!r})")
             shards.append(Shard(file, _indexed_count(Path(file))))
     parents = {Path(s.url).parent for s in shards}
-    info = read_wds_info(parents.pop()) if len(parents) == 1 else None
+    parent = parents.pop() if len(parents) == 1 else None
+    if parent is not None and (parent / INDEX_NAME).is_file():
+        # Tars `cratemae shard` wrote (`/data/flowers102/test-*.tar`): its classes, too.
+        index = read_index(parent)
+        classes, names = index.get("classes"), index.get("class_names")
+        return Source(tuple(shards), tuple(classes) if classes else None,
+                      class_names=tuple(names) if classes and names else None)
+    info = read_wds_info(parent) if parent is not None else None
     return _with_info(Source(tuple(shards)), info)
 
 
@@ -256,6 +263,10 @@ def _brace_pattern(paths: list[Path]) -> str:
 
 def _from_index(directory: Path, split: str, field: str) -> Source:
     index = read_index(directory)
+    if split == "val" and "val" not in index["splits"] and "test" in index["splits"]:
+        # A data set with train and test only (CIFAR, Pets): test is what it is scored on.
+        log.info("data.%s = %s: it has no val split; reading its test split", field, directory)
+        split = "test"
     if split not in index["splits"]:
         have = ", ".join(index["splits"]) or "none"
         raise BadInputError(
