@@ -17,7 +17,13 @@ from cratemae.checkpoints import Resume, collect_rng_state, save_checkpoint
 from cratemae.recipe import dump_recipe, recipe_hash
 from cratemae.tasks.pretrain import build_mae, plan_pretrain
 from cratemae.train.lock import RunLock
-from cratemae.train.memory import ERROR, MemoryEstimate, measure_activations, state_bytes
+from cratemae.train.memory import (
+    ERROR,
+    MemoryEstimate,
+    fake_model,
+    measure_activations,
+    state_bytes,
+)
 
 
 def _tree(*roots: Path) -> dict[str, tuple[int, int]]:
@@ -176,8 +182,10 @@ def test_memory_estimate_holds_a_real_cpu_step(checkpointing: bool) -> None:
         imgs = torch.randn(batch, 3, 32, 32)
         return m(imgs, mask_ratio=0.5, noise=torch.rand(batch, m.config.num_patches)).loss
 
+    fake = fake_model(lambda: build_mae(recipe))  # as the planner measures
+    fake.set_grad_checkpointing(checkpointing)
     estimate = MemoryEstimate(*state_bytes(model, "adamw"),
-                              measure_activations(model, forward, "fp32"), 24, "fp32")
+                              measure_activations(fake, forward, "fp32"), 24, "fp32")
     optimizer = configure_optimizers(model, recipe.optim, 1e-3, param_groups(model, 0.05))
 
     def step() -> None:

@@ -18,6 +18,7 @@ from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, MAEViT, create_model
 from cratemae.recipe import Recipe
 from cratemae.tasks.monitor import PretrainMonitor
+from cratemae.train.memory import fake_model
 from cratemae.train.optim import param_groups
 from cratemae.train.plan import (
     Plan,
@@ -143,8 +144,8 @@ def plan_pretrain(recipe: Recipe, *, run_dir: Path | None = None,
                   img_size=img_size, seed=recipe.run.seed)
     if model is not None:
         plan_model(plan, model, recipe.model.name, mask_ratio=recipe.model.mask_ratio)
-        model = model.to_empty(device="cpu")  # sizes only: its values are never read
-        estimate = estimate_memory(model, _mae_loss(recipe), recipe)
+        fake = fake_model(lambda: build_mae(recipe))  # shapes only, as the meta one
+        estimate = estimate_memory(fake, _mae_loss(recipe), recipe)
         plan.checkpoint_bytes = estimate.weights + estimate.optimizer
         plan_memory(plan, estimate, recipe.run.grad_checkpointing, gpu_memory)
     if data is not None:

@@ -5,9 +5,12 @@
 Weights, their average and the optimizer's moments are fp32 and counted exactly from the
 parameters (AdamW: 2 moments per trainable parameter; SGD, LARS: 1). Gradients exist only
 for trainable parameters (fp32). Activations are measured, not modelled: one forward pass
-and loss of the real model at batches of 2 and 4 images on the CPU, under the recipe's
-autocast dtype, counting the bytes of every tensor autograd saves for the backward (each
-storage once: the bf16 copies of the weights, attention outputs, norms' inputs...). The
+and loss of the real model at batches of 2 and 4 images, under the recipe's autocast dtype
+(the CPU's autocast), counting the bytes of every tensor autograd saves for the backward
+(each storage once: the bf16 copies of the weights, attention outputs, norms' inputs...).
+The pass runs on fake tensors (torch's `FakeTensorMode`, what `torch.compile` traces
+with): every shape, dtype and storage as the real pass makes them, and no arithmetic, so
+a ViT-L is measured in seconds on a login node. The
 difference of the two passes is the cost per image, the rest the fixed cost; both are
 linear in the batch. With `run.grad_checkpointing`, each block keeps only its input and one
 block's activations live again during the backward: fixed + per block input + the largest
@@ -31,9 +34,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.autograd.graph import saved_tensors_hooks
 
-__all__ = ["ERROR", "MemoryEstimate", "measure_activations", "state_bytes"]
+__all__ = ["ERROR", "MemoryEstimate", "fake_model", "measure_activations", "state_bytes"]
 
 # The relative error the estimate is given with, both ways.
 ERROR = 0.25
@@ -100,9 +104,9 @@ def state_bytes(model: nn.Module, optimizer: str, *, average: bool = False
 
 
 def measure_activations(model: nn.Module, forward: Forward, precision: str) -> Activations:
-    """Saved-tensor bytes of `forward(model, b)` for b = 2 and 4 on the model's (CPU)
-    device under `precision`'s autocast, with each top-level block's share (the elements
-    of a `...blocks` ModuleList) for the checkpointed figure. No backward is run."""
+    """Saved-tensor bytes of `forward(model, b)` for b = 2 and 4 on fake tensors under
+    `precision`'s autocast, with each top-level block's share (the elements of a
+    `...blocks` ModuleList) for the checkpointed figure. Nothing is computed."""
     one, two = _saved(model, forward, 2, precision), _saved(model, forward, 4, precision)
     ckpt_one = one.total - sum(one.blocks) + one.inputs + max(one.blocks, default=0)
     ckpt_two = two.total - sum(two.blocks) + two.inputs + max(two.blocks, default=0)
@@ -133,7 +137,7 @@ def _saved(model: nn.Module, forward: Forward, batch: int, precision: str) -> _S
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        key = storage.data_ptr() or id(storage)
+        key = storage._cdata  # the StorageImpl: views share it
         if key not in seen:
             seen[key] = storage.nbytes()
             if current:
@@ -158,14 +162,13 @@ def _saved(model: nn.Module, forward: Forward, batch: int, precision: str) -> _S
         per_block.append(0)
         handles += [block.register_forward_pre_hook(enter(i)),
                     block.register_forward_hook(leave)]
-    device = next(model.parameters()).device.type
-    autocast = (torch.autocast(device, dtype=_DTYPES[precision]) if precision in _DTYPES
+    autocast = (torch.autocast("cpu", dtype=_DTYPES[precision]) if precision in _DTYPES
                 else contextlib.nullcontext())
     checkpointing = [m for m in model.modules() if getattr(m, "grad_checkpointing", False)]
     for m in checkpointing:  # measured without: the checkpointed figure is derived
         m.grad_checkpointing = False  # type: ignore[assignment]
     try:
-        with saved_tensors_hooks(pack, lambda t: t), autocast:
+        with _fake_mode(model), saved_tensors_hooks(pack, lambda t: t), autocast:
             loss = forward(model, batch)
         del loss
     finally:
@@ -174,3 +177,19 @@ def _saved(model: nn.Module, forward: Forward, batch: int, precision: str) -> _S
         for m in checkpointing:
             m.grad_checkpointing = True  # type: ignore[assignment]
     return _Saved(sum(seen.values()), tuple(per_block), inputs)
+
+
+def _fake_mode(model: nn.Module) -> FakeTensorMode:
+    """The fake-tensor mode the pass runs in: shapes, dtypes and storages as torch would
+    make them, no computation and no memory. A model built in one (`fake_model`) runs in
+    its own; real weights are taken in as fakes."""
+    first = next(model.parameters(), None)
+    if isinstance(first, FakeTensor):
+        return first.fake_mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def fake_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` with fake weights: in a moment and no memory, whatever the model's size."""
+    with FakeTensorMode():
+        return build()

@@ -330,9 +330,10 @@ def plan_memory(plan: Plan, estimate: MemoryEstimate, checkpointing: bool,
     plan.add("Memory", "peak_bytes", total,
              f"{_size(total)} per rank, +/-{ERROR:.0%} ({m.precision}; the CUDA context, "
              "about 0.5 GiB, comes on top)")
-    plan.add("Memory", "method", "saved-tensor bytes at batch 2 and 4, CPU",
-             "exact state; activations: bytes autograd saves in the real model's forward at "
-             "batches 2 and 4 on the CPU under the recipe's autocast, linear in the batch")
+    plan.add("Memory", "method", "saved-tensor bytes at batch 2 and 4, fake tensors",
+             "state counted exactly; activations: the bytes autograd saves in the model's "
+             "forward at batches 2 and 4 under the recipe's autocast, on fake tensors (no "
+             "arithmetic), linear in the batch")
     if gpu_memory is not None:
         budget = gpu_memory * GIB
         fits = {ck: m.largest_batch(budget, ck) for ck in (False, True)}
