@@ -9,6 +9,9 @@ the split's folder for the ImageNet layouts), without its extension, with charac
 than letters, digits, `_`, `-` and `/` made `_`. ImageNet as downloaded (image-net.org's flat
 val folder with its devkit, Kaggle's layout; see `cratemae.data.imagenet`) is labelled by
 sorted synset, and `shards.json` then also holds the classes' readable names, "class_names".
+The download formats (`layouts.download_records`: CIFAR, Flowers-102, Pets, Parquet) come as
+`records.Records`, their items keyed as their module says, written as the splits they give
+(`test-000000.tar` too).
 
 Each shard is written under a hidden temporary name (`cratemae.fs`: `.NAME.tmp-PID-RANDOM`),
 fsynced and renamed: a final-named tar is always complete. `shards.json` is written last, the
