@@ -113,7 +113,11 @@ class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
 def dump(obj, path: Path, py2: bool = False) -> None:
     buf = io.BytesIO()
     (_Py2Pickler(buf, protocol=2) if py2 else pickle.Pickler(buf, protocol=2)).dump(obj)
-    path.write_bytes(buf.getvalue())
+    data = buf.getvalue()
+    if py2:  # NumPy 1's module name, which the original files hold (a GLOBAL opcode's text)
+        data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        assert b"numpy.core.multiarray" in data or b"numpy" not in data
+    path.write_bytes(data)
 
 
 def write_cifar10_python(root: Path, py2: bool = False) -> Path:

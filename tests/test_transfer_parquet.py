@@ -168,3 +168,25 @@ def test_without_pyarrow_the_error_names_the_extra(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails
     with pytest.raises(BadInputError, match=r"needs pyarrow: pip install 'cratemae\[parquet\]'"):
         write_shards(tmp_path / "hf", tmp_path / "out")
+
+
+def test_one_parquet_file_with_named_columns_and_an_empty_image(tmp_path: Path) -> None:
+    samples = rows("train", 3)
+    extra = {"thumb": pa.array([b"x"] * 3, pa.binary())}  # a second binary column
+    write_file(tmp_path / "train-00000-of-00001.parquet", samples, extra=extra)
+    src = tmp_path / "train-00000-of-00001.parquet"
+    with pytest.raises(BadInputError, match=r"several image columns \(img, thumb\): name one "
+                       "with --image-column"):
+        write_shards(src, tmp_path / "out")
+    t = pq.read_table(src)
+    col = t.column("img").combine_chunks()
+    nulled = pa.StructArray.from_arrays(
+        [pa.array([col.field("bytes")[0].as_py(), None, col.field("bytes")[2].as_py()],
+                  pa.binary()), col.field("path")], ["bytes", "path"])
+    pq.write_table(t.set_column(0, "img", nulled), src)
+    summary = write_shards(src, tmp_path / "out", options=DownloadOptions(image_column="img"))
+    got = read_shards(tmp_path / "out")["train"]
+    want = {f"train-00000-of-00001/{i:06d}": (p, y) for i, (p, _, y) in enumerate(samples)
+            if i != 1}
+    assert_same({"train": got}, {"train": want})
+    assert summary.skipped == [(f"{src} row 1", "no image bytes in its row")]
