@@ -264,3 +264,11 @@ def test_the_unpickler_admits_uint8_arrays_only(tmp_path: Path) -> None:
         load_pickle(tmp_path / "s", "a batch")
     dump({"data": np.arange(6, dtype=np.uint8)}, tmp_path / "ok")
     np.testing.assert_array_equal(load_pickle(tmp_path / "ok", "a batch")["data"], np.arange(6))
+
+
+def test_a_folder_holding_two_cifar_downloads_asks_for_one(tmp_path: Path) -> None:
+    write_cifar10_binary(tmp_path / "data")
+    write_cifar10_python(tmp_path / "data")
+    refused(tmp_path / "data", tmp_path / "out", r"holds several CIFAR downloads \(.*"
+            r"cifar-10-batches-bin, .*cifar-10-batches-py\); give one of them")
+    write_shards(tmp_path / "data" / "cifar-10-batches-py", tmp_path / "out")

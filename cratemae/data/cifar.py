@@ -82,10 +82,13 @@ def _has_files(folder: Path, fmt: CifarFormat) -> bool:
 def find_cifar(root: Path, name: str | None = None) -> tuple[CifarFormat, Path] | None:
     """(format, folder) when `root` is one of the downloads' folders, or holds it; `name`
     forces the format (then its files must be there)."""
-    for fmt in FORMATS.values() if name is None else [FORMATS[name]]:
-        for folder in (root, root / fmt.folder):
-            if folder.is_dir() and _has_files(folder, fmt):
-                return fmt, folder
+    found = [(fmt, folder) for fmt in (FORMATS.values() if name is None else [FORMATS[name]])
+             for folder in (root, root / fmt.folder) if folder.is_dir() and _has_files(folder, fmt)]
+    if len(found) > 1:  # a data folder holding several downloads: which one is meant?
+        raise BadInputError(f"{root}: holds several CIFAR downloads "
+                            f"({', '.join(str(f) for _, f in found)}); give one of them")
+    if found:
+        return found[0]
     if name is not None:
         fmt = FORMATS[name]
         files = [*fmt.splits["test"], *(fmt.meta.values() if fmt.binary else [fmt.meta_file])]
