@@ -124,10 +124,11 @@ def test_every_reason_exit_2_and_nothing_written(tmp_path: Path,
     from cratemae.data.cache import cache_dir
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path / "cache"))  # no demo built yet
     run = tmp_path / "run"
     run.mkdir()
     cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache.mkdir()
     sets = [f"--set={s}" for s in SMALLEST_MODEL]
     with RunLock(run):
         snapshot = _tree(tmp_path, cache)
@@ -147,6 +148,10 @@ def test_every_reason_exit_2_and_nothing_written(tmp_path: Path,
     assert good.exit_code == 0, good.output
     result = json.loads(good.stdout)
     assert result["would_start"] and result["time"]["run_s"] > 0
+    from cratemae.bench.speed import forward_flops  # the bench's own count
+
+    config = build_mae(tiny_recipe()).config
+    assert result["model"]["gflop_per_image"] == forward_flops(config, mask_ratio=0.5) / 1e9
     assert _tree(tmp_path, cache) == before
 
 
