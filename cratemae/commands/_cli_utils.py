@@ -254,7 +254,7 @@ def launch_rank_world(world_size: int | None) -> tuple[int, int]:
     from cratemae.distributed.dist import parse_launch_env
 
     launch = parse_launch_env(os.environ)
-    if world_size is not None:
+    if world_size is not None and world_size != launch.world_size:
         return 0, world_size
     return launch.rank, launch.world_size
 
