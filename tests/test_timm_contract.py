@@ -12,8 +12,8 @@ import torch.fx
 
 import cratemae.weights.timm_models  # noqa: F401  (registers crate_mae_*)
 from cratemae.model import PRESETS, CrateMAE, CrateMAEConfig, DecoderLayer, EncoderLayer
-from cratemae.model.encoder import _sincos_torch, drop_path_rates
-from cratemae.model.pos_embed import sincos_2d
+from cratemae.model.encoder import _cached_table, drop_path_rates
+from cratemae.model.pos_embed import sincos_2d, sincos_2d_torch
 
 timm = pytest.importorskip("timm")
 
@@ -185,10 +185,46 @@ def test_torchscript_matches_eager_and_keeps_the_input_checks() -> None:
         model(images(1, 30, 32))
 
 
-def test_torchscript_position_table_equals_the_numpy_one() -> None:
-    for dim, gh, gw in ((64, 4, 6), (384, 14, 14)):
-        torch.testing.assert_close(_sincos_torch(dim, gh, gw), sincos_2d(dim, gh, gw)[None],
-                                   rtol=0, atol=2e-6)
+@pytest.mark.parametrize("dim, gh, gw", [(64, 4, 6), (384, 14, 14), (768, 10, 18)])
+def test_the_graphs_position_table_is_the_authors_to_float32_rounding(dim, gh, gw) -> None:
+    """The torch-ops table (every graph's) against the authors' numpy one: one unit in the
+    last place at most (2**-24, the values being at most 1), the CLS row exactly zero."""
+    ours, theirs = sincos_2d_torch(dim, gh, gw, torch.device("cpu")), sincos_2d(dim, gh, gw)
+    assert ours.shape == theirs.shape == (1 + gh * gw, dim) and ours.dtype == torch.float32
+    assert not ours[0].any()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2**-24)
+
+
+def test_eager_tables_are_the_authors_and_made_once_per_grid_size() -> None:
+    model = small()
+    assert model.position_table(4, 4) is model.pos_embed  # the training grid: the stored one
+    _cached_table.cache_clear()
+    with torch.no_grad():
+        model(images(2, 48, 64))
+        model(images(1, 48, 64))
+    first = model.position_table(6, 8)
+    assert first is model.position_table(6, 8)  # the same tensor: made once
+    info = _cached_table.cache_info()
+    assert (info.misses, info.hits) == (1, 3)
+    assert torch.equal(first, sincos_2d(64, 6, 8)[None])  # the authors' bits, not torch's
+    with torch.inference_mode():  # made under inference mode, the table still trains
+        model.position_table(5, 7)
+    model.train()(images(2, 40, 56)).sum().backward()
+
+
+def test_fx_then_torchscript_runs_at_any_size() -> None:
+    """timm's test_model_forward_fx_torchscript sequence (set_scriptable, timm's fx feature
+    extractor, torch.jit.script), then sizes other than the training one."""
+    pytest.importorskip("torchvision")
+    from timm_generic import fx_model
+
+    with timm.set_scriptable(True):
+        model = small(num_classes=5)
+    scripted = torch.jit.script(fx_model(model))
+    with torch.no_grad():
+        for h, w in ((32, 32), (48, 64), (24, 40)):
+            (out,) = scripted(images(2, h, w)).values()
+            torch.testing.assert_close(out, model(images(2, h, w)), rtol=1e-5, atol=1e-5)
 
 
 def test_fx_traces_the_model_and_runs_the_checks_on_the_real_input() -> None:

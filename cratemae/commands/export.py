@@ -23,6 +23,11 @@ class ExportFormat(str, Enum):  # noqa: UP042 (StrEnum needs Python 3.11)
 
     safetensors = "safetensors"
     onnx = "onnx"
+    pt2 = "pt2"
+
+
+_GRAPH_FILES = {ExportFormat.onnx: "model.onnx", ExportFormat.pt2: "model.pt2"}
+_CHECKED_WITH = {ExportFormat.onnx: "onnxruntime", ExportFormat.pt2: "torch.export.load"}
 
 
 def export(
@@ -32,11 +37,18 @@ def export(
         typer.Option("--out", metavar="DIR", help="Directory to write.", show_default=False),
     ],
     format_: Annotated[
-        ExportFormat, typer.Option("--format", help="File format to write.")
-    ] = ExportFormat.safetensors,
+        str,
+        typer.Option("--format", metavar="[safetensors|onnx|pt2]", help="File format to write."),
+    ] = ExportFormat.safetensors.value,
     encoder_only: Annotated[
         bool, typer.Option("--encoder-only", help="Leave out the decoder (for downstream use).")
     ] = False,
+    image_size: Annotated[
+        int | None,
+        typer.Option("--image-size", metavar="PX", show_default=False,
+                     help="onnx and pt2: fix the height and width at PX (a multiple of the "
+                     "patch size) instead of leaving them dynamic."),
+    ] = None,
 ) -> None:
     """Export weights for other tools.
 
@@ -46,22 +58,35 @@ def export(
     timm.create_model("local-dir:DIR", pretrained=True) after
     import cratemae.weights.timm_models (or "hf-hub:USER/REPO" once uploaded).
     MAE ViT: the encoder only, as timm's own vit_* architecture (no cratemae import).
-    onnx: DIR/model.onnx, the encoder's forward_features with a dynamic batch dimension,
-    checked against PyTorch with onnxruntime when it is installed.
+    onnx: DIR/model.onnx; pt2: DIR/model.pt2, a torch.export program (torch.export.load,
+    no cratemae needed). Both hold the encoder's forward_features, images (batch, C, H, W)
+    to features (batch, 1 + L, d), with batch, H and W dynamic (H and W multiples of the
+    patch size) unless --image-size fixes them, and both are compared with PyTorch at the
+    training size and two others before they are written.
 
     Examples:
       $ cratemae export runs/base --out exported/base
       $ cratemae export runs/base/checkpoints/step-000100000 --out exported/base --encoder-only
       $ cratemae export runs/base --out exported/base-onnx --format onnx
+      $ cratemae export runs/base --out exported/base-pt2 --format pt2
+      $ cratemae export runs/base --out exported/base-224 --format onnx --image-size 224
     """
+    fmt = _format(format_)
+    if image_size is not None:
+        if fmt is ExportFormat.safetensors:
+            raise BadInputError("--image-size applies to --format onnx and pt2 (a safetensors "
+                                "export has no input size to fix)")
+        if image_size <= 0:
+            raise BadInputError(f"--image-size {image_size}: must be a positive number of "
+                                "pixels")
     if not checkpoint.exists():
         raise BadInputError(f"{checkpoint}: checkpoint not found")
     _check_out(checkpoint, out)
     from cratemae.weights.load import load_model
 
     loaded = load_model(checkpoint)  # checks the weights against their configuration
-    if format_ is ExportFormat.onnx:
-        _export_onnx(loaded, out)
+    if fmt is not ExportFormat.safetensors:
+        _export_graph(loaded, out, fmt, image_size)
         return
     from cratemae.weights.export import export_safetensors
 
@@ -76,25 +101,50 @@ def export(
     typer.echo(f"sha256 {result.sha256}  {result.file.name}")
 
 
-def _export_onnx(loaded: LoadedModel, out: Path) -> None:
-    """model.onnx, checked before it replaces anything, then config.json describing it."""
+def _format(value: str) -> ExportFormat:
+    try:
+        return ExportFormat(value)
+    except ValueError:
+        names = ", ".join(f.value for f in ExportFormat)
+        raise BadInputError(f"--format {value}: expected one of {names}") from None
+
+
+def _export_graph(loaded: LoadedModel, out: Path, fmt: ExportFormat,
+                  image_size: int | None) -> None:
+    """model.onnx or model.pt2, checked before it replaces anything, then config.json
+    describing it."""
     from cratemae.checkpoints.files import file_digest
     from cratemae.weights.export import write_config_json
-    from cratemae.weights.onnx import ONNX_TOLERANCE, export_onnx
+    from cratemae.weights.graph import EXPORT_TOLERANCE, check_image_size
 
-    result = export_onnx(loaded.encoder, out / "model.onnx")  # CrateMAEError over tolerance
-    file = result.file
-    digest = file_digest(file)["sha256"]
-    io = {"input": "images (batch, C, H, W)", "output": "features (batch, 1 + L, d)"}
-    config_file = write_config_json(out, loaded, file=file, sha256=digest,
-                                    extra={"encoder_only": True, "onnx": io})
-    typer.echo(f"wrote {file} (encoder forward_features, dynamic batch) and {config_file}")
-    typer.echo(f"sha256 {digest}  {file.name}")
+    patch = loaded.config.patch_size
+    if image_size is not None:
+        check_image_size(image_size, patch)
+    file = out / _GRAPH_FILES[fmt]
+    if fmt is ExportFormat.onnx:
+        from cratemae.weights.onnx import export_onnx
+
+        result = export_onnx(loaded.encoder, file, image_size=image_size)
+    else:
+        from cratemae.weights.pt2 import export_pt2
+
+        result = export_pt2(loaded.encoder, file, image_size=image_size)
+    digest = file_digest(result.file)["sha256"]
+    io = {"input": "images (batch, C, H, W)", "output": "features (batch, 1 + L, d)",
+          "dynamic": ["batch"] if image_size else ["batch", "height", "width"],
+          "image_size": image_size, "multiple_of": patch}
+    config_file = write_config_json(out, loaded, file=result.file, sha256=digest,
+                                    extra={"encoder_only": True, fmt.value: io})
+    sizes = (f"height and width fixed at {image_size} px" if image_size
+             else f"dynamic batch, height and width: multiples of {patch} px")
+    typer.echo(f"wrote {result.file} (encoder forward_features; {sizes}) and {config_file}")
+    typer.echo(f"sha256 {digest}  {result.file.name}")
     if result.unchecked is not None:
         console.warn(f"not checked: {result.unchecked}")
         return
-    typer.echo(f"checked with onnxruntime: max abs difference {result.max_abs:.2e} "
-               f"(tolerance {ONNX_TOLERANCE:.0e} x (1 + |x|))")
+    at = ", ".join(f"{h}x{w}" for h, w in result.sizes)
+    typer.echo(f"checked with {_CHECKED_WITH[fmt]} at {at} px: max abs difference "
+               f"{result.max_abs:.2e} (tolerance {EXPORT_TOLERANCE:.0e} x (1 + |x|))")
 
 
 def _check_out(checkpoint: Path, out: Path) -> None:

@@ -5,13 +5,18 @@ What timm's `VisionTransformer` offers, this offers the same way: `num_features`
 layer); `forward_intermediates` / `prune_intermediate_layers` (so `features_only=True`
 works through timm's feature getter); `set_grad_checkpointing`; `dynamic_img_size`;
 stochastic depth (`drop_path_rate`); and it compiles with `torch.jit.script` and traces with
-`torch.fx.symbolic_trace`. The two functions that look at the input's size
-(`_checked_images`, `_positions`) are leaves for torch.fx, so a traced graph still runs the
-eager checks on the real tensor instead of baking one size in.
+`torch.fx.symbolic_trace` (and timm's fx-then-script). The two functions that look at the
+input's size (`_checked_images`, `_positions`) are leaves for torch.fx, so a traced graph
+still runs the eager checks on the real tensor instead of baking one size in. Any size
+that is a multiple of the patch size goes through every path: in eager PyTorch the authors'
+position table is cached per grid size; scripted, traced (ONNX) or exported (torch.export),
+the graph computes it from the size it is given (`sincos_2d_torch`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.fx writes the annotation of `forward`'s
+# argument into the code of its graph, and TorchScript cannot read a string there (timm's
+# fx-then-script test failed with "Unknown type name '_torch_Tensor_'").
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cratemae.model.config import CrateMAEConfig
 from cratemae.model.layers import DropPath, EncoderLayer, PatchEmbed
-from cratemae.model.pos_embed import sincos_2d
+from cratemae.model.pos_embed import sincos_2d, sincos_2d_torch
 
 __all__ = ["CrateEncoder"]
 
@@ -42,19 +47,13 @@ def _checked_images(imgs: torch.Tensor, patch_size: int, img_size: int, strict: 
                          "build it with dynamic_img_size=True for other sizes")
     if h % patch_size or w % patch_size:
         raise ValueError(f"image size ({h}, {w}) is not a multiple of {patch_size}")
+    if torch.jit.is_tracing():
+        # ONNX has no assertion: a graph traced for every size refuses a side that is not a
+        # multiple of the patch size with this reshape, which only whole patches fit.
+        b, c = imgs.shape[0], imgs.shape[1]
+        whole = imgs.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+        imgs = whole.reshape(b, c, h, w)
     return imgs
-
-
-def _sincos_torch(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """`sincos_2d` in torch ops, for TorchScript (which cannot run numpy): the same float32
-    steps, so equal to the numpy table up to the last bit of sin/cos. (1, 1+L, dim)."""
-    omega = torch.arange(dim // 4, dtype=torch.float32) / float(dim // 4)
-    omega = 1.0 / torch.pow(torch.tensor(10000.0), omega)  # (dim/4,)
-    ys = torch.arange(grid_h, dtype=torch.float32)[:, None].expand(grid_h, grid_w).reshape(-1)
-    xs = torch.arange(grid_w, dtype=torch.float32)[None, :].expand(grid_h, grid_w).reshape(-1)
-    ox, oy = xs[:, None] * omega[None, :], ys[:, None] * omega[None, :]  # (L, dim/4)
-    table = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)  # (L, dim)
-    return torch.cat([torch.zeros(1, dim), table], dim=0)[None]
 
 
 def _positions(imgs: torch.Tensor, table: torch.Tensor, patch_size: int, grid_size: int
@@ -66,15 +65,40 @@ def _positions(imgs: torch.Tensor, table: torch.Tensor, patch_size: int, grid_si
 
 def _grid_positions(table: torch.Tensor, grid_h: int, grid_w: int, grid_size: int
                     ) -> torch.Tensor:
-    """The stored table at the training grid, else one recomputed (numpy, as the authors
-    build it; torch ops under TorchScript)."""
-    if grid_h == grid_size and grid_w == grid_size:
-        return table
+    """The table (1, 1 + grid_h*grid_w, d) for a grid, in `table`'s dtype and device.
+
+    Eager: `table` (the stored one) at the training grid, else the authors' numpy table
+    for that grid, made once per grid size. In a graph, `sincos_2d_torch`: under tracing
+    (ONNX) and torch.export the sizes are the input's, not numbers, so it is computed from
+    them with no branch on them; scripted or compiled, at grids other than the training one.
+    """
     if torch.jit.is_scripting():
-        new = _sincos_torch(table.shape[-1], grid_h, grid_w)
-    else:
-        new = sincos_2d(table.shape[-1], grid_h, grid_w)[None]
-    return new.to(device=table.device, dtype=table.dtype)
+        if grid_h == grid_size and grid_w == grid_size:
+            return table
+        return _computed_table(table, grid_h, grid_w)
+    else:  # TorchScript compiles only the scripting branch of this `if`
+        symbolic = (torch.jit.is_tracing() or torch.compiler.is_exporting()
+                    or isinstance(grid_h, torch.SymInt) or isinstance(grid_w, torch.SymInt))
+        if not symbolic and grid_h == grid_size and grid_w == grid_size:
+            return table
+        if symbolic or torch.compiler.is_compiling():
+            return _computed_table(table, grid_h, grid_w)
+        return _cached_table(table.shape[-1], grid_h, grid_w, table.device, table.dtype)
+
+
+def _computed_table(table: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """`sincos_2d_torch` as `table`'s (1, 1+L, d), dtype and device: the graphs' table."""
+    return sincos_2d_torch(table.shape[-1], grid_h, grid_w, table.device)[None].to(table.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_table(dim: int, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """`sincos_2d` for a grid, (1, 1+L, d), made once per grid, width, device and dtype: no
+    cost per step at another image size. A plain tensor even if first asked for under
+    `torch.inference_mode`, so that training may use it afterwards."""
+    with torch.inference_mode(False), torch.no_grad():
+        return sincos_2d(dim, grid_h, grid_w)[None].to(device=device, dtype=dtype)
 
 
 # Leaves of a torch.fx graph: called with the real tensor when the graph runs.

@@ -1,4 +1,11 @@
-"""The fixed 2-D sin-cos position table, as the authors build it: MAE's table, in float32."""
+"""The fixed 2-D sin-cos position table, as the authors build it: MAE's table, in float32.
+
+Two spellings of one function of the grid size: `sincos_2d` in numpy, bit for bit the
+authors' table (what eager PyTorch adds, cached per grid size by the encoder), and
+`sincos_2d_torch` in torch operations, for graphs (torch.fx then TorchScript, TorchScript,
+ONNX, torch.export): there the grid size may be a traced or symbolic value, so the graph
+computes the table for the size it is given instead of holding one size's table.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["sincos_2d"]
+__all__ = ["sincos_2d", "sincos_2d_torch"]
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -55,3 +62,25 @@ def _table(dim: int, grid_h: int, grid_w: int, cls_token: bool) -> torch.Tensor:
     if cls_token:
         table = np.concatenate([np.zeros((1, dim), dtype=np.float32), table], axis=0)
     return torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
+
+
+def sincos_2d_torch(dim: int, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+    """`sincos_2d` (with its CLS row of zeros) in torch operations: (1 + grid_h*grid_w, dim).
+
+    The same float32 steps as the numpy table, so the same values to float32 rounding:
+    torch's float32 `sin` and `cos` round differently from numpy's in about 7% of the
+    entries, by one unit in the last place (6e-8 at most, the values being at most 1).
+    Written for every graph: scriptable, and with nothing that reads the sizes as Python
+    numbers, so that tracing (ONNX) and torch.export keep them as the input's.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    omega = torch.arange(dim // 4, dtype=torch.float32, device=device) / float(dim // 4)
+    omega = 1.0 / torch.pow(torch.full((1,), 10000.0, device=device), omega)  # (dim/4,)
+    ys = torch.arange(grid_h, dtype=torch.float32, device=device)  # (grid_h,)
+    xs = torch.arange(grid_w, dtype=torch.float32, device=device)  # (grid_w,)
+    ys = ys[:, None].expand(grid_h, grid_w).reshape(-1)  # (L,), row-major
+    xs = xs[None, :].expand(grid_h, grid_w).reshape(-1)  # (L,)
+    ox, oy = xs[:, None] * omega[None, :], ys[:, None] * omega[None, :]  # (L, dim/4)
+    table = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1)  # (L, dim): x first
+    return torch.cat([torch.zeros(1, dim, device=device), table], dim=0)

@@ -1,5 +1,6 @@
 """Weights in and out: the one loader every command uses (with the one key mapper for every
-layout), export to safetensors and ONNX, the authors' file format, timm's registration.
+layout), export to safetensors, ONNX and torch.export, the authors' file format, timm's
+registration.
 
 May import: errors, recipe, model, checkpoints.
 """

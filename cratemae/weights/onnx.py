@@ -1,33 +1,35 @@
-"""The encoder's `forward_features` as ONNX, with a dynamic batch dimension, and a check of
-the file against PyTorch with onnxruntime.
+"""The encoder's `forward_features` as ONNX, with dynamic batch, height and width, and a
+check of the file against PyTorch with onnxruntime at several sizes.
 
 Input `images` (batch, C, H, W) float32, normalised as for training; output `features`
 (batch, 1 + L, d): the CLS token then the patch tokens, after the final norm. H and W are
-fixed at the model's training size (the position table is baked in).
+any multiples of the patch size: the graph computes the position table from them, and
+refuses another size (onnxruntime: "The input tensor cannot be reshaped to the requested
+shape"). With `image_size`, H and W are fixed at that size instead (static shapes).
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cratemae.errors import CrateMAEError
 from cratemae.fs import atomic_path
 from cratemae.model import CrateEncoder
+from cratemae.weights.graph import (
+    Features,
+    GraphExport,
+    check_cases,
+    compare,
+    over_tolerance,
+    test_images,
+)
 
-__all__ = ["ONNX_TOLERANCE", "OnnxExport", "OnnxUnavailableError", "check_onnx", "export_onnx"]
+__all__ = ["OPSET", "OnnxUnavailableError", "check_onnx", "export_onnx"]
 
-# Accepted difference between onnxruntime and PyTorch (float32, CPU, random input), per
-# element: |onnx - torch| <= ONNX_TOLERANCE * (1 + |torch|). Features after the final norm
-# reach |x| ~ 7, and 12 layers of float32 matmuls summed in another order differ there by
-# 3e-5 to 1.2e-4 depending on the weights and the input (measured on the Base preset); a
-# wrong graph (a missing layer, a sign) differs by order 1.
-ONNX_TOLERANCE = 5e-4
 OPSET = 17  # LayerNormalization is native from 17; attention exports as MatMul + Softmax
 
 
@@ -35,42 +37,18 @@ class OnnxUnavailableError(CrateMAEError):
     """A package the ONNX path needs is not installed."""
 
 
-class _Features(nn.Module):
-    def __init__(self, encoder: CrateEncoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder.forward_features(images)
-
-
-def _example(encoder: CrateEncoder, batch: int, seed: int = 0) -> torch.Tensor:
-    c = encoder.config
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, c.in_chans, c.img_size, c.img_size, generator=g)
-
-
-@dataclass(frozen=True)
-class OnnxExport:
-    """The file written and how it compared with PyTorch (`max_abs`, `max_scaled`: see
-    `check_onnx`), or why it was not compared (`unchecked`, e.g. no onnxruntime)."""
-
-    file: Path
-    max_abs: float | None = None
-    max_scaled: float | None = None
-    unchecked: str | None = None
-
-
-def export_onnx(encoder: CrateEncoder, file: str | os.PathLike[str]) -> OnnxExport:
+def export_onnx(encoder: CrateEncoder, file: str | os.PathLike[str], *,
+                image_size: int | None = None) -> GraphExport:
     """Write `file`, checked against PyTorch before it replaces anything: the graph is
-    exported to a temporary name and compared there, so a failed export or a comparison
-    over `ONNX_TOLERANCE` (CrateMAEError) leaves nothing behind, and a file already at
-    `file` as it was. Without onnxruntime the file is written unchecked."""
+    exported to a temporary name and compared there (`check_cases`: the training size and
+    two others, or `image_size`), so a failed export or a comparison over
+    `EXPORT_TOLERANCE` (CrateMAEError) leaves nothing behind, and a file already at `file`
+    as it was. Without onnxruntime the file is written unchecked."""
     final = Path(file)
     _require_onnx()  # before anything, even the output folder, is made
     with atomic_path(final) as tmp:
-        _write_graph(encoder, tmp)
-        result = _compare(encoder, tmp, final)
+        _write_graph(encoder, tmp, image_size)
+        result = _compare(encoder, tmp, final, image_size)
     return result
 
 
@@ -85,29 +63,37 @@ def _require_onnx() -> None:
             "pip install 'cratemae[onnx]'") from None
 
 
-def _compare(encoder: CrateEncoder, tmp: Path, final: Path) -> OnnxExport:
+def _compare(encoder: CrateEncoder, tmp: Path, final: Path, image_size: int | None
+             ) -> GraphExport:
     """Check the file at `tmp` (to be installed as `final`); CrateMAEError if over tolerance."""
+    config = encoder.config
+    cases = check_cases(config.img_size, config.patch_size, image_size)
+    sizes = tuple(dict.fromkeys((h, w) for _, h, w in cases))
     try:
-        max_abs, max_scaled = check_onnx(encoder, tmp, name=final)
+        max_abs, max_scaled = check_onnx(encoder, tmp, cases, name=final)
     except OnnxUnavailableError as err:
-        return OnnxExport(final, unchecked=str(err))
-    if max_scaled > ONNX_TOLERANCE:
-        raise CrateMAEError(f"{final}: onnxruntime differs from PyTorch by {max_abs:.2e} "
-                            f"(> {ONNX_TOLERANCE:.0e} x (1 + |x|)); not written")
-    return OnnxExport(final, max_abs, max_scaled)
+        return GraphExport(final, unchecked=str(err))
+    over_tolerance(final, max_abs, max_scaled, "onnxruntime")
+    return GraphExport(final, sizes, max_abs, max_scaled)
 
 
-def _write_graph(encoder: CrateEncoder, file: Path) -> None:
-    """Export `forward_features` with a dynamic batch dimension to `file`."""
-    module = _Features(encoder).eval()
+def _write_graph(encoder: CrateEncoder, file: Path, image_size: int | None) -> None:
+    """Export `forward_features` to `file`: batch, height and width dynamic, or the height
+    and width fixed at `image_size`."""
+    module = Features(encoder).eval()
+    size = image_size or encoder.config.img_size
+    example = test_images(2, encoder.in_chans, size, size)
+    dynamic = {0: "batch"} if image_size else {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript-based exporter: the dynamo one needs onnxscript, an extra
-        # dependency, for a graph this simple. Its deprecation notice is not the user's.
+        # dependency, for a graph this simple. Its deprecation notice, and its warnings that
+        # sizes read in Python are traced as they were (only the checks of the input read
+        # them: the graph computes every size it uses), are not the user's.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (_example(encoder, 2),), str(file), dynamo=False,
+            module, (example,), str(file), dynamo=False,
             input_names=["images"], output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamic_axes={"images": dynamic, "features": {0: "batch", 1: "tokens"}},
             opset_version=OPSET, do_constant_folding=True,
         )
 
@@ -115,13 +101,14 @@ def _write_graph(encoder: CrateEncoder, file: Path) -> None:
 def check_onnx(
     encoder: CrateEncoder,
     file: str | os.PathLike[str],
-    batch_sizes: tuple[int, ...] = (1, 3),
+    cases: list[tuple[int, int, int]] | None = None,
     *,
     name: str | os.PathLike[str] | None = None,
 ) -> tuple[float, float]:
-    """Run `file` with onnxruntime and PyTorch on the same random input for each batch size.
-    Returns the largest absolute difference and the largest |onnx - torch| / (1 + |torch|),
-    the quantity `ONNX_TOLERANCE` bounds. Raises OnnxUnavailableError without onnxruntime.
+    """Run `file` with onnxruntime and PyTorch on the same seeded images for each
+    (batch, H, W) of `cases` (default: `check_cases` of the encoder's size). Returns the
+    largest absolute difference and the largest |onnx - torch| / (1 + |torch|), the quantity
+    `EXPORT_TOLERANCE` bounds. Raises OnnxUnavailableError without onnxruntime.
     `name`: the file's name in messages (its final name, while `file` is a temporary)."""
     try:
         import onnxruntime as ort
@@ -131,18 +118,11 @@ def check_onnx(
             "pip install 'cratemae[onnx]'"
         ) from None
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    worst_abs = worst_scaled = 0.0
-    encoder = encoder.eval()
-    for i, batch in enumerate(batch_sizes):
-        x = _example(encoder, batch, seed=1 + i)
-        with torch.no_grad():
-            expected = encoder.forward_features(x)
+    if cases is None:
+        cases = check_cases(encoder.config.img_size, encoder.config.patch_size)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
         (got,) = session.run(["features"], {"images": x.numpy()})
-        if tuple(got.shape) != tuple(expected.shape):
-            raise CrateMAEError(
-                f"{name or file}: output shape {got.shape}, expected {expected.shape}"
-            )
-        diff = (torch.from_numpy(got) - expected).abs()
-        worst_abs = max(worst_abs, float(diff.max()))
-        worst_scaled = max(worst_scaled, float((diff / (1 + expected.abs())).max()))
-    return worst_abs, worst_scaled
+        return torch.from_numpy(got)
+
+    return compare(run, encoder, cases, name=name or file)
