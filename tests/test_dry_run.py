@@ -73,7 +73,7 @@ def test_demo_plan_counts_steps_and_lr(tmp_path: Path) -> None:
     assert d["schedule"]["lr"] == pytest.approx(3e-3 * 32 / 256)
     assert d["run_directory"]["resume_from"] is None
     assert d["model"]["parameters"]["trainable"] == sum(
-        p.numel() for p in build_mae(tiny_recipe()).parameters())
+        p.numel() for p in fake_model(lambda: build_mae(tiny_recipe())).parameters())
 
 
 def test_1024_shards_with_recorded_counts_plan_in_well_under_a_second(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_every_reason_exit_2_and_nothing_written(tmp_path: Path,
     assert result["would_start"] and result["time"]["run_s"] > 0
     from cratemae.bench.speed import forward_flops  # the bench's own count
 
-    config = build_mae(tiny_recipe()).config
+    config = fake_model(lambda: build_mae(tiny_recipe())).config
     assert result["model"]["gflop_per_image"] == forward_flops(config, mask_ratio=0.5) / 1e9
     assert _tree(tmp_path, cache) == before
 
