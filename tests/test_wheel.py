@@ -61,7 +61,7 @@ def test_pyproject_metadata_is_current() -> None:
     assert project["urls"]
     extras = project["optional-dependencies"]
     assert {"onnx", "plot", "all", "test"} <= set(extras)
-    assert extras["all"] == ["cratemae[onnx,plot,wandb]"]
+    assert extras["all"] == ["cratemae[onnx,parquet,plot,wandb]"]
     assert "recipes" in PYPROJECT["project"]["entry-points"]["cratemae.commands"]
 
 
