@@ -171,6 +171,38 @@ def _cpu_peak(step) -> int:
     return peak
 
 
+class _Stack(torch.nn.Module):
+    """`depth` bias-free 8 x 8 linear maps: each saves its input (batch x 8 floats) and,
+    but for the first (whose input needs no gradient), its weight (64 floats) for the
+    backward; nothing else is saved."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8, bias=False)
+                                          for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x.sum()
+
+
+def test_activations_are_the_saved_bytes_per_image_and_fixed() -> None:
+    """The quick twin of the real step below: exact figures for a model whose saved tensors
+    are known, with and without checkpointing (the inputs of every block, then one block's
+    input and weight again), and the largest batch that fits."""
+    depth = 3
+    acts = measure_activations(_Stack(depth), lambda m, b: m(torch.randn(b, 8)), "fp32")
+    assert (acts.per_image, acts.fixed) == (depth * 8 * 4, (depth - 1) * 64 * 4)
+    assert (acts.per_image_ckpt, acts.fixed_ckpt) == ((depth + 1) * 8 * 4, 64 * 4)
+    estimate = MemoryEstimate(*state_bytes(_Stack(depth), "adamw"), acts, 10, "fp32")
+    assert estimate.state() == 4 * depth * 64 * 4  # weights, gradients, two moments
+    assert estimate.total(False) == estimate.state() + depth * 10 * 32 + (depth - 1) * 256
+    assert estimate.largest_batch(estimate.total(False), False) == 10
+    assert estimate.largest_batch(estimate.total(False) - 1, False) == 9
+
+
+@pytest.mark.slow  # a training step; its quick twin is the test above
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_memory_estimate_holds_a_real_cpu_step(checkpointing: bool) -> None:
     """A training step (forward, backward, AdamW) of a small model on the CPU peaks within
