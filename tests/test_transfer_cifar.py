@@ -272,3 +272,64 @@ def test_a_folder_holding_two_cifar_downloads_asks_for_one(tmp_path: Path) -> No
     refused(tmp_path / "data", tmp_path / "out", r"holds several CIFAR downloads \(.*"
             r"cifar-10-batches-bin, .*cifar-10-batches-py\); give one of them")
     write_shards(tmp_path / "data" / "cifar-10-batches-py", tmp_path / "out")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("airplane\n\n" + "\n".join(NAMES10[2:]) + "\nextra\n\n", r"line 2 is blank, among the "
+     "class names"),  # ten names, but shifted from the second on
+    ("\n".join(NAMES10[:9]) + "\nairplane\n", r"names two classes 'airplane'"),
+], ids=["blank-line", "a-name-twice"])
+def test_class_names_blank_or_twice_are_refused(tmp_path: Path, text: str, match: str) -> None:
+    folder = write_cifar10_binary(tmp_path)
+    (folder / "batches.meta.txt").write_text(text)
+    refused(folder, tmp_path / "out", match)
+
+
+# A pickle is written opcode by opcode, as a hostile file would be.
+def _global(module: str, name: str) -> bytes:
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def _text(s: str) -> bytes:
+    return pickle.BINUNICODE + len(s).to_bytes(4, "little") + s.encode()
+
+
+def _int(n: int) -> bytes:
+    return pickle.BININT + n.to_bytes(4, "little", signed=True)
+
+
+_U1 = (_global("numpy", "dtype") + _text("u1") + pickle.NEWFALSE + pickle.NEWTRUE + pickle.TUPLE3
+       + pickle.REDUCE)
+
+
+def _array(dtype_state: tuple[int, int, int]) -> bytes:
+    """A uint8 array of 8 bytes as NumPy pickles one, its dtype's state (elsize, alignment,
+    flags) given: NumPy's own is (-1, -1, 0)."""
+    dtype = (_U1 + pickle.MARK + _int(3) + _text("|") + pickle.NONE * 3
+             + b"".join(_int(n) for n in dtype_state) + pickle.TUPLE + pickle.BUILD)
+    return (_global("numpy.core.multiarray", "_reconstruct") + _global("numpy", "ndarray")
+            + _int(0) + pickle.TUPLE1 + _text("b") + pickle.TUPLE3 + pickle.REDUCE
+            + pickle.MARK + _int(1) + _int(8) + pickle.TUPLE1 + dtype + pickle.NEWFALSE
+            + pickle.SHORT_BINBYTES + b"\x08" + bytes(range(8)) + pickle.TUPLE + pickle.BUILD)
+
+
+@pytest.mark.parametrize(("stream", "match"), [
+    # uint8 flagged as holding objects: NumPy would read the bytes as pointers
+    (_array((8, 1, 0x3F)), r"a uint8 dtype with the state \(3, '\|', None, None, None, 8, 1"),
+    # a state BUILT into an admitted global (its defaults, its attributes)
+    (_global("_codecs", "encode") + pickle.NONE + pickle.EMPTY_DICT + _text("__defaults__")
+     + _int(1) + pickle.TUPLE1 + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD,
+     "a state given to a global"),
+    (pickle.MARK + _global("numpy", "ndarray") + pickle.OBJ,  # ndarray called by OBJ
+     "numpy.ndarray called, not handed to _reconstruct"),
+], ids=["dtype-with-object-flags", "state-built-into-a-global", "ndarray-called-by-OBJ"])
+def test_the_unpickler_gives_numpy_no_state_it_did_not_check(tmp_path: Path, stream: bytes,
+                                                             match: str) -> None:
+    from cratemae.data.unpickle import load_pickle
+
+    (tmp_path / "ok").write_bytes(b"\x80\x02" + _array((-1, -1, 0)) + b".")
+    np.testing.assert_array_equal(load_pickle(tmp_path / "ok", "a batch"), np.arange(8))
+    assert type(load_pickle(tmp_path / "ok", "a batch")) is np.ndarray
+    (tmp_path / "f").write_bytes(b"\x80\x02" + stream + b".")
+    with pytest.raises(BadInputError, match=match):
+        load_pickle(tmp_path / "f", "a batch")

@@ -117,7 +117,11 @@ def class_names(fmt: CifarFormat, folder: Path, kind: str) -> tuple[str, ...]:
             names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         except (OSError, UnicodeDecodeError) as err:
             raise BadInputError(f"{path}: unreadable ({type(err).__name__})") from None
-        names = [s for s in names if s]
+        while names and not names[-1]:  # the files end in blank lines
+            names.pop()
+        if "" in names:  # a blank line among the names: which class has which name?
+            raise BadInputError(f"{path}: line {names.index('') + 1} is blank, among the "
+                                "class names")
     else:
         path = folder / fmt.meta_file
         meta = load_pickle(path, f"{fmt.title}'s meta file")
@@ -127,6 +131,9 @@ def class_names(fmt: CifarFormat, folder: Path, kind: str) -> tuple[str, ...]:
             names = []
     if len(names) != n:
         raise BadInputError(f"{path}: names {len(names)} classes, not {fmt.title}'s {n}")
+    twice = sorted({s for s in names if names.count(s) > 1})
+    if twice:
+        raise BadInputError(f"{path}: names two classes {twice[0]!r}")
     return tuple(names)
 
 

@@ -27,22 +27,88 @@ _NUMPY_CORE = ("numpy.core.multiarray", "numpy._core.multiarray")
 _UINT8 = ("u1", "uint8", "|u1")
 
 
-class _ArrayType:
-    """Stands for `numpy.ndarray` in the stream: it can only be handed to `_reconstruct`."""
+class _Global:
+    """An admitted global as the stream sees it: calling it runs `fn`, which checks its
+    arguments. Anything else a stream may do to a global (BUILD a state into it, set its
+    attributes, NEWOBJ it) is refused: a data file changes nothing of this module."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("a state given to a global")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError("an attribute set on a global")
+
+
+def _no_ndarray_call(*args: Any) -> Any:
+    raise pickle.UnpicklingError("numpy.ndarray called, not handed to _reconstruct")
+
+
+_NDARRAY = _Global(_no_ndarray_call)  # `numpy.ndarray`: only handed to `_reconstruct`
+
+
+class _U1:
+    """`numpy.dtype('u1')` as the stream builds it; its state must be uint8's own (a
+    state that says fields, a subarray or object flags is refused, never given to NumPy)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def __setstate__(self, state: Any) -> None:
+        # version 3: (3, byteorder, subarray, names, fields, elsize, alignment, flags);
+        # version 4 adds the metadata
+        plain = (None, None, None, -1, -1, 0)
+        ok = isinstance(state, tuple) and len(state) in (8, 9) and state[1] in ("|", "<", ">", "=")
+        if ok and len(state) == 8:
+            ok = state[0] == 3 and state[2:] == plain
+        elif ok:
+            ok = state[0] == 4 and state[2:8] == plain and state[8] in (None, {})
+        if self.done or not ok:
+            raise pickle.UnpicklingError(f"a uint8 dtype with the state {state!r:.80}")
+        self.done = True
+
+
+class _Uint8Array(np.ndarray):
+    """The array `_reconstruct` makes; its state (version 1: shape, dtype, order, bytes) is
+    checked before NumPy sees it: a `_U1` dtype and exactly the bytes the shape needs."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 4:
+            state = (1, *state)
+        ok = isinstance(state, tuple) and len(state) == 5 and state[0] == 1
+        if ok:
+            _, shape, dtype, fortran, raw = state
+            if isinstance(raw, str):  # Python 2's str, read as latin-1 (NumPy does the same)
+                raw = raw.encode("latin1")
+            ok = (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)
+                  and type(dtype) is _U1 and type(fortran) is bool and type(raw) is bytes
+                  and self.shape == (0,) and len(raw) == int(np.prod(shape, dtype=object)))
+        if not ok:
+            raise pickle.UnpicklingError("a uint8 array with an unexpected state")
+        super().__setstate__((1, shape, np.dtype(np.uint8), fortran, raw))
 
 
 def _reconstruct(cls: object, shape: object, typecode: object) -> np.ndarray:
     """`numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`: an empty array whose
-    state (shape, dtype, bytes) the stream then sets; numpy checks the bytes fit."""
-    if cls is not _ArrayType or tuple(shape) != (0,) or typecode not in (b"b", "b"):  # type: ignore[arg-type]
+    state (shape, dtype, bytes) the stream then sets, checked by `_Uint8Array`."""
+    if cls is not _NDARRAY or shape != (0,) or typecode not in (b"b", "b"):
         raise pickle.UnpicklingError("an array reconstruction with unexpected arguments")
-    return np.ndarray((0,), np.uint8)
+    return np.ndarray((0,), np.uint8).view(_Uint8Array)
 
 
-def _dtype(name: object, align: object = False, copy: object = False) -> np.dtype:
-    if name not in _UINT8:
-        raise pickle.UnpicklingError(f"an array of {name!r}, not of uint8")
-    return np.dtype("u1", False, True)  # a copy: the stream then sets its state
+def _dtype(name: object, align: object = False, copy: object = False) -> _U1:
+    if not (isinstance(name, str) and name in _UINT8) or type(align) not in (bool, int) or align:
+        raise pickle.UnpicklingError(f"an array of {name!r:.40}, not of uint8")
+    return _U1()
 
 
 def _encode(text: object, encoding: object = "latin1") -> bytes:
@@ -53,11 +119,33 @@ def _encode(text: object, encoding: object = "latin1") -> bytes:
 
 
 _ADMITTED: dict[tuple[str, str], object] = {
-    **{(m, "_reconstruct"): _reconstruct for m in _NUMPY_CORE},
-    ("numpy", "ndarray"): _ArrayType,
-    ("numpy", "dtype"): _dtype,
-    ("_codecs", "encode"): _encode,
+    **{(m, "_reconstruct"): _Global(_reconstruct) for m in _NUMPY_CORE},
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Global(_dtype),
+    ("_codecs", "encode"): _Global(_encode),
 }
+
+
+def _plain(obj: Any, seen: dict[int, Any]) -> Any:
+    """The loaded object with each `_Uint8Array` a plain uint8 array (a `_U1` left bare:
+    refused), through dicts, lists and tuples."""
+    if id(obj) in seen:
+        return seen[id(obj)]
+    if isinstance(obj, _Uint8Array):
+        return np.asarray(obj).view(np.ndarray)
+    if isinstance(obj, _U1 | _Global):
+        raise pickle.UnpicklingError("a bare dtype or global in the data")
+    if isinstance(obj, dict):
+        seen[id(obj)] = obj
+        for k in list(obj):
+            obj[k] = _plain(obj[k], seen)
+    elif isinstance(obj, list):
+        seen[id(obj)] = obj
+        obj[:] = [_plain(x, seen) for x in obj]
+    elif isinstance(obj, tuple):
+        seen[id(obj)] = tuple(_plain(x, seen) for x in obj)
+        return seen[id(obj)]
+    return obj
 
 
 class _Refused(Exception):
@@ -86,7 +174,7 @@ def load_pickle(path: Path, what: str) -> Any:
     except OSError as err:
         raise BadInputError(f"{path}: unreadable ({err.strerror})") from None
     try:
-        return _DataUnpickler(io.BytesIO(data), encoding="latin1").load()
+        return _plain(_DataUnpickler(io.BytesIO(data), encoding="latin1").load(), {})
     except _Refused as err:
         raise BadInputError(
             f"{path}: its pickle names the global {err}, which {what} does not hold; refused "
