@@ -12,6 +12,15 @@ from support import cli
 from cratemae.commands.app import EXAMPLE_WIDTH, build_app, help_text
 
 
+@pytest.fixture(autouse=True)
+def _width_from_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typer reads TERMINAL_WIDTH once, when its help renderer is first imported: a test
+    that rendered help under TERMINAL_WIDTH=200 before this file would fix every width."""
+    import typer.rich_utils
+
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", None, raising=False)
+
+
 def command_paths() -> list[list[str]]:
     app = typer.main.get_command(build_app())
     paths: list[list[str]] = [[]]
