@@ -67,11 +67,25 @@ def test_a_flowers_image_listed_but_missing_is_a_skipped_sample(tmp_path: Path) 
     ([*FLOWER_CLASSES[:-1], 103], SETID, r"imagelabels\.mat: image 9 has class 103, outside "
      r"1\.\.102"),
     (FLOWER_CLASSES, {**SETID, "valid": [0]}, r"its valid lists image 0"),
-])
+    (FLOWER_CLASSES, {**SETID, "tstid": [3, 5, 8, 1]},  # a train image tested on too
+     r"setid\.mat: image 1 is in trnid and in tstid"),
+    (FLOWER_CLASSES, {**SETID, "trnid": [1, 4, 9, 4]}, r"setid\.mat: image 4 is in trnid twice"),
+], ids=["past-the-images", "class-103", "image-0", "splits-overlap", "an-image-twice"])
 def test_flowers_metadata_that_does_not_fit_is_refused(tmp_path: Path, labels, setid,
                                                        match: str) -> None:
     root = write_flowers(tmp_path / "f", labels, setid)
     with pytest.raises(BadInputError, match=match):
+        write_shards(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_imagelabels_shorter_than_the_jpg_folder_is_refused(tmp_path: Path) -> None:
+    root = write_flowers(tmp_path / "f", setid={"trnid": [1], "valid": [2], "tstid": [3]})
+    # One label lost: the images after it would take their neighbours' labels.
+    scipy_io.savemat(root / "imagelabels.mat",
+                     {"labels": np.array([FLOWER_CLASSES[:8]], np.float64)})
+    with pytest.raises(BadInputError, match=r"imagelabels\.mat: labels 8 images, but jpg/ holds "
+                       r"image_00009\.jpg"):
         write_shards(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -87,7 +101,9 @@ def write_pets(root: Path, trainval=TRAINVAL, test=TEST) -> Path:
     (root / "images").mkdir(parents=True)
     (root / "annotations").mkdir()
     for n, (name, _) in enumerate([*trainval, *test]):
-        (root / "images" / f"{name}.jpg").write_bytes(encode(solid(n * 30), "JPEG"))
+        image = root / "images" / f"{name}.jpg"
+        image.parent.mkdir(parents=True, exist_ok=True)  # a hostile name may hold a path
+        image.write_bytes(encode(solid(n * 30), "JPEG"))
     for file, rows in (("trainval.txt", trainval), ("test.txt", test)):
         species = {1: 1, 20: 2, 37: 2}
         (root / "annotations" / file).write_text("".join(
@@ -123,7 +139,13 @@ def test_pets_missing_and_corrupt_images_are_skipped_samples(tmp_path: Path) -> 
     ([*TEST, ("Bengal_1", 38)], r'test\.txt: line 4: "Bengal_1 38 2 38" is not "NAME CLASS_ID '
      r'SPECIES BREED_ID" with CLASS_ID in 1\.\.37'),
     ([("Abyssinian_3", 2)], r"class 2 holds american_bulldog_10 and Abyssinian_3"),
-])
+    ([*TEST, ("Abyssinian_2", 1)], r"Abyssinian_2 is listed in trainval\.txt and test\.txt"),
+    ([*TEST, ("Abyssinian_9", 1)], r"Abyssinian_9 is listed in test\.txt twice"),
+    ([*TEST, ("Abyssinian_5", 3)], r"classes 1 and 3 both hold Abyssinian images"),
+    ([*TEST, ("../x/Abyssinian_5", 1)], r'line 4: "\.\./x/Abyssinian_5" is not the name of an'),
+    ([*TEST, ("Abyssinian_5.5", 1)], r'line 4: "Abyssinian_5\.5" is not the name of an image'),
+], ids=["class-38", "class-and-breed-disagree", "in-both-splits", "listed-twice",
+        "two-classes-one-breed", "a-path", "a-dot"])
 def test_pets_annotations_that_do_not_fit_are_refused(tmp_path: Path, test, match) -> None:
     root = write_pets(tmp_path / "p", test=test)
     with pytest.raises(BadInputError, match=match):

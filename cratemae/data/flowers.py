@@ -84,7 +84,19 @@ def flowers_records(root: Path) -> Records:
     if bad.size:
         raise BadInputError(f"{folder / 'imagelabels.mat'}: image {int(bad[0]) + 1} has class "
                             f"{int(labels[bad[0]])}, outside 1..{CLASSES}")
+    beyond = [f.name for f in (folder / "jpg").glob("image_*.jpg")
+              if f.stem[6:].isdigit() and int(f.stem[6:]) > labels.size]
+    if beyond:  # a shorter label list: which image lost its label, shifting the rest?
+        raise BadInputError(f"{folder / 'imagelabels.mat'}: labels {labels.size} images, but "
+                            f"jpg/ holds {min(beyond)}")
     ids = _load_mat(folder / "setid.mat", tuple(_SPLITS.values()))
+    owner: dict[int, str] = {}
+    for key in _SPLITS.values():
+        for i in (int(i) for i in ids[key]):
+            if i in owner:  # the real splits are disjoint: a repeat is a duplicate or a leak
+                raise BadInputError(f"{folder / 'setid.mat'}: image {i} is in {owner[i]}"
+                                    f"{' twice' if owner[i] == key else f' and in {key}'}")
+            owner[i] = key
     splits = {}
     for split, key in _SPLITS.items():
         past = ids[key][(ids[key] < 1) | (ids[key] > labels.size)]

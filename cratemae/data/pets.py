@@ -10,6 +10,7 @@ is a skipped sample, as any bad file is.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def read_list(path: Path) -> list[tuple[str, int]]:
         if not ok or not 1 <= int(fields[1]) <= CLASSES:
             raise BadInputError(f'{path}: line {n}: "{line.strip()[:60]}" is not "NAME CLASS_ID '
                                 f'SPECIES BREED_ID" with CLASS_ID in 1..{CLASSES}')
+        if not re.fullmatch(r"[\w-]+", fields[0]):  # a file name's stem, no path nor dot
+            raise BadInputError(f'{path}: line {n}: "{fields[0][:60]}" is not the name of an '
+                                'image of images/ (letters, digits, _ and -)')
         out.append((fields[0], int(fields[1])))
     if not out:
         raise BadInputError(f"{path}: lists no images")
@@ -69,6 +73,11 @@ def _class_names(listed: dict[str, list[tuple[str, int]]], folder: Path) -> tupl
         if seen[0] != prefix:
             raise BadInputError(f"{folder / 'annotations'}: class {cid} holds {seen[1]} and "
                                 f"{name}, whose names disagree on the breed")
+    ids = {}  # prefix -> the first class id named by it
+    for cid, (prefix, name) in sorted(names.items()):
+        if ids.setdefault(prefix, (cid, name))[0] != cid:
+            raise BadInputError(f"{folder / 'annotations'}: classes {ids[prefix][0]} and {cid} "
+                                f"both hold {prefix} images ({ids[prefix][1]}, {name})")
     unseen = [i for i in range(1, CLASSES + 1) if i not in names]
     if unseen:
         log.warning("%s: the annotations list no image of class %s", folder,
@@ -84,6 +93,14 @@ def pets_records(root: Path) -> Records:
                             "annotations/trainval.txt, annotations/test.txt (nor an "
                             "oxford-iiit-pet/ folder with them)")
     listed = {s: read_list(folder / "annotations" / f) for s, f in _SPLITS.items()}
+    where: dict[str, str] = {}
+    for s, rows in listed.items():
+        for name, _ in rows:
+            if name in where:  # the real lists are disjoint: a repeat is a duplicate or a leak
+                raise BadInputError(f"{folder / 'annotations'}: {name} is listed in "
+                                    f"{_SPLITS[where[name]]}"
+                                    f"{' twice' if where[name] == s else f' and {_SPLITS[s]}'}")
+            where[name] = s
     classes = _class_names(listed, folder)
     splits = {s: [Item(name, cid - 1, _loader(folder / "images" / f"{name}.jpg"),
                        str(folder / "images" / f"{name}.jpg")) for name, cid in rows]
