@@ -7,6 +7,7 @@ pixels checked. Skipped, with the reason, where pyarrow is absent (CI installs i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -190,3 +191,77 @@ def test_one_parquet_file_with_named_columns_and_an_empty_image(tmp_path: Path) 
             if i != 1}
     assert_same({"train": got}, {"train": want})
     assert summary.skipped == [(f"{src} row 1", "no image bytes in its row")]
+
+
+@pytest.mark.parametrize(("label", "extra", "match"), [
+    (pa.array([0.0, 1.0, 2.0]), {}, r"its column label is double, not integer labels"),
+    # strings beside an integer id: the ids are no labels
+    (pa.array(["cat", "dog", "cat"]), {"id": pa.array([7, 8, 9])}, r"its column label is "
+     r"string, not integer labels; name the label column with --label-column"),
+], ids=["floats", "strings-beside-an-id"])
+def test_a_label_column_that_is_not_integers_is_refused(tmp_path: Path, label, extra,
+                                                        match: str) -> None:
+    samples = rows("train", 3)
+    write_file(tmp_path / "hf" / "train-0.parquet", samples, extra=extra)
+    t = pq.read_table(tmp_path / "hf" / "train-0.parquet")
+    pq.write_table(t.set_column(t.schema.get_field_index("label"), "label", label),
+                   tmp_path / "hf" / "train-0.parquet")
+    with pytest.raises(BadInputError, match=match):
+        write_shards(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pandas_index_is_no_label_column(tmp_path: Path) -> None:
+    samples = rows("train", 3)
+    write_file(tmp_path / "hf" / "train-0.parquet", samples)
+    t = pq.read_table(tmp_path / "hf" / "train-0.parquet")
+    pq.write_table(t.drop(["label"]).append_column("__index_level_0__", pa.array([0, 1, 2])),
+                   tmp_path / "hf" / "train-0.parquet")
+    summary = write_shards(tmp_path / "hf", tmp_path / "out")
+    assert "labels: none, unlabelled" in summary.layout and summary.classes is None
+
+
+def _readme_names(root: Path, lines: str) -> None:
+    readme = root / "README.md"
+    text = readme.read_text()
+    start = text.index("        names:\n") + len("        names:\n")
+    readme.write_text(text[:start] + lines + text[text.index("  splits:"):])
+
+
+def test_class_names_with_a_gap_or_a_name_twice(tmp_path: Path) -> None:
+    want = write_hf(tmp_path / "hf")
+    # '2' missing: bird would name label 2, cat label 3... the names are left out instead
+    _readme_names(tmp_path / "hf", "".join(f"          '{i}': {NAMES[i]}\n"
+                                           for i in (0, 1, 3, 4, 5) if i < len(NAMES)) +
+                  "          '5': extra\n")
+    write_shards(tmp_path / "hf", tmp_path / "out")
+    assert_same(read_shards(tmp_path / "out"), want)
+    index = json.loads((tmp_path / "out" / "shards.json").read_text())
+    assert index["classes"] == ["0", "1", "2", "3", "4"]
+    _readme_names(tmp_path / "hf", "".join(f"          '{i}': {n}\n" for i, n in
+                                           enumerate([*NAMES[:4], "airplane"])))
+    with pytest.raises(BadInputError, match=r"its metadata names two classes 'airplane'"):
+        write_shards(tmp_path / "hf", tmp_path / "o2")
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda d: os.mkfifo(d / "train-00000-of-00001.parquet"),
+     r"train-00000-of-00001\.parquet: is a FIFO, not a regular file"),
+    (lambda d: write_file(d / "train-00000-of-00001.parquet", []),
+     r"its train files hold no rows"),
+    (lambda d: write_file(d / "train_unlabeled-00000-of-00001.parquet", rows("train", 2)),
+     r"its split train_unlabeled is none of train, validation, test"),
+], ids=["fifo", "no-rows", "another-split"])
+def test_a_split_is_never_dropped_or_merged_silently(tmp_path: Path, make, match: str) -> None:
+    root = tmp_path / "hf"
+    write_file(root / "test-00000-of-00001.parquet", rows("test", 2))
+    make(root)
+    with pytest.raises(BadInputError, match=match):
+        write_shards(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_numbered_file_gives_its_split(tmp_path: Path) -> None:
+    write_file(tmp_path / "hf" / "train_0.parquet", rows("train", 2))
+    write_file(tmp_path / "hf" / "validation_1.parquet", rows("val", 2))
+    assert sorted(write_shards(tmp_path / "hf", tmp_path / "out").splits) == ["train", "val"]

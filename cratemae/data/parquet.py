@@ -2,15 +2,19 @@
 leaves `plain_text/train-00000-of-00001.parquet`, `data/train-*.parquet`, ...).
 
 - the files: SRC itself (one `.parquet` file) or every `*.parquet` under it (hidden folders,
-  such as the download cache's `.cache/`, left out); each file's split is the first word of
-  its name (`train-...`, `validation-...` -> val, `test-...`), else its folder's name;
+  such as the download cache's `.cache/`, left out; a FIFO or device named so refused);
+  each file's split is its name up to the first `-` or `.` (`train-...`, `validation-...`
+  -> val, `test-...`, `train_0`), else its folder's name; a split of another name
+  (`train_unlabeled-...`) is refused, not merged into train; a split without rows too;
 - the image column: a struct with a `bytes` field (the `Image` feature) or a binary
-  column; the label column: an integer column. Each found by its type, or named
+  column; the label column: an integer column (not pandas' `__index_level_0__`; a
+  `label` column of strings or floats is refused). Each found by its type, or named
   (`--image-column`, `--label-column`); a file without an image column is bad input. No
   integer column: unlabelled samples;
 - the class names: the `ClassLabel` names of the label column in the data set's
   `dataset_infos.json` or `README.md` front matter (`dataset_info: features:`), when
-  present beside the files or above them up to SRC; else the labels' numbers;
+  present beside the files or above them up to SRC, numbered 0..n-1 and each once; else
+  the labels' numbers;
 - the reading: one row group at a time (memory bounded by a row group), in an order
   shuffled by row group and within each, so the shards are mixed without reading the data
   set into memory. Labels are the column's values, as `datasets` gives them.
@@ -58,8 +62,9 @@ def _files(src: Path) -> list[Path]:
         return [src] if src.suffix == ".parquet" else []
     if not src.is_dir():
         return []
-    return sorted(p for p in src.rglob("*.parquet") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    found = sorted(p for p in src.rglob("*.parquet")
+                   if not any(part.startswith(".") for part in p.relative_to(src).parts))
+    return [p for p in found if not regular_file(p).is_dir() and p.is_file()]
 
 
 def is_parquet_source(src: Path) -> bool:
@@ -81,9 +86,13 @@ def split_of(path: Path) -> str:
     """The split a file's name begins with (else its folder's name says); bad input when
     neither names one."""
     for name in (path.stem, path.parent.name):
-        word = re.split(r"[-_.]", name, maxsplit=1)[0].lower()
-        if word in SPLIT_WORDS:
-            return SPLIT_WORDS[word]
+        word = re.split(r"[-.]", name, maxsplit=1)[0].lower()  # Hub files: SPLIT-00000-of-...
+        first, _, rest = word.partition("_")
+        if word in SPLIT_WORDS or (first in SPLIT_WORDS and rest.isdigit()):
+            return SPLIT_WORDS[first]
+        if first in SPLIT_WORDS:  # train_unlabeled, validation_matched: another split
+            raise BadInputError(f"{path}: its split {word} is none of train, validation, test; "
+                                "give the files of one split (a folder or a file)")
     raise BadInputError(f"{path}: its name says no split (train-*, validation-*, test-*), nor "
                         "does its folder's")
 
@@ -122,7 +131,12 @@ def _columns(pq: Any, path: Path, image: str | None, label: str | None) -> Colum
     if len(images) > 1:
         raise BadInputError(f"{path}: has several image columns ({', '.join(images)}): name "
                             "one with --image-column")
-    ints = [n for n, t in types.items() if pa.types.is_integer(t)]
+    ints = [n for n, t in types.items() if pa.types.is_integer(t)
+            and not re.fullmatch(r"__index_level_\d+__", n)]  # pandas' index: no labels
+    odd = [n for n in _PREFERRED_LABELS if n in types and n not in ints]
+    if label is None and odd:  # a label column of strings or floats: not another column
+        raise BadInputError(f"{path}: its column {odd[0]} is {types[odd[0]]}, not integer "
+                            "labels; name the label column with --label-column")
     if label is not None:
         if label not in ints:
             raise BadInputError(f"{path}: --label-column {label}: not an integer column "
@@ -186,9 +200,15 @@ def _names_in_infos(configs: list[tuple[str, Any]], column: str) -> dict[str, tu
                     names = label.get("names") if isinstance(label, dict) else None
         if isinstance(names, dict):
             try:
-                names = [names[k] for k in sorted(names, key=int)]
+                by = {int(k): v for k, v in names.items()}
             except (TypeError, ValueError):
-                names = None
+                by = {}
+            # the labels 0..n-1, each named once: a gap would shift every name after it
+            names = [by[i] for i in range(len(names))] if sorted(by) == list(
+                range(len(names))) else None
+            if names is None:
+                log.warning("%s: its ClassLabel names are not numbered 0..n-1; left out",
+                            config)
         if isinstance(names, list) and names and all(isinstance(n, str | int) for n in names):
             out[config] = tuple(str(n) for n in names)
     return out
@@ -270,6 +290,12 @@ def _scan(src: Path, image: str | None, label: str | None
         groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         out.append((path, split_of(path), columns,
                     _labels(pq, path, columns.label, sum(groups)), groups))
+    rows: dict[str, int] = {}
+    for _, split, _, _, groups in out:
+        rows[split] = rows.get(split, 0) + sum(groups)
+    empty = sorted(s for s, n in rows.items() if not n)
+    if empty:
+        raise BadInputError(f"{src}: its {empty[0]} files hold no rows")
     chosen = {(c.image, c.label) for _, _, c, _, _ in out}
     if len(chosen) > 1:
         raise BadInputError(f"{src}: its files have different image/label columns "
@@ -283,6 +309,9 @@ def _classes(src: Path, scanned: list, column: str | None) -> tuple[str, ...] | 
     if column is None:
         return None
     names = class_names(src, [f for f, *_ in scanned], column)
+    twice = sorted({n for n in names or () if names.count(n) > 1})
+    if twice:
+        raise BadInputError(f"{src}: its metadata names two classes {twice[0]!r}")
     top = max((int(y.max()) for *_, y, _ in scanned if y.size), default=-1)
     if names is not None and top >= len(names):
         where = next(f for f, *_, y, _ in scanned if y.size and int(y.max()) == top)
