@@ -229,15 +229,37 @@ def test_the_base_preset_exports_match_pytorch_at_three_sizes(tmp_path, fmt) -> 
 
 
 def test_a_pt2_over_tolerance_writes_nothing_and_keeps_a_previous_file(
-        demo_checkpoint, tmp_path, monkeypatch) -> None:
+        demo_checkpoint, graphs, tmp_path, monkeypatch) -> None:
     import cratemae.weights.graph as graph_mod
+    import cratemae.weights.pt2 as pt2_mod
     from cratemae.errors import CrateMAEError
-    from cratemae.weights.pt2 import export_pt2
 
+    program = torch.export.load(graphs["pt2"][0] / FILES["pt2"])  # the demo's, exported once
+    monkeypatch.setattr(pt2_mod, "export_program", lambda encoder, image_size=None: program)
     file = tmp_path / FILES["pt2"]
     file.write_bytes(b"previous program")
     monkeypatch.setattr(graph_mod, "EXPORT_TOLERANCE", -1.0)  # any difference is too much
     with pytest.raises(CrateMAEError, match=r"the torch\.export program differs from PyTorch"):
-        export_pt2(load_model(demo_checkpoint).encoder, file, image_size=32)
+        pt2_mod.export_pt2(load_model(demo_checkpoint).encoder, file)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
         FILES["pt2"]: b"previous program"}  # nothing new, no temporary, the old file whole
+
+
+def test_a_graph_that_fails_at_a_size_is_one_error_line() -> None:
+    from cratemae.errors import CrateMAEError
+    from cratemae.model import create_model
+    from cratemae.weights.graph import compare
+
+    encoder = create_model("crate_mae_tiny", img_size=16, patch_size=8, embed_dim=32,
+                           num_heads=2, depth=1, decoder_embed_dim=32, decoder_num_heads=2,
+                           decoder_depth=1).encoder
+
+    def frozen(x: torch.Tensor) -> torch.Tensor:  # a graph that kept the training size
+        if x.shape[-2:] != (16, 16):
+            raise RuntimeError("first line\nAttempting to broadcast an axis: 10 by 5")
+        return encoder.forward_features(x)
+
+    with pytest.raises(CrateMAEError) as err:
+        compare(frozen, encoder, check_cases(16, 8), name="out/model.onnx")
+    assert str(err.value) == ("out/model.onnx: failed at 24x24 px (Attempting to broadcast an "
+                              "axis: 10 by 5); not written")

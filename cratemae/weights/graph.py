@@ -111,7 +111,12 @@ def compare(run: Callable[[torch.Tensor], torch.Tensor], encoder: CrateEncoder,
         x = test_images(batch, encoder.in_chans, h, w, seed=1 + i)
         with torch.no_grad():
             expected = encoder.forward_features(x)
-            got = run(x)
+            try:
+                got = run(x)
+            except Exception as err:  # the runtime's own error types: one line, and why
+                why = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+                raise CrateMAEError(f"{name}: failed at {h}x{w} px ({why}); not written"
+                                    ) from err
         if tuple(got.shape) != tuple(expected.shape):
             raise CrateMAEError(f"{name}: output shape {tuple(got.shape)} at {h}x{w} px, "
                                 f"expected {tuple(expected.shape)}")
