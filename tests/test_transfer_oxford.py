@@ -164,3 +164,20 @@ def test_layout_forces_a_format_and_says_what_is_missing(tmp_path: Path) -> None
             write_shards(root, tmp_path / "out", options=DownloadOptions(layout=name))
     summary = write_shards(root, tmp_path / "out", options=DownloadOptions(layout="folders"))
     assert summary.layout is None and summary.classes == ("annotations", "images")
+
+
+def test_a_folder_holding_two_downloads_asks_for_one(tmp_path: Path) -> None:
+    from cratemae.data.layouts import DownloadOptions, read_in_place
+
+    write_flowers(tmp_path / "data" / "flowers-102")
+    write_pets(tmp_path / "data" / "oxford-iiit-pet")
+    match = (r"data: holds several downloads \(Flowers-102, Oxford-IIIT Pets\); give the "
+             "folder of one, or name its layout with --layout")
+    with pytest.raises(BadInputError, match=match):
+        write_shards(tmp_path / "data", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(BadInputError, match=match):
+        read_in_place(tmp_path / "data", "train")
+    summary = write_shards(tmp_path / "data", tmp_path / "out",
+                           options=DownloadOptions(layout="pets"))
+    assert summary.layout.startswith("Oxford-IIIT Pets")

@@ -58,6 +58,8 @@ def download_records(src: Path, options: DownloadOptions) -> Records | None:
         raise BadInputError(f"--layout {name}: unknown; the layouts are {', '.join(LAYOUTS)}")
     if name == "folders":
         return None
+    if name is None:
+        _one_download(src)
     if (name is None or name in cifar.FORMATS) and cifar.find_cifar(src, name) is not None:
         return cifar.cifar_records(src, name, options.cifar100_labels)
     if options.cifar100_labels is not None:
@@ -70,6 +72,21 @@ def download_records(src: Path, options: DownloadOptions) -> Records | None:
         return parquet.parquet_records(src, options.image_column, options.label_column,
                                        options.seed)
     return None
+
+
+def _one_download(src: Path) -> None:
+    """Bad input when `src` holds several download formats (a data folder with
+    `flowers-102/` and `oxford-iiit-pet/`): which one is meant is not for the order of
+    the checks to decide."""
+    if not src.is_dir():
+        return
+    found = [title for title, recognise in (
+        ("CIFAR", lambda p: cifar.find_cifar(p) is not None),
+        ("Flowers-102", flowers.is_flowers_root), ("Oxford-IIIT Pets", pets.is_pets_root),
+        ("Parquet", parquet.is_parquet_source)) if recognise(src)]
+    if len(found) > 1:
+        raise BadInputError(f"{src}: holds several downloads ({', '.join(found)}); give the "
+                            "folder of one, or name its layout with --layout")
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,7 @@ class InPlace:
 def read_in_place(path: Path, split: str) -> InPlace | None:
     """`split` of `path` read where it lies when `path` is a download format (the same
     labels as its shards: the same code reads them), else None."""
+    _one_download(path)
     found = cifar.find_cifar(path) if path.is_dir() else None
     if found is not None:
         want = _split_read(path, split, tuple(found[0].splits))
