@@ -333,3 +333,9 @@ def test_the_unpickler_gives_numpy_no_state_it_did_not_check(tmp_path: Path, str
     (tmp_path / "f").write_bytes(b"\x80\x02" + stream + b".")
     with pytest.raises(BadInputError, match=match):
         load_pickle(tmp_path / "f", "a batch")
+
+
+def test_a_batch_copied_over_another_is_refused(tmp_path: Path) -> None:
+    folder = write_cifar10_binary(tmp_path)  # the test batch as a train batch: a leak
+    (folder / "data_batch_5.bin").write_bytes((folder / "test_batch.bin").read_bytes())
+    refused(folder, tmp_path / "out", r"test_batch\.bin: holds the images of data_batch_5\.bin")

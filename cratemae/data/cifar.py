@@ -19,6 +19,7 @@ meta file's, in that order. Splits: train and test.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,10 +199,16 @@ def cifar_records(root: Path, name: str | None = None, labels: str | None = None
     kind = _label_kind(fmt, labels)
     names = class_names(fmt, folder, kind)
     splits = {}
+    seen: dict[bytes, Path] = {}  # a batch copied over another: the same images twice
     for split in fmt.splits:
         items: list[Item] = []
         for path in _split_files(fmt, folder, split):
             pixels, ys = read_batch(fmt, path, kind)
+            digest = hashlib.blake2b(np.ascontiguousarray(pixels)).digest()
+            if digest in seen:
+                raise BadInputError(f"{path}: holds the images of {seen[digest].name}; the "
+                                    f"batches of {fmt.title} are all different")
+            seen[digest] = path
             stem = path.name.removesuffix(".bin")
             items += [Item(f"{stem}/{i:05d}", int(y), functools.partial(_png, pixels, i),
                            f"{path}#{i}") for i, y in enumerate(ys)]
