@@ -180,5 +180,5 @@ def load_pickle(path: Path, what: str) -> Any:
             f"{path}: its pickle names the global {err}, which {what} does not hold; refused "
             "(nothing it names was imported or run)") from None
     except Exception as err:  # a damaged pickle raises many kinds
-        raise BadInputError(f"{path}: not a readable {what} ({type(err).__name__}: "
+        raise BadInputError(f"{path}: not readable as {what} ({type(err).__name__}: "
                             f"{err})".replace("\n", " ")) from None
