@@ -265,3 +265,14 @@ def test_a_numbered_file_gives_its_split(tmp_path: Path) -> None:
     write_file(tmp_path / "hf" / "train_0.parquet", rows("train", 2))
     write_file(tmp_path / "hf" / "validation_1.parquet", rows("val", 2))
     assert sorted(write_shards(tmp_path / "hf", tmp_path / "out").splits) == ["train", "val"]
+
+
+def test_a_file_of_a_split_in_several_parts_missing_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "hf"
+    samples = rows("train", 5)
+    write_file(root / "data" / "train-00000-of-00003.parquet", samples[:2])
+    write_file(root / "data" / "train-00002-of-00003.parquet", samples[2:])
+    with pytest.raises(BadInputError, match=r"data: holds 2 files train-\*-of-\*\.parquet, not "
+                       r"the 3 their names count \(train-00001-of-00003\.parquet missing\)"):
+        write_shards(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

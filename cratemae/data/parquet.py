@@ -4,7 +4,8 @@ leaves `plain_text/train-00000-of-00001.parquet`, `data/train-*.parquet`, ...).
 - the files: SRC itself (one `.parquet` file) or every `*.parquet` under it (hidden folders,
   such as the download cache's `.cache/`, left out; a FIFO or device named so refused);
   each file's split is its name up to the first `-` or `.` (`train-...`, `validation-...`
-  -> val, `test-...`, `train_0`), else its folder's name; a split of another name
+  -> val, `test-...`, `train_0`), else its folder's name; `train-00001-of-00004`
+  without its 3 other parts is refused (an incomplete download); a split of another name
   (`train_unlabeled-...`) is refused, not merged into train; a split without rows too;
 - the image column: a struct with a `bytes` field (the `Image` feature) or a binary
   column; the label column: an integer column (not pandas' `__index_level_0__`; a
@@ -276,12 +277,33 @@ def _key(path: Path, src: Path, row: int) -> str:
     return f"{stem}/{row:06d}"
 
 
+def _all_parts(files: list[Path]) -> None:
+    """Bad input when a file named `NAME-00001-of-00004` lacks one of its 4 parts (an
+    interrupted download): the split would silently hold a part of its rows."""
+    parts: dict[tuple[Path, str], tuple[set[int], set[int]]] = {}
+    for f in files:
+        m = re.fullmatch(r"(.*)-(\d+)-of-(\d+)", f.stem)
+        if m:
+            have, total = parts.setdefault((f.parent, m[1]), (set(), set()))
+            have.add(int(m[2]))
+            total.add(int(m[3]))
+    for (folder, name), (have, total) in sorted(parts.items()):
+        n = max(total)
+        missing = sorted(set(range(n)) - have)
+        if len(total) > 1 or missing or max(have) >= n:
+            gone = (f"{name}-{missing[0]:05d}-of-{n:05d}.parquet missing" if missing
+                    else "their counts disagree")
+            raise BadInputError(f"{folder}: holds {len(have)} files {name}-*-of-*.parquet, not "
+                                f"the {n} their names count ({gone}): an incomplete download?")
+
+
 def _scan(src: Path, image: str | None, label: str | None
           ) -> tuple[Any, list[tuple[Path, str, Columns, np.ndarray, list[int]]]]:
     """(pq, [(file, split, columns, labels, rows per row group)]), every file checked."""
     files = _files(src)
     if not files:
         raise BadInputError(f"{src}: --layout parquet: holds no *.parquet files")
+    _all_parts(files)
     pq = _pq(src)
     out = []
     for path in files:
