@@ -276,3 +276,14 @@ def test_a_file_of_a_split_in_several_parts_missing_is_refused(tmp_path: Path) -
                        r"the 3 their names count \(train-00001-of-00003\.parquet missing\)"):
         write_shards(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_split_whose_files_lie_in_two_configs_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "hf"  # two configs of one repository, each with its classes
+    write_file(root / "cifar10" / "train-00000-of-00001.parquet", rows("train", 2))
+    write_file(root / "cifar100" / "train-00000-of-00001.parquet", rows("train", 2))
+    (root / "README.md").write_text("# two configs\n")
+    with pytest.raises(BadInputError, match=r"the train files lie in several folders \(.*"
+                       r"cifar10, .*cifar100\), configs of the data set\? give the folder of one"):
+        write_shards(root, tmp_path / "out")
+    assert sorted(write_shards(root / "cifar10", tmp_path / "out").splits) == ["train"]

@@ -5,7 +5,8 @@ leaves `plain_text/train-00000-of-00001.parquet`, `data/train-*.parquet`, ...).
   such as the download cache's `.cache/`, left out; a FIFO or device named so refused);
   each file's split is its name up to the first `-` or `.` (`train-...`, `validation-...`
   -> val, `test-...`, `train_0`), else its folder's name; `train-00001-of-00004`
-  without its 3 other parts is refused (an incomplete download); a split of another name
+  without its 3 other parts is refused (an incomplete download), and so are a split's
+  files in several folders (the configs of a repository); a split of another name
   (`train_unlabeled-...`) is refused, not merged into train; a split without rows too;
 - the image column: a struct with a `bytes` field (the `Image` feature) or a binary
   column; the label column: an integer column (not pandas' `__index_level_0__`; a
@@ -313,8 +314,15 @@ def _scan(src: Path, image: str | None, label: str | None
         out.append((path, split_of(path), columns,
                     _labels(pq, path, columns.label, sum(groups)), groups))
     rows: dict[str, int] = {}
-    for _, split, _, _, groups in out:
+    folders: dict[str, set[Path]] = {}
+    for path, split, _, _, groups in out:
         rows[split] = rows.get(split, 0) + sum(groups)
+        folders.setdefault(split, set()).add(path.parent)
+    for split, where in sorted(folders.items()):
+        if len(where) > 1:  # a repository's configs (plain_text/, other/): not one split
+            raise BadInputError(f"{src}: the {split} files lie in several folders "
+                                f"({', '.join(sorted(str(w) for w in where))}), configs of the "
+                                "data set? give the folder of one")
     empty = sorted(s for s, n in rows.items() if not n)
     if empty:
         raise BadInputError(f"{src}: its {empty[0]} files hold no rows")
