@@ -6,6 +6,7 @@ what the test wrote; hostile metadata refused before a byte is written."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,18 @@ def test_a_folder_holding_two_downloads_asks_for_one(tmp_path: Path) -> None:
     summary = write_shards(tmp_path / "data", tmp_path / "out",
                            options=DownloadOptions(layout="pets"))
     assert summary.layout.startswith("Oxford-IIIT Pets")
+
+
+@pytest.mark.parametrize(("write", "gone", "match"), [
+    (write_flowers, "setid.mat", r"f: Flowers-102 without its setid\.mat"),
+    (write_pets, "annotations/test.txt", r"f: Oxford-IIIT Pets without its annotations/test\.txt"),
+], ids=["flowers-setid", "pets-test-list"])
+def test_a_download_missing_a_list_says_so(tmp_path: Path, write, gone: str, match: str) -> None:
+    root = write(tmp_path / "f")
+    (root / gone).unlink()  # not read as class folders jpg/ or images/ and annotations/
+    with pytest.raises(BadInputError, match=match):
+        write_shards(root, tmp_path / "out")
+    os.mkfifo(root / gone)
+    with pytest.raises(BadInputError, match=f"{gone}: is a FIFO, not a regular file"):
+        write_shards(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

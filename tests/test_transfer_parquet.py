@@ -287,3 +287,11 @@ def test_a_split_whose_files_lie_in_two_configs_is_refused(tmp_path: Path) -> No
                        r"cifar10, .*cifar100\), configs of the data set\? give the folder of one"):
         write_shards(root, tmp_path / "out")
     assert sorted(write_shards(root / "cifar10", tmp_path / "out").splits) == ["train"]
+
+
+def test_a_fifo_named_readme_is_refused_not_read_as_folders(tmp_path: Path) -> None:
+    write_hf(tmp_path / "hf")  # plain_text/*.parquet: found by the README beside it
+    (tmp_path / "hf" / "README.md").unlink()
+    os.mkfifo(tmp_path / "hf" / "README.md")
+    with pytest.raises(BadInputError, match=r"README\.md: is a FIFO, not a regular file"):
+        write_shards(tmp_path / "hf", tmp_path / "out")

@@ -7,6 +7,7 @@ are torchvision's list. The paper's fine-tuning trains on train + val.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,9 +45,11 @@ _NAMES = (  # noqa: SIM905 - a paragraph reads better than 102 lines
 
 
 def _folder(root: Path) -> Path | None:
-    """`root`, or its `flowers-102/` (torchvision's folder), when it holds the download."""
+    """`root`, or its `flowers-102/` (torchvision's folder), when it holds the download
+    (`jpg/` and one of the .mat files at least: the other missing is said, not taken for
+    a class folder)."""
     for folder in (root, root / "flowers-102"):
-        if (folder / "jpg").is_dir() and all((folder / f).is_file() for f in _FILES):
+        if (folder / "jpg").is_dir() and any(os.path.lexists(folder / f) for f in _FILES):
             return folder
     return None
 
@@ -79,6 +82,9 @@ def flowers_records(root: Path) -> Records:
     if folder is None:
         raise BadInputError(f"{root}: --layout flowers102: holds no jpg/, imagelabels.mat and "
                             "setid.mat (nor a flowers-102/ folder with them)")
+    absent = [f for f in _FILES if not regular_file(folder / f).is_file()]
+    if absent:
+        raise BadInputError(f"{folder}: Flowers-102 without its {', '.join(absent)}")
     labels = _load_mat(folder / "imagelabels.mat", ("labels",))["labels"]
     bad = np.flatnonzero((labels < 1) | (labels > CLASSES))
     if bad.size:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,8 +80,8 @@ def is_parquet_source(src: Path) -> bool:
         return False
     if any(p.suffix == ".parquet" for d in (src, src / "data") if d.is_dir() for p in d.iterdir()):
         return True
-    marked = any((src / n).is_file() for n in ("README.md", "dataset_infos.json",
-                                                ".gitattributes"))
+    marked = any(os.path.lexists(src / n) for n in ("README.md", "dataset_infos.json",
+                                                     ".gitattributes"))
     return marked and bool(_files(src))
 
 

@@ -10,6 +10,7 @@ is a skipped sample, as any bad file is.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +29,9 @@ _SPLITS = {"train": "trainval.txt", "test": "test.txt"}
 
 def _folder(root: Path) -> Path | None:
     """`root`, or its `oxford-iiit-pet/` (torchvision's folder), when it holds the download."""
-    for folder in (root, root / "oxford-iiit-pet"):
-        if (folder / "images").is_dir() and all(
-                (folder / "annotations" / f).is_file() for f in _SPLITS.values()):
+    for folder in (root, root / "oxford-iiit-pet"):  # a list missing: said, not skipped
+        if (folder / "images").is_dir() and any(
+                os.path.lexists(folder / "annotations" / f) for f in _SPLITS.values()):
             return folder
     return None
 
@@ -92,6 +93,10 @@ def pets_records(root: Path) -> Records:
         raise BadInputError(f"{root}: --layout pets: holds no images/ and "
                             "annotations/trainval.txt, annotations/test.txt (nor an "
                             "oxford-iiit-pet/ folder with them)")
+    absent = [f"annotations/{f}" for f in _SPLITS.values()
+              if not regular_file(folder / "annotations" / f).is_file()]
+    if absent:
+        raise BadInputError(f"{folder}: Oxford-IIIT Pets without its {', '.join(absent)}")
     listed = {s: read_list(folder / "annotations" / f) for s, f in _SPLITS.items()}
     where: dict[str, str] = {}
     for s, rows in listed.items():
