@@ -2,7 +2,9 @@
 `jpg/image_00001.jpg` ..., `imagelabels.mat` (its `labels`: the class, 1..102, of image i
 at [i - 1]) and `setid.mat` (`trnid`, `valid`, `tstid`: the 1-based image numbers of the
 train, val and test splits). Label = class - 1, as torchvision gives it; the class names
-are torchvision's list. The paper's fine-tuning trains on train + val.
+are torchvision's list. The paper's fine-tuning trains on train + val. The real splits are
+disjoint and every jpg is labelled: an image in two splits (or twice in one), or a jpg past
+the labels (a label lost, the rest shifted), is bad input.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ one image a line, "NAME CLASS_ID SPECIES BREED_ID" (CLASS_ID 1..37). Label = CLA
 as torchvision gives it; the class names are the file-name prefixes ("Abyssinian_12" ->
 "Abyssinian", "american_bulldog_3" -> "american_bulldog"). The trainval split is written
 as train. An image listed but missing, or not a readable image (the real set has a few),
-is a skipped sample, as any bad file is.
+is a skipped sample, as any bad file is. The real lists are disjoint, name each image once
+and each breed by one class id: a repeat, an image in both lists, two ids of one breed, or a
+NAME that is not a plain file name (a path, a dot) is bad input.
 """
 
 from __future__ import annotations
