@@ -163,7 +163,7 @@ def test_the_pt2_program_runs_where_cratemae_cannot_be_imported(graphs, tmp_path
     assert proc.stdout.strip() == "['cratemae']"  # only the blocked entry
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("pt2", marks=pytest.mark.slow)])
 def test_image_size_fixes_the_graphs_height_and_width(demo_checkpoint, tmp_path, fmt) -> None:
     run = cli("export", demo_checkpoint, "--out", tmp_path, "--format", fmt, "--image-size", 40)
     assert run.exit_code == 0, run.output
