@@ -17,6 +17,16 @@ def pytest_configure(config: pytest.Config) -> None:
         base = Path(config.rootpath) / ".pytest-cache-data"
         os.environ["CRATEMAE_TEST_CACHE"] = str(base)
     os.environ["CRATEMAE_CACHE"] = os.environ["CRATEMAE_TEST_CACHE"]
+    # Under pytest-xdist each worker gets its share of the CPUs for torch's threads (and its
+    # subprocesses', through the variable): two workers each spinning two OpenMP threads on
+    # two cores run several times slower than one.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
