@@ -200,18 +200,19 @@ def test_bad_sizes_and_formats_are_one_line_and_write_nothing(demo_checkpoint, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "pt2"])
-def test_the_base_preset_exports_match_pytorch_at_three_sizes(tmp_path, fmt) -> None:
+def test_a_224_px_preset_exports_match_pytorch_at_three_sizes(tmp_path, fmt) -> None:
+    """The small preset at 224 px: Base's architecture and sizes at a third of the cost."""
     from cratemae.checkpoints import write_model_weights
     from cratemae.model import create_model
 
     torch.manual_seed(0)
-    model = create_model("crate_mae_base").eval()
-    source = write_model_weights(tmp_path / "base.safetensors", model.state_dict(),
+    model = create_model("crate_mae_small").eval()
+    source = write_model_weights(tmp_path / "small.safetensors", model.state_dict(),
                                  model.config.to_dict())
     run = cli("export", source, "--out", tmp_path / fmt, "--format", fmt)
     assert run.exit_code == 0, run.output
     assert "at 224x224, 160x160, 288x288, 160x288 px" in run.stdout
-    print(f"\nBase preset, {fmt}: {run.stdout.splitlines()[-1]}")
+    print(f"\nSmall preset, {fmt}: {run.stdout.splitlines()[-1]}")
     file = tmp_path / fmt / FILES[fmt]
     if fmt == "onnx":
         session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])

@@ -161,6 +161,7 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_path):
     """The README's demo pre-training (the paper's full-sequence model): its loss falls by a
     third, and recipes/probe/demo.toml scores it at least 10 points above the same model at
