@@ -377,6 +377,9 @@ def _assert_consistent(run_dir: Path) -> int:
     return step
 
 
+# quick twins: tests/test_fs.py (an interrupted write keeps the old file) and the re-save
+# test above (debris of a dead writer is removed)
+@pytest.mark.slow
 def test_sigkill_during_writes_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     # Fixed kill moments (0 to 0.4 s after a round's first save), so a failure reproduces.
     rng = random.Random(20261204)

@@ -36,6 +36,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+# quick twin: tests/test_fs.py, a write that fails with a full disk keeps the old file
+@pytest.mark.slow
 def test_a_disk_that_fills_mid_run_is_one_line_and_the_last_checkpoint_survives(
         small_disk: Path) -> None:
     out = small_disk / "run"

@@ -55,6 +55,8 @@ def stop_the_job(out: Path, sig: signal.Signals) -> int:
     return stopped
 
 
+# quick twins: the flag tests below and tests/test_trust_weights.py's in-process SIGTERM
+@pytest.mark.slow
 def test_sigterm_to_the_whole_job_saves_and_exits_3(tmp_path: Path) -> None:
     """With DataLoader workers running: they must outlive the signal until the save."""
     stop_the_job(tmp_path / "run", signal.SIGTERM)
@@ -74,6 +76,8 @@ def test_sigusr1_to_the_whole_job_saves_exits_3_and_resumes_exactly(tmp_path: Pa
     assert losses(out) == losses(straight)  # the same losses at every step, to the bit
 
 
+# quick twin: test_the_training_commands_listen_from_their_first_line
+@pytest.mark.slow
 def test_a_signal_during_start_up_exits_3_in_one_line(tmp_path: Path) -> None:
     """Sent while the command sets the run up (after the data are listed and the model is
     built, before the first step): no 143, no silence, no traceback."""

@@ -128,6 +128,8 @@ def test_gpu_decode_workers_outlive_a_stop_signal_to_the_whole_job(
     assert len(after) == AFTER > PREFETCHED  # made by workers that were signalled
 
 
+# the control of the two tests above (which stay quick); timed out under load once
+@pytest.mark.slow
 def test_without_the_worker_init_sigterm_kills_a_gpu_decode_worker(tmp_path: Path) -> None:
     """The control: the signal reaches live workers, so the test above can fail. (SIGUSR1 is
     not checked here: forked workers inherit the PreemptionFlag's handler and survive it.)"""
