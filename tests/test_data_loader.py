@@ -3,6 +3,7 @@ order, exact resume, sources (shard dirs, patterns, pipes, folders), and start-u
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pytest
@@ -127,10 +128,16 @@ def test_pretrain_batches_are_normalized_images_without_labels(shard_dir):
     assert torch.allclose(batch.images[:, 2], torch.full((4, 16, 16), want), atol=1e-5)
 
 
-def test_too_few_shards_for_ranks_times_workers(shard_dir):
+def test_too_few_shards_for_ranks_times_workers(shard_dir, caplog):
+    """A tar has one reader: 10 shards on 4 ranks keep 2 workers each busy, not 3 (a
+    warning says so); fewer shards than ranks is an error."""
     data = data_section(str(shard_dir), num_workers=3, batch_size=2)
-    with pytest.raises(BadInputError, match=r"10 shards for 4 ranks x 3 workers = 12 readers"):
-        _loader(data, rank=0, world_size=4)
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        loader = _loader(data, rank=0, world_size=4)
+    assert loader.data.num_workers == 2 and len(loader.plan.streams) == 2
+    assert "data.train: 10 shards for 4 rank(s): 2 of the 3 workers" in caplog.text
+    with pytest.raises(BadInputError, match=r"10 shards for 11 ranks x 3 workers = 33 readers"):
+        _loader(data, rank=0, world_size=11)
     resampled = data.model_copy(update={"resampled": True})
     assert len(_loader(resampled, rank=0, world_size=4)) == 90 // (4 * 2)
 

@@ -23,11 +23,12 @@ from test_transfer_cifar import (
 )
 from test_transfer_oxford import write_flowers, write_pets
 
-from cratemae.data import build_loader
+from cratemae.data import build_data, build_loader
 from cratemae.data.decode import image_bytes
 from cratemae.data.shards import iter_shard
 from cratemae.data.sources import resolve_source
 from cratemae.data.writer import write_shards
+from cratemae.recipe import load_recipe
 
 
 def fingerprint(pixels: np.ndarray, label: int) -> tuple[int, str]:
@@ -131,3 +132,13 @@ def test_shipped_recipes_point_at_what_shard_writes(tmp_path: Path, name: str,
     assert sorted({Path(s.url).name.split("-")[0] for s in train.shards}) == train_splits
     assert {Path(s.url).name.split("-")[0] for s in val.shards} == {val_split}
     assert len(train.classes) == len(val.classes) == task["num_classes"]
+    # ... and the recipe as shipped loads them: its 8 workers share the few shards a small
+    # set makes (one here, one or two from the real downloads) instead of refusing them.
+    data = load_recipe(name).data.model_copy(update={"batch_size": 2,
+                                                     "train": where(recipe["data"]["train"]),
+                                                     "val": where(recipe["data"]["val"])[0]})
+    assert data.num_workers > len(train.shards)
+    for split in ("train", "val"):
+        augment = "none" if split == "val" else "crop" if name.startswith("probe") else "randaugment"
+        loaded = build_data(data, split=split, img_size=32, seed=0, augment=augment)
+        assert loaded.data.num_workers == len(loaded.source.shards) and loaded.batches_per_epoch

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from cratemae.data.batch import Batch, CountReport, EncodedBatch, Failure
 from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.gpu import gpu_decode_batch
-from cratemae.data.plan import EpochPlan, make_plan
+from cratemae.data.plan import EpochPlan, make_plan, usable_workers
 from cratemae.data.shards import Miscount
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import (
@@ -101,6 +101,14 @@ def build_data(
     source = resolve_source(data.train if split == "train" else data.val, split)
     if not source.counts_known and not (training and data.epoch_samples):
         source = fill_counts(source)
+    workers = usable_workers(source, data.num_workers, world_size,
+                             resampled=data.resampled and training)
+    if workers < data.num_workers:
+        log.warning("data.%s: %d shards for %d rank(s): %d of the %d workers "
+                    "(data.num_workers) read them, a tar having one reader; cratemae shard "
+                    "--max-per-shard N writes more shards", split, len(source.shards),
+                    world_size, workers, data.num_workers)
+        data = data.model_copy(update={"num_workers": workers})
     return SplitData(data, source, split=split, training=training, seed=seed, rank=rank,
                      world_size=world_size, img_size=img_size, labels=labels,
                      transform=_transform(data, augment if training else "none", img_size),

@@ -42,7 +42,7 @@ import numpy as np
 from cratemae.data.sources import Source
 from cratemae.errors import BadInputError
 
-__all__ = ["EpochPlan", "StreamSpec", "make_plan", "rng_for"]
+__all__ = ["EpochPlan", "StreamSpec", "make_plan", "rng_for", "usable_workers"]
 
 # Distinct tags keep the seeded generators of different purposes independent.
 TAG_ORDER, TAG_DEAL, TAG_RESAMPLE, TAG_BUFFER, TAG_SAMPLE = 11, 12, 13, 14, 15
@@ -103,6 +103,18 @@ class EpochPlan:
                 by_batch[b] = run[taken:taken + self.batch_len(b)]
                 taken += self.batch_len(b)
         return [p for batch in by_batch for p in batch]
+
+
+def usable_workers(source: Source, num_workers: int, world: int, *, resampled: bool) -> int:
+    """The data workers one rank can keep busy: a tar is read by one reader, so with fewer
+    than world x num_workers tars each rank uses shards // world of its num_workers (the
+    shards of a small data set, CIFAR's two or Flowers' one, then feed fewer workers instead
+    of refusing the recipe). Random-access sources and resampled training have no such
+    bound. Below one shard per rank it returns num_workers unchanged: `make_plan` refuses."""
+    if source.random_access or resampled or num_workers <= 1:
+        return num_workers
+    per_rank = len(source.shards) // world
+    return num_workers if per_rank < 1 else min(num_workers, per_rank)
 
 
 def make_plan(

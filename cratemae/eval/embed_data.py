@@ -17,7 +17,7 @@ from cratemae.data import Batch, Loader
 from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.decode import BadSample, parse_label
 from cratemae.data.folders import IMAGE_EXTS
-from cratemae.data.plan import make_plan
+from cratemae.data.plan import make_plan, usable_workers
 from cratemae.data.shards import RawSample, Shard
 from cratemae.data.sources import Source, fill_counts, resolve_source
 from cratemae.data.transforms import eval_transform
@@ -137,10 +137,8 @@ def keyed_loader(source: Source, data: DataSection, img_size: int, rank: int, wo
             start_batch: int) -> Loader:
     """The evaluation loader (fixed order, every sample, evaluation transform) of `source`,
     yielding `KeyedBatch`es from `start_batch` on."""
-    workers = data.num_workers
-    if not source.random_access:  # a tar is read by one reader: no more readers than tars
-        workers = max(0, min(workers, len(source.shards) // world))
-        data = data.model_copy(update={"num_workers": workers})
+    workers = usable_workers(source, data.num_workers, world, resampled=False)
+    data = data.model_copy(update={"num_workers": workers})
     plan = make_plan(source, split="val", batch_size=data.batch_size,
                      num_streams=max(1, workers), training=False, resampled=False,
                      epoch_samples=None, seed=0, epoch=0, rank=rank, world=world)
