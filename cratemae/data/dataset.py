@@ -45,7 +45,7 @@ from cratemae.data.plan import (
     rng_for,
 )
 from cratemae.data.shards import Miscount, RawSample, Shard, close_files, iter_shard
-from cratemae.data.transforms import BoxTransform, TimmTransform, normalize
+from cratemae.data.transforms import Box, BoxTransform, TimmTransform, normalize
 from cratemae.errors import BadInputError
 
 __all__ = ["EpochDataset", "ReadConfig"]
@@ -184,9 +184,8 @@ class EpochDataset(IterableDataset):
         labels = torch.tensor([y for _, y in items]) if self.cfg.labelled else None
         if self.cfg.gpu:
             return EncodedBatch.pack(items, labels, sum(bad.values()), dict(bad))
-        x = torch.stack([im for im, _ in items])  # (B, 3, S, S)
-        if x.dtype == torch.uint8:
-            x = normalize(x, self.cfg.transform.mean, self.cfg.transform.std)
+        x = collate_images([im for im, _ in items], self.cfg.transform.mean,
+                           self.cfg.transform.std)
         return Batch(x, labels, sum(bad.values()), dict(bad))
 
     def _one(self, raw: RawSample) -> tuple:
@@ -200,16 +199,37 @@ class EpochDataset(IterableDataset):
         tf = self.cfg.transform
         if isinstance(tf, TimmTransform):
             return tf(load_rgb(img), rng), label
-        box, flip = tf.box(*img.size, rng)
         if self.cfg.gpu:
+            box, flip = tf.box(*img.size, rng)
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 data = _to_jpeg(load_rgb(img))  # nvJPEG takes baseline RGB/grey JPEG only
             return (data, box, flip), label
-        w, h = img.size
-        scale = max(min(box[2] - box[0], box[3] - box[1]) / tf.img_size, 1.0)
-        rgb = load_rgb(img, draft=(int(w / scale), int(h / scale)))
-        fx, fy = rgb.size[0] / w, rgb.size[1] / h  # draft may have shrunk it 2/4/8x
-        return tf.crop(rgb, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy), flip), label
+        return crop_sample(img, tf, rng), label
+
+
+def crop_sample(img: Image.Image, tf: BoxTransform, rng: np.random.Generator) -> torch.Tensor:
+    """An opened (undecoded) image -> uint8 (3, S, S): the box and flip drawn from `rng`,
+    decoded (at reduced scale where the box allows, `draft_rgb`), cropped and resized."""
+    box, flip = tf.box(*img.size, rng)
+    rgb, box = draft_rgb(img, box, tf.img_size)
+    return tf.crop(rgb, box, flip)
+
+
+def draft_rgb(img: Image.Image, box: Box, size: int) -> tuple[Image.Image, Box]:
+    """Decode to RGB, a JPEG at 1/2, 1/4 or 1/8 scale while `box` stays at least `size`
+    pixels on its short side; -> (image, `box` in its pixels)."""
+    w, h = img.size
+    scale = max(min(box[2] - box[0], box[3] - box[1]) / size, 1.0)
+    rgb = load_rgb(img, draft=(int(w / scale), int(h / scale)))
+    fx, fy = rgb.size[0] / w, rgb.size[1] / h  # draft may have shrunk it 2/4/8x
+    return rgb, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+
+
+def collate_images(images: list[torch.Tensor], mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> torch.Tensor:
+    """The batch's images (3, S, S) -> float32 (B, 3, S, S), uint8 ones normalised."""
+    x = torch.stack(images)  # (B, 3, S, S)
+    return normalize(x, mean, std) if x.dtype == torch.uint8 else x
 
 
 def _shards_phrase(failed: int, pool: int) -> str:
