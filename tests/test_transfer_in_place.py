@@ -139,6 +139,7 @@ def test_shipped_recipes_point_at_what_shard_writes(tmp_path: Path, name: str,
                                                      "val": where(recipe["data"]["val"])[0]})
     assert data.num_workers > len(train.shards)
     for split in ("train", "val"):
-        augment = "none" if split == "val" else "crop" if name.startswith("probe") else "randaugment"
+        augment = ("none" if split == "val" else "crop" if name.startswith("probe")
+                   else "randaugment")
         loaded = build_data(data, split=split, img_size=32, seed=0, augment=augment)
         assert loaded.data.num_workers == len(loaded.source.shards) and loaded.batches_per_epoch
