@@ -278,3 +278,27 @@ def test_finetune_and_probe_plan_from_the_checkpoint(tmp_path: Path,
     assert plan["memory"]["activations_checkpointed_bytes"] <= plan["memory"][
         "activations_bytes"]
     assert _tree(tmp_path) == before
+
+
+def test_probe_of_embeddings_files_plans_without_a_checkpoint(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """`probe --features TRAIN VAL --dry-run` reads the files' headers and metadata as the
+    probe would: a pair that belongs together plans (no image decoded, no model built), one
+    that does not is the run's own reason, and nothing is written either way."""
+    from test_trust_embed_reader import write_st
+
+    monkeypatch.chdir(tmp_path)
+    train, val = write_st(tmp_path / "train.st"), write_st(tmp_path / "val.st")
+    other = write_st(tmp_path / "other.st", classes=["n01440764", "n01443537"])
+    before = _tree(tmp_path)
+    ok = cli("probe", "probe/demo", "--features", str(train), str(val), "--dry-run", "--json")
+    assert ok.exit_code == 0, ok.output
+    plan = json.loads(ok.stdout)
+    assert plan["data"]["features"] == [str(train), str(val)]
+    assert "model" not in plan or not plan["model"].get("parameters")
+    for files, reason in [((train, other), "name their classes differently"),
+                          ((train, train), "given as both TRAIN and VAL")]:
+        bad = cli("probe", "probe/demo", "--features", *map(str, files), "--dry-run")
+        assert bad.exit_code == 2 and reason in bad.stderr, bad.output
+    assert _tree(tmp_path) == before
