@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -76,19 +77,24 @@ def run_row(number: int, budget: float, out: Path, rehearse: bool) -> checks.Row
     """Row `number` in a forked child of its own session, killed with its processes after
     `budget` seconds."""
     result, log = out / "rows" / f"row{number}.json", out / "logs" / f"row{number}.log"
-    result.unlink(missing_ok=True)
+    done = out / "rows" / f"row{number}.partial.json"
+    for stale in (result, done):
+        stale.unlink(missing_ok=True)
+    work = out / "work" / f"row{number}"
+    shutil.rmtree(work, ignore_errors=True)  # a rerun starts afresh (no run to resume)
     start = time.monotonic()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         os.setsid()
+        rows.PARTIAL.append(done)
         code = 0
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            row = checks.Row(number, rows.ROW_FUNCTIONS[number](out / "work" / f"row{number}",
+            row = checks.Row(number, rows.ROW_FUNCTIONS[number](work,
                                                                 rehearse))
             result.write_text(json.dumps(row.to_dict()))
         except BaseException:  # the row's failure is its verdict
@@ -102,8 +108,9 @@ def run_row(number: int, budget: float, out: Path, rehearse: bool) -> checks.Row
     wall = time.monotonic() - start
     if status is None:  # over budget: the row and every process it started
         _kill_session(pid)
-        return checks.Row(number, [checks.Check("budget", checks.FAIL, f"killed after "
-                                                f"{budget:.0f} s", f"<= {budget:.0f} s")],
+        finished = json.loads(done.read_text()) if done.exists() else []
+        return checks.Row(number, [*map(lambda c: checks.Check(**c), finished), checks.Check(
+            "budget", checks.FAIL, f"killed after {budget:.0f} s", f"<= {budget:.0f} s")],
                           wall, str(log))
     _kill_session(pid)  # anything the row left behind
     if result.exists():

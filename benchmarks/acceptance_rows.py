@@ -74,6 +74,15 @@ def device_name() -> str:
 
 
 # --- helpers --------------------------------------------------------------------------------
+PARTIAL: list[Path] = []  # where a long row leaves its finished checks, should its budget end
+
+
+def partial(checks: Checks) -> None:
+    """Save the checks so far: a row killed by its budget still shows what it measured."""
+    if PARTIAL:
+        PARTIAL[0].write_text(json.dumps([C.asdict(c) for c in checks]))
+
+
 def cli(*args: object) -> int:
     """`cratemae ARGS...` in this process (the console script's own app); its exit status."""
     from cratemae.commands.app import build_app
@@ -133,6 +142,7 @@ def row_1(work: Path, rehearse: bool) -> Checks:
     spec = BenchSpec(model="crate_mae_tiny", img_size=32, batch_size=4, steps=1, warmup=0,
                      precision="fp32", device="cpu", reference=True)
     checks = [_bench_check("fast path = reference (tiny, CPU fp32)", spec, run_bench)]
+    partial(checks)
     for name, overrides, target, memory in gpu_check.ROWS:
         if rehearse:
             checks.append(C.needs_cuda(name, "Base b256 224 px bf16: check vs reference, img/s"))
@@ -153,6 +163,7 @@ def row_1(work: Path, rehearse: bool) -> Checks:
             checks.append(C.at_least(f"{name} speed", fast["images_per_s"], target, " img/s"))
         if memory is not None:
             checks.append(C.within(f"{name} memory", fast["peak_memory_gib"], memory, " GiB"))
+        partial(checks)
         torch.cuda.empty_cache()
     return checks
 
@@ -278,8 +289,6 @@ def row_4(work: Path, rehearse: bool) -> Checks:
     start = time.perf_counter()
     dev = _device_decode(batch, device, img, mean, std)
     dev_rate = n / (time.perf_counter() - start)
-    dev = dev.cpu() * torch.tensor(std).view(3, 1, 1) * 255 + torch.tensor(mean).view(
-        3, 1, 1) * 255  # back to 0..255
     worst = float((dev - pil).abs().mean(dim=(1, 2, 3)).max())
     name = "CPU stand-in (libjpeg + device resize) vs Pillow" if rehearse else "nvJPEG vs Pillow"
     checks += [C.within(f"{name}, worst image mean |diff|", worst, PIXEL_TOL, " levels",
@@ -299,25 +308,26 @@ def _members(path: Path, suffix: str):
 
 
 def _device_decode(batch, device: str, img: int, mean, std):
-    """gpu_decode_batch on CUDA; on the CPU the same steps with torchvision's CPU decoder
-    (the rehearsal's stand-in: everything but nvJPEG)."""
+    """(N, 3, img, img) float in 0..255, on the CPU: gpu_decode_batch on CUDA; on the CPU its
+    steps with torchvision's CPU decoder (the rehearsal's stand-in: everything but nvJPEG)."""
     import torch
 
     from cratemae.data import gpu_decode_batch
     from cratemae.data.gpu import _crop_resize, _decode
-    from cratemae.data.transforms import normalize
 
     if device == "cuda":
         out = gpu_decode_batch(batch, "cuda", img_size=img, mean=mean, std=std).images
         torch.cuda.synchronize()
-        return out
+        if out.dtype == torch.uint8:  # 0..255, normalised later by the batch
+            return out.cpu().float()
+        m, s = (torch.tensor(v).view(3, 1, 1) for v in (mean, std))
+        return (out.cpu() * s + m) * 255  # normalised -> 0..255
     offs = batch.offsets.tolist()
     images = _decode([batch.data[offs[i]:offs[i + 1]] for i in range(len(batch))],
                      torch.device("cpu"))
     out = torch.stack([_crop_resize(x, batch.boxes[i].tolist(), img)
                        for i, x in enumerate(images)])  # (N, 3, img, img)
-    out = torch.where(batch.flips.view(-1, 1, 1, 1), out.flip(-1), out)
-    return normalize(out / 255.0, mean, std)
+    return torch.where(batch.flips.view(-1, 1, 1, 1), out.flip(-1), out)
 
 
 # --- row 5: embed, probe, finetune ----------------------------------------------------------
@@ -336,12 +346,13 @@ def row_5(work: Path, rehearse: bool) -> Checks:
     # demo images is what costs; a 64-image folder of two classes (train and val) instead.
     data = _folder(work / "images", 32) if rehearse else None
     split = [str(data / "val")] if data else ["demo:val"]
-    for device in (here, "cpu"):
-        code = cli("embed", *split, "--checkpoint", ckpt, "--out", work / f"{device}.st",
+    files = [work / f"first-{here}.st", work / "second-cpu.st"]  # two files, also on a CPU
+    for device, path in zip((here, "cpu"), files, strict=True):
+        code = cli("embed", *split, "--checkpoint", ckpt, "--out", path,
                    "--device", device, "--precision", "fp32", "--workers", "0", "--overwrite")
         checks.append(C.exit_code_is(f"embed on {device}", code, 0))
     if all(c.status == C.PASS for c in checks):
-        a, b = (read_embeddings(work / f"{d}.st")[0] for d in (here, "cpu"))
+        a, b = (read_embeddings(path)[0] for path in files)
         err = float((a - b).norm() / b.norm()) if a.shape == b.shape else float("inf")
         tol = EMBED_TOL_CPU if rehearse else EMBED_TOL_CUDA
         checks.append(C.within(f"features {here} vs cpu ({a.shape[0]} images), rel. err", err,
@@ -420,7 +431,9 @@ def row_7(work: Path, rehearse: bool) -> Checks:
     if rehearse:
         return [*checks, C.needs_cuda("Base b256 bf16 compiled", "peak memory"),
                 C.needs_cuda(f"batch {largest} checkpointed", "peak memory <= 16 GiB")]
-    return [*checks, _peak_b256(work.parent.parent), _peak_checkpointed(work, largest, demo)]
+    checks.append(_peak_checkpointed(work, largest, demo))
+    partial(checks)
+    return [*checks, _peak_b256(work.parent.parent)]
 
 
 def _peak_b256(out: Path) -> C.Check:
