@@ -362,10 +362,11 @@ def row_5(work: Path, rehearse: bool) -> Checks:
     small = ([f'data.train="{data / "train"}"', f'data.val="{data / "val"}"',
               "data.num_workers=0", "data.batch_size=16"] if data else ["data.num_workers=4"])
     code = cli("probe", "probe/demo", "--checkpoint", ckpt, "--out", work / "probe",
-               *sets(*small, "probe.max_iter=20", "probe.weight_decays=[1e-3]"))
+               *sets(*small, "probe.max_iter=20", "probe.weight_decays=[1e-3]",
+                     "run.loggers=[]"))
     checks.append(C.exit_code_is(f"probe on {here}", code, 0))
     code = cli("finetune", "finetune/demo", "--checkpoint", ckpt, "--out", work / "finetune",
-               *sets(*small, "schedule.max_steps=3", "run.log_every=1"))
+               *sets(*small, "schedule.max_steps=3", "run.log_every=1", "run.loggers=[]"))
     checks.append(C.exit_code_is(f"finetune on {here}", code, 0))
     return checks
 
