@@ -96,7 +96,7 @@ def run_row(number: int, budget: float, out: Path, rehearse: bool) -> checks.Row
             os.dup2(fd, 2)
             row = checks.Row(number, rows.ROW_FUNCTIONS[number](work,
                                                                 rehearse))
-            result.write_text(json.dumps(row.to_dict()))
+            result.write_text(json.dumps(row.to_dict(), allow_nan=False))
         except BaseException:  # the row's failure is its verdict
             traceback.print_exc()
             code = 1

@@ -80,7 +80,7 @@ PARTIAL: list[Path] = []  # where a long row leaves its finished checks, should 
 def partial(checks: Checks) -> None:
     """Save the checks so far: a row killed by its budget still shows what it measured."""
     if PARTIAL:
-        PARTIAL[0].write_text(json.dumps([C.asdict(c) for c in checks]))
+        PARTIAL[0].write_text(json.dumps([C.asdict(c) for c in checks], allow_nan=False))
 
 
 def cli(*args: object) -> int:
@@ -154,7 +154,7 @@ def row_1(work: Path, rehearse: bool) -> Checks:
             checks.append(C.Check(name, C.FAIL, str(err)[:160], "check vs reference"))
             continue
         result["wall_s"] = time.monotonic() - start
-        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1, allow_nan=False))
         print(gpu_check._line(name, result, target, memory), flush=True)
         fast = result["paths"]["fast"]
         checks.append(C.Check(f"{name} check", C.PASS, f"grad err "
