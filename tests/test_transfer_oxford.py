@@ -57,7 +57,7 @@ def test_flowers_splits_are_setids_labels_are_imagelabels_minus_one(tmp_path: Pa
 def test_a_flowers_image_listed_but_missing_is_a_skipped_sample(tmp_path: Path) -> None:
     root = write_flowers(tmp_path / "f")
     (root / "jpg" / "image_00004.jpg").unlink()
-    summary = write_shards(root, tmp_path / "out")
+    summary = write_shards(root, tmp_path / "out", max_bad_fraction=0.5)
     assert summary.samples("train") == 2
     assert [Path(f).name for f, _ in summary.skipped] == ["image_00004.jpg"]
 
@@ -130,7 +130,14 @@ def test_pets_missing_and_corrupt_images_are_skipped_samples(tmp_path: Path) -> 
     root = write_pets(tmp_path / "p")
     (root / "images" / "Abyssinian_9.jpg").unlink()
     (root / "images" / "yorkshire_terrier_8.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    summary = write_shards(root, tmp_path / "out")
+    # more than data.max_bad_fraction's 1% by default: refused, naming the count and the
+    # first, and nothing is written
+    with pytest.raises(BadInputError, match=r"p: test: 2 of 3 listed images are missing or "
+                       r"unreadable \(66\.7%, more than --max-bad-fraction 0\.01\); the "
+                       r"first: .*Abyssinian_9\.jpg: unreadable"):
+        write_shards(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    summary = write_shards(root, tmp_path / "out", max_bad_fraction=0.7)
     assert summary.samples("test") == 1 and summary.samples("train") == 5
     assert sorted(Path(f).name for f, _ in summary.skipped) == [
         "Abyssinian_9.jpg", "yorkshire_terrier_8.jpg"]

@@ -158,7 +158,7 @@ def test_a_corrupt_image_is_a_skipped_sample(tmp_path: Path) -> None:
     samples = rows("train", 3)
     samples[1] = (samples[1][0], b"\x89PNG garbage", samples[1][2])
     write_file(tmp_path / "hf" / "train.parquet", samples)
-    summary = write_shards(tmp_path / "hf", tmp_path / "out")
+    summary = write_shards(tmp_path / "hf", tmp_path / "out", max_bad_fraction=0.5)
     assert summary.samples("train") == 2
     assert [f for f, _ in summary.skipped] == [f"{tmp_path / 'hf' / 'train.parquet'} row 1"]
 
@@ -185,7 +185,8 @@ def test_one_parquet_file_with_named_columns_and_an_empty_image(tmp_path: Path) 
         [pa.array([col.field("bytes")[0].as_py(), None, col.field("bytes")[2].as_py()],
                   pa.binary()), col.field("path")], ["bytes", "path"])
     pq.write_table(t.set_column(0, "img", nulled), src)
-    summary = write_shards(src, tmp_path / "out", options=DownloadOptions(image_column="img"))
+    summary = write_shards(src, tmp_path / "out", options=DownloadOptions(image_column="img"),
+                           max_bad_fraction=0.5)
     got = read_shards(tmp_path / "out")["train"]
     want = {f"train-00000-of-00001/{i:06d}": (p, y) for i, (p, _, y) in enumerate(samples)
             if i != 1}

@@ -83,7 +83,9 @@ def test_out_may_not_be_the_source_inside_it_or_a_fifo(tmp_path, photos):
     ["--shard-size-mb", "nan"], ["--shard-size-mb", "inf"], ["--shard-size-mb", "0"],
     ["--shard-size-mb", "-1"], ["--shard-size-mb", "1e300"], ["--max-per-shard", "0"],
     ["--max-per-shard", "-1"], ["--val-fraction", "nan"], ["--val-fraction", "-0.1"],
-    ["--val-fraction", "1"], ["--seed", "-1"], ["--seed", str(2**70)]], ids=" ".join)
+    ["--val-fraction", "1"], ["--seed", "-1"], ["--seed", str(2**70)],
+    ["--max-bad-fraction", "nan"], ["--max-bad-fraction", "-0.5"], ["--max-bad-fraction", "2"]],
+    ids=" ".join)
 def test_shard_numbers_out_of_range_are_one_error_line(tmp_path, photos, args):
     refused("shard", photos, tmp_path / "out", *args, match=f"{args[0]} ")
     assert not (tmp_path / "out").exists()

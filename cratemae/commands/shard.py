@@ -26,6 +26,11 @@ def shard(
     ],
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Where to write the shards.")],
     shard_size_mb: Annotated[float, typer.Option(help="Target shard size in MB.")] = 100,
+    max_bad_fraction: Annotated[float | None, typer.Option(
+        help="Refuse a split in which more than this fraction of the images are missing or "
+             "unreadable (as data.max_bad_fraction does when reading). Default: 0.01 for "
+             "downloads that list their images (CIFAR, Flowers, Pets, Parquet), no limit "
+             "for folders.")] = None,
     max_per_shard: Annotated[
         int | None, typer.Option(help="At most this many samples per shard (more shards).")
     ] = None,
@@ -136,6 +141,7 @@ def shard(
             classes_from=classes_from,
             split=split,
             options=DownloadOptions(layout, cifar100_labels, image_column, label_column),
+            max_bad_fraction=max_bad_fraction,
         )
     if summary.layout:
         console.log(f"layout: {summary.layout}")

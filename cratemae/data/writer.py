@@ -70,6 +70,9 @@ class ShardSummary:
         return sum(n for _, n in self.splits.get(split, []))
 
 
+LISTED_MAX_BAD = 0.01  # data.max_bad_fraction's default
+
+
 def write_shards(
     src: Path,
     out_dir: Path,
@@ -84,6 +87,7 @@ def write_shards(
     classes_from: Path | None = None,
     split: str = "train",
     options: DownloadOptions | None = None,
+    max_bad_fraction: float | None = None,
 ) -> ShardSummary:
     """Shard an ImageFolder tree (labelled), a flat folder of images (unlabelled), a folder
     whose sub-folders are its splits (`train/`, `val/`: `folders.split_folders`, as the
@@ -93,18 +97,25 @@ def write_shards(
     train folder) gives the class list, which the labels then follow; `split` names the
     split a folder's images go in (a val folder: "val"). The download formats (CIFAR's,
     Flowers-102's, Pets', Parquet files: `layouts.download_records`) are recognised from
-    their files, or named by `options.layout`, and written as the splits they give."""
+    their files, or named by `options.layout`, and written as the splits they give. A split
+    in which more than `max_bad_fraction` of the listed images are missing or unreadable is
+    bad input (as `data.max_bad_fraction` is when reading), and nothing is written; by
+    default 0.01 for the downloads, whose files list their images, and no limit for folders
+    (whose stray files are skipped and listed)."""
     src, out_dir = Path(src), Path(out_dir)
     options = DownloadOptions(seed=seed) if options is None else replace(options, seed=seed)
     if not (src.is_dir() or (src.is_file() and src.suffix == ".parquet")):
         raise BadInputError(f"{src}: not a directory")
-    _check_numbers(shard_size_mb, max_per_shard, val_fraction, seed)
+    _check_numbers(shard_size_mb, max_per_shard, val_fraction, seed,
+                   1.0 if max_bad_fraction is None else max_bad_fraction)
     if split not in _SPLITS or (split != "train" and val_fraction):
         raise BadInputError(f"--split {split}: must be {' or '.join(_SPLITS)}, and train with "
                             "--val-fraction")
     reads = [src, *(Path(p) for p in (devkit, classes_from) if p is not None)]
     check_output(out_dir, kind="dir", reads=reads, flag="OUT_DIR")
     layout = labelled_source(src, devkit, classes_from, split, options)
+    if max_bad_fraction is None:
+        max_bad_fraction = LISTED_MAX_BAD if isinstance(layout, Records) else 1.0
     if split != "train" and set(layout.splits) != {split}:
         raise BadInputError(f"{src}: its layout names its splits ({', '.join(layout.splits)}); "
                             "drop --split")
@@ -134,14 +145,16 @@ def write_shards(
     summary = write_dataset(splits, out_dir, classes=layout.classes,
                             class_names=layout.class_names, shard_size_mb=shard_size_mb,
                             overwrite=overwrite, max_per_shard=max_per_shard, source=str(src),
-                            progress=progress)
+                            progress=progress, max_bad_fraction=max_bad_fraction)
     summary.layout = layout.layout if isinstance(layout, Records) else None
     return summary
 
 
 def _check_numbers(shard_size_mb: float, max_per_shard: int | None, val_fraction: float = 0,
-                   seed: int = 0) -> None:
+                   seed: int = 0, max_bad_fraction: float = 1.0) -> None:
     """Each number in its range, before any work (nan and inf are in none)."""
+    if not (math.isfinite(max_bad_fraction) and 0 <= max_bad_fraction <= 1):
+        raise BadInputError(f"--max-bad-fraction {max_bad_fraction}: must be in [0, 1]")
     if not (math.isfinite(shard_size_mb) and 0 < shard_size_mb <= MAX_SHARD_MB):
         raise BadInputError(f"--shard-size-mb {shard_size_mb}: must be a number of MB in "
                             f"(0, {MAX_SHARD_MB}]")
@@ -164,11 +177,13 @@ def write_dataset(
     overwrite: bool = False,
     source: str = "",
     progress: Progress | None = None,
+    max_bad_fraction: float = 1.0,
 ) -> ShardSummary:
     """Write prepared items as `{split}-NNNNNN.tar` shards and `shards.json` in `out_dir`;
     `class_names`: readable names of `classes`, recorded when known. A split of which no
-    item could be read is bad input, and leaves `out_dir` as it was."""
-    _check_numbers(shard_size_mb, max_per_shard)
+    item could be read, or more than `max_bad_fraction` of whose items could not, is bad
+    input, and leaves `out_dir` as it was."""
+    _check_numbers(shard_size_mb, max_per_shard, max_bad_fraction=max_bad_fraction)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     old = _prepare_out(out_dir, overwrite)
@@ -180,7 +195,7 @@ def write_dataset(
     try:
         summary = _write_splits(splits, staging, classes, shard_size_mb, max_per_shard,
                                 progress)
-        _check_written(summary, splits, source)
+        _check_written(summary, splits, source, max_bad_fraction)
         summary.class_names = tuple(class_names) if classes and class_names else None
         atomic_write_json(staging / INDEX_NAME, {
             "format": INDEX_FORMAT,
@@ -204,13 +219,21 @@ def write_dataset(
 
 
 def _check_written(summary: ShardSummary, splits: dict[str, Sequence[Item]],
-                   source: str) -> None:
-    """Every split holds a sample; else bad input saying what the source held instead."""
+                   source: str, max_bad_fraction: float) -> None:
+    """Every split holds a sample, and no more than `max_bad_fraction` of its items were
+    skipped; else bad input saying what the source held instead."""
     for split, items in splits.items():
+        mine = {item.origin or item.key for item in items}
+        bad = [(f, r) for f, r in summary.skipped if f in mine]
+        if summary.samples(split) and len(bad) > max_bad_fraction * len(items):
+            raise BadInputError(
+                f"{source or split}: {split}: {len(bad)} of {len(items)} listed images are "
+                f"missing or unreadable ({len(bad) / len(items):.1%}, more than "
+                f"--max-bad-fraction {max_bad_fraction:g}); the first: {bad[0][0]}: "
+                f"{bad[0][1]}")
         if summary.samples(split) or not items:
             continue
-        mine = {item.origin or item.key for item in items}
-        reasons = Counter(r for f, r in summary.skipped if f in mine).most_common(2)
+        reasons = Counter(r for _, r in bad).most_common(2)
         why = "; ".join(f"{n} {r}" for r, n in reasons)
         raise BadInputError(f"{source or split}: nothing to shard in {split}: {len(items)} "
                             f"file{'s' if len(items) > 1 else ''}, none a readable image "
