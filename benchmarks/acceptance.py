@@ -94,7 +94,7 @@ def run_row(number: int, budget: float, out: Path, rehearse: bool) -> checks.Row
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
-            row = checks.Row(number, rows.ROW_FUNCTIONS[number](work,
+            row = checks.Row(number, rows.row_functions()[number](work,
                                                                 rehearse))
             result.write_text(json.dumps(row.to_dict(), allow_nan=False))
         except BaseException:  # the row's failure is its verdict
