@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 
 from cratemae.bench.data import bench_data
+from cratemae.data.dataset import collate_images, crop_sample, draft_rgb
 from cratemae.data.decode import image_bytes, open_image
 from cratemae.data.shards import iter_shard
 from cratemae.data.sources import resolve_source
@@ -75,13 +77,22 @@ def build_images(work: Path, n: int) -> tuple[Path, Path]:
     return folder, shards
 
 
-def rate(fn: Callable[[], int], repeats: int) -> float:
-    """The best images/s of `repeats` runs of fn (which returns the images it handled)."""
-    best = 0.0
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its joined children (the loader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def rate(fn: Callable[[], int], repeats: int) -> tuple[float, float]:
+    """The best (images/s, images per CPU-second) of `repeats` runs of fn (which returns
+    the images it handled)."""
+    best = (0.0, 0.0)
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         count = fn()
-        best = max(best, count / (time.perf_counter() - t0))
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        best = max(best, (count / wall, count / max(cpu, 1e-9)))
     return best
 
 
@@ -97,8 +108,6 @@ def _bio(data: bytes) -> io.BytesIO:
 
 def sample_work(files: list[bytes], normalise: bool) -> int:
     """cratemae's per-sample work, as its loader does it (`cratemae.data.dataset`)."""
-    from cratemae.data.dataset import crop_sample
-
     tf = pretrain_transform(SIZE)
     for i, data in enumerate(files):
         x = crop_sample(open_image(data), tf, np.random.default_rng(i))
@@ -107,8 +116,9 @@ def sample_work(files: list[bytes], normalise: bool) -> int:
     return len(files)
 
 
-def torchvision_loader(folder: Path, workers: int) -> float:
-    """images/s of ImageFolder + DataLoader with MAE's transform, first batch excluded."""
+def torchvision_loader(folder: Path, workers: int) -> tuple[float, float]:
+    """(images/s from the first batch on, images per CPU-second over the whole run) of
+    ImageFolder + DataLoader with MAE's transform."""
     from torchvision import datasets, transforms
 
     tf = transforms.Compose([
@@ -121,18 +131,20 @@ def torchvision_loader(folder: Path, workers: int) -> float:
     loader = torch.utils.data.DataLoader(
         datasets.ImageFolder(str(folder), transform=tf), batch_size=BATCH, shuffle=True,
         num_workers=workers, drop_last=True, generator=torch.Generator().manual_seed(0))
-    images, t_first = 0, 0.0
+    images, t_first, c0 = 0, 0.0, cpu_seconds()
     for i, (x, _) in enumerate(loader):
         if i == 0:
             t_first = time.perf_counter()
         else:
             images += len(x)
-    return images / (time.perf_counter() - t_first)
+    wall = time.perf_counter() - t_first  # the workers are joined at the last batch
+    return images / wall, (images + BATCH) / (cpu_seconds() - c0)
 
 
-def cratemae_loader(shards: Path, workers: int, batches: int) -> float:
+def cratemae_loader(shards: Path, workers: int, batches: int) -> tuple[float, float]:
     data = DataSection(train=str(shards), batch_size=BATCH)
-    return bench_data(data, SIZE, workers, batches)["images_per_s"]
+    r = bench_data(data, SIZE, workers, batches)
+    return r["images_per_s"], r["batches"] * BATCH / (r["cpu_cores_used"] * r["seconds"])
 
 
 def breakdown(shards: Path, n: int, loader_rate: float) -> dict[str, float]:
@@ -150,8 +162,6 @@ def breakdown(shards: Path, n: int, loader_rate: float) -> dict[str, float]:
         t0 = time.perf_counter()
         img = open_image(data)
         box, flip = tf.box(*img.size, rng)
-        from cratemae.data.dataset import draft_rgb
-
         rgb, box = draft_rgb(img, box, SIZE)
         t1 = time.perf_counter()
         crops.append(tf.crop(rgb, box, flip))
@@ -161,23 +171,18 @@ def breakdown(shards: Path, n: int, loader_rate: float) -> dict[str, float]:
     for i in range(0, len(crops), BATCH):
         chunk = crops[i : i + BATCH]
         t0 = time.perf_counter()
-        x = collate(list(chunk))
+        x = collate_images(chunk)  # uint8 (B, 3, S, S), in a worker made in shared memory
         t1 = time.perf_counter()
-        x.share_memory_()  # what a worker does to each tensor it sends
+        x.share_memory_()  # the copy a worker's batch costs on its way out, if not made there
         t_move += time.perf_counter() - t1
         t_coll += t1 - t0
-    parts = {"reading": t_read, "decoding": t_dec, "cropping": t_crop, "collation": t_coll,
-             "transfer (copy to shared memory)": t_move}
+    parts = {"reading the shards": t_read, "decoding (at reduced scale)": t_dec,
+             "cropping, resizing": t_crop, "collation": t_coll,
+             "copy to shared memory (done in place)": t_move}
     ms = {k: 1000 * v / len(files) for k, v in parts.items()}
-    ms["queue, scheduling, rest"] = 1000 / loader_rate - sum(ms.values())
+    ms["queue, pickling, scheduling, rest"] = 1000 / loader_rate - sum(ms.values()) + ms[
+        "copy to shared memory (done in place)"]
     return ms
-
-
-def collate(crops: list[torch.Tensor]) -> torch.Tensor:
-    """What the loader makes of a batch of crops (`cratemae.data.dataset`)."""
-    from cratemae.data.dataset import collate_images
-
-    return collate_images(crops, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def main() -> None:
@@ -185,7 +190,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None,
                     help="Folder to build (once) and keep the JPEGs in; default: a temp dir.")
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=1, help="Best of R for the one-core rows.")
+    ap.add_argument("--repeats", type=int, default=2, help="Best of R for the one-core rows.")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one core per pipeline: the comparison is per worker
     tmp = None
@@ -204,19 +209,24 @@ def main() -> None:
                 lambda: sample_work(files, False), args.repeats), None),
             ("cratemae per-sample work + normalise to float, one core", rate(
                 lambda: sample_work(files, True), args.repeats), None)]
-    loader_1w = 0.0
+    loader_1w = (0.0, 0.0)
     for workers in (1, 2):
         tv = torchvision_loader(folder, workers)
         cm = cratemae_loader(shards, workers, batches)
-        loader_1w = loader_1w or cm
+        loader_1w = loader_1w if workers > 1 else cm
         rows.append((f"torchvision ImageFolder + DataLoader, {workers} worker(s)", tv, None))
-        rows.append((f"cratemae loader (bench-data), {workers} worker(s)", cm, cm / tv))
-    print("\n| pipeline | images/s | per worker vs torchvision |\n| --- | --- | --- |")
-    for name, r, ratio in rows:
-        print(f"| {name} | {r:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
-    print(f"\nloader at 1 worker / its per-sample work: {loader_1w / rows[1][1]:.0%}")
+        rows.append((f"cratemae loader (bench-data), {workers} worker(s)", cm,
+                     (cm[0] / tv[0], cm[1] / tv[1])))
+    print("\n| pipeline | images/s | per worker vs torchvision | images per CPU-second "
+          "| vs torchvision |\n| --- | --- | --- | --- | --- |")
+    for name, (r, c), ratio in rows:
+        vs = ("", "") if ratio is None else (f"{ratio[0]:.2f}x", f"{ratio[1]:.2f}x")
+        print(f"| {name} | {r:,.0f} | {vs[0]} | {c:,.0f} | {vs[1]} |")
+    (w1, c1), (ws, cs) = loader_1w, rows[1][1]
+    print(f"\nloader at 1 worker / its per-sample work: {w1 / ws:.0%} in images/s, "
+          f"{c1 / cs:.0%} in images per CPU-second")
     print("\nwhere the 1-worker loader's time per image goes (ms; parts timed in one process):")
-    for k, v in breakdown(shards, args.images, loader_1w).items():
+    for k, v in breakdown(shards, args.images, loader_1w[0]).items():
         print(f"  {k:34s} {v:6.2f}")
     if tmp is not None:
         tmp.cleanup()

@@ -355,7 +355,7 @@ def test_wds_labels_reach_the_loader_key_by_key(tmp_path, no_counting):
                         shuffle_buffer=0)
     seen = {}
     for b in build_loader(data, split="val", augment="none", img_size=16, seed=0, epoch=0):
-        for img, y in zip(b.images, b.labels, strict=True):
+        for img, y in zip(b.model_input("cpu"), b.labels, strict=True):
             red = float(img[0].mean() * data.std[0] + data.mean[0]) * 255  # undo normalize
             seen[round(red / SPACING)] = int(y)
     assert len(seen) == 6

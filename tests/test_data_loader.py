@@ -118,14 +118,16 @@ def test_resume_does_not_decode_skipped_images(shard_dir, monkeypatch):
     assert len(calls) == 14 * 4
 
 
-def test_pretrain_batches_are_normalized_images_without_labels(shard_dir):
+def test_pretrain_batches_are_uint8_images_without_labels_normalised_on_demand(shard_dir):
     data = data_section(str(shard_dir), batch_size=4)
     batch = next(iter(_loader(data, augment="crop", labels=False, img_size=16)))
     assert isinstance(batch, Batch) and batch.labels is None and batch.bad == 0
-    assert batch.images.shape == (4, 3, 16, 16) and batch.images.dtype == torch.float32
-    # solid images: the normalized value of the blue channel (77) everywhere
+    assert batch.images.shape == (4, 3, 16, 16) and batch.images.dtype == torch.uint8
+    assert (batch.images[:, 2] == 77).all()  # solid images: blue is 77 everywhere
+    x = batch.model_input("cpu")  # what the model sees: normalised float32
     want = (77 / 255 - 0.406) / 0.225
-    assert torch.allclose(batch.images[:, 2], torch.full((4, 16, 16), want), atol=1e-5)
+    assert x.dtype == torch.float32
+    assert torch.allclose(x[:, 2], torch.full((4, 16, 16), want), atol=1e-5)
 
 
 def test_too_few_shards_for_ranks_times_workers(shard_dir, caplog):

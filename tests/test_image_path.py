@@ -161,7 +161,7 @@ def test_the_evaluation_loader_gives_image_to_tensor_s_tensor(photo) -> None:
                           std=STD)
     loader = build_loader(section, split="val", labels=False, img_size=SIZE, seed=0, epoch=0)
     (batch,) = list(loader)
-    assert torch.equal(batch.images[0], image_to_tensor(photo, SIZE, MEAN, STD))
+    assert torch.equal(batch.model_input("cpu")[0], image_to_tensor(photo, SIZE, MEAN, STD))
 
 
 # --- the pair's users map pixels back for display -------------------------------------------

@@ -74,7 +74,7 @@ def test_val_loss_uses_fixed_masks_and_layers_match_analyze(tmp_path):
     assert first["eval_images"] == 64
     assert len(first["coding_rate"]) == len(first["sparsity"]) == DEPTH + 1
     # The means over the subset of what `record_layers` (cratemae analyze) measures.
-    imgs = torch.cat([b.images for b, _ in zip(task._monitor._loader("val"), range(2),
+    imgs = torch.cat([b.model_input("cpu") for b, _ in zip(task._monitor._loader("val"), range(2),
                                                strict=False)])
     rec = record_layers(model.encoder, imgs)
     assert first["coding_rate"] == pytest.approx(rec.coding_rate.mean(0).tolist(), rel=1e-6)

@@ -238,7 +238,7 @@ def _take(loader: Any, count: int) -> Iterator[torch.Tensor]:
     """The first `count` images of the loader, in batches."""
     left = count
     for batch in loader:
-        imgs = batch.images[:left]
+        imgs = batch.model_input("cpu")[:left]
         left -= imgs.shape[0]
         yield imgs
         if left <= 0:

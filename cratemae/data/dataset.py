@@ -45,7 +45,7 @@ from cratemae.data.plan import (
     rng_for,
 )
 from cratemae.data.shards import Miscount, RawSample, Shard, close_files, iter_shard
-from cratemae.data.transforms import Box, BoxTransform, TimmTransform, normalize
+from cratemae.data.transforms import Box, BoxTransform, TimmTransform
 from cratemae.errors import BadInputError
 
 __all__ = ["EpochDataset", "ReadConfig"]
@@ -184,9 +184,9 @@ class EpochDataset(IterableDataset):
         labels = torch.tensor([y for _, y in items]) if self.cfg.labelled else None
         if self.cfg.gpu:
             return EncodedBatch.pack(items, labels, sum(bad.values()), dict(bad))
-        x = collate_images([im for im, _ in items], self.cfg.transform.mean,
-                           self.cfg.transform.std)
-        return Batch(x, labels, sum(bad.values()), dict(bad))
+        x = collate_images([im for im, _ in items])
+        tf = self.cfg.transform
+        return Batch(x, labels, sum(bad.values()), dict(bad), mean=tf.mean, std=tf.std)
 
     def _one(self, raw: RawSample) -> tuple:
         """-> (uint8/float image (3,S,S), label) or, for GPU decode, ((bytes, box, flip), label)."""
@@ -208,11 +208,12 @@ class EpochDataset(IterableDataset):
 
 
 def crop_sample(img: Image.Image, tf: BoxTransform, rng: np.random.Generator) -> torch.Tensor:
-    """An opened (undecoded) image -> uint8 (3, S, S): the box and flip drawn from `rng`,
-    decoded (at reduced scale where the box allows, `draft_rgb`), cropped and resized."""
+    """An opened (undecoded) image -> uint8 (3, S, S), a read-only view (`crop_view`) that
+    `collate_images` copies: the box and flip drawn from `rng`, decoded (at reduced scale
+    where the box allows, `draft_rgb`), cropped and resized."""
     box, flip = tf.box(*img.size, rng)
     rgb, box = draft_rgb(img, box, tf.img_size)
-    return tf.crop(rgb, box, flip)
+    return tf.crop_view(rgb, box, flip)
 
 
 def draft_rgb(img: Image.Image, box: Box, size: int) -> tuple[Image.Image, Box]:
@@ -225,11 +226,27 @@ def draft_rgb(img: Image.Image, box: Box, size: int) -> tuple[Image.Image, Box]:
     return rgb, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
 
-def collate_images(images: list[torch.Tensor], mean: tuple[float, ...],
-                   std: tuple[float, ...]) -> torch.Tensor:
-    """The batch's images (3, S, S) -> float32 (B, 3, S, S), uint8 ones normalised."""
-    x = torch.stack(images)  # (B, 3, S, S)
-    return normalize(x, mean, std) if x.dtype == torch.uint8 else x
+def collate_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """The batch's images (3, S, S) -> (B, 3, S, S), of their dtype (uint8 but for
+    fine-tuning's RandAugment): the one copy of their pixels a worker makes.
+
+    uint8 batches are channels-last in memory (torch.channels_last, (B, S, S, 3) underneath):
+    each crop's (S, S, 3) pixels are then copied as they lie, and the device makes the batch
+    contiguous as it converts it to float (`model_input`), where transposing costs nothing.
+    In a worker the batch is made in shared memory, as the DataLoader's own collation does,
+    so sending it to the main process copies nothing more."""
+    first = images[0]
+    c, h, w = first.shape
+    if get_worker_info() is not None:  # torch.utils.data.default_collate's way
+        storage = first._typed_storage()._new_shared(len(images) * first.numel())
+        flat = first.new(storage)
+    else:
+        flat = first.new_empty(len(images) * first.numel())
+    if first.dtype == torch.uint8:
+        out = flat.view(len(images), h, w, c).permute(0, 3, 1, 2)  # (B, 3, S, S) channels-last
+    else:
+        out = flat.view(len(images), c, h, w)  # (B, 3, S, S)
+    return torch.stack(images, out=out)
 
 
 def _shards_phrase(failed: int, pool: int) -> str:

@@ -1,4 +1,5 @@
-"""GPU decoding (data.decode = "gpu"): nvJPEG decode, crop, resize, flip, normalize on device.
+"""GPU decoding (data.decode = "gpu"): nvJPEG decode, crop, resize and flip on the device, to uint8
+as the CPU path delivers; `Batch.model_input` normalises it like every batch.
 
 The workers then only read bytes and draw crop boxes, which frees the CPUs when they cannot
 decode fast enough for the GPUs.
@@ -12,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from cratemae.data.batch import Batch, EncodedBatch
-from cratemae.data.transforms import normalize
 from cratemae.errors import BadInputError
 from cratemae.recipe.schema import IMAGENET_MEAN, IMAGENET_STD
 
@@ -27,7 +27,8 @@ def gpu_decode_batch(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> Batch:
-    """EncodedBatch -> Batch on `device`: images float32 (B, 3, img_size, img_size).
+    """EncodedBatch -> Batch on `device`: images uint8 (B, 3, img_size, img_size), as the
+    CPU path delivers them; `Batch.model_input` normalises them with `mean` and `std`.
 
     A JPEG that nvJPEG cannot decode is replaced by a repeat of a good image of the batch and
     added to `bad` (the loader's bad-fraction check does not see these)."""
@@ -48,9 +49,10 @@ def gpu_decode_batch(
             out[i] = _crop_resize(images[j], batch.boxes[j].tolist(), img_size)
     flips = batch.flips.to(device)
     out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
-    out = normalize(out / 255.0, mean, std)  # float 0..255 -> [0, 1] -> normalised
+    out = out.round_().to(torch.uint8)  # 0..255, as a CPU crop rounds its pixels
     labels = None if batch.labels is None else batch.labels.to(device, non_blocking=True)
-    return Batch(out, labels, batch.bad + extra_bad, dict(batch.bad_shards))
+    return Batch(out, labels, batch.bad + extra_bad, dict(batch.bad_shards),
+                 mean=tuple(mean), std=tuple(std))
 
 
 def _decode(blobs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:

@@ -20,9 +20,11 @@ path: the loaders, the GPU decode, the reconstructions and the pictures.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -64,18 +66,28 @@ def _per_channel(
     x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mean and std as float32 (3, 1, 1) on `x`'s device: they broadcast over (..., 3, H, W)."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return _constants(tuple(map(float, mean)), tuple(map(float, std)), x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh copy to a GPU at every step would wait for the stream.
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
     return m, s
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Pixels (..., 3, H, W) -> float32 (x - mean) / std, same shape: what a model takes.
 
-    Float pixels are in [0, 1]; uint8 pixels (0..255, as decoded) are divided by 255 first."""
+    Float pixels are in [0, 1]; uint8 pixels (0..255, as decoded) are divided by 255 first.
+    One new tensor, contiguous (from a channels-last batch too), the rest in place."""
     m, s = _per_channel(x, mean, std)
-    unit = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return (unit - m) / s
+    if x.dtype == torch.uint8:
+        unit = x.to(torch.float32, memory_format=torch.contiguous_format)
+        return unit.div_(255.0).sub_(m).div_(s)
+    return (x.float() - m).div_(s)
 
 
 def unnormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -114,6 +126,13 @@ class BoxTransform:
         """RGB image -> uint8 (3, img_size, img_size)."""
         return _resize_box(img, box, self.img_size, flip)
 
+    def crop_view(self, img: Image.Image, box: Box, flip: bool) -> torch.Tensor:
+        """`crop`'s pixels as a read-only (3, img_size, img_size) view of the resized image's
+        (img_size, img_size, 3) pixels: the loader's collation copies it once, into the
+        batch, where `crop` would copy twice more."""
+        resized = img.resize((self.img_size,) * 2, Image.Resampling.BICUBIC, box=box)
+        return _chw_view(resized, flip)
+
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         """RGB image -> float32 (3, img_size, img_size), normalized."""
         box, flip = self.box(*img.size, rng)
@@ -122,9 +141,18 @@ class BoxTransform:
 
 def _as_uint8_chw(img: Image.Image, flip: bool = False) -> torch.Tensor:
     """RGB image -> uint8 (3, H, W), mirrored left-right if `flip`."""
-    arr = np.asarray(img)  # (H, W, 3) uint8, read-only view
-    arr = arr[:, ::-1].copy() if flip else arr.copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return _chw_view(img, flip).contiguous()  # (3, H, W)
+
+
+def _chw_view(img: Image.Image, flip: bool = False) -> torch.Tensor:
+    """RGB image -> uint8 (3, H, W) view of a read-only (H, W, 3) copy of its pixels,
+    mirrored left-right if `flip`; never written to (`.contiguous()` copies it)."""
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(img)  # (H, W, 3) uint8, read-only: the one copy out of Pillow
+    with warnings.catch_warnings():  # torch warns of read-only arrays; this one is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
 
 
 def _resize_box(img: Image.Image, box: Box, size: int, flip: bool = False) -> torch.Tensor:

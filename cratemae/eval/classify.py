@@ -75,7 +75,7 @@ def classify(model: nn.Module, data: DataSection, img_size: int, precision: Prec
     num_classes = 0
     for batch, pos in eval_batches(data, "val", img_size, progress):
         with precision.autocast():
-            logits = model(batch.images.to(info.device, non_blocking=True)).float()
+            logits = model(batch.model_input(info.device)).float()
         labels = batch.labels.to(info.device)
         num_classes = logits.shape[-1]
         fresh = torch.tensor([int(p) not in seen for p in pos], device=info.device)

@@ -286,7 +286,7 @@ def _encode_into(encoder: CrateEncoder, batch: Any, settings: EmbedSettings,
     not finite (never written as a valid row)."""
     assert isinstance(batch, KeyedBatch)
     n = len(batch)
-    feats = encode_batch(encoder, batch.images.to(device, non_blocking=True),
+    feats = encode_batch(encoder, batch.model_input(device),
                          settings.pool, settings.layers, precision)
     valid = batch.valid if batch.valid is not None else torch.ones(n, dtype=torch.bool)
     row = {k: torch.where(valid[:, None], v.cpu(), 0.0) for k, v in feats.items()}

@@ -118,7 +118,8 @@ class _KeyedDataset(EpochDataset):
         self._valid: list[bool] = []
         batch = super()._batch(chunk, log)
         return KeyedBatch(batch.images, torch.tensor(self._labels, dtype=torch.int64),
-                          batch.bad, batch.bad_shards, keys=tuple(r.key for r in chunk),
+                          batch.bad, batch.bad_shards, mean=batch.mean, std=batch.std,
+                          keys=tuple(r.key for r in chunk),
                           valid=torch.tensor(self._valid, dtype=torch.bool))
 
     def _one(self, raw: RawSample) -> tuple:

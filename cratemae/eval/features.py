@@ -64,7 +64,7 @@ def extract_features(encoder: CrateEncoder, data: DataSection, split: str, spec:
     encoder.eval().to(device)
     feats, labels, positions = [], [], []
     for batch, pos in eval_batches(data, split, spec.img_size, progress):
-        feats.append(_encode(encoder, batch.images.to(device, non_blocking=True), spec).cpu())
+        feats.append(_encode(encoder, batch.model_input(device), spec).cpu())
         labels.append(batch.labels.cpu())
         positions.append(pos)
     local = (torch.cat(positions), torch.cat(feats), torch.cat(labels))

@@ -72,7 +72,7 @@ def on_device(loader: Iterable[Any], device: torch.device) -> Iterator[tuple[tor
     of the subset found to hold another number of samples than declared is an error (the
     subset is the same on every rank, so every rank that reads it raises it)."""
     for batch in loader:
-        yield batch.images.to(device, non_blocking=True), batch.labels
+        yield batch.model_input(device), batch.labels
     if isinstance(loader, Loader) and (error := loader.count_error()) is not None:
         raise error
 

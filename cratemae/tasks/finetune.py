@@ -85,7 +85,7 @@ class FinetuneTask(Task):
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         check_labels(batch.labels, self.num_classes, "finetune.num_classes")
-        imgs = batch.images.to(self.info.device, non_blocking=True)
+        imgs = batch.model_input(self.info.device)
         labels = batch.labels.to(self.info.device, non_blocking=True)
         smoothing = self.recipe.finetune.label_smoothing
         if self.mixup is None:

@@ -89,7 +89,7 @@ class MAETask(Task):
         return param_groups(self.model, self.recipe.optim.weight_decay)
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
-        imgs = batch.images.to(self.info.device, non_blocking=True)
+        imgs = batch.model_input(self.info.device)
         noise = self._noise(imgs.shape[0], micro)
         return model(imgs, mask_ratio=self.recipe.model.mask_ratio, noise=noise).loss
 

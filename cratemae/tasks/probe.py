@@ -291,7 +291,7 @@ class _MAEProbeTask(Task):
 
     def loss(self, model: nn.Module, batch: Any, micro: int) -> torch.Tensor:
         check_labels(batch.labels, self.num_classes, "probe.num_classes")
-        imgs = batch.images.to(self.info.device, non_blocking=True)
+        imgs = batch.model_input(self.info.device)
         labels = batch.labels.to(self.info.device, non_blocking=True)
         return nn.functional.cross_entropy(model(imgs), labels)
 

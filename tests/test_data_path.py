@@ -1,0 +1,89 @@
+"""The CPU data path: uint8 batches normalised where the model runs, the same figures as the
+old per-sample normalisation; reduced-scale decoding within its tolerance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import data_section, encode, make_shards, photo
+from PIL import Image
+
+from cratemae.data.batch import model_input
+from cratemae.data.dataset import collate_images, crop_sample
+from cratemae.data.decode import load_rgb, open_image
+from cratemae.data.loader import build_loader
+from cratemae.data.transforms import pretrain_transform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _old_normalise(x: torch.Tensor) -> torch.Tensor:
+    """What the workers sent before: (x / 255 - mean) / std, in float32, per batch."""
+    m, s = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+@pytest.fixture(scope="module")
+def coffee() -> Image.Image:
+    return Image.fromarray(photo("coffee"))  # 600 x 400
+
+
+def _jpeg(img: Image.Image, w: int, h: int) -> bytes:
+    return encode(img.resize((w, h), Image.Resampling.BICUBIC), "JPEG", quality=90)
+
+
+def test_uint8_to_model_input_is_the_old_per_sample_path_to_float32_rounding(coffee):
+    """Same image, same seeds: the old path (crop to uint8, normalise per batch in the worker)
+    and the new one (crop view, uint8 batch, `model_input`) give the same floats. At 160 px
+    no box is twice the output, so both decode at full size."""
+    jpeg, tf = _jpeg(coffee, 300, 200), pretrain_transform(160, mean=MEAN, std=STD)
+    old, new = [], []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        img = open_image(jpeg)
+        box, flip = tf.box(*img.size, rng)
+        old.append(tf.crop(load_rgb(img), box, flip))
+        new.append(crop_sample(open_image(jpeg), tf, np.random.default_rng(seed)))
+    assert any(tf.box(300, 200, np.random.default_rng(s))[1] for s in range(6))  # a flip too
+    batch = collate_images(new)  # uint8 (B, 3, S, S)
+    assert batch.dtype == torch.uint8 and torch.equal(batch, torch.stack(old))
+    x = model_input(batch, "cpu", MEAN, STD)
+    assert x.dtype == torch.float32 and x.is_contiguous()
+    assert (x - _old_normalise(torch.stack(old))).abs().max() <= 1e-6
+
+
+def test_loader_batches_are_channels_last_uint8_alike_in_process_and_in_a_worker(tmp_path):
+    make_shards(tmp_path / "d", [8] * 4, size=24)
+    kw = dict(split="train", augment="crop", labels=False, img_size=16, seed=3, epoch=0)
+    got = {}
+    for workers in (0, 1):
+        data = data_section(str(tmp_path / "d"), num_workers=workers)
+        got[workers] = list(build_loader(data, **kw))
+    for a, b in zip(got[0], got[1], strict=True):
+        assert a.images.dtype == b.images.dtype == torch.uint8
+        assert b.images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a.images, b.images)
+        x = b.model_input("cpu")
+        assert x.is_contiguous() and torch.equal(x, a.model_input("cpu"))
+        assert (x - _old_normalise(b.images)).abs().max() <= 1e-6
+
+
+def test_reduced_scale_decoding_stays_within_its_tolerance(coffee):
+    """A box at least twice the output is decoded at 1/2, 1/4 or 1/8 scale (`draft_rgb`):
+    per image the mean absolute difference from the exact transform (full decode, bicubic) is
+    at most 4 of 255 levels, and at most 2 on average (measured: 1.5 and 3.7 at worst on the
+    benchmark's 200 photographs)."""
+    data = _jpeg(coffee, 500, 375)
+    tf = pretrain_transform(64, mean=MEAN, std=STD)
+    means = []
+    for seed in range(8):
+        fast = crop_sample(open_image(data), tf, np.random.default_rng(seed)).float()
+        rng, full = np.random.default_rng(seed), open_image(data)
+        box, flip = tf.box(*full.size, rng)
+        assert min(box[2] - box[0], box[3] - box[1]) >= 2 * 64  # reduced scale applies
+        exact = tf.crop(load_rgb(full), box, flip).float()
+        means.append(float((fast - exact).abs().mean()))
+    assert max(means) <= 4 and np.mean(means) <= 2, means
+    assert max(means) > 0  # it did decode at reduced scale
+
