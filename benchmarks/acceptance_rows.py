@@ -148,8 +148,9 @@ def row_1(work: Path, rehearse: bool) -> Checks:
         (out / f"{name}.json").write_text(json.dumps(result, indent=1, allow_nan=False))
         print(gpu_check._line(name, result, target, memory), flush=True)
         fast = result["paths"]["fast"]
-        checks.append(C.Check(f"{name} check", C.PASS, f"grad err "
-                              f"{result['checks']['fast']['grad_rel_err']:.1e}", "allowed"))
+        check = result["checks"]["fast"]
+        checks.append(C.within(f"{name} grad err vs reference", check["grad_rel_err"],
+                               check["allowed_grad"], miss=C.FAIL))
         if target is not None:
             checks.append(C.at_least(f"{name} speed", fast["images_per_s"], target, " img/s"))
         if memory is not None:
