@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import typer
@@ -23,6 +24,7 @@ def test_bench_data_reports_throughput(tmp_path):
     result = bench_data(data, img_size=32, num_workers=2, batches=6)
     assert result["batches"] == 6 and result["num_workers"] == 2
     assert result["images_per_s"] > 0 and result["cpu_cores_used"] > 0
+    assert result["per_worker_images_per_s"] == pytest.approx(result["images_per_s"] / 2)
     assert result["bad"] == 0
 
 
@@ -59,3 +61,34 @@ def test_bench_data_measures_at_the_recipe_image_size() -> None:
     run = cli("bench-data", DEMO_RECIPE, "--batches", 2, "--num-workers", 0, "--json",
               "--img-size", 16)
     assert json.loads(run.stdout.strip().splitlines()[-1])["img_size"] == 16
+
+
+def test_bench_data_says_the_workers_a_target_rate_needs_and_records_its_figure(
+        tmp_path, monkeypatch):
+    from cratemae.bench.data import data_key, model_key, record_rate, recorded_rate
+
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path / "cache"))
+    make_shards(tmp_path / "d", [16] * 2)
+    args = ["bench-data", "--data", tmp_path / "d", "--img-size", 16, "--batch-size", 4,
+            "--num-workers", 0, "--batches", 2, "--json"]
+    run = cli(*args, "--target-rate", 1e9)
+    assert run.exit_code == 0, run.output
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    per_worker = result["per_worker_images_per_s"]
+    assert per_worker == result["images_per_s"] > 0  # 0 workers: the main process is one
+    assert result["target_rate"] == 1e9
+    assert result["workers_needed"] == math.ceil(1e9 / per_worker)
+    key = data_key(DataSection(train=str(tmp_path / "d")), 16, "pretrain")
+    assert recorded_rate(key) == pytest.approx(per_worker)
+    # With a recipe and no --target-rate: the rate `cratemae bench` recorded for its model.
+    record_rate(model_key("crate_mae_tiny", 16), 2.0)
+    run = cli(*args[:1], DEMO_RECIPE, *args[1:])
+    assert run.exit_code == 0, run.output
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["target_rate"] == 2.0 and result["workers_needed"] == 1
+
+
+@pytest.mark.parametrize("rate", ["0", "nan"])
+def test_bench_data_refuses_a_target_rate_that_is_no_rate(rate):
+    run = cli("bench-data", "--target-rate", rate)
+    assert run.exit_code == 2 and f"--target-rate {float(rate)}: must be above 0" in run.output

@@ -1,5 +1,6 @@
 """The CPU data path: uint8 batches normalised where the model runs, the same figures as the
-old per-sample normalisation; reduced-scale decoding within its tolerance."""
+old per-sample normalisation; reduced-scale decoding within its tolerance; the workers a
+rate needs, and the figures recorded for it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import torch
 from data_fixtures import data_section, encode, make_shards, photo
 from PIL import Image
 
+from cratemae.bench.data import data_key, model_key, record_rate, recorded_rate
 from cratemae.data.batch import model_input
 from cratemae.data.dataset import collate_images, crop_sample
 from cratemae.data.decode import load_rgb, open_image
 from cratemae.data.loader import build_loader
+from cratemae.data.plan import workers_needed
 from cratemae.data.transforms import pretrain_transform
+from cratemae.train.recorder import data_wait_hint
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -87,3 +91,37 @@ def test_reduced_scale_decoding_stays_within_its_tolerance(coffee):
     assert max(means) <= 4 and np.mean(means) <= 2, means
     assert max(means) > 0  # it did decode at reduced scale
 
+
+@pytest.mark.parametrize(("rate", "per_worker", "need"),
+                         [(1000, 250, 4), (1001, 250, 5), (1, 250, 1), (750.0, 250.0, 3)])
+def test_workers_needed(rate, per_worker, need):
+    assert workers_needed(rate, per_worker) == need
+
+
+@pytest.mark.parametrize("bad", [(0, 10), (10, 0), (-1, 10), (float("nan"), 1), (1, float("inf"))])
+def test_workers_needed_refuses_rates_that_are_no_rates(bad):
+    with pytest.raises(ValueError, match="above 0"):
+        workers_needed(*bad)
+
+
+def test_data_wait_hint_names_the_workers_that_would_remove_the_wait():
+    assert data_wait_hint(0.10, 8) == ""  # at most 10%: nothing to say
+    # 35% waiting with 8 workers: the model could take 8 / 0.65 = 12.3 workers' images
+    assert data_wait_hint(0.35, 8).startswith(" (5 more workers per rank, or data.decode")
+    assert data_wait_hint(0.2, 1).startswith(" (1 more worker per rank,")
+    # in the main process loading and computing alternate: one worker loading 4x the compute
+    assert data_wait_hint(0.8, 0).startswith(" (data.num_workers = 4,")
+    assert "data.decode" not in data_wait_hint(0.5, 2, gpu_decode=True)
+
+
+def test_recorded_rates_round_trip_and_an_unreadable_record_is_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path / "cache"))
+    key = data_key(data_section("/data/in1k"), 224, "pretrain")
+    assert recorded_rate(key) is None
+    assert record_rate(key, 250.0) and recorded_rate(key) == 250.0
+    other = model_key("crate_mae_base", 224, "cpu")
+    assert record_rate(other, 3000) and recorded_rate(key) == 250.0
+    assert recorded_rate(other) == 3000.0
+    (tmp_path / "cache" / "bench-records.json").write_text("{not json")
+    assert recorded_rate(key) is None
+    assert record_rate(key, 100.0) and recorded_rate(key) == 100.0  # replaced whole

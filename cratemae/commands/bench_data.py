@@ -40,20 +40,39 @@ def bench_data(
     batch_size: Annotated[int | None, typer.Option(help="Default: the recipe's.")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
     batches: Annotated[int, typer.Option(help="Batches to time.")] = 50,
+    target_rate: Annotated[
+        float | None,
+        typer.Option(metavar="N", help="Images/s to feed (per rank): say how many workers it "
+                     "takes. Default: the rate `cratemae bench` recorded for the recipe's "
+                     "model on this device, if any.", show_default=False),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Measure the data pipeline's throughput (images/s) and the CPU cores it uses.
+    """Measure the data pipeline's throughput (images/s, and per worker) and the CPU cores
+    it uses; say how many workers would feed a target rate.
 
     Reads, decodes and augments like training does, without a model, so the number is the
-    most a GPU can be fed with these workers. Without a recipe it reads the demo data.
+    most a GPU can be fed with these workers. Without a recipe it reads the demo data. The
+    per-worker figure is recorded for this CPU and data (in the cache folder) so that a dry
+    run can say how many workers a run needs.
 
     Examples:
       $ cratemae bench-data --img-size 32
       $ cratemae bench-data recipes/base.toml --num-workers 8 --batches 100
+      $ cratemae bench-data recipes/base.toml --num-workers 2 --target-rate 3000
       $ cratemae bench-data --data '/data/in1k/train-{000000..001023}.tar' --task finetune
     """
     _check_options(task, img_size, batch_size, num_workers, batches)
+    if target_rate is not None and not 0 < target_rate < float("inf"):
+        raise BadInputError(f"--target-rate {target_rate}: must be above 0 (images/s)")
     from cratemae.bench.data import bench_data as run_bench
+    from cratemae.bench.data import (
+        data_key,
+        model_key,
+        record_rate,
+        recorded_rate,
+        workers_needed,
+    )
     from cratemae.recipe import load_recipe
     from cratemae.recipe.schema import DataSection
 
@@ -66,14 +85,26 @@ def bench_data(
         update["batch_size"] = batch_size
     section = DataSection.model_validate({**section.model_dump(), **update})
     result = run_bench(section, img_size, num_workers, batches, task=task)  # type: ignore[arg-type]
+    per_worker = result["per_worker_images_per_s"]
+    if per_worker > 0:
+        record_rate(data_key(section, img_size, task), per_worker)
+    target, source = target_rate, "--target-rate"
+    if target is None and loaded is not None:
+        target = recorded_rate(model_key(loaded.model.name, img_size))
+        source = f"cratemae bench's figure for {loaded.model.name} on this device"
+    if target is not None and per_worker > 0:
+        result.update(target_rate=target, workers_needed=workers_needed(target, per_worker))
     if json_:
         print(strict_json(result))
         return
     console.log(
         f"{result['images_per_s']:.0f} images/s at {img_size}px, batch {result['batch_size']}, "
-        f"{num_workers} workers; {result['cpu_cores_used']:.2f} of "
-        f"{result['cpu_cores_available']} CPU cores used; start-up {result['startup_s']:.1f}s"
+        f"{num_workers} workers ({per_worker:.0f} per worker); {result['cpu_cores_used']:.2f} "
+        f"of {result['cpu_cores_available']} CPU cores used; start-up {result['startup_s']:.1f}s"
     )
+    if "workers_needed" in result:
+        console.log(f"{result['workers_needed']} workers per rank would feed {target:,.0f} "
+                    f"images/s ({source})")
 
 
 # Beyond these an option is a typo, and would fork thousands of processes or ask for

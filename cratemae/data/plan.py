@@ -42,7 +42,8 @@ import numpy as np
 from cratemae.data.sources import Source
 from cratemae.errors import BadInputError
 
-__all__ = ["EpochPlan", "StreamSpec", "make_plan", "rng_for", "usable_workers"]
+__all__ = ["EpochPlan", "StreamSpec", "make_plan", "rng_for", "usable_workers",
+           "workers_needed"]
 
 # Distinct tags keep the seeded generators of different purposes independent.
 TAG_ORDER, TAG_DEAL, TAG_RESAMPLE, TAG_BUFFER, TAG_SAMPLE = 11, 12, 13, 14, 15
@@ -304,3 +305,11 @@ def _infinite_plan(
         n = len(range(s, n_batches, n_streams))
         streams.append(StreamSpec(s, n, s, n_streams, mode, pool=pool))
     return EpochPlan(tuple(streams), n_batches, n_batches * batch, batch, batch, mode)
+
+
+def workers_needed(rate: float, per_worker: float) -> int:
+    """DataLoader workers (per rank) that deliver `rate` images/s when each delivers
+    `per_worker`: ceil(rate / per_worker), at least 1. ValueError unless both are above 0."""
+    if not (rate > 0 and per_worker > 0) or math.isinf(rate) or math.isinf(per_worker):
+        raise ValueError(f"rate {rate} and per_worker {per_worker}: both must be finite, above 0")
+    return max(1, math.ceil(rate / per_worker - 1e-9))

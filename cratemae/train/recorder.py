@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cratemae.data.plan import workers_needed
 from cratemae.distributed import dist
 from cratemae.recipe import Recipe
 from cratemae.rundir import RunFiles
@@ -133,10 +134,13 @@ class RunRecorder:
         }
         if self.main:
             self.write(record)
-            log.info("step %d/%d epoch %d loss %.4f lr %.3g %.0f img/s data wait %.0f%% "
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g %.0f img/s data wait %.0f%%%s "
                      "mem %.2f GB bad %d elapsed %s eta %s", record["step"], self.total_steps,
                      record["epoch"], record["loss"], record["lr"], record["images_per_s"],
-                     100 * record["data_wait_fraction"], record["max_memory_gb"],
+                     100 * record["data_wait_fraction"],
+                     data_wait_hint(record["data_wait_fraction"], self.recipe.data.num_workers,
+                                    gpu_decode=self.recipe.data.decode == "gpu"),
+                     record["max_memory_gb"],
                      record["bad_samples"], _hms(elapsed), _hms(eta), extra={"metrics": True})
             self.on_log(record)
         counts.reset()
@@ -222,3 +226,24 @@ def _hms(seconds: float) -> str:
         return "?"
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+DATA_WAIT_HINT = 0.10  # above this fraction of the step spent waiting, say what would help
+
+
+def data_wait_hint(wait: float, workers: int, *, gpu_decode: bool = False) -> str:
+    """"" while the step waits for data at most 10% of its time; else what would remove the
+    wait: the workers that would deliver the images/s the step could take (`workers_needed`:
+    the loader, the limit, delivers the current rate, which the wait's share holds back),
+    or GPU decoding."""
+    if not DATA_WAIT_HINT < wait <= 1:
+        return ""
+    busy = max(1.0 - wait, 0.01)  # the share of the step the model computes
+    if workers == 0:  # loading and computing in turn: a worker loads while the model computes
+        need = workers_needed(wait / busy, 1.0)
+        more = f"data.num_workers = {need}"
+    else:  # rates in units of one worker's
+        need = workers_needed(workers / busy, 1.0)
+        more = f"{need - workers} more worker{'s' if need - workers > 1 else ''} per rank"
+    also = "" if gpu_decode else ", or data.decode = 'gpu',"
+    return f" ({more}{also} would remove it, CPU cores allowing)"
