@@ -162,15 +162,16 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
 
 @pytest.mark.slow
 @pytest.mark.longest
-def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_path):
-    """The README's demo pre-training (the paper's full-sequence model): its loss falls by a
-    third, and recipes/probe/demo.toml scores it at least 10 points above the same model at
-    its initialisation (66.0% against 52.0% when measured; about 5 minutes on 2 cores)."""
+def test_demo_pretraining_learns_features_the_probe_scores_above_its_initialisation(tmp_path):
+    """The README's demo pre-training (the paper's full-sequence model), shortened to 5 of
+    its 13 epochs: its loss falls by a third, and recipes/probe/demo.toml scores it at least
+    5 points above the same model at its initialisation (60.2% against 49.1% when measured
+    on one thread; about 4 minutes). The whole run and its 14 points (66.0% against 52.0%,
+    the README's demo table) are `python benchmarks/demo_table.py --rows 0`'s to measure."""
     from cratemae.tasks.pretrain import pretrain
 
-    recipe = load_recipe(REPO / "recipes" / "demo.toml")
+    recipe = load_recipe(REPO / "recipes" / "demo.toml", ["schedule.epochs=5"])
     trained = pretrain(recipe, run_dir=tmp_path / "run").last_checkpoint
-    # The README's first command, so its loss is checked here too: it falls by a third.
     records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     losses = [r["loss"] for r in records if r.get("kind", "train") == "train"]
     assert losses[-1] <= losses[0] * 2 / 3, (losses[0], losses[-1])
@@ -184,7 +185,7 @@ def test_demo_pretrained_encoder_probes_ten_points_above_its_initialisation(tmp_
     print("\ndemo probe top-1: " + ", ".join(f"{n} {r.top1:.2f}%" for n, r in scores.items()))
     assert not recipe.model.encoder_visible_only  # the paper's model, not MAE's variant
     assert scores["pretrained"].top1 >= 50.0  # chance is 10%
-    assert scores["pretrained"].top1 >= scores["random"].top1 + 10.0
+    assert scores["pretrained"].top1 >= scores["random"].top1 + 5.0
 
 
 # --- the probe's data and its labels -----------------------------------------------------
