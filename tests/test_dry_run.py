@@ -302,3 +302,43 @@ def test_probe_of_embeddings_files_plans_without_a_checkpoint(tmp_path: Path,
         bad = cli("probe", "probe/demo", "--features", *map(str, files), "--dry-run")
         assert bad.exit_code == 2 and reason in bad.stderr, bad.output
     assert _tree(tmp_path) == before
+
+
+def test_the_time_and_the_data_workers_come_from_the_recorded_figures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --images-per-second the plan takes the rate `cratemae bench` recorded for the
+    model on this device, and says how many data workers feed it at the per-worker figure
+    `cratemae bench-data` recorded for the recipe's data; with neither, it says what to run."""
+    from cratemae.bench.data import data_key, model_key, record_rate
+    from cratemae.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    before = cli("pretrain", "demo", "--dry-run")
+    assert before.exit_code == 0 and "--images-per-second" in before.stdout, before.output
+    recipe = load_recipe("demo")
+    assert record_rate(model_key(recipe.model.name, 32), 700.0)
+    assert record_rate(data_key(recipe.data, 32, "pretrain"), 300.0)
+    snapshot = _tree(tmp_path)
+    res = cli("pretrain", "demo", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    time = json.loads(res.stdout)["time"]
+    assert time["data_workers"] == 3  # ceil(700 / 300)
+    assert time["per_epoch_s"] == pytest.approx(5000 // 64 * 64 / 700.0)
+    assert json.loads(cli("pretrain", "demo", "--dry-run", "--json", "--images-per-second",
+                          "200").stdout)["time"]["data_workers"] == 1
+    from cratemae.train.plan import Rates
+
+    def texts(images_per_second, rates):
+        plan = plan_pretrain(recipe, run_dir=tmp_path / "run",
+                             images_per_second=images_per_second, rates=rates)
+        return {key: text for key, _, text in plan.sections["Time"]}
+
+    rates = Rates(model=lambda name, size: 700.0 if (name, size) == ("crate_mae_tiny", 32)
+                  else None, data=lambda data, size, task: 300.0 if task == "pretrain" else None)
+    said = texts(None, rates)
+    assert "bench`'s figure for crate_mae_tiny at 32 px" in said["per_epoch_s"]
+    assert said["data_workers"].endswith("the recipe has 0: the accelerator would wait on data; "
+                                         'data.num_workers = 3, or data.decode = "gpu"')
+    assert texts(200.0, rates)["data_workers"].endswith("the recipe has 0")
+    assert "cratemae bench-data" in texts(200.0, None)["data_workers"]
+    assert _tree(tmp_path) == snapshot

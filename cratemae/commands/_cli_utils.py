@@ -259,6 +259,16 @@ def launch_rank_world(world_size: int | None) -> tuple[int, int]:
     return launch.rank, launch.world_size
 
 
+def measured_rates() -> Any:
+    """The dry run's `Rates`: the figures `cratemae bench` and `cratemae bench-data` recorded
+    on this machine (`cratemae.bench.data`), looked up as the plan asks for them."""
+    from cratemae.bench.data import data_key, model_key, recorded_rate
+    from cratemae.train.plan import Rates
+
+    return Rates(model=lambda name, size: recorded_rate(model_key(name, size)),
+                 data=lambda data, size, task: recorded_rate(data_key(data, size, task)))
+
+
 def show_plan(plan: Any, *, json_: bool) -> None:
     """Print `plan` (a `cratemae.train.plan.Plan`; the GFLOP row added here, by the bench's
     count) as a table or one JSON object, on rank 0; exit 2 with every reason when the run

@@ -22,6 +22,7 @@ from cratemae.commands._cli_utils import (
     WorldSizeOpt,
     command_console,
     launch_rank_world,
+    measured_rates,
     preemptible,
     require_checkpoint,
     show_plan,
@@ -91,7 +92,8 @@ def finetune(
         rank, world = launch_rank_world(world_size)
         show_plan(plan_finetune(r, checkpoint, run_dir=out, resume=where, overwrite=overwrite,
                                 recipe_name=Path(recipe).stem, world=world, rank=rank,
-                                gpu_memory=gpu_memory, images_per_second=images_per_second),
+                                gpu_memory=gpu_memory, images_per_second=images_per_second,
+                                rates=measured_rates()),
                   json_=json_)
         return
     with command_console("finetune") as (_, on_log):

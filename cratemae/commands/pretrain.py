@@ -17,6 +17,7 @@ from cratemae.commands._cli_utils import (
     WorldSizeOpt,
     command_console,
     launch_rank_world,
+    measured_rates,
     preemptible,
     show_plan,
 )
@@ -62,7 +63,8 @@ def pretrain(
 
         rank, world = launch_rank_world(world_size)
         show_plan(plan_pretrain(r, run_dir=out, resume=where, world=world, rank=rank,
-                                gpu_memory=gpu_memory, images_per_second=images_per_second),
+                                gpu_memory=gpu_memory, images_per_second=images_per_second,
+                                rates=measured_rates()),
                   json_=json_)
         return
     with command_console("pretrain") as (_, on_log):

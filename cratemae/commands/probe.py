@@ -19,6 +19,7 @@ from cratemae.commands._cli_utils import (
     WorldSizeOpt,
     command_console,
     launch_rank_world,
+    measured_rates,
     preemptible,
     require_checkpoint,
     show_plan,
@@ -104,7 +105,8 @@ def probe(
         show_plan(plan_probe(r, checkpoint, features=features, run_dir=out,
                              overwrite=overwrite, recipe_name=Path(recipe).stem, world=world,
                              rank=rank, gpu_memory=gpu_memory,
-                             images_per_second=images_per_second), json_=json_)
+                             images_per_second=images_per_second,
+                             rates=measured_rates()), json_=json_)
         return
     from cratemae.tasks.probe import probe as run_probe  # torch loads lazily
 

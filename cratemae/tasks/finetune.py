@@ -36,6 +36,7 @@ from cratemae.rundir import RunFiles
 from cratemae.tasks.follow import follow_checkpoint
 from cratemae.train.plan import (
     Plan,
+    Rates,
     estimate_memory,
     plan_data,
     plan_memory,
@@ -187,7 +188,8 @@ def plan_finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | Non
                   resume: Resume = Resume.AUTO, overwrite: bool = False,
                   recipe_name: str | None = None, world: int = 1, rank: int = 0,
                   gpu_memory: float | None = None,
-                  images_per_second: float | None = None) -> Plan:
+                  images_per_second: float | None = None,
+                  rates: Rates | None = None) -> Plan:
     """What `finetune` would do, need and cost, without an accelerator or a write
     (`cratemae finetune --dry-run`): each step of its start-up, every failure a reason."""
     plan = Plan("finetune", world=world, rank=rank)
@@ -229,7 +231,8 @@ def plan_finetune(recipe: Recipe, checkpoint: str | Path, *, run_dir: Path | Non
     if data is not None:
         with plan.check():
             plan_schedule(plan, recipe, plan_steps(recipe, data.batches_per_epoch, world))
-    plan_time(plan, images_per_second)
+    plan_time(plan, images_per_second, rates=rates, model=recipe.model.name, img_size=img_size,
+              data=recipe.data, task="finetune")
     return plan
 
 

@@ -22,6 +22,7 @@ from cratemae.train.memory import fake_model
 from cratemae.train.optim import param_groups
 from cratemae.train.plan import (
     Plan,
+    Rates,
     estimate_memory,
     plan_data,
     plan_memory,
@@ -123,7 +124,8 @@ def pretrain(recipe: Recipe, *, run_dir: Path | None = None, resume: Resume = Re
 def plan_pretrain(recipe: Recipe, *, run_dir: Path | None = None,
                   resume: Resume = Resume.AUTO, world: int = 1, rank: int = 0,
                   gpu_memory: float | None = None,
-                  images_per_second: float | None = None) -> Plan:
+                  images_per_second: float | None = None,
+                  rates: Rates | None = None) -> Plan:
     """What `pretrain` would do, need and cost, without an accelerator or a write
     (`cratemae pretrain --dry-run`): each step of its start-up, every failure a reason."""
     plan = Plan("pretrain", world=world, rank=rank)
@@ -151,7 +153,8 @@ def plan_pretrain(recipe: Recipe, *, run_dir: Path | None = None,
     if data is not None:
         with plan.check():
             plan_schedule(plan, recipe, plan_steps(recipe, data.batches_per_epoch, world))
-    plan_time(plan, images_per_second)
+    plan_time(plan, images_per_second, rates=rates, model=recipe.model.name, img_size=img_size,
+              data=recipe.data, task="pretrain")
     return plan
 
 

@@ -39,6 +39,7 @@ from cratemae.rundir import RunFiles
 from cratemae.tasks.follow import follow_checkpoint
 from cratemae.train.plan import (
     Plan,
+    Rates,
     estimate_memory,
     plan_data,
     plan_memory,
@@ -313,7 +314,8 @@ def plan_probe(recipe: Recipe, checkpoint: str | Path | None, *,
                features: tuple[Path, Path] | None = None, run_dir: Path | None = None,
                overwrite: bool = False, recipe_name: str | None = None, world: int = 1,
                rank: int = 0, gpu_memory: float | None = None,
-               images_per_second: float | None = None) -> Plan:
+               images_per_second: float | None = None,
+               rates: Rates | None = None) -> Plan:
     """What `probe` would do, need and cost, without an accelerator or a write
     (`cratemae probe --dry-run`): each step of its start-up, every failure a reason."""
     p, plan = recipe.probe, Plan("probe", world=world, rank=rank)
@@ -386,7 +388,8 @@ def plan_probe(recipe: Recipe, checkpoint: str | Path | None, *,
     if data is not None:
         with plan.check():
             plan_schedule(plan, recipe, plan_steps(recipe, data.batches_per_epoch, world))
-    plan_time(plan, images_per_second)
+    plan_time(plan, images_per_second, rates=rates, model=recipe.model.name, img_size=img_size,
+              data=recipe.data, task="probe")
     return plan
 
 
