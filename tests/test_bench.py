@@ -193,3 +193,19 @@ def test_compiled_fast_path_passes_the_check():
     checks = check_paths(model, fns, ["fast"], torch.randn(4, 3, 32, 32),
                          Precision("fp32", "cpu", ""))
     assert checks[0].ok and checks[0].grad_rel_err < 1e-4
+
+
+def test_bench_records_its_training_rate_for_bench_data_and_the_dry_run(monkeypatch, tmp_path):
+    """The fast path's median images/s is recorded under the model's key on this device
+    (`model_key`), where bench-data and the dry run look for it (`recorded_rate`)."""
+    from cratemae.bench import speed
+    from cratemae.bench.data import model_key, recorded_rate
+
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path))  # the other bench tests record too
+    result = {"spec": {}, "paths": {"fast": {"images_per_s": 123.5}}}
+    monkeypatch.setattr(speed, "run_bench", lambda spec: result)  # the wiring, not the timing
+    assert recorded_rate(model_key("crate_mae_tiny", 32, "cpu")) is None
+    run = _invoke("--json")
+    assert run.exit_code == 0, run.output
+    assert recorded_rate(model_key("crate_mae_tiny", 32, "cpu")) == 123.5
+    assert recorded_rate(model_key("crate_mae_tiny", 64, "cpu")) is None  # its own key

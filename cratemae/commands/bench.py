@@ -46,12 +46,15 @@ def bench(
     Random input, the training code path (autocast, GradScaler, AdamW). First the loss and
     gradients of every timed path are checked, on the timing batch, against the reference
     (the authors' computation, evaluated in float64); a path that fails is not timed (exit 1).
+    The fast path's images/s is recorded for this model, image size and device: `cratemae
+    bench-data` and the dry run use it to say how many loader workers would feed it.
 
     Examples:
       $ cratemae bench --model crate_mae_tiny --device cpu --batch-size 16 --reference
       $ cratemae bench --compile --precision bf16
       $ cratemae bench --compile --visible-only --json
     """
+    from cratemae.bench.data import model_key, record_rate
     from cratemae.bench.speed import BenchSpec, run_bench  # torch loads lazily
     from cratemae.distributed.device import choose_device
 
@@ -70,6 +73,9 @@ def bench(
         result = run_bench(spec)
     finally:
         logger.removeHandler(handler)
+    # The training rate of this model on this device, for bench-data and the dry run to say
+    # how many loader workers would feed it (the last run's figure stands).
+    record_rate(model_key(model, img_size, chosen), result["paths"]["fast"]["images_per_s"])
     print(strict_json(result) if json_ else _report(result))
 
 
