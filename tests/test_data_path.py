@@ -16,7 +16,7 @@ from cratemae.data.dataset import collate_images, crop_sample
 from cratemae.data.decode import load_rgb, open_image
 from cratemae.data.loader import build_loader
 from cratemae.data.plan import workers_needed
-from cratemae.data.transforms import pretrain_transform
+from cratemae.data.transforms import eval_transform, pretrain_transform
 from cratemae.train.recorder import data_wait_hint
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -125,3 +125,37 @@ def test_recorded_rates_round_trip_and_an_unreadable_record_is_none(tmp_path, mo
     (tmp_path / "cache" / "bench-records.json").write_text("{not json")
     assert recorded_rate(key) is None
     assert record_rate(key, 100.0) and recorded_rate(key) == 100.0  # replaced whole
+
+
+def _direct_batch(chunk, tf):
+    """`EpochDataset._batch` on raw samples: crops written straight into the batch."""
+    from cratemae.data.dataset import EpochDataset, ReadConfig
+    from cratemae.data.decode import BadLog
+
+    cfg = ReadConfig(transform=tf, labelled=True, shuffle_buffer=0, seed=5, epoch=0, rank=0)
+    return EpochDataset((), None, cfg)._batch(chunk, BadLog())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("transform", [pretrain_transform, eval_transform], ids=["crop", "none"])
+def test_crops_written_into_the_batch_are_the_per_sample_crops_bad_slots_repeats(
+        coffee, transform):
+    """Each crop goes straight into its slot of the batch (`crop_into`): the pixels are
+    those of `crop_sample` + `collate_images` with the same seeds, a bad sample's slot holds
+    the repeat of a good one (in order, labels too), and an all-bad batch is zeros."""
+    from cratemae.data.dataset import TAG_SAMPLE, _key_hash
+    from cratemae.data.shards import RawSample
+
+    tf = transform(48, mean=MEAN, std=STD)
+    jpegs = [_jpeg(coffee, 120 + 10 * i, 90) for i in range(3)]
+    raws = [RawSample("s.tar", f"k{i}", {"jpg": j, "cls": b"%d" % i}) for i, j in enumerate(jpegs)]
+    broken = RawSample("s.tar", "bad", {"jpg": b"not a JPEG", "cls": b"9"})
+    chunk = [raws[0], broken, raws[1], raws[2], broken, broken]
+    ref = [crop_sample(open_image(r.parts["jpg"]), tf,
+                       np.random.default_rng([5, 0, TAG_SAMPLE, _key_hash(r)])) for r in raws]
+    order = [0, 0, 1, 2, 1, 2]  # bad slots: the good samples again, in turn
+    batch = _direct_batch(chunk, tf)
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch.images, collate_images([ref[i] for i in order]))
+    assert batch.labels.tolist() == order and batch.bad == 3 and batch.bad_shards == {"s.tar": 3}
+    none = _direct_batch([broken] * 2, tf)
+    assert none.images.shape == (2, 3, 48, 48) and not none.images.any() and none.bad == 2

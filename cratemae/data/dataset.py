@@ -164,10 +164,15 @@ class EpochDataset(IterableDataset):
             yield RawSample("(stream)", f"#{i}", missing="no samples to refill a short shard")
 
     def _batch(self, chunk: list[RawSample], log: BadLog) -> Batch | EncodedBatch:
+        tf = self.cfg.transform
+        # uint8 (B, S, S, 3): each crop is written straight into its slot (`crop_into`)
+        direct = isinstance(tf, BoxTransform) and not self.cfg.gpu
+        pixels = new_pixels(len(chunk), tf.img_size) if direct else None
+        slots = None if pixels is None else pixels.numpy()
         items, bad = [], Counter()
-        for raw in chunk:
+        for i, raw in enumerate(chunk):
             try:
-                items.append(self._one(raw))
+                items.append(self._one(raw, None if slots is None else slots[i]))
             except BadSample as err:
                 log(raw.shard, raw.key, str(err))
                 bad[raw.shard] += 1
@@ -175,21 +180,31 @@ class EpochDataset(IterableDataset):
         good = [x for x in items if x is not None]
         if good:  # fill each bad slot with a repeat of the batch's good samples, in order
             fill = itertools.cycle(good)
-            items = [x if x is not None else next(fill) for x in items]
+            for i, x in enumerate(items):
+                if x is None:
+                    items[i] = next(fill)
+                    if slots is not None:  # the repeat's pixels, copied into this slot
+                        slots[i] = items[i][0]
         elif self.cfg.gpu:
             items = [((_black_jpeg(), (0.0, 0.0, 8.0, 8.0), False), 0)] * len(chunk)
+        elif slots is not None:
+            slots.fill(0)
+            items = [(None, 0)] * len(chunk)
         else:
-            s = self.cfg.transform.img_size
+            s = tf.img_size
             items = [(torch.zeros(3, s, s, dtype=torch.uint8), 0)] * len(chunk)
         labels = torch.tensor([y for _, y in items]) if self.cfg.labelled else None
         if self.cfg.gpu:
             return EncodedBatch.pack(items, labels, sum(bad.values()), dict(bad))
-        x = collate_images([im for im, _ in items])
-        tf = self.cfg.transform
+        if pixels is not None:
+            x = pixels.permute(0, 3, 1, 2)  # (B, 3, S, S), channels-last
+        else:
+            x = collate_images([im for im, _ in items])
         return Batch(x, labels, sum(bad.values()), dict(bad), mean=tf.mean, std=tf.std)
 
-    def _one(self, raw: RawSample) -> tuple:
-        """-> (uint8/float image (3,S,S), label) or, for GPU decode, ((bytes, box, flip), label)."""
+    def _one(self, raw: RawSample, out: np.ndarray | None = None) -> tuple:
+        """-> (float image (3,S,S), label) for RandAugment; (`out`, label) with the crop
+        written into `out`, uint8 (S,S,3); for GPU decode ((bytes, box, flip), label)."""
         data = image_bytes(raw)
         label = parse_label(raw) if self.cfg.labelled else -1
         rng = np.random.default_rng(
@@ -204,16 +219,31 @@ class EpochDataset(IterableDataset):
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 data = _to_jpeg(load_rgb(img))  # nvJPEG takes baseline RGB/grey JPEG only
             return (data, box, flip), label
-        return crop_sample(img, tf, rng), label
+        assert out is not None  # `_batch` gives a slot to every crop
+        crop_into(img, tf, rng, out)
+        return out, label
+
+
+def crop_into(img: Image.Image, tf: BoxTransform, rng: np.random.Generator,
+              out: np.ndarray) -> None:
+    """An opened (undecoded) image -> its crop's pixels written into `out`, uint8 (S, S, 3)
+    (a slot of the batch, `new_pixels`): the box and flip drawn from `rng`, decoded (at
+    reduced scale where the box allows, `draft_rgb`), resized (bicubic) and flipped by
+    Pillow, then copied once, as they lie, out of Pillow into the batch."""
+    box, flip = tf.box(*img.size, rng)
+    rgb, box = draft_rgb(img, box, tf.img_size)
+    resized = rgb.resize((tf.img_size,) * 2, Image.Resampling.BICUBIC, box=box)
+    if flip:
+        resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out[...] = np.asarray(resized)  # (S, S, 3)
 
 
 def crop_sample(img: Image.Image, tf: BoxTransform, rng: np.random.Generator) -> torch.Tensor:
-    """An opened (undecoded) image -> uint8 (3, S, S), a read-only view (`crop_view`) that
-    `collate_images` copies: the box and flip drawn from `rng`, decoded (at reduced scale
-    where the box allows, `draft_rgb`), cropped and resized."""
-    box, flip = tf.box(*img.size, rng)
-    rgb, box = draft_rgb(img, box, tf.img_size)
-    return tf.crop_view(rgb, box, flip)
+    """`crop_into` for one image -> uint8 (3, S, S), a view of its (S, S, 3) pixels."""
+    s = tf.img_size
+    out = np.empty((s, s, 3), dtype=np.uint8)
+    crop_into(img, tf, rng, out)
+    return torch.from_numpy(out).permute(2, 0, 1)  # (3, S, S)
 
 
 def draft_rgb(img: Image.Image, box: Box, size: int) -> tuple[Image.Image, Box]:
@@ -226,27 +256,38 @@ def draft_rgb(img: Image.Image, box: Box, size: int) -> tuple[Image.Image, Box]:
     return rgb, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
 
-def collate_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """The batch's images (3, S, S) -> (B, 3, S, S), of their dtype (uint8 but for
-    fine-tuning's RandAugment): the one copy of their pixels a worker makes.
+def new_pixels(n: int, size: int) -> torch.Tensor:
+    """uint8 (n, size, size, 3), for a batch's crops (`crop_into`); permuted to (n, 3, S, S)
+    it is channels-last. In a worker it is made in shared memory, as the DataLoader's own
+    collation does, so sending the batch to the main process copies nothing more."""
+    return _new_flat(torch.uint8, n * size * size * 3).view(n, size, size, 3)
 
-    uint8 batches are channels-last in memory (torch.channels_last, (B, S, S, 3) underneath):
-    each crop's (S, S, 3) pixels are then copied as they lie, and the device makes the batch
-    contiguous as it converts it to float (`model_input`), where transposing costs nothing.
-    In a worker the batch is made in shared memory, as the DataLoader's own collation does,
-    so sending it to the main process copies nothing more."""
+
+def collate_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """The batch's images (3, S, S) -> (B, 3, S, S), of their dtype (float for fine-tuning's
+    RandAugment; the loader writes uint8 crops straight into their batch, `new_pixels`).
+
+    uint8 batches are channels-last in memory (torch.channels_last, (B, S, S, 3) underneath),
+    as the loader's: the device makes the batch contiguous as it converts it to float
+    (`model_input`), where transposing costs nothing. In a worker the batch is made in
+    shared memory (`new_pixels`)."""
     first = images[0]
     c, h, w = first.shape
-    if get_worker_info() is not None:  # torch.utils.data.default_collate's way
-        storage = first._typed_storage()._new_shared(len(images) * first.numel())
-        flat = first.new(storage)
-    else:
-        flat = first.new_empty(len(images) * first.numel())
+    flat = _new_flat(first.dtype, len(images) * first.numel())
     if first.dtype == torch.uint8:
         out = flat.view(len(images), h, w, c).permute(0, 3, 1, 2)  # (B, 3, S, S) channels-last
     else:
         out = flat.view(len(images), c, h, w)  # (B, 3, S, S)
     return torch.stack(images, out=out)
+
+
+def _new_flat(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """An uninitialised 1-D tensor; in a DataLoader worker, in shared memory
+    (torch.utils.data.default_collate's way)."""
+    if get_worker_info() is None:
+        return torch.empty(numel, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)
+    return empty.new(empty._typed_storage()._new_shared(numel))
 
 
 def _shards_phrase(failed: int, pool: int) -> str:

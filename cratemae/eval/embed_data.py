@@ -122,9 +122,9 @@ class _KeyedDataset(EpochDataset):
                           keys=tuple(r.key for r in chunk),
                           valid=torch.tensor(self._valid, dtype=torch.bool))
 
-    def _one(self, raw: RawSample) -> tuple:
+    def _one(self, raw: RawSample, out: Any = None) -> tuple:  # out: `EpochDataset._one`
         try:
-            image, _ = super()._one(raw)
+            image, _ = super()._one(raw, out)
         except BadSample:
             self._labels.append(-1)
             self._valid.append(False)
