@@ -178,7 +178,7 @@ def test_bad_data_fails_at_build_data(tmp_path, shard_dir):
     with pytest.raises(BadInputError, match=r"shards\.json: not a valid shards\.json"):
         build_data(data_section(str(shard_dir)), **TRAIN)
     (shard_dir / "shards.json").unlink()
-    with pytest.raises(BadInputError, match=r"10 shards for 4 ranks x 3 workers"):
-        build_data(data_section(str(shard_dir), num_workers=3), **TRAIN, world_size=4)
+    with pytest.raises(BadInputError, match=r"10 shards for 11 ranks x 3 workers"):
+        build_data(data_section(str(shard_dir), num_workers=3), **TRAIN, world_size=11)
     with pytest.raises(BadInputError, match=r"start_batch 99 outside 0\.\.22"):
         build_data(data_section(str(shard_dir)), **TRAIN).loader(0, start_batch=99)
