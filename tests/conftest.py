@@ -31,7 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest tests first, then the other slow ones: started at once, they run beside
-    the many short tests (which pytest-xdist's workers share at the end) instead of last."""
+    the many short tests (which pytest-xdist's workers share at the end) instead of last.
+    pytest-xdist's `--dist load` (pyproject.toml) deals the first quarter of this order to
+    the workers in turn and the rest as they free up, so the longest ones start together on
+    different workers (`--dist worksteal` gives the first worker the first half: every slow
+    test, one after another)."""
     def rank(item: pytest.Item) -> int:
         return 0 if item.get_closest_marker("longest") else 1 if item.get_closest_marker(
             "slow") else 2
