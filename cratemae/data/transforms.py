@@ -126,13 +126,6 @@ class BoxTransform:
         """RGB image -> uint8 (3, img_size, img_size)."""
         return _resize_box(img, box, self.img_size, flip)
 
-    def crop_view(self, img: Image.Image, box: Box, flip: bool) -> torch.Tensor:
-        """`crop`'s pixels as a read-only (3, img_size, img_size) view of the resized image's
-        (img_size, img_size, 3) pixels: the loader's collation copies it once, into the
-        batch, where `crop` would copy twice more."""
-        resized = img.resize((self.img_size,) * 2, Image.Resampling.BICUBIC, box=box)
-        return _chw_view(resized, flip)
-
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
         """RGB image -> float32 (3, img_size, img_size), normalized."""
         box, flip = self.box(*img.size, rng)
