@@ -92,3 +92,26 @@ def test_bench_data_says_the_workers_a_target_rate_needs_and_records_its_figure(
 def test_bench_data_refuses_a_target_rate_that_is_no_rate(rate):
     run = cli("bench-data", "--target-rate", rate)
     assert run.exit_code == 2 and f"--target-rate {float(rate)}: must be above 0" in run.output
+
+
+def test_recorded_figures_in_a_fifo_or_a_folder_are_none_and_never_block(
+        tmp_path, monkeypatch) -> None:
+    """The records file is a cache: a FIFO in its place is never opened (it would block the
+    dry run), a folder or junk there means no figures, and recording replaces neither."""
+    import os
+
+    from cratemae.bench.data import RECORDS_NAME, record_rate, recorded_rate
+
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path))
+    os.mkfifo(tmp_path / RECORDS_NAME)
+    assert recorded_rate("k") is None
+    assert not record_rate("k", 5.0) and (tmp_path / RECORDS_NAME).is_fifo()
+    (tmp_path / RECORDS_NAME).unlink()
+    (tmp_path / RECORDS_NAME).mkdir()
+    assert recorded_rate("k") is None
+    (tmp_path / RECORDS_NAME).rmdir()
+    for junk in ("[1, 2]", "{not json", '{"k": {"images_per_s": NaN}}',
+                 '{"k": {"images_per_s": true}}', '{"k": {"images_per_s": -3}}'):
+        (tmp_path / RECORDS_NAME).write_text(junk)
+        assert recorded_rate("k") is None, junk
+    assert record_rate("k", 5.0) and recorded_rate("k") == 5.0

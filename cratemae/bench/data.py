@@ -28,6 +28,7 @@ from cratemae.data.loader import build_loader
 from cratemae.data.plan import workers_needed
 from cratemae.errors import BadInputError
 from cratemae.fs import atomic_write_json
+from cratemae.guard import special_kind
 from cratemae.recipe.schema import DataSection
 
 __all__ = ["bench_data", "data_key", "model_key", "record_rate", "recorded_rate",
@@ -141,8 +142,14 @@ def _records_path() -> Path:
 
 
 def _records() -> dict:
+    """The recorded figures; none when the file is missing, unreadable, not a regular file
+    (a FIFO there is never opened: it would block) or not a JSON object."""
+    path = _records_path()
+    if special_kind(path) is not None or path.is_dir():
+        log.warning("%s: not a regular file; no recorded figures", path)
+        return {}
     try:
-        found = json.loads(_records_path().read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: no figures
         return {}
     return found if isinstance(found, dict) else {}
@@ -160,6 +167,9 @@ def recorded_rate(key: str) -> float | None:
 def record_rate(key: str, images_per_s: float) -> bool:
     """Record `images_per_s` under `key`; False (and a warning) when the cache is not
     writable: a benchmark's figure is never worth failing for."""
+    if special_kind(_records_path()) is not None or _records_path().is_dir():
+        log.warning("could not record the figure: %s is not a regular file", _records_path())
+        return False
     records = _records()
     records[key] = {"images_per_s": float(images_per_s), "time": time.time()}
     try:
