@@ -88,10 +88,11 @@ def test_bench_data_says_the_workers_a_target_rate_needs_and_records_its_figure(
     assert result["target_rate"] == 2.0 and result["workers_needed"] == 1
 
 
-@pytest.mark.parametrize("rate", ["0", "nan"])
+@pytest.mark.parametrize("rate", ["0", "nan", "-1", "inf", "1e-320", "1e308"])
 def test_bench_data_refuses_a_target_rate_that_is_no_rate(rate):
     run = cli("bench-data", "--target-rate", rate)
-    assert run.exit_code == 2 and f"--target-rate {float(rate)}: must be above 0" in run.output
+    assert run.exit_code == 2, run.output
+    assert f"--target-rate {float(rate):g}: must be from 0.001 to 1e+09" in run.output
 
 
 def test_recorded_figures_in_a_fifo_or_a_folder_are_none_and_never_block(
@@ -111,7 +112,9 @@ def test_recorded_figures_in_a_fifo_or_a_folder_are_none_and_never_block(
     assert recorded_rate("k") is None
     (tmp_path / RECORDS_NAME).rmdir()
     for junk in ("[1, 2]", "{not json", '{"k": {"images_per_s": NaN}}',
-                 '{"k": {"images_per_s": true}}', '{"k": {"images_per_s": -3}}'):
+                 '{"k": {"images_per_s": true}}', '{"k": {"images_per_s": -3}}',
+                 '{"k": {"images_per_s": Infinity}}', '{"k": {"images_per_s": 1e-320}}',
+                 '{"k": {"images_per_s": 1%s}}' % ("0" * 400)):
         (tmp_path / RECORDS_NAME).write_text(junk)
         assert recorded_rate("k") is None, junk
     assert record_rate("k", 5.0) and recorded_rate("k") == 5.0

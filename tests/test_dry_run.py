@@ -342,3 +342,14 @@ def test_the_time_and_the_data_workers_come_from_the_recorded_figures(
     assert texts(200.0, rates)["data_workers"].endswith("the recipe has 0")
     assert "cratemae bench-data" in texts(200.0, None)["data_workers"]
     assert _tree(tmp_path) == snapshot
+
+
+@pytest.mark.parametrize("args", [
+    ["--images-per-second", "nan"], ["--images-per-second", "0"], ["--images-per-second", "-1"],
+    ["--images-per-second", "inf"], ["--images-per-second", "1e-320"],
+    ["--images-per-second", "1e308"], ["--gpu-memory", "nan"], ["--gpu-memory", "-1"]],
+    ids=" ".join)
+def test_the_plans_figures_out_of_range_are_one_error_line(args: list[str]) -> None:
+    res = cli("pretrain", "demo", "--dry-run", *args)
+    assert res.exit_code == 2 and f"{args[0]} {float(args[1]):g}: must be a number " \
+        in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output

@@ -36,6 +36,7 @@ __all__ = ["bench_data", "data_key", "model_key", "record_rate", "recorded_rate"
 
 log = logging.getLogger("cratemae.bench")
 RECORDS_NAME = "bench-records.json"
+MIN_RATE, MAX_RATE = 1e-3, 1e9  # images/s a figure can be: outside, a record is junk
 
 
 def _cpu_seconds() -> float:
@@ -160,7 +161,8 @@ def recorded_rate(key: str) -> float | None:
     device), or None when there is none."""
     entry = _records().get(key)
     value = entry.get("images_per_s") if isinstance(entry, dict) else None
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    ok = (isinstance(value, int | float) and not isinstance(value, bool)
+          and MIN_RATE <= value <= MAX_RATE)  # nan, inf, 0 and a 400-digit int are junk
     return float(value) if ok else None
 
 

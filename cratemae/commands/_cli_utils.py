@@ -259,6 +259,17 @@ def launch_rank_world(world_size: int | None) -> tuple[int, int]:
     return launch.rank, launch.world_size
 
 
+def check_plan_figures(gpu_memory: float | None, images_per_second: float | None) -> None:
+    """--gpu-memory and --images-per-second in range (finite: above 0 and at most 1e6 GiB;
+    from 0.001 to 1e9 images/s), else one `error:` line before anything is planned."""
+    if gpu_memory is not None and not 0 < gpu_memory <= 1e6:  # nan fails both comparisons
+        raise BadInputError(f"--gpu-memory {gpu_memory:g}: must be a number above 0, at most "
+                            "1e+06 (GiB)")
+    if images_per_second is not None and not 1e-3 <= images_per_second <= 1e9:
+        raise BadInputError(f"--images-per-second {images_per_second:g}: must be a number from "
+                            "0.001 to 1e+09")
+
+
 def measured_rates() -> Any:
     """The dry run's `Rates`: the figures `cratemae bench` and `cratemae bench-data` recorded
     on this machine (`cratemae.bench.data`), looked up as the plan asks for them."""

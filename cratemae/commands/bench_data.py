@@ -63,8 +63,9 @@ def bench_data(
       $ cratemae bench-data --data '/data/in1k/train-{000000..001023}.tar' --task finetune
     """
     _check_options(task, img_size, batch_size, num_workers, batches)
-    if target_rate is not None and not 0 < target_rate < float("inf"):
-        raise BadInputError(f"--target-rate {target_rate}: must be above 0 (images/s)")
+    if target_rate is not None and not 1e-3 <= target_rate <= 1e9:  # nan fails both
+        raise BadInputError(f"--target-rate {target_rate:g}: must be from 0.001 to 1e+09 "
+                            "(images/s)")
     from cratemae.bench.data import bench_data as run_bench
     from cratemae.bench.data import (
         data_key,

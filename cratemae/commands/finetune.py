@@ -20,6 +20,7 @@ from cratemae.commands._cli_utils import (
     ResumeOpt,
     SetOpt,
     WorldSizeOpt,
+    check_plan_figures,
     command_console,
     launch_rank_world,
     measured_rates,
@@ -87,6 +88,7 @@ def finetune(
 
     where = Resume.parse(resume)
     if dry_run:
+        check_plan_figures(gpu_memory, images_per_second)
         from cratemae.tasks.finetune import plan_finetune
 
         rank, world = launch_rank_world(world_size)

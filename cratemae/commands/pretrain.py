@@ -15,6 +15,7 @@ from cratemae.commands._cli_utils import (
     ResumeOpt,
     SetOpt,
     WorldSizeOpt,
+    check_plan_figures,
     command_console,
     launch_rank_world,
     measured_rates,
@@ -59,6 +60,7 @@ def pretrain(
 
     where = Resume.parse(resume)
     if dry_run:
+        check_plan_figures(gpu_memory, images_per_second)
         from cratemae.tasks.pretrain import plan_pretrain
 
         rank, world = launch_rank_world(world_size)

@@ -17,6 +17,7 @@ from cratemae.commands._cli_utils import (
     RecipeArg,
     SetOpt,
     WorldSizeOpt,
+    check_plan_figures,
     command_console,
     launch_rank_world,
     measured_rates,
@@ -99,6 +100,7 @@ def probe(
         if not file.exists():
             raise BadInputError(f"{file}: --features file not found")
     if dry_run:
+        check_plan_figures(gpu_memory, images_per_second)
         from cratemae.tasks.probe import plan_probe
 
         rank, world = launch_rank_world(world_size)
