@@ -137,7 +137,8 @@ def test_pets_missing_and_corrupt_images_are_skipped_samples(tmp_path: Path) -> 
                        r"first: .*Abyssinian_9\.jpg: unreadable"):
         write_shards(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    summary = write_shards(root, tmp_path / "out", max_bad_fraction=0.7)
+    # at the limit is within it: 2 of 3 is 0.6666666666666666 (2 / 3 as a float)
+    summary = write_shards(root, tmp_path / "out", max_bad_fraction=2 / 3)
     assert summary.samples("test") == 1 and summary.samples("train") == 5
     assert sorted(Path(f).name for f, _ in summary.skipped) == [
         "Abyssinian_9.jpg", "yorkshire_terrier_8.jpg"]
@@ -204,3 +205,19 @@ def test_a_download_missing_a_list_says_so(tmp_path: Path, write, gone: str, mat
     with pytest.raises(BadInputError, match=f"{gone}: is a FIFO, not a regular file"):
         write_shards(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_split_at_the_limit_of_missing_images_is_within_it() -> None:
+    """29 of 100 listed images missing at --max-bad-fraction 0.29 is within the limit (as a
+    product, 0.29 * 100 is 28.999999999999996, and the split was refused), 30 is not."""
+    from cratemae.data.writer import Item, ShardSummary, _check_written
+
+    items = [Item(f"k{i}", 0, lambda: ("jpg", b""), f"f{i}") for i in range(100)]
+    for missing, refused in ((29, False), (30, True)):
+        summary = ShardSummary(Path("out"), {"train": [("train-000000.tar", 100 - missing)]},
+                               None, skipped=[(f"f{i}", "gone") for i in range(missing)])
+        if refused:
+            with pytest.raises(BadInputError, match=r"30 of 100 listed images"):
+                _check_written(summary, {"train": items}, "src", 0.29)
+        else:
+            _check_written(summary, {"train": items}, "src", 0.29)

@@ -334,7 +334,7 @@ class Loader:
             return wrong
         if self.seen == 0 or (self.seen < MIN_SAMPLES_FOR_BAD_CHECK and not final):
             return None
-        if self.bad <= self.data.max_bad_fraction * self.seen:
+        if self.bad / self.seen <= self.data.max_bad_fraction:  # 29 / 100 is 0.29 exactly
             return None
         worst = ", ".join(f"{s} ({n} bad)" for s, n in self.bad_by_shard.most_common(3))
         return BadInputError(

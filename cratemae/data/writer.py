@@ -225,7 +225,8 @@ def _check_written(summary: ShardSummary, splits: dict[str, Sequence[Item]],
     for split, items in splits.items():
         mine = {item.origin or item.key for item in items}
         bad = [(f, r) for f, r in summary.skipped if f in mine]
-        if summary.samples(split) and len(bad) > max_bad_fraction * len(items):
+        # the fraction, not F * n: 29 of 100 is 0.29, while 0.29 * 100 is 28.999999999999996
+        if summary.samples(split) and len(bad) / len(items) > max_bad_fraction:
             raise BadInputError(
                 f"{source or split}: {split}: {len(bad)} of {len(items)} listed images are "
                 f"missing or unreadable ({len(bad) / len(items):.1%}, more than "
