@@ -38,11 +38,15 @@ if [ "${1:-}" = --rehearse ]; then
   LIMIT=170
 else
   export OUT="${OUT:-benchmarks/gpu-results}"
-  mkdir -p "$OUT"
+fi
+if [ -e "$OUT" ] && [ ! -d "$OUT" ] || ! mkdir -p "$OUT" 2>/dev/null || [ ! -w "$OUT" ]; then
+  echo "error: OUT=$OUT: not a directory this run can write; give a folder" >&2
+  exit 2
+fi
+if [ "${1:-}" != "--rehearse" ]; then
   command -v nvidia-smi >/dev/null &&
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 fi
-mkdir -p "$OUT"
 timeout -k 10 "$LIMIT" "$PY" benchmarks/acceptance.py "$@" 2>&1 | tee "$OUT/summary.txt"
 status=${PIPESTATUS[0]}
 [ "$status" = 124 ] && echo "FAIL: the whole run passed its ${LIMIT} s"

@@ -138,3 +138,17 @@ def test_the_rehearsal_passes_every_row(tmp_path):
     printed = [x for x in run.stdout.splitlines() if x.startswith("row ")]
     assert [x.split()[1] for x in printed] == [str(n) for n in C.ROWS]
     assert all(x.split(":")[0].endswith((C.PASS, C.NEEDS_CUDA)) for x in printed)
+
+
+def test_an_out_that_is_not_a_folder_is_one_error_line(tmp_path):
+    """OUT naming a file or a device: one `error:` line, exit 2, the file untouched."""
+    file = tmp_path / "notes.txt"
+    file.write_text("keep")
+    for out in (file, "/dev/null"):
+        run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--rehearse"],
+                             env={**os.environ, "OUT": str(out)}, capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.strip().splitlines() == [
+            f"error: OUT={out}: not a directory this run can write; give a folder"]
+    assert file.read_text() == "keep"
