@@ -29,18 +29,42 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest tests first, then the other slow ones: started at once, they run beside
-    the many short tests (which pytest-xdist's workers share at the end) instead of last.
-    pytest-xdist's `--dist load` (pyproject.toml) deals the first quarter of this order to
-    the workers in turn and the rest as they free up, so the longest ones start together on
-    different workers (`--dist worksteal` gives the first worker the first half: every slow
-    test, one after another)."""
-    def rank(item: pytest.Item) -> int:
-        return 0 if item.get_closest_marker("longest") else 1 if item.get_closest_marker(
-            "slow") else 2
+def _weight(item: pytest.Item) -> float:
+    """Rough seconds, for dealing the tests out to the workers: `longest(MINUTES)`'s, else
+    20 for a slow test and 0.2 for the others."""
+    if (longest := item.get_closest_marker("longest")) is not None:
+        return 60.0 * float(longest.args[0] if longest.args else 2)
+    return 20.0 if item.get_closest_marker("slow") else 0.2
 
-    items.sort(key=rank)  # stable: files and tests keep their order within each rank
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the tests for pytest-xdist's `--dist worksteal` (pyproject.toml), which gives
+    worker i the next `remaining // (workers - i)` tests in this order and later lets an idle
+    worker take the back half of a busy one's queue. The slow tests are dealt out first, the
+    heaviest to the lightest share (by marker: `longest`, then `slow`), so that each worker
+    starts on its share of them at once, and the quick tests fill the shares up to their
+    sizes behind them: the ones an idle worker takes over. In one process: the same order
+    for one share (the longest first)."""
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    sizes, left = [], len(items)
+    for i in range(workers):  # as worksteal splits the collection
+        sizes.append(left // (workers - i))
+        left -= sizes[-1]
+    heavy = sorted((t for t in items if _weight(t) > 1), key=_weight, reverse=True)  # stable
+    quick = [t for t in items if _weight(t) <= 1]
+    shares: list[list[pytest.Item]] = [[] for _ in sizes]
+    load = [0.0] * len(sizes)
+    for item in heavy:
+        i = min((j for j in range(len(sizes)) if len(shares[j]) < sizes[j]),
+                key=lambda j: load[j])
+        shares[i].append(item)
+        load[i] += _weight(item)
+    for share, size in zip(shares, sizes, strict=True):
+        need = size - len(share)
+        share.extend(quick[:need])
+        quick = quick[need:]
+    assert not quick and sum(map(len, shares)) == len(items)
+    items[:] = [t for share in shares for t in share]
 
 
 @pytest.fixture(scope="session")

@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, demo_checkpoint, folders, sets, 
 
 
 @pytest.mark.slow
-@pytest.mark.longest
+@pytest.mark.longest(2)
 def test_finetuning_beats_the_linear_probe(tmp_path, demo_checkpoint):
     lin = probe(load_recipe(PROBE, [f'probe.cache_dir="{tmp_path}"']), demo_checkpoint,
                 run_dir=tmp_path / "probe")

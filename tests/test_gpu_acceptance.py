@@ -127,7 +127,7 @@ def test_the_summary_is_strict_json_with_every_row(tmp_path):
 
 
 @pytest.mark.slow  # about a minute on two idle cores; its quick twins are the tests above
-@pytest.mark.longest
+@pytest.mark.longest(1.5)
 def test_the_rehearsal_passes_every_row(tmp_path):
     out = tmp_path / "gpu-results"
     run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--rehearse"],

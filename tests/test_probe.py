@@ -161,7 +161,7 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
 
 
 @pytest.mark.slow
-@pytest.mark.longest
+@pytest.mark.longest(4)
 def test_demo_pretraining_learns_features_the_probe_scores_above_its_initialisation(tmp_path):
     """The README's demo pre-training (the paper's full-sequence model), shortened to 5 of
     its 13 epochs: its loss falls by a third, and recipes/probe/demo.toml scores it at least
