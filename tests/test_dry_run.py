@@ -313,6 +313,7 @@ def test_the_time_and_the_data_workers_come_from_the_recorded_figures(
     from cratemae.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CRATEMAE_CACHE", str(tmp_path / "cache"))  # none recorded yet
     before = cli("pretrain", "demo", "--dry-run")
     assert before.exit_code == 0 and "--images-per-second" in before.stdout, before.output
     recipe = load_recipe("demo")
