@@ -241,8 +241,8 @@ def _launch_env(launcher: str, rank: int, port: int) -> dict[str, str]:
             "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(port - 20000)}
 
 
-@pytest.mark.parametrize("launcher", [  # one launcher in the quick suite, both in CI
-    pytest.param("torchrun", marks=pytest.mark.slow), "srun"])
+@pytest.mark.slow  # two processes of seconds each; the quick suite's twins: test_dist.py's
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])  # gloo collectives, both launchers
 def test_two_processes_gloo_split_the_data_and_only_rank_0_writes(tmp_path, launcher):
     out = tmp_path / "ddp"
     port = 20000 + _free_port() % 20000
