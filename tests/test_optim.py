@@ -97,6 +97,21 @@ def test_groups_skip_adds_names_to_no_decay(tiny: CrateMAE) -> None:
         "mask_token", "encoder.cls_token"}
 
 
+@pytest.mark.parametrize("skip", [(), ("encoder.cls_token", "mask_token"), ("*.mssa.u_proj.*",)])
+def test_groups_are_timms_split_in_timms_order_within_each(tiny: CrateMAE, skip) -> None:
+    """The rule is timm's `param_groups_weight_decay`, written out (importing timm costs
+    every command's start-up): the same parameters decayed, in the same order; a frozen
+    parameter is in neither group."""
+    from timm.optim import param_groups_weight_decay
+
+    model = copy.deepcopy(tiny)
+    model.encoder.blocks[1].norm2.weight.requires_grad_(False)
+    ours = param_groups(model, 0.05, skip=skip)
+    theirs = param_groups_weight_decay(model, 0.05, no_weight_decay_list=skip)
+    by_wd = {g["weight_decay"]: [id(p) for p in g["params"]] for g in theirs}
+    assert [[id(p) for p in g["params"]] for g in ours] == [by_wd[0.05], by_wd[0.0]]
+
+
 def test_pretraining_task_uses_maes_groups(tiny: CrateMAE) -> None:
     from cratemae.recipe import load_recipe
     from cratemae.tasks.pretrain import MAETask

@@ -92,8 +92,9 @@ class CrateMAE(MaskedAutoencoder):
         for name, param in self.named_parameters():
             if name.endswith("dictionary"):
                 nn.init.kaiming_uniform_(param)
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
+        for token in (self.encoder.cls_token, self.mask_token):
+            if not token.is_meta:  # `normal_` on `meta` (shapes only) imports torch's compiler
+                nn.init.normal_(token, std=0.02)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None

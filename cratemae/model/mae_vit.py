@@ -81,7 +81,8 @@ class ViTEncoder(CrateEncoder):
         _init_linear_and_norm(self.norm)
         w = self.patch_embed.proj.weight  # (d, C, p, p), as a Linear (d, C*p*p)
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
+        if not self.cls_token.is_meta:  # `normal_` on `meta` (shapes only) imports the compiler
+            nn.init.normal_(self.cls_token, std=0.02)
 
     @torch.jit.ignore
     def set_drop_path_rate(self, rate: float) -> None:
@@ -134,7 +135,8 @@ class MAEViT(MaskedAutoencoder):
         for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm,
                      self.decoder_pred):
             _init_linear_and_norm(part)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if not self.mask_token.is_meta:
+            nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None

@@ -9,6 +9,8 @@ computes the table for the size it is given instead of holding one size's table.
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -38,17 +40,18 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> tor
     one unit in the last place between numpy builds and CPUs (SVML on AVX-512): the table is
     theirs on the same machine.
     """
-    global _untraced_table
-    if _untraced_table is None:
-        _untraced_table = torch.compiler.disable(_table)
-    return _untraced_table(dim, grid_h, grid_w, cls_token)
+    if "torch._dynamo" in sys.modules:  # a compiler is loaded: hide the numpy from it
+        return _untraced_table()(dim, grid_h, grid_w, cls_token)
+    return _table(dim, grid_h, grid_w, cls_token)
 
 
-# `_table` hidden from torch.compile, which would turn its numpy calls into torch ops (other
-# bits). Marked on first use, not on import: marking imports torch's compiler, over a second
-# of every command's start-up. Every model builds its table when it is made, so the mark is
-# in place before any model is compiled.
-_untraced_table: Callable[[int, int, int, bool], torch.Tensor] | None = None
+@functools.cache
+def _untraced_table() -> Callable[[int, int, int, bool], torch.Tensor]:
+    """`_table` hidden from torch.compile, which would turn its numpy calls into torch ops
+    (other bits). Only torch's compiler, once imported, can trace `sincos_2d`, so the mark
+    is made then: making it imports the compiler, 2.4 s of every command's start-up (seen
+    by `python -X importtime`), which no eager run needs."""
+    return torch.compiler.disable(_table)
 
 
 def _table(dim: int, grid_h: int, grid_w: int, cls_token: bool) -> torch.Tensor:

@@ -9,6 +9,7 @@ scheduled lr at every step.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Collection, Iterable
 from typing import Any
@@ -36,21 +37,24 @@ def peak_lr(optim: OptimSection, effective_batch: int) -> tuple[float, str]:
 
 def param_groups(model: nn.Module, weight_decay: float,
                  skip: Collection[str] = ()) -> list[dict[str, Any]]:
-    """[decay, no decay]: no decay on 1-D tensors (norms), biases and the names in `skip`;
-    everything else that trains is decayed. With no `skip` this is MAE's pre-training rule
-    (timm's `add_weight_decay(model, weight_decay)`, called with no skip list), so the CLS and
-    mask tokens, (1, 1, d), are decayed. Always both groups, decay first and in
-    `named_parameters` order, whatever the weight decay (timm merges them when it is 0 and
-    puts no-decay first): torch matches a saved optimizer state to the groups by position and
-    size, so the layout must not move. (Pre-training checkpoints saved while the tokens were
-    not decayed hold two tensors fewer in the decay group: resuming one is refused with one
-    line, by `restore_run`.)"""
-    from timm.optim import param_groups_weight_decay
-
-    # 1.0, not weight_decay: any non-zero value only labels timm's decay group.
-    split = param_groups_weight_decay(model, 1.0, no_weight_decay_list=skip)
-    decay = [p for g in split if g["weight_decay"] for p in g["params"]]
-    no_decay = [p for g in split if not g["weight_decay"] for p in g["params"]]
+    """[decay, no decay]: no decay on 1-D tensors (norms), biases and the names in `skip`
+    (wildcards allowed, as in timm's list); everything else that trains is decayed. With no
+    `skip` this is MAE's pre-training rule (timm's `add_weight_decay(model, weight_decay)`,
+    called with no skip list), so the CLS and mask tokens, (1, 1, d), are decayed. Always
+    both groups, decay first and in `named_parameters` order, whatever the weight decay
+    (timm merges them when it is 0 and puts no-decay first): torch matches a saved optimizer
+    state to the groups by position and size, so the layout must not move. (Pre-training
+    checkpoints saved while the tokens were not decayed hold two tensors fewer in the decay
+    group: resuming one is refused with one line, by `restore_run`.)"""
+    # timm's `param_groups_weight_decay` rule, written out: importing timm for it would
+    # cost every command that trains about 1.7 s of start-up (tests/test_optim.py holds the
+    # two to the same split).
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            undecayed = (p.ndim <= 1 or name.endswith(".bias")
+                         or any(fnmatch.fnmatchcase(name, pattern) for pattern in skip))
+            (no_decay if undecayed else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
