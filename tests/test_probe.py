@@ -165,9 +165,10 @@ def test_two_processes_give_the_same_probe_score_as_one(tmp_path, demo_checkpoin
 def test_demo_pretraining_learns_features_the_probe_scores_above_its_initialisation(tmp_path):
     """The README's demo pre-training (the paper's full-sequence model), shortened to 5 of
     its 13 epochs: its loss falls by a third, and recipes/probe/demo.toml scores it at least
-    5 points above the same model at its initialisation (60.2% against 49.1% when measured
-    on one thread; about 4 minutes). The whole run and its 14 points (66.0% against 52.0%,
-    the README's demo table) are `python benchmarks/demo_table.py --rows 0`'s to measure."""
+    4 points above the same model at its initialisation, both on the demo's mean and std
+    (measured: 60.7% on one thread, 58.4% on two, against 52.1%; about 3 minutes). The whole
+    run and its 14 points (66.0% against 52.0%, the README's demo table) are
+    `python benchmarks/demo_table.py --rows 0`'s to measure."""
     from cratemae.tasks.pretrain import pretrain
 
     recipe = load_recipe(REPO / "recipes" / "demo.toml", ["schedule.epochs=5"])
@@ -179,13 +180,18 @@ def test_demo_pretraining_learns_features_the_probe_scores_above_its_initialisat
     model = create_model(recipe.model.name, **recipe.model.config_overrides())
     random_init = write_model_weights(tmp_path / "random.safetensors", model.state_dict(),
                                       model.config.to_dict())
-    scores = {name: probe(load_recipe(PROBE, [f'probe.cache_dir="{tmp_path}"']), ckpt,
-                          run_dir=tmp_path / name)
+    # One weight decay of the recipe's grid of five, the same for both models: the grid's
+    # 1e-5, 1e-4 and 1e-3 score within a point of each other here (measured), and its other
+    # eight fits were a third of the test's time. The random model is given the recipe's
+    # mean and std, which its file cannot record (ImageNet's would cost it 3 points).
+    sets = [f'probe.cache_dir="{tmp_path}"', "probe.weight_decays=[1e-4]",
+            f"data.mean={list(recipe.data.mean)}", f"data.std={list(recipe.data.std)}"]
+    scores = {name: probe(load_recipe(PROBE, sets), ckpt, run_dir=tmp_path / name)
               for name, ckpt in (("pretrained", trained), ("random", random_init))}
     print("\ndemo probe top-1: " + ", ".join(f"{n} {r.top1:.2f}%" for n, r in scores.items()))
     assert not recipe.model.encoder_visible_only  # the paper's model, not MAE's variant
     assert scores["pretrained"].top1 >= 50.0  # chance is 10%
-    assert scores["pretrained"].top1 >= scores["random"].top1 + 5.0
+    assert scores["pretrained"].top1 >= scores["random"].top1 + 4.0
 
 
 # --- the probe's data and its labels -----------------------------------------------------
