@@ -57,6 +57,60 @@ def test_uint8_to_model_input_is_the_old_per_sample_path_to_float32_rounding(cof
     assert (x - _old_normalise(torch.stack(old))).abs().max() <= 1e-6
 
 
+def _timm_whole(tf, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+    """timm's whole fine-tuning transform (crop .. ToTensor, Normalize, erasing) under the
+    seeds `TimmTransform` gives it: the float image a worker sent before."""
+    import random
+
+    seed = int(rng.integers(0, 2**32))
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        return tf.tf(img)
+
+
+@pytest.mark.parametrize("re_prob", [0.25, 1.0, 0.0])
+def test_randaugment_uint8_and_erasing_on_the_device_are_timms_whole_transform(coffee,
+                                                                              re_prob):
+    """Fine-tuning: uint8 pixels from the worker and timm's random erasing applied after the
+    normalisation (`model_input`) give what timm's whole transform gave, seed for seed: to
+    float32 rounding, and the erased pixels exactly."""
+    from cratemae.data.batch import Erasures
+    from cratemae.data.transforms import finetune_transform
+
+    tf = finetune_transform(48, MEAN, STD, re_prob=re_prob)
+    img = coffee.resize((120, 80))
+    old = torch.stack([_timm_whole(tf, img, np.random.default_rng(s)) for s in range(12)])
+    new = [tf(img, np.random.default_rng(s)) for s in range(12)]
+    erases = [a.erase for a in new]
+    x = model_input(collate_images([a.pixels for a in new]), "cpu", MEAN, STD,
+                    Erasures.pack(erases))
+    assert x.shape == old.shape and (x - old).abs().max() <= 1e-6
+    erased = torch.zeros(old.shape, dtype=torch.bool)
+    for i, e in enumerate(erases):
+        if e is not None:
+            top, left, noise = e
+            erased[i, :, top:top + noise.shape[1], left:left + noise.shape[2]] = True
+    assert torch.equal(x[erased], old[erased])
+    drawn = sum(e is not None for e in erases)
+    assert drawn == (12 if re_prob == 1.0 else 0 if re_prob == 0.0 else drawn) and (
+        re_prob != 0.25 or 0 < drawn < 12)
+
+
+def test_finetuning_batches_are_uint8_with_their_erasing_in_process_and_in_a_worker(tmp_path):
+    make_shards(tmp_path / "d", [8] * 4, size=24)
+    kw = dict(split="train", augment="randaugment", labels=True, img_size=16, seed=3, epoch=0)
+    got = {}
+    for workers in (0, 1):
+        data = data_section(str(tmp_path / "d"), num_workers=workers, re_prob=1.0)
+        got[workers] = list(build_loader(data, **kw))
+    for a, b in zip(got[0], got[1], strict=True):
+        assert a.images.dtype == b.images.dtype == torch.uint8
+        assert b.erase is not None and len(b.erase.boxes) == len(b)  # re_prob 1: every one
+        assert torch.equal(a.model_input("cpu"), b.model_input("cpu"))
+
+
 def test_loader_batches_are_channels_last_uint8_alike_in_process_and_in_a_worker(tmp_path):
     make_shards(tmp_path / "d", [8] * 4, size=24)
     kw = dict(split="train", augment="crop", labels=False, img_size=16, seed=3, epoch=0)

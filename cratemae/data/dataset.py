@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cratemae.data.batch import Batch, CountReport, EncodedBatch, Failure
+from cratemae.data.batch import Batch, CountReport, EncodedBatch, Erasures, Failure
 from cratemae.data.decode import BadLog, BadSample, image_bytes, load_rgb, open_image, parse_label
 from cratemae.data.plan import (
     TAG_BUFFER,
@@ -45,7 +45,7 @@ from cratemae.data.plan import (
     rng_for,
 )
 from cratemae.data.shards import Miscount, RawSample, Shard, close_files, iter_shard
-from cratemae.data.transforms import Box, BoxTransform, TimmTransform
+from cratemae.data.transforms import Augmented, Box, BoxTransform, TimmTransform
 from cratemae.errors import BadInputError
 
 __all__ = ["EpochDataset", "ReadConfig"]
@@ -192,19 +192,22 @@ class EpochDataset(IterableDataset):
             items = [(None, 0)] * len(chunk)
         else:
             s = tf.img_size
-            items = [(torch.zeros(3, s, s, dtype=torch.uint8), 0)] * len(chunk)
+            items = [(Augmented(torch.zeros(3, s, s, dtype=torch.uint8), None), 0)] * len(chunk)
         labels = torch.tensor([y for _, y in items]) if self.cfg.labelled else None
         if self.cfg.gpu:
             return EncodedBatch.pack(items, labels, sum(bad.values()), dict(bad))
+        erase = None
         if pixels is not None:
             x = pixels.permute(0, 3, 1, 2)  # (B, 3, S, S), channels-last
-        else:
-            x = collate_images([im for im, _ in items])
-        return Batch(x, labels, sum(bad.values()), dict(bad), mean=tf.mean, std=tf.std)
+        else:  # fine-tuning's RandAugment
+            x = collate_images([a.pixels for a, _ in items])
+            erase = Erasures.pack([a.erase for a, _ in items])
+        return Batch(x, labels, sum(bad.values()), dict(bad), mean=tf.mean, std=tf.std,
+                     erase=erase)
 
     def _one(self, raw: RawSample, out: np.ndarray | None = None) -> tuple:
-        """-> (float image (3,S,S), label) for RandAugment; (`out`, label) with the crop
-        written into `out`, uint8 (S,S,3); for GPU decode ((bytes, box, flip), label)."""
+        """-> (`Augmented`, label) for RandAugment; (`out`, label) with the crop written
+        into `out`, uint8 (S,S,3); for GPU decode ((bytes, box, flip), label)."""
         data = image_bytes(raw)
         label = parse_label(raw) if self.cfg.labelled else -1
         rng = np.random.default_rng(
@@ -264,20 +267,14 @@ def new_pixels(n: int, size: int) -> torch.Tensor:
 
 
 def collate_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """The batch's images (3, S, S) -> (B, 3, S, S), of their dtype (float for fine-tuning's
-    RandAugment; the loader writes uint8 crops straight into their batch, `new_pixels`).
-
-    uint8 batches are channels-last in memory (torch.channels_last, (B, S, S, 3) underneath),
-    as the loader's: the device makes the batch contiguous as it converts it to float
+    """uint8 images (3, S, S) -> (B, 3, S, S), channels-last in memory ((B, S, S, 3)
+    underneath), as the loader's own batches (whose crops are written straight into their
+    slots, `new_pixels`): the device makes the batch contiguous as it converts it to float
     (`model_input`), where transposing costs nothing. In a worker the batch is made in
-    shared memory (`new_pixels`)."""
-    first = images[0]
-    c, h, w = first.shape
-    flat = _new_flat(first.dtype, len(images) * first.numel())
-    if first.dtype == torch.uint8:
-        out = flat.view(len(images), h, w, c).permute(0, 3, 1, 2)  # (B, 3, S, S) channels-last
-    else:
-        out = flat.view(len(images), c, h, w)  # (B, 3, S, S)
+    shared memory (`new_pixels`). Fine-tuning's RandAugment pixels come this way."""
+    b, (c, h, w) = len(images), images[0].shape
+    out = new_pixels(b, h).permute(0, 3, 1, 2)  # (B, 3, S, S) channels-last
+    assert w == h and c == 3, images[0].shape
     return torch.stack(images, out=out)
 
 

@@ -26,6 +26,7 @@ import os
 import random
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "FITS",
     "FIT_EVAL",
     "FIT_SHORT_SIDE",
+    "Augmented",
     "BoxTransform",
     "TimmTransform",
     "eval_transform",
@@ -237,9 +239,28 @@ def _rrc_box(
     return (left, top, left + cw, top + ch)
 
 
+@dataclass(frozen=True)
+class Augmented:
+    """One fine-tuning sample as a worker sends it.
+
+    pixels: uint8 (3, S, S), after timm's crop, flip and RandAugment (what its ToTensor
+      read), normalised where the model runs (`cratemae.data.batch.model_input`).
+    erase: timm's random erasing drawn for it, (top, left, noise): float32 (3, h, w) noise
+      over the normalised pixels from (top, left), NaN where it leaves them; or None.
+    """
+
+    pixels: torch.Tensor
+    erase: tuple[int, int, torch.Tensor] | None
+
+
 class TimmTransform:
     """timm's fine-tuning transform, with its global RNGs seeded from `rng` per call and
-    restored afterwards (so an in-process loader does not disturb the training RNGs)."""
+    restored afterwards (so an in-process loader does not disturb the training RNGs).
+
+    Split where timm's ToTensor stands: the PIL steps (crop, flip, RandAugment) run here and
+    give uint8 pixels; random erasing, which timm applies to the normalised float image, is
+    drawn here from the same RNG states (on a NaN canvas: what it draws depends on the image's
+    shape only) and applied on the device, so a batch crosses to the device as uint8."""
 
     def __init__(
         self,
@@ -250,6 +271,9 @@ class TimmTransform:
         re_prob: float = DEFAULT_RE_PROB,
     ) -> None:
         from timm.data import create_transform
+        from timm.data.random_erasing import RandomErasing
+        from timm.data.transforms import MaybeToTensor, ToTensor
+        from torchvision import transforms as T
 
         self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         try:
@@ -271,9 +295,18 @@ class TimmTransform:
                 + (f": {err}" if str(err) else "")
             ) from None
         _patch_posterize(self.tf)
+        steps = list(self.tf.transforms)
+        cut = next(i for i, t in enumerate(steps)
+                   if isinstance(t, (MaybeToTensor, ToTensor, T.ToTensor)))
+        after = steps[cut + 1:]
+        # After ToTensor timm has Normalize (the device's `normalize`) and the erasing only.
+        assert isinstance(after[0], T.Normalize), after
+        assert all(isinstance(t, RandomErasing) for t in after[1:]), after
+        self.pil_steps = T.Compose(steps[:cut])
+        self.erasing = after[1] if len(after) > 1 else None
 
-    def __call__(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        """RGB image -> float32 (3, img_size, img_size), normalized, augmented."""
+    def __call__(self, img: Image.Image, rng: np.random.Generator) -> Augmented:
+        """RGB image -> its augmented pixels and random erasing."""
         seed = int(rng.integers(0, 2**32))
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
@@ -281,10 +314,25 @@ class TimmTransform:
                 random.seed(seed)
                 np.random.seed(seed)
                 torch.default_generator.manual_seed(seed)
-                return self.tf(img)
+                pil = self.pil_steps(img)
+                pixels = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+                return Augmented(pixels, self._erase(pixels.shape))
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+    def _erase(self, shape: torch.Size) -> tuple[int, int, torch.Tensor] | None:
+        """timm's erasing drawn on a NaN canvas of `shape` -> (top, left, noise) over the
+        rows and columns it wrote, or None where it wrote nothing."""
+        if self.erasing is None:
+            return None
+        canvas = self.erasing(torch.full(shape, float("nan")))  # (3, S, S)
+        rows, cols = [torch.nonzero(canvas[0].isfinite().any(dim=d)).flatten()
+                      for d in (1, 0)]
+        if not len(rows):
+            return None
+        top, left = int(rows[0]), int(cols[0])
+        return top, left, canvas[:, top:int(rows[-1]) + 1, left:int(cols[-1]) + 1].clone()
 
 
 def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
