@@ -327,7 +327,7 @@ def test_the_time_and_the_data_workers_come_from_the_recorded_figures(
     assert time["per_epoch_s"] == pytest.approx(5000 // 64 * 64 / 700.0)
     assert json.loads(cli("pretrain", "demo", "--dry-run", "--json", "--images-per-second",
                           "200").stdout)["time"]["data_workers"] == 1
-    from cratemae.train.plan import Rates
+    from cratemae.train.plan_time import Rates
 
     def texts(images_per_second, rates):
         plan = plan_pretrain(recipe, run_dir=tmp_path / "run",

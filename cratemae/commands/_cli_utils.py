@@ -274,7 +274,7 @@ def measured_rates() -> Any:
     """The dry run's `Rates`: the figures `cratemae bench` and `cratemae bench-data` recorded
     on this machine (`cratemae.bench.data`), looked up as the plan asks for them."""
     from cratemae.bench.data import data_key, model_key, recorded_rate
-    from cratemae.train.plan import Rates
+    from cratemae.train.plan_time import Rates
 
     return Rates(model=lambda name, size: recorded_rate(model_key(name, size)),
                  data=lambda data, size, task: recorded_rate(data_key(data, size, task)))

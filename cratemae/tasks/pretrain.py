@@ -22,7 +22,6 @@ from cratemae.train.memory import fake_model
 from cratemae.train.optim import param_groups
 from cratemae.train.plan import (
     Plan,
-    Rates,
     estimate_memory,
     plan_data,
     plan_memory,
@@ -30,8 +29,8 @@ from cratemae.train.plan import (
     plan_run_dir,
     plan_schedule,
     plan_steps,
-    plan_time,
 )
+from cratemae.train.plan_time import Rates, plan_time
 from cratemae.train.setup import RunSetup
 from cratemae.train.task import Task
 from cratemae.train.trainer import RunResult, Trainer

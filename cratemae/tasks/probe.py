@@ -39,7 +39,6 @@ from cratemae.rundir import RunFiles
 from cratemae.tasks.follow import follow_checkpoint
 from cratemae.train.plan import (
     Plan,
-    Rates,
     estimate_memory,
     plan_data,
     plan_memory,
@@ -47,9 +46,9 @@ from cratemae.train.plan import (
     plan_run_dir,
     plan_schedule,
     plan_steps,
-    plan_time,
     unbuilt_demo_classes,
 )
+from cratemae.train.plan_time import Rates, plan_time
 from cratemae.train.setup import RunSetup, Source, run_dir_for
 from cratemae.train.task import Task
 from cratemae.train.trainer import Trainer
