@@ -4,6 +4,7 @@ repository path, a tiny recipe, the CLI runner, the two-rank launch) are in supp
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -69,15 +70,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint directory of the tiny demo model after 150 steps (about 15 s on 2 cores)."""
+    """A checkpoint directory of the tiny demo model after 150 steps (about 15 s on 2 cores),
+    trained once per session: under pytest-xdist the first worker to ask trains it, under a
+    lock, and the others read it (no test writes into it)."""
     from cratemae.recipe import load_recipe
     from cratemae.tasks.pretrain import pretrain
 
-    recipe = load_recipe(DEMO_RECIPE, [*TINY_MODEL, "schedule.max_steps=150",
-                                       "run.log_every=50"])
-    result = pretrain(recipe, run_dir=tmp_path_factory.mktemp("demo-run"))
-    assert result.last_checkpoint is not None
-    return result.last_checkpoint
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the session's folder, shared by its workers
+    made = root / "demo-run.checkpoint"  # the checkpoint's path, once trained
+    with open(root / "demo-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not made.exists():
+            recipe = load_recipe(DEMO_RECIPE, [*TINY_MODEL, "schedule.max_steps=150",
+                                               "run.log_every=50"])
+            result = pretrain(recipe, run_dir=root / "demo-run")
+            assert result.last_checkpoint is not None
+            made.write_text(str(result.last_checkpoint))
+    return Path(made.read_text())
 
 
 @pytest.fixture(autouse=True)
