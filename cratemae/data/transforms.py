@@ -314,8 +314,9 @@ class TimmTransform:
                 random.seed(seed)
                 np.random.seed(seed)
                 torch.default_generator.manual_seed(seed)
-                pil = self.pil_steps(img)
-                pixels = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+                pil = self.pil_steps(img)  # RGB in, RGB out; one copy out of Pillow
+                rgb = np.array(pil if pil.mode == "RGB" else pil.convert("RGB"))
+                pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # (3, S, S)
                 return Augmented(pixels, self._erase(pixels.shape))
         finally:
             random.setstate(py_state)
