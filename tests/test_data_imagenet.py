@@ -16,10 +16,11 @@ import pytest
 from data_fixtures import data_section, encode, read_shards, solid, write_tar
 from support import cli
 
-import cratemae.data.sources as sources_mod
+import cratemae.data.counts as counts_mod
+from cratemae.data.counts import fill_counts
 from cratemae.data.loader import build_loader
 from cratemae.data.shards import iter_shard
-from cratemae.data.sources import fill_counts, resolve_source
+from cratemae.data.sources import resolve_source
 from cratemae.errors import BadInputError
 from cratemae.eval.labels import class_names
 
@@ -320,8 +321,8 @@ def no_counting(monkeypatch):
     def refuse(url):
         raise AssertionError(f"counted {url}")
 
-    monkeypatch.setattr(sources_mod, "count_tar_samples", refuse)
-    monkeypatch.setattr(sources_mod, "count_stream_samples", refuse)
+    monkeypatch.setattr(counts_mod, "count_tar_samples", refuse)
+    monkeypatch.setattr(counts_mod, "count_stream_samples", refuse)
 
 
 def test_wds_folder_with_info_json_is_read_without_counting(tmp_path, no_counting):

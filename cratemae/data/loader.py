@@ -39,11 +39,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from cratemae.data.batch import Batch, CountReport, EncodedBatch, Failure
+from cratemae.data.counts import fill_counts
 from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.gpu import gpu_decode_batch
 from cratemae.data.plan import EpochPlan, make_plan, usable_workers
 from cratemae.data.shards import Miscount
-from cratemae.data.sources import Source, fill_counts, resolve_source
+from cratemae.data.sources import Source, resolve_source
 from cratemae.data.transforms import (
     BoxTransform,
     TimmTransform,

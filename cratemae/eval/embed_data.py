@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from cratemae.data import Batch, Loader
+from cratemae.data.counts import fill_counts
 from cratemae.data.dataset import EpochDataset, ReadConfig
 from cratemae.data.decode import BadSample, parse_label
 from cratemae.data.folders import IMAGE_EXTS
 from cratemae.data.plan import make_plan, usable_workers
 from cratemae.data.shards import RawSample, Shard
-from cratemae.data.sources import Source, fill_counts, resolve_source
+from cratemae.data.sources import Source, resolve_source
 from cratemae.data.transforms import eval_transform
 from cratemae.errors import BadInputError
 from cratemae.guard import regular_file, special_kind

@@ -26,8 +26,9 @@ import torch
 
 from cratemae.analysis import record_layers
 from cratemae.analysis.summary import LayerSummary
+from cratemae.data.counts import fill_counts
 from cratemae.data.loader import Loader
-from cratemae.data.sources import Source, fill_counts, resolve_source
+from cratemae.data.sources import Source, resolve_source
 from cratemae.data.transforms import unnormalize
 from cratemae.distributed.precision import resolve_precision
 from cratemae.errors import BadInputError
