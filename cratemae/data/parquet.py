@@ -16,7 +16,7 @@ leaves `plain_text/train-00000-of-00001.parquet`, `data/train-*.parquet`, ...).
 - the class names: the `ClassLabel` names of the label column in the data set's
   `dataset_infos.json` or `README.md` front matter (`dataset_info: features:`), when
   present beside the files or above them up to SRC, numbered 0..n-1 and each once; else
-  the labels' numbers;
+  the labels' numbers (`cratemae.data.parquet_names`);
 - the reading: one row group at a time (memory bounded by a row group), in an order
   shuffled by row group and within each, so the shards are mixed without reading the data
   set into memory. Labels are the column's values, as `datasets` gives them.
@@ -27,7 +27,6 @@ Needs pyarrow, the optional extra `pip install 'cratemae[parquet]'`.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ import numpy as np
 
 from cratemae.data.decode import BadSample
 from cratemae.data.folders import SPLIT_WORDS
+from cratemae.data.parquet_names import class_names
 from cratemae.data.records import Item, Records, image_member
 from cratemae.errors import BadInputError
 from cratemae.guard import regular_file
@@ -167,90 +167,6 @@ def _labels(pq: Any, path: Path, column: str | None, rows: int) -> np.ndarray:
         row = int(np.argmin(values))
         raise BadInputError(f"{path}: row {row} has label {int(values[row])}, below 0")
     return values
-
-
-# --- class names -----------------------------------------------------------------------------
-
-
-def _front_matter(readme: Path) -> dict | None:
-    text = readme.read_text(encoding="utf-8", errors="replace")
-    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
-    if not m:
-        return None
-    try:
-        import yaml
-
-        data = yaml.safe_load(m.group(1))
-    except Exception:  # no yaml, or front matter it cannot read: no names from it
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _names_in_infos(configs: list[tuple[str, Any]], column: str) -> dict[str, tuple[str, ...]]:
-    """config -> the ClassLabel names of `column`, from dataset_infos.json's features
-    ({column: {"names": [...]}}) or the front matter's ([{name, dtype: {class_label:
-    {names: {"0": ...}}}}])."""
-    out = {}
-    for config, features in configs:
-        names = None
-        if isinstance(features, dict) and isinstance(features.get(column), dict):
-            names = features[column].get("names")
-        elif isinstance(features, list):
-            for f in features:
-                if isinstance(f, dict) and f.get("name") == column:
-                    dtype = f.get("dtype")
-                    label = dtype.get("class_label") if isinstance(dtype, dict) else None
-                    names = label.get("names") if isinstance(label, dict) else None
-        if isinstance(names, dict):
-            try:
-                by = {int(k): v for k, v in names.items()}
-            except (TypeError, ValueError):
-                by = {}
-            # the labels 0..n-1, each named once: a gap would shift every name after it
-            names = [by[i] for i in range(len(names))] if sorted(by) == list(
-                range(len(names))) else None
-            if names is None:
-                log.warning("%s: its ClassLabel names are not numbered 0..n-1; left out",
-                            config)
-        if isinstance(names, list) and names and all(isinstance(n, str | int) for n in names):
-            out[config] = tuple(str(n) for n in names)
-    return out
-
-
-def class_names(src: Path, files: list[Path], column: str | None) -> tuple[str, ...] | None:
-    """The label column's ClassLabel names from dataset_infos.json or README.md, found
-    beside the files or above them up to `src`; the config whose folder holds the files
-    when there are several."""
-    if column is None:
-        return None
-    top = src if src.is_dir() else src.parent
-    folders = {top, *(p for f in files for p in f.parents if p == top or top in p.parents)}
-    configs: list[tuple[str, Any]] = []
-    for folder in sorted(folders):
-        infos, readme = folder / "dataset_infos.json", folder / "README.md"
-        if regular_file(infos).is_file():
-            try:
-                data = json.loads(infos.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = None
-            if isinstance(data, dict):
-                configs += [(c, v.get("features")) for c, v in data.items() if isinstance(v, dict)]
-        if regular_file(readme).is_file():
-            info = (_front_matter(readme) or {}).get("dataset_info")
-            for entry in info if isinstance(info, list) else [info]:
-                if isinstance(entry, dict):
-                    configs.append((str(entry.get("config_name", "default")),
-                                    entry.get("features")))
-    found = _names_in_infos(configs, column)
-    parts = {p for f in files for p in f.relative_to(top).parts[:-1]} if src.is_dir() else set()
-    mine = [n for c, n in found.items() if c in parts]
-    choices = set(mine) or set(found.values())
-    if len(choices) == 1:
-        return choices.pop()
-    if choices:
-        log.warning("%s: its metadata names the classes of %s differently in several configs;"
-                    " the labels' numbers stand for them", src, column)
-    return None
 
 
 # --- the samples -----------------------------------------------------------------------------
