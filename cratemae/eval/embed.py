@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 import shutil
 import signal
 from collections.abc import Callable, Sequence
@@ -58,8 +56,8 @@ from cratemae.eval.embed_chunks import (
     write_chunk,
 )
 from cratemae.eval.embed_data import KeyedBatch, keyed_loader
-from cratemae.eval.embeddings import FORMAT, INDEX_FILE, POOL_ALIASES, layer_name
-from cratemae.fs import atomic_write_json, is_temp_name, pid_alive
+from cratemae.eval.embed_out import parts_dir, prepare_out, remove_debris
+from cratemae.eval.embeddings import FORMAT, POOL_ALIASES, layer_name
 from cratemae.model import CrateEncoder
 from cratemae.recipe.schema import DataSection
 
@@ -69,7 +67,6 @@ log = logging.getLogger("cratemae")
 Progress = Callable[[int, int], None]  # (samples done on this rank, samples on this rank)
 
 POOLS = ("token", "avg")
-SETTINGS_FILE = "embed.json"
 
 
 @dataclass(frozen=True)
@@ -96,11 +93,6 @@ class EmbedResult:
     resumed_chunks: int
     main_process: bool = True
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def parts_dir(out: Path) -> Path:
-    """Where the chunks of an embed into `out` are kept until it is complete."""
-    return out.with_name(out.name + ".parts")
 
 
 # --- the features -------------------------------------------------------------------------
@@ -171,7 +163,7 @@ def embed(
         if dist.is_main_process():
             try:
                 held.enter_context(PartsLock(out))
-                _prepare(out, parts_dir(out), record, overwrite)
+                prepare_out(out, parts_dir(out), record, overwrite)
             except BadInputError as err:
                 error = err
         dist.raise_together(error, f"{parts_dir(out)}: refused on rank 0")
@@ -217,7 +209,7 @@ def _embed_share(encoder: CrateEncoder, source: Source, data: DataSection,
     many were there already, and the error that stopped it (a non-finite feature)."""
     info, img_size, tag = dist.get_dist_info(), record["img_size"], record_tag(record)
     mine.mkdir(parents=True, exist_ok=True)
-    _remove_debris(mine)
+    remove_debris(mine)
     full = keyed_loader(source, data, img_size, info.rank, info.world_size, 0)
     plan = full.plan
     per_chunk = max(1, -(-settings.chunk_size // settings.batch_size))  # batches per chunk
@@ -320,69 +312,6 @@ def _source_digest(source: Source) -> str:
         h.update(json.dumps([s.url, s.count, s.files], allow_nan=False).encode(
             "utf-8", "surrogateescape"))
     return h.hexdigest()
-
-
-def _written_by_embed(directory: Path) -> bool:
-    """Whether a directory is the npy output of an embed (which --overwrite may replace)."""
-    try:
-        index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(index, dict) and index.get("format") == FORMAT
-
-
-# --- starting, resuming, debris -----------------------------------------------------------
-_TEMP_PID = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
-
-
-def _remove_debris(directory: Path, prefix: str = "") -> None:
-    """Remove the temporaries (`cratemae.fs` names) of writers that are gone, or this
-    process's: a live writer's file in progress is never touched."""
-    if not directory.is_dir():
-        return
-    for p in directory.iterdir():
-        m = _TEMP_PID.search(p.name)
-        if not (is_temp_name(p.name) and m and p.name.startswith(f".{prefix}")):
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and pid_alive(pid):
-            continue
-        log.info("removing stale temporary %s", p)
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def _prepare(out: Path, parts: Path, record: dict[str, Any], overwrite: bool) -> None:
-    """Rank 0: refuse to replace `out` without `overwrite`; resume from the chunks of an
-    interrupted embed with the same settings, refuse other settings (or remove them with
-    `overwrite`); clear the debris of dead writers."""
-    if out.exists() and not overwrite:
-        raise BadInputError(f"--out {out}: exists; pass --overwrite to replace it")
-    if out.is_dir() and not _written_by_embed(out):
-        raise BadInputError(f"--out {out}: is a directory that cratemae embed did not write; "
-                            "it is not replaced, even with --overwrite")
-    _remove_debris(out.parent, prefix=out.name)
-    settings_file = parts / SETTINGS_FILE
-    if parts.exists():
-        try:
-            found = json.loads(settings_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            found = None
-        if found != record and not overwrite:
-            differ = sorted(k for k in record if not isinstance(found, dict)
-                            or found.get(k) != record[k])
-            raise BadInputError(
-                f"{parts}: holds the chunks of an interrupted embed made with other "
-                f"settings ({', '.join(differ) or 'unreadable'} differ); rerun it as it was "
-                f"to resume, or pass --overwrite to start again")
-        if found != record:
-            log.info("removing %s (chunks of another embed; --overwrite)", parts)
-            shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    if not settings_file.is_file():
-        atomic_write_json(settings_file, record)
 
 
 def _assemble(out: Path, parts: Path, world: int, n_chunks: int, settings: EmbedSettings,
