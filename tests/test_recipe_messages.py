@@ -33,3 +33,13 @@ def test_a_bad_value_from_set_names_the_set_not_the_recipe_file(tmp_path: Path) 
     recipe.write_text("[schedule]\nmax_steps = 0\n")  # from the file: the file is named
     with pytest.raises(BadInputError, match=rf"^{re.escape(str(recipe))}: schedule\.max_steps"):
         load_recipe(recipe, ["optim.lr=2e-4"])
+
+
+def test_an_unknown_section_made_by_set_names_the_set(tmp_path: Path) -> None:
+    """pydantic reports `--set model.x.y.z=1` as the unknown key `model.x`: the message still
+    names the `--set` that made it, not the recipe file, which holds no such key."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("[optim]\nlr = 0.1\n")
+    with pytest.raises(BadInputError) as err:
+        load_recipe(recipe, ["model.x.y.z=1", "optim.lr=2e-4"])
+    assert str(err.value) == "--set model.x.y.z=1: model.x: unknown key"

@@ -174,12 +174,15 @@ def _format_validation_error(err: ValidationError, source: str,
 
 
 def _blamed(parts: list[str], blame: dict[str, str]) -> str | None:
-    """`--set key=value` when that `--set` set this key path (or a section above it)."""
+    """`--set key=value` when that `--set` set this key path, a section above it, or a key
+    below it (`--set model.x.y=1`: pydantic reports the unknown `model.x`)."""
     for i in range(len(parts), 0, -1):
         item = blame.get(".".join(parts[:i]))
         if item is not None:
             return f"--set {item}"
-    return None
+    below = ".".join(parts) + "."
+    item = next((v for k, v in blame.items() if parts and k.startswith(below)), None)
+    return f"--set {item}" if item is not None else None
 
 
 def _nearest_key(parts: list[str]) -> str | None:
