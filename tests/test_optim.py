@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from cratemae.errors import BadInputError
 from cratemae.model import CrateMAE, CrateMAEConfig
 from cratemae.recipe import OptimSection
 from cratemae.train.optim import LARS, configure_optimizers, lr_at, param_groups, peak_lr
@@ -70,6 +71,15 @@ def test_peak_lr_scales_base_lr_by_batch_over_256() -> None:
 def test_peak_lr_absolute_lr_wins_over_base_lr() -> None:
     lr, note = peak_lr(OptimSection(base_lr=1.5e-4, lr=0.01), effective_batch=4096)
     assert lr == 0.01 and "absolute" in note
+
+
+def test_a_base_lr_whose_scaled_peak_overflows_is_bad_input() -> None:
+    """1e308 passes the schema (finite, > 0), but x 4096 / 256 is inf: refused where the
+    peak is computed, which the dry run and every training command go through."""
+    with pytest.raises(BadInputError, match=r"^optim.base_lr 1e\+308 x effective batch 4096 / "
+                                            r"256 is not a finite learning rate$"):
+        peak_lr(OptimSection(base_lr=1e308), effective_batch=4096)
+    assert peak_lr(OptimSection(base_lr=1e300), effective_batch=4096)[0] == pytest.approx(1.6e301)
 
 
 # --- the groups ------------------------------------------------------------------------------
@@ -270,3 +280,4 @@ def test_lars_agrees_with_timm_where_both_compute_the_same() -> None:
         for p, q in zip(ours, theirs, strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-12)
     assert not torch.equal(ours[0].detach(), start[0])  # it moved
+

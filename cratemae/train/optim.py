@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cratemae.errors import BadInputError
 from cratemae.recipe import OptimSection
 
 __all__ = ["LARS", "configure_optimizers", "lr_at", "param_groups", "peak_lr"]
@@ -30,7 +31,10 @@ def peak_lr(optim: OptimSection, effective_batch: int) -> tuple[float, str]:
     """The peak learning rate and a line saying where it came from (for the log)."""
     if optim.lr is not None:
         return optim.lr, f"lr {optim.lr:.3g} (absolute, from optim.lr)"
-    lr = optim.base_lr * effective_batch / 256
+    lr = optim.base_lr * (effective_batch / 256)  # exact scaling by a power of two
+    if not math.isfinite(lr):  # each factor is finite; their product need not be
+        raise BadInputError(f"optim.base_lr {optim.base_lr:g} x effective batch "
+                            f"{effective_batch} / 256 is not a finite learning rate")
     return lr, (f"lr {lr:.3g} = optim.base_lr {optim.base_lr:.3g} x effective batch "
                 f"{effective_batch} / 256")
 
