@@ -219,6 +219,24 @@ def test_two_ranks_train_in_step_when_one_ranks_shard_runs_short(tmp_path):
     assert "train-000001.tar: declared 16 samples, read 3" in "".join(errs)
 
 
+def test_an_epoch_samples_that_known_counts_contradict_is_refused_not_ignored(tmp_path):
+    """Known counts make a training epoch (each sample once); a data.epoch_samples other
+    than their total was silently ignored. It is refused, naming both numbers and the way
+    out; the same number, data.resampled, and evaluation (which reads everything) pass."""
+    root = wds(tmp_path / "wds", [8, 8], [8, 8], split="train", prefix="train")
+    source = resolve_source(str(root), "train")
+    kw = dict(split="train", batch_size=2, num_streams=1, seed=0, epoch=0, rank=0, world=1)
+    with pytest.raises(BadInputError, match=r"^data.epoch_samples = 6, but the counts of "
+                       r"data.train's shards are known \(16 samples\) .* set data.resampled"):
+        make_plan(source, training=True, resampled=False, epoch_samples=6, **kw)
+    assert make_plan(source, training=True, resampled=False, epoch_samples=16,
+                     **kw).num_batches == 8
+    assert make_plan(source, training=True, resampled=True, epoch_samples=6,
+                     **kw).num_batches == 3
+    assert make_plan(source, training=False, resampled=False, epoch_samples=6,
+                     **kw).num_batches == 8
+
+
 def test_a_declared_empty_shard_is_read_by_one_stream_of_one_rank(tmp_path):
     root = wds(tmp_path / "wds", [8, 3, 8, 8, 8], [8, 0, 8, 8, 8], split="train",
                prefix="train")

@@ -11,7 +11,8 @@ Every rank yields the same number of batches, so DDP never waits on a rank that 
   and the last batch may be smaller.
 - Unknown counts ("dealt", remote shards when training with `data.epoch_samples`; without
   it the sources count them by one pass): `data.epoch_samples` sets the epoch length; the
-  shuffled shards are dealt to the world's readers, each cycling over its own.
+  shuffled shards are dealt to the world's readers, each cycling over its own. Known counts
+  make the epoch: an `epoch_samples` that differs from them is refused, not ignored.
 - `data.resampled`: each reader draws shards with replacement; `data.epoch_samples` (or the
   known total) sets the epoch length.
 
@@ -140,6 +141,14 @@ def make_plan(
             raise BadInputError(f"data.{split}: the sample counts of its shards are unknown: "
                                 "give data.epoch_samples (samples per epoch)")
         return _infinite_plan(source, "resampled", total, batch_size, num_streams, rank, world)
+    if training and epoch_samples and source.counts_known:
+        total = sum(int(s.count or 0) for s in source.shards)
+        if epoch_samples != total:  # an exact epoch reads each sample once: N, not another
+            raise BadInputError(
+                f"data.epoch_samples = {epoch_samples:,}, but the counts of data.{split}'s "
+                f"shards are known ({total:,} samples) and an epoch reads each once: remove "
+                f"data.epoch_samples, or set data.resampled = true to draw {epoch_samples:,} "
+                "samples per epoch")
     if n_shards < readers and not source.random_access:
         raise BadInputError(
             f"data.{split}: {n_shards} shards for {world} ranks x {num_streams} workers = "

@@ -123,7 +123,8 @@ class DataSection(_Section):
     num_workers: Workers = 8
     # Draw shards with replacement (large clusters): every rank reads `epoch_samples / world`.
     resampled: bool = False
-    # Samples per epoch over all ranks; unset: the shards' sample counts (counted if unknown).
+    # Samples per epoch over all ranks, for shards of unknown counts or data.resampled; unset:
+    # the shards' sample counts (counted if unknown). Known counts other than it: an error.
     epoch_samples: PositiveInt | None = None
     # Samples held per stream to shuffle within it when training; 0 or 1: no shuffling.
     shuffle_buffer: Annotated[int, Field(ge=0, le=2**20)] = 1000
