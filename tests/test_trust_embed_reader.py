@@ -126,6 +126,19 @@ def test_the_same_samples_in_two_files_is_a_warning(tmp_path, caplog) -> None:
     assert f"{N} of the {N} val samples" in caplog.text
 
 
+def test_a_copy_of_the_train_file_as_val_is_refused(tmp_path, caplog) -> None:
+    """A copy is not the same file, but the same samples of the same data and split: refused.
+    The same keys from other data (splits that number their samples alike) stay a warning."""
+    train = write_st(tmp_path / "train.st", keys=_keys("x"), data=["demo:train"], split="train")
+    (tmp_path / "copy.st").write_bytes(train.read_bytes())
+    msg = refused("holds the same samples as", train, tmp_path / "copy.st")
+    assert "both embedded from demo:train, split train" in msg
+    val = write_st(tmp_path / "val.st", keys=_keys("x"), data=["demo:val"], split="val")
+    with caplog.at_level(logging.WARNING, logger="cratemae"):
+        pair(train, val)
+    assert f"{N} of the {N} val samples" in caplog.text
+
+
 def test_files_given_the_other_way_round_are_a_warning(tmp_path, caplog) -> None:
     train = write_st(tmp_path / "train.st", split="train")
     val = write_st(tmp_path / "val.st", split="val")
