@@ -224,6 +224,11 @@ def test_an_info_json_whose_counts_disagree_is_refused(tmp_path):
     (d / "_info.json").write_text(json.dumps(info))
     with pytest.raises(BadInputError, match=r"shard_lengths is not a list of one count per file"):
         resolve_source(str(d), "train")
+    info["splits"]["train"].update(num_samples=6, shard_lengths=[3, 3],
+                                   filenames=["train-000000.tar", "train-000000.tar"])
+    (d / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(BadInputError, match=r"filenames lists 'train-000000.tar' twice"):
+        resolve_source(str(d), "train")
     (d / "_info.json").write_text("[1, 2]")  # another program's file: ignored, counted
     assert [s.count for s in resolve_source(str(d), "train").shards] == [None, None]
 
@@ -238,6 +243,29 @@ def test_a_shards_json_naming_no_file_beside_it_is_refused(tmp_path, name):
     with pytest.raises(BadInputError, match=r"splits\.train\[0\]\.name = .* is not the name of "
                        r"a file beside it"):
         resolve_source(str(d), "train")
+
+
+def test_a_shards_json_listing_a_tar_twice_or_leaving_one_out_is_refused(tmp_path):
+    """A tar listed twice was read twice (17 rows from 12 images, exit 0); a tar beside the
+    index that it does not list was left out. Both contradict the folder: refused."""
+    d = tmp_path / "s"
+    make_shards(d, [3, 4, 5])
+    good = json.loads((d / "shards.json").read_text())
+    index = json.loads(json.dumps(good))
+    index["splits"]["train"].append(index["splits"]["train"][0])
+    (d / "shards.json").write_text(json.dumps(index))
+    with pytest.raises(BadInputError, match=r"splits\.train\[3\]\.name = 'train-000000.tar' "
+                       r"is listed twice \(also splits\.train\[0\]\)"):
+        resolve_source(str(d), "train")
+    index = json.loads(json.dumps(good))
+    del index["splits"]["train"][1]
+    (d / "shards.json").write_text(json.dumps(index))
+    with pytest.raises(BadInputError, match=r"train-000001.tar: a tar that .*shards.json does "
+                       r"not list \(1 such\)"):
+        resolve_source(str(d), "train")
+    (d / "shards.json").write_text(json.dumps(good))
+    (d / ".train-000009.tar").write_bytes(b"")  # hidden (a writer's temporary): not data
+    assert [s.count for s in resolve_source(str(d), "train").shards] == [3, 4, 5]
 
 
 def test_a_fifo_named_as_a_shard_is_refused_not_skipped(tmp_path):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +64,11 @@ class WdsInfo:
 
 def read_index(directory: Path) -> dict:
     """The parsed, checked `shards.json` of a directory written by `cratemae shard`: every
-    entry has a name and a whole, non-negative sample count (bad input naming the key)."""
+    entry has a name and a whole, non-negative sample count (bad input naming the key), no
+    tar is listed twice (its samples would be read twice) and every tar beside it is listed
+    (its samples would be left out, silently)."""
     path = directory / INDEX_NAME
+    listed: dict[str, str] = {}
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         splits = index["splits"]
@@ -74,9 +78,20 @@ def read_index(directory: Path) -> dict:
             if not isinstance(name, str) or name in ("", ".", "..") or "/" in name:
                 raise BadInputError(f"{path}: {key}.name = {name!r:.60} is not the "
                                     "name of a file beside it")
+            if name in listed:
+                raise BadInputError(f"{path}: {key}.name = {name!r:.60} is listed twice (also "
+                                    f"{listed[name]}); its samples would be read twice")
+            listed[name] = key
             whole_count(e["samples"], path, f"{key}.samples")
+        tars = sorted(p.name for p in directory.iterdir()
+                      if p.name.endswith(".tar") and not p.name.startswith("."))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise BadInputError(f"{path}: not a valid {INDEX_NAME} ({type(err).__name__})") from None
+    unlisted = [t for t in tars if t not in listed]
+    if unlisted:
+        raise BadInputError(f"{directory / unlisted[0]}: a tar that {path} does not list "
+                            f"({len(unlisted)} such); its samples would be left out: move it "
+                            "elsewhere, or write the shards again with cratemae shard")
     return index
 
 
@@ -120,6 +135,10 @@ def _wds_split(entry: object, path: Path, key: str) -> tuple[tuple[str, int | No
     files = entry.get("filenames") or []
     if not isinstance(files, list) or not all(isinstance(f, str) and f for f in files):
         raise BadInputError(f"{path}: {key}.filenames is not a list of file names")
+    twice = next((f for f, n in Counter(files).items() if n > 1), None)
+    if twice is not None:
+        raise BadInputError(f"{path}: {key}.filenames lists {twice!r:.60} twice; its samples "
+                            "would be read twice")
     total = entry.get("num_samples")  # null: not given
     total = None if total is None else whole_count(total, path, f"{key}.num_samples")
     lengths = entry.get("shard_lengths")
