@@ -206,6 +206,31 @@ def test_a_non_finite_feature_stops_embed_naming_the_sample(ckpt, folder, tmp_pa
     assert err.value.exit_code == 1 and not out.exists()
 
 
+def test_labels_past_the_class_list_are_refused_and_nothing_written(ckpt, tmp_path) -> None:
+    """A shards.json naming 2 classes over shards labelled 0..3: embed wrote a file whose
+    labels named no class (exit 0). One `error:` line, exit 2, no --out; the class list
+    long enough passes."""
+    import json
+
+    from data_fixtures import make_shards
+
+    make_shards(tmp_path / "d", [2, 2], prefix="val")  # labels 0, 1, 2, 3
+    index = json.loads((tmp_path / "d" / "shards.json").read_text())
+    (tmp_path / "d" / "shards.json").write_text(json.dumps({**index, "classes": ["a", "b"]}))
+    out = tmp_path / "f.safetensors"
+    run = cli(*_base(tmp_path / "d", ckpt, out))
+    errors = [x for x in run.stderr.splitlines() if x.startswith("error: ")]
+    assert run.exit_code == 2 and errors == [run.stderr.strip().splitlines()[-1]], run.stderr
+    assert errors[0] == (f"error: {tmp_path / 'd'}: a sample has label 3, but its class list "
+                         "names 2 classes (labels 0..1): the labels and the class list disagree")
+    assert not out.exists()
+    index["classes"] = ["a", "b", "c", "d"]
+    (tmp_path / "d" / "shards.json").write_text(json.dumps(index))
+    run = cli(*_base(tmp_path / "d", ckpt, out))
+    assert run.exit_code == 0, run.output
+    assert read_embeddings(out)[1].tolist() == [0, 1, 2, 3]
+
+
 # --- the probe's words --------------------------------------------------------------------
 def test_pool_cls_is_token_and_the_probe_reads_it(ckpt, folder, tmp_path) -> None:
     """`--pool cls` (deprecated, one warning line) and `--pool token` write the pooling that

@@ -250,17 +250,25 @@ def assemble(out: Path, files: list[Path], layers: tuple[int, ...], fmt: str,
     """The chunk `files` (of every rank) -> `out` ("safetensors" file or "npy" directory),
     streamed, in data-set order; they must hold `num_samples` positions. Returns `meta`
     completed with what the chunks hold (num_samples, dim, labelled, bad_samples), as
-    written into the file."""
+    written into the file. A label past `meta["classes"]` is bad input: nothing written."""
     pieces, n = _layout(files)
     if n != num_samples:  # a bug, not the input: no file may claim to hold the data
         raise RuntimeError(f"{out}: the chunks hold {n} samples, the data {num_samples}")
     with safe_open(str(files[0]), framework="np") as f:
         dim = int(f.get_slice("features").get_shape()[1])
-    labelled, bad = False, 0
+    labelled, bad, top = False, 0, -1
     for p in pieces:
         with safe_open(str(p.file), framework="np") as f:
-            labelled |= bool((f.get_slice("labels")[p.lo:p.hi] >= 0).any())
+            labels = f.get_slice("labels")[p.lo:p.hi]
+            labelled |= bool((labels >= 0).any())
+            top = max(top, int(labels.max(initial=-1)))
             bad += int((~f.get_slice("valid")[p.lo:p.hi]).sum())
+    classes = meta.get("classes")
+    if classes and top >= len(classes):  # a label past the list would name no class
+        data = ", ".join(map(str, meta.get("data") or [])) or "the data"
+        raise BadInputError(f"{data}: a sample has label {top}, but its class list names "
+                            f"{len(classes)} classes (labels 0..{len(classes) - 1}): the "
+                            "labels and the class list disagree")
     names = ["features", *[layer_name(i) for i in layers]]
     tensors = [TensorStream(x, np.dtype("float32"), (n, dim), _stream(pieces, x)) for x in names]
     if labelled:
