@@ -34,6 +34,36 @@ def test_a_symlink_loop_in_an_image_folder_is_followed_once(tmp_path: Path) -> N
     assert sorted(os.path.basename(f) for f, _ in files) == ["a.png", "b.png"]
 
 
+def test_a_link_to_another_class_or_the_root_is_refused_not_read_twice(tmp_path: Path) -> None:
+    """`a/sneaky -> ../b` read b's images twice, once labelled a (exit 0); a link up to the
+    root read every class again under a; two class names for one folder, the same. Each is
+    one BadInputError naming the link; a link to a folder outside, from one class, is read."""
+    root = tmp_path / "images"
+    for c in "ab":
+        (root / c).mkdir(parents=True)
+        _png(root / c / f"{c}0.png", (8, 8))
+    (root / "a" / "sneaky").symlink_to(root / "b")
+    with pytest.raises(BadInputError, match=r"a/sneaky: is the folder .*/b \(a link\), of class "
+                       r"b; its images would be read twice, once labelled a$"):
+        list_images(root)
+    (root / "a" / "sneaky").unlink()
+    (root / "a" / "up").symlink_to(root)
+    with pytest.raises(BadInputError, match=r"a/up: is the folder .*, of the root of the classes"):
+        list_images(root)
+    (root / "a" / "up").unlink()
+    (root / "c").symlink_to(root / "b")
+    with pytest.raises(BadInputError, match=r"/c: is the folder .*/b \(a link\)"):
+        list_images(root)
+    (root / "c").unlink()
+    (tmp_path / "outside").mkdir()
+    _png(tmp_path / "outside" / "o.png", (8, 8))
+    (root / "b" / "more").symlink_to(tmp_path / "outside")
+    files, classes = list_images(root)
+    assert classes == ("a", "b")
+    assert [(os.path.basename(f), y) for f, y in files] == [("a0.png", 0), ("b0.png", 1),
+                                                           ("o.png", 1)]
+
+
 def test_shard_writes_a_folder_with_a_symlink_loop(tmp_path: Path) -> None:
     root = tmp_path / "images"
     (root / "dog").mkdir(parents=True)

@@ -179,7 +179,13 @@ def list_images(
     top = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     dirs = [p for p in top if p.is_dir()]
     flat = [str(p) for p in top if p.is_file() and keep(p.name)]
-    class_files = {d.name: _walk_images(d, keep) for d in dirs}
+    # real folder -> (class, path) of the walk that reached it first; the root: no class
+    owner: dict[tuple[int, int], tuple[str | None, str]] = {_real(str(root)): (None, str(root))}
+    for d in dirs:
+        if (first := owner.setdefault(_real(str(d)), (d.name, str(d)))) != (d.name, str(d)):
+            raise BadInputError(f"{d}: is the folder {first[1]} (a link); its images would "
+                                "be read twice")
+    class_files = {d.name: _walk_images(d, keep, owner) for d in dirs}
     class_files = {k: v for k, v in class_files.items() if v}
     if class_files and flat:
         raise BadInputError(f"{root}: has both images and class folders; move {flat[0]} into one")
@@ -197,16 +203,29 @@ def _is_visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _walk_images(d: Path, keep: Callable[[str], bool]) -> list[str]:
-    """Files under `d`, following links to folders, each real folder once: a link back up
-    the tree (a loop) is not followed a second time."""
+def _real(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk_images(d: Path, keep: Callable[[str], bool],
+                 owner: dict[tuple[int, int], tuple[str | None, str]]) -> list[str]:
+    """Files under class folder `d`, following links to folders, each real folder once: a
+    link back up its own tree (a loop) is not followed a second time. A link to a folder
+    that another class (or the root above the classes) reaches is bad input: its images
+    would be read twice, once under the wrong class."""
     out, seen = [], set()
     for base, subdirs, files in os.walk(d, followlinks=True):
-        real = os.stat(base)
-        if (real.st_dev, real.st_ino) in seen:
+        real = _real(base)
+        cls, first = owner.setdefault(real, (d.name, base))
+        if cls != d.name:
+            where = f"class {cls}" if cls is not None else "the root of the classes"
+            raise BadInputError(f"{base}: is the folder {first} (a link), of {where}; its "
+                                f"images would be read twice, once labelled {d.name}")
+        if real in seen:
             subdirs[:] = []
             continue
-        seen.add((real.st_dev, real.st_ino))
+        seen.add(real)
         subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))
         out += [os.path.join(base, f) for f in sorted(files) if keep(f)]
     return out
