@@ -193,6 +193,22 @@ def test_latest_points_at_newest_and_find_resume(tmp_path: Path) -> None:
     assert ck.load_checkpoint(tmp_path / "checkpoints").step == 30
 
 
+def test_a_run_whose_checkpoints_are_all_damaged_is_not_started_over(tmp_path: Path) -> None:
+    """--resume auto (or never) found no complete checkpoint and started from step 0 in the
+    same directory, replacing the run's metrics and `latest`. It is refused, with the reason
+    of the newest; one good checkpoint left, or a path given, resumes as before."""
+    paths = [_save(tmp_path, s) for s in (10, 20)]
+    for p in paths:
+        (p / "meta.json").unlink()
+    for mode in ("auto", "never"):
+        with pytest.raises(BadInputError, match=r"holds 2 checkpoint\(s\), none complete \(.*"
+                           r"step-000000020/meta\.json: missing .*\); starting over would "):
+            ck.find_resume(tmp_path, ck.Resume.parse(mode))
+    good = _save(tmp_path, 30)
+    assert ck.find_resume(tmp_path, ck.Resume.parse("auto")) == good
+    assert ck.find_resume(tmp_path / "other", ck.Resume.parse(str(good))) == good
+
+
 def test_resave_same_step_replaces_and_removes_debris(tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "checkpoints"
     _save(tmp_path, 5)

@@ -283,10 +283,22 @@ Resume.AUTO = Resume("auto")
 def find_resume(run_dir: str | os.PathLike[str], resume: Resume) -> Path | None:
     """The checkpoint a run in `run_dir` should resume from (see `Resume`), or None.
 
-    A path must hold a complete checkpoint, else BadInputError.
+    A path must hold a complete checkpoint, else BadInputError; so must a run directory
+    whose checkpoints are all damaged, unless a path is given: it is not started over.
     """
     ckpt_dir = RunFiles(run_dir).checkpoints
     latest = _latest_in(ckpt_dir) if ckpt_dir.is_dir() else None
+    steps = step_dirs(ckpt_dir)
+    if latest is None and steps and resume.mode != "path":  # a run, none of it loadable
+        try:
+            check_checkpoint_dir(steps[-1], verify_hashes=False)
+            why = "incomplete"
+        except BadInputError as exc:
+            why = str(exc)
+        raise BadInputError(
+            f"{run_dir}: holds {len(steps)} checkpoint(s), none complete ({why}); starting "
+            f"over would replace its run: give a new --out, resume from a good copy with "
+            f"--resume PATH, or remove {ckpt_dir} first")
     if resume.mode == "never":
         if latest is not None:
             raise BadInputError(
