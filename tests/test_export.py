@@ -302,7 +302,8 @@ def test_onnx_over_tolerance_writes_nothing_and_keeps_a_previous_export(
     before = {}
     if previous:  # an earlier export in the same place
         out.mkdir()
-        before = {"model.onnx": b"previous onnx", "config.json": b'{"previous": true}\n'}
+        before = {"model.onnx": b"previous onnx",
+                  "config.json": b'{"format": "cratemae", "previous": true}\n'}
         for name, data in before.items():
             (out / name).write_bytes(data)
     monkeypatch.setattr(graph_mod, "EXPORT_TOLERANCE", -1.0)  # any difference is too much

@@ -49,3 +49,25 @@ def test_export_below_a_file_or_over_its_source_is_exit_2(weights, tmp_path):
     assert "holds the input" in refused(weights, "--out", weights.parent)
     (tmp_path / "file").write_text("x")
     assert "is a file" in refused(weights, "--out", tmp_path / "file")
+
+
+def test_export_into_a_folder_of_another_programs_files_is_exit_2(weights, tmp_path,
+                                                                   demo_checkpoint):
+    """A folder holding a README.md and a config.json of the user's: they were replaced by
+    the export's (exit 0, no word). Refused, nothing read or touched; an export's own
+    folder is written again, and a folder of other names is written into."""
+    mine = tmp_path / "docs"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes")
+    (mine / "config.json").write_text('{"mine": 1}')
+    line = refused(weights, "--out", mine)
+    assert line.endswith("holds config.json, README.md, which cratemae export did not "
+                         "write and would replace; give a new or empty directory")
+    assert (mine / "README.md").read_text() == "my notes"
+    assert (mine / "config.json").read_text() == '{"mine": 1}'
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    for _ in range(2):  # into a folder of other files, then into its own export again
+        assert cli("export", demo_checkpoint, "--out", out).exit_code == 0
+    assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors").is_file()

@@ -149,11 +149,31 @@ def _export_graph(loaded: LoadedModel, out: Path, fmt: ExportFormat,
 
 def _check_out(checkpoint: Path, out: Path) -> None:
     """Where the export goes, checked before anything is read (exit 2, one line): not a
-    special file, not a file, not over or inside the weights or the run being read, and a
-    place that can be written (`cratemae.guard.check_output`)."""
+    special file, not a file, not over or inside the weights or the run being read, a
+    place that can be written (`cratemae.guard.check_output`), and not a folder whose
+    files of these names another program wrote."""
     from cratemae.checkpoints.resolve import resolve_checkpoint, run_dir_of
     from cratemae.guard import check_output
 
     source = resolve_checkpoint(checkpoint)
     run = run_dir_of(source)
     check_output(out, kind="dir", reads=[source, *([run] if run is not None else [])])
+    # A folder another program wrote (a model card, a config of its own) is not replaced;
+    # an export's own folder (config.json "format": "cratemae") is written again.
+    names = ("model.safetensors", "config.json", "README.md", *_GRAPH_FILES.values())
+    taken = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    if taken and not _exported_by_cratemae(out / "config.json"):
+        raise BadInputError(f"--out {out}: holds {', '.join(taken)}, which cratemae export "
+                            "did not write and would replace; give a new or empty directory")
+
+
+def _exported_by_cratemae(config: Path) -> bool:
+    import json
+
+    from cratemae.guard import regular_file
+
+    try:
+        record = json.loads(regular_file(config).read_text(encoding="utf-8"))
+    except (OSError, ValueError, BadInputError):
+        return False
+    return isinstance(record, dict) and record.get("format") == "cratemae"
