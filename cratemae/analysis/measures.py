@@ -11,10 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["EPS2", "coding_rate", "sparsity"]
+__all__ = ["EPS2", "NonFiniteTokens", "coding_rate", "sparsity"]
 
 # eps^2 of the coding rate, as in the CRATE papers.
 EPS2 = 0.01
+
+
+class NonFiniteTokens(ValueError):
+    """Tokens with inf or NaN (weights that overflow): no coding rate to measure."""
 
 
 def coding_rate(u: torch.Tensor, eps2: float = EPS2, *, normalize: bool = True) -> torch.Tensor:
@@ -36,7 +40,7 @@ def coding_rate(u: torch.Tensor, eps2: float = EPS2, *, normalize: bool = True) 
     eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=u.device)
     factor, info = torch.linalg.cholesky_ex(eye + scale * gram)
     if bool((info != 0).any()):  # only for non-finite input
-        raise ValueError("coding_rate: the tokens hold non-finite values")
+        raise NonFiniteTokens("coding_rate: the tokens hold non-finite values")
     logdet = 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (B, K)
     return 0.5 * logdet.sum(-1)
 

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from cratemae.analysis.heads import SPARSITY_OF, SUBSPACES_OF
-from cratemae.analysis.measures import EPS2
+from cratemae.analysis.measures import EPS2, NonFiniteTokens
 from cratemae.analysis.record import record_layers
 from cratemae.analysis.summary import LayerSummary, PatchPCA
 from cratemae.data.transforms import unnormalize
+from cratemae.errors import CrateMAEError
 
 if TYPE_CHECKING:
     from cratemae.weights.load import LoadedModel
@@ -87,9 +88,13 @@ def analyze(
     att_layers = attention_layers(model.config.depth)
     for imgs in batches:
         imgs = imgs.to(device, non_blocking=True)
-        record = record_layers(
-            model.encoder, imgs, attention_layers=att_layers, feature_layer=pca_layer
-        )
+        try:
+            record = record_layers(
+                model.encoder, imgs, attention_layers=att_layers, feature_layer=pca_layer
+            )
+        except NonFiniteTokens:
+            raise CrateMAEError("the encoder's tokens are not finite on these images (inf or "
+                                "NaN: its weights overflow in float32); nothing written") from None
         summary.add(record)
         if record.features is None:
             raise RuntimeError(f"record_layers: no features recorded for layer {pca_layer}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cratemae.data.transforms import normalize, unnormalize
+from cratemae.errors import CrateMAEError
 from cratemae.model import CrateMAE, MAEViT, patchify, unpatchify
 
 __all__ = ["Reconstruction", "mask_noise", "masked_psnr", "reconstruct"]
@@ -75,10 +76,14 @@ def reconstruct(
     mask_ratio: float,
     noise: torch.Tensor,
 ) -> list[Reconstruction]:
-    """pixels (B, 3, S, S) in [0, 1] -> one `Reconstruction` per image."""
+    """pixels (B, 3, S, S) in [0, 1] -> one `Reconstruction` per image; CrateMAEError if
+    the model's prediction is not finite."""
     cfg = model.config
     imgs = normalize(pixels, mean, std)
     out = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    if not bool(torch.isfinite(out.pred).all()):  # finite weights can still overflow
+        raise CrateMAEError("the model's reconstruction is not finite (inf or NaN: its "
+                            "weights overflow in float32); nothing written")
     pred = _as_image_patches(out.pred.float(), imgs, cfg.patch_size, cfg.norm_pix_loss)
     grid = (cfg.grid_size, cfg.grid_size)
     pred_pixels = unnormalize(unpatchify(pred, cfg.patch_size, grid), mean, std)

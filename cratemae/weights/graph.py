@@ -104,13 +104,16 @@ def compare(run: Callable[[torch.Tensor], torch.Tensor], encoder: CrateEncoder,
     """Run `run` (a graph's forward) and PyTorch's `forward_features` on the same seeded
     images for each (batch, H, W). Returns the largest absolute difference and the largest
     |graph - torch| / (1 + |torch|), the quantity `EXPORT_TOLERANCE` bounds; CrateMAEError
-    naming `name` if an output's shape differs."""
+    naming `name` if an output's shape differs or either output is not finite."""
     encoder = encoder.eval()
     worst_abs = worst_scaled = 0.0
     for i, (batch, h, w) in enumerate(cases):
         x = test_images(batch, encoder.in_chans, h, w, seed=1 + i)
         with torch.no_grad():
             expected = encoder.forward_features(x)
+            if not bool(torch.isfinite(expected).all()):  # NaN - NaN would compare as 0
+                raise CrateMAEError(f"{name}: the model's own features are not finite at "
+                                    f"{h}x{w} px (its weights overflow in float32); not written")
             try:
                 got = run(x)
             except Exception as err:  # the runtime's own error types: one line, and why
@@ -120,6 +123,9 @@ def compare(run: Callable[[torch.Tensor], torch.Tensor], encoder: CrateEncoder,
         if tuple(got.shape) != tuple(expected.shape):
             raise CrateMAEError(f"{name}: output shape {tuple(got.shape)} at {h}x{w} px, "
                                 f"expected {tuple(expected.shape)}")
+        if not bool(torch.isfinite(got).all()):
+            raise CrateMAEError(f"{name}: its output is not finite at {h}x{w} px, where "
+                                "PyTorch's is; not written")
         diff = (got - expected).abs()
         worst_abs = max(worst_abs, float(diff.max()))
         worst_scaled = max(worst_scaled, float((diff / (1 + expected.abs())).max()))
