@@ -87,3 +87,20 @@ def test_export_onnx_of_overflowing_weights_writes_nothing(overflowing, tmp_path
     _failed(cli("export", overflowing, "--out", out, "--format", "onnx"),
             "the model's own features are not finite")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_probe_refuses_non_finite_features_instead_of_scoring_chance(overflowing, tmp_path):
+    """`probe --checkpoint` fitted on NaN features and reported top-1 10.0 on the demo data
+    (chance), exit 0. It stops before fitting, naming the split and the sample."""
+    from data_fixtures import make_shards
+    from support import PROBE_DEMO_RECIPE
+
+    make_shards(tmp_path / "d", [4, 4], prefix="train")
+    make_shards(tmp_path / "v", [4], prefix="val")
+    out = tmp_path / "probe"
+    run = cli("probe", PROBE_DEMO_RECIPE, "--checkpoint", overflowing, "--out", out,
+              "--set", f'data.train="{tmp_path / "d"}"', "--set", f'data.val="{tmp_path / "v"}"',
+              "--set", "data.num_workers=0", "--set", "probe.num_classes=8",
+              "--set", f'probe.cache_dir="{tmp_path / "cache"}"')
+    _failed(run, "data.train: sample 0 (of 8) gave non-finite features")
+    assert not (out / "probe.json").exists() and not any((tmp_path / "cache").glob("*"))

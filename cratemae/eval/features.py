@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from cratemae.data.cache import cache_dir
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision
+from cratemae.errors import CrateMAEError
 from cratemae.eval.classify import Progress, eval_batches
 from cratemae.fs import atomic_path
 from cratemae.model import CrateEncoder
@@ -76,7 +77,18 @@ def extract_features(encoder: CrateEncoder, data: DataSection, split: str, spec:
     out_f[pos], out_y[pos] = f, y  # a repeated sample writes the same values twice
     if (out_y < 0).any():
         raise RuntimeError(f"data.{split}: some samples were read by no rank")
-    return FeatureSet(out_f, out_y)
+    return FeatureSet(_finite(out_f, split), out_y)
+
+
+def _finite(features: torch.Tensor, split: str) -> torch.Tensor:
+    """`features` (N, d), or CrateMAEError naming the first sample whose row is not finite:
+    a probe fitted or scored on them would report a chance-level score as a result."""
+    bad = ~torch.isfinite(features).all(dim=1)
+    if bool(bad.any()):
+        raise CrateMAEError(f"data.{split}: sample {int(bad.nonzero()[0])} (of {len(bad)}) gave "
+                            "non-finite features (inf or NaN: the weights overflow at this "
+                            "precision, or hold NaN); nothing fitted or scored")
+    return features
 
 
 def _cache_file(root: str | None, key: str, split: str) -> Path:
@@ -102,7 +114,8 @@ def cached_features(encoder: CrateEncoder, data: DataSection, split: str, spec: 
     if not dist.all_reduce_any(tensors is None):
         assert tensors is not None
         log.info("data.%s: %d features from cache %s", split, tensors["labels"].numel(), path)
-        return FeatureSet(tensors["features"], tensors["labels"], from_cache=True)
+        return FeatureSet(_finite(tensors["features"], split), tensors["labels"],
+                          from_cache=True)
     log.info("data.%s: extracting features", split)
     result = extract_features(encoder, data, split, spec, progress)
     if dist.is_main_process():
