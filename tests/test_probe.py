@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -259,10 +258,10 @@ def test_probe_of_embed_files_scores_as_the_probe_of_the_checkpoint(tmp_path, de
     """Features computed once by `cratemae embed` serve the probe: the same top-1 as the
     probe's own feature pass (the features agree to 1e-6), and no checkpoint is read."""
     files = [tmp_path / "train.safetensors", tmp_path / "val.safetensors"]
-    code, err = run_cli("embed", "demo:val", "--checkpoint", str(demo_checkpoint),
-                        "--out", str(files[0]))
-    assert code == 0, err
-    shutil.copyfile(files[0], files[1])  # data.val stands in for both splits, as SMALL says
+    for file, split in zip(files, ("train", "val"), strict=True):  # data.val stands in for
+        code, err = run_cli("embed", "demo:val", "--checkpoint", str(demo_checkpoint),
+                            "--split", split, "--out", str(file))  # both, as SMALL says
+        assert code == 0, err
     own = probe(load_recipe(PROBE, SMALL), demo_checkpoint, run_dir=tmp_path / "own")
     ran = CliRunner().invoke(build_app(), ["probe", str(PROBE), "--features", *map(str, files),
                                            "--out", str(tmp_path / "embedded"), "--json",

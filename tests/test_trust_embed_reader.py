@@ -139,15 +139,14 @@ def test_a_copy_of_the_train_file_as_val_is_refused(tmp_path, caplog) -> None:
     assert f"{N} of the {N} val samples" in caplog.text
 
 
-def test_files_given_the_other_way_round_are_a_warning(tmp_path, caplog) -> None:
+def test_files_given_the_other_way_round_are_refused_or_warned(tmp_path, caplog) -> None:
     train = write_st(tmp_path / "train.st", split="train")
     val = write_st(tmp_path / "val.st", split="val")
     with caplog.at_level(logging.WARNING, logger="cratemae"):
         pair(train, val)
     assert "TRAIN VAL" not in caplog.text
-    with caplog.at_level(logging.WARNING, logger="cratemae"):
-        pair(val, train)
-    assert "embedded from the val split" in caplog.text
+    msg = refused("embedded from the val split", val, train)
+    assert msg.endswith("give them as --features TRAIN VAL")
     caplog.clear()
     few = {k: v[:3] for k, v in _arrays().items()}
     small = write_st(tmp_path / "small.st", arrays=few, keys=_keys("s")[:3], num_samples=3)
@@ -177,6 +176,8 @@ def test_other_widths_pooling_and_layers_are_refused(tmp_path) -> None:
     refused(f"{D}-dimensional features, .* {2 * D}-dimensional", train, val)
     refused("pooled by 'token', but probe.pool = 'avg'", train, val, pool="avg")
     refused("holds no features of layer 1 ", train, val, layer=1)
+    deeper = write_st(tmp_path / "deeper.st", layer=3)  # the same weights cannot differ
+    refused(r"differ in layer \(2 vs 3\)", train, deeper)
 
 
 def test_old_pool_words_in_a_file_read_as_timms(tmp_path) -> None:

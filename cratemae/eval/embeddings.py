@@ -315,6 +315,10 @@ def read_probe_pair(train: str | Path, val: str | Path, *, pool: str, layer: int
             raise BadInputError(f"--features: {train} and {val} differ in {key} "
                                 f"({a[3].get(key)} vs {b[3].get(key)}): embed both splits "
                                 f"with the same weights")
+    if a[3].get("layer") != b[3].get("layer"):  # the last layer of each: one depth
+        raise BadInputError(f"--features: {train} and {val} differ in layer "
+                            f"({a[3].get('layer')} vs {b[3].get('layer')}): embed both splits "
+                            f"with the same weights")
     if a[0].shape[1] != b[0].shape[1]:
         raise BadInputError(f"--features: {train} holds {a[0].shape[1]}-dimensional features, "
                             f"{val} {b[0].shape[1]}-dimensional")
@@ -337,13 +341,14 @@ def read_probe_pair(train: str | Path, val: str | Path, *, pool: str, layer: int
 
 def _check_order(train: Path, val: Path, split_a: Any, split_b: Any, n_a: int, n_b: int
                  ) -> None:
-    """Warn when the two files look given the other way round: embedded from the val and
-    the train split (as `embed --split` recorded them), or the TRAIN file the smaller."""
+    """Refuse two files given the other way round, as `embed --split` recorded them (the
+    val split as TRAIN, the train split as VAL); warn when only the TRAIN file is the
+    smaller."""
     if (split_a, split_b) == ("val", "train"):
-        log.warning("--features: %s was embedded from the val split and %s from the train "
-                    "split: the probe is fitted on the first file and scored on the second "
-                    "(--features TRAIN VAL)", train, val)
-    elif n_a < n_b:
+        raise BadInputError(f"--features: {train} was embedded from the val split and {val} "
+                            "from the train split; the probe is fitted on the first and "
+                            "scored on the second: give them as --features TRAIN VAL")
+    if n_a < n_b:
         log.warning("--features: the TRAIN file %s holds fewer samples (%d) than the VAL file "
                     "%s (%d): the probe is fitted on the first file and scored on the second "
                     "(--features TRAIN VAL)", train, n_a, val, n_b)
