@@ -64,6 +64,22 @@ def test_a_link_to_another_class_or_the_root_is_refused_not_read_twice(tmp_path:
                                                            ("o.png", 1)]
 
 
+def test_an_empty_class_folder_is_left_out_with_a_warning(tmp_path: Path, caplog) -> None:
+    """Labels are numbered over the folders that hold images: an empty `b/` shifts `c` from
+    2 to 1, which another copy of the data with images in `b/` would not. Said, not silent."""
+    import logging
+
+    root = tmp_path / "images"
+    for c in "abc":
+        (root / c).mkdir(parents=True)
+    _png(root / "a" / "a0.png", (8, 8))
+    _png(root / "c" / "c0.png", (8, 8))
+    with caplog.at_level(logging.WARNING, logger="cratemae.data"):
+        files, classes = list_images(root)
+    assert classes == ("a", "c") and [y for _, y in files] == [0, 1]
+    assert "1 folder(s) hold no image and are not classes (b)" in caplog.text
+
+
 def test_shard_writes_a_folder_with_a_symlink_loop(tmp_path: Path) -> None:
     root = tmp_path / "images"
     (root / "dog").mkdir(parents=True)

@@ -186,7 +186,11 @@ def list_images(
             raise BadInputError(f"{d}: is the folder {first[1]} (a link); its images would "
                                 "be read twice")
     class_files = {d.name: _walk_images(d, keep, owner) for d in dirs}
+    empty = sorted(k for k, v in class_files.items() if not v)
     class_files = {k: v for k, v in class_files.items() if v}
+    if empty and class_files:
+        log.warning("%s: %d folder(s) hold no image and are not classes (%s); the classes "
+                    "are numbered without them", root, len(empty), ", ".join(empty[:5]))
     if class_files and flat:
         raise BadInputError(f"{root}: has both images and class folders; move {flat[0]} into one")
     if not class_files:
