@@ -236,8 +236,8 @@ def test_pool_cls_is_token_and_the_probe_reads_it(ckpt, folder, tmp_path) -> Non
     """`--pool cls` (deprecated, one warning line) and `--pool token` write the pooling that
     the default probe recipe (`probe.pool = "token"`, `probe.layer = -1`) accepts."""
     files = [tmp_path / "train.safetensors", tmp_path / "val.safetensors"]
-    for file, word in zip(files, ("cls", "token"), strict=True):
-        run = cli(*_base(folder, ckpt, file), "--pool", word)
+    for file, word, split in zip(files, ("cls", "token"), ("train", "val"), strict=True):
+        run = cli(*_base(folder, ckpt, file), "--pool", word, "--split", split)
         assert run.exit_code == 0, run.output
         warned = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
         assert warned == (["warning: --pool cls is deprecated: use --pool token (the word "

@@ -154,13 +154,14 @@ def _check_out(checkpoint: Path, out: Path) -> None:
     files of these names another program wrote."""
     from cratemae.checkpoints.resolve import resolve_checkpoint, run_dir_of
     from cratemae.guard import check_output
+    from cratemae.rundir import MODEL_FILE
 
     source = resolve_checkpoint(checkpoint)
     run = run_dir_of(source)
     check_output(out, kind="dir", reads=[source, *([run] if run is not None else [])])
     # A folder another program wrote (a model card, a config of its own) is not replaced;
     # an export's own folder (config.json "format": "cratemae") is written again.
-    names = ("model.safetensors", "config.json", "README.md", *_GRAPH_FILES.values())
+    names = (MODEL_FILE, "config.json", "README.md", *_GRAPH_FILES.values())
     taken = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
     if taken and not _exported_by_cratemae(out / "config.json"):
         raise BadInputError(f"--out {out}: holds {', '.join(taken)}, which cratemae export "
