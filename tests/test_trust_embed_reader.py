@@ -118,21 +118,26 @@ def test_the_same_file_twice_is_refused(tmp_path) -> None:
     refused("both TRAIN and VAL", train, tmp_path / "link.st")
 
 
-def test_the_same_samples_in_two_files_is_a_warning(tmp_path, caplog) -> None:
+def test_some_samples_in_both_files_are_a_warning(tmp_path, caplog) -> None:
     train = write_st(tmp_path / "train.st", keys=_keys("x"))
-    val = write_st(tmp_path / "val.st", keys=_keys("x"))
+    val = write_st(tmp_path / "val.st", keys=_keys("x")[:3] + _keys("y")[3:])
     with caplog.at_level(logging.WARNING, logger="cratemae"):
         pair(train, val)
-    assert f"{N} of the {N} val samples" in caplog.text
+    assert f"3 of the {N} val samples" in caplog.text
 
 
 def test_a_copy_of_the_train_file_as_val_is_refused(tmp_path, caplog) -> None:
-    """A copy is not the same file, but the same samples of the same data and split: refused.
-    The same keys from other data (splits that number their samples alike) stay a warning."""
+    """A copy is not the same file, but the same samples: refused, however the data's path
+    was spelled, and when a file records no split. Files of two recorded splits that share
+    every key (splits that number their samples alike) stay a warning."""
     train = write_st(tmp_path / "train.st", keys=_keys("x"), data=["demo:train"], split="train")
     (tmp_path / "copy.st").write_bytes(train.read_bytes())
-    msg = refused("holds the same samples as", train, tmp_path / "copy.st")
-    assert "both embedded from demo:train, split train" in msg
+    msg = refused("every sample of .*copy.st is one of", train, tmp_path / "copy.st")
+    assert "(both of the train split)" in msg
+    spelled = write_st(tmp_path / "spelled.st", keys=_keys("x"), data=["./x/"], split="train")
+    refused("both of the train split", train, spelled)
+    unsaid = write_st(tmp_path / "unsaid.st", keys=_keys("x"), data=["demo:train"])
+    refused("a split not recorded", train, unsaid)
     val = write_st(tmp_path / "val.st", keys=_keys("x"), data=["demo:val"], split="val")
     with caplog.at_level(logging.WARNING, logger="cratemae"):
         pair(train, val)

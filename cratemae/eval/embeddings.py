@@ -296,9 +296,10 @@ def read_probe_pair(train: str | Path, val: str | Path, *, pool: str, layer: int
     a probe fits and scores, checked to belong together: two files, not one twice; each
     pooled by `pool` and holding `layer` (`read_probe_split`); the same checkpoint (its
     SHA-256), architecture, image size and normalisation, feature width and class names.
-    Anything else is one `BadInputError` naming the file; so is a VAL file of the TRAIN
-    file's data and split holding no other sample (a copy). Other samples the two files
-    share are a warning (a probe scored on what it was fitted on)."""
+    Anything else is one `BadInputError` naming the file; so is a VAL file whose samples
+    (keys) are all in the TRAIN file, unless the two record different splits (a copy, or the
+    same data embedded twice). Other samples the two files share are a warning (a probe
+    scored on what it was fitted on)."""
     from cratemae.eval.features import FeatureSet
 
     train, val = Path(train), Path(val)
@@ -325,14 +326,13 @@ def read_probe_pair(train: str | Path, val: str | Path, *, pool: str, layer: int
     _check_classes(train, val, a[3].get("classes"), b[3].get("classes"))
     _check_order(train, val, a[3].get("split"), b[3].get("split"), len(a[2]), len(b[2]))
     shared = len(set(a[2]) & set(b[2]))
-    same_data = [a[3].get(k) for k in ("data", "split")] == [b[3].get(k) for k in ("data", "split")]
-    if shared == len(b[2]) and same_data and a[3].get("data") is not None:
-        data = a[3]["data"]
-        data = ", ".join(map(str, data)) if isinstance(data, list) else data
-        raise BadInputError(f"--features: {val} holds the same samples as {train} (both "
-                            f"embedded from {data}, split {a[3].get('split')}): a "
-                            f"probe scored on the features it was fitted on measures nothing: "
-                            f"embed the val split into a file of its own")
+    splits = a[3].get("split"), b[3].get("split")
+    if shared == len(b[2]) and (None in splits or splits[0] == splits[1]):
+        said = (f"both of the {splits[0]} split" if None not in splits else
+                "a split not recorded")
+        raise BadInputError(f"--features: every sample of {val} is one of {train} ({said}): "
+                            f"a probe scored on the features it was fitted on measures "
+                            f"nothing: embed the val split into a file of its own")
     if shared:
         log.warning("--features: %d of the %d val samples of %s are also in %s: the probe is "
                     "scored on samples it was fitted on", shared, len(b[2]), val, train)
