@@ -11,6 +11,7 @@ reads the file instead of the images.
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from cratemae.data.cache import cache_dir
 from cratemae.distributed import dist
 from cratemae.distributed.precision import Precision
-from cratemae.errors import CrateMAEError
+from cratemae.distributed.preemption import PreemptionFlag
+from cratemae.errors import EXIT_REQUEUE, CrateMAEError
 from cratemae.eval.classify import Progress, eval_batches
 from cratemae.fs import atomic_path
 from cratemae.model import CrateEncoder
@@ -60,14 +62,21 @@ def _encode(encoder: CrateEncoder, images: torch.Tensor, spec: FeatureSpec) -> t
 
 def extract_features(encoder: CrateEncoder, data: DataSection, split: str, spec: FeatureSpec,
                      progress: Progress | None = None) -> FeatureSet:
-    """Features and labels of every sample of `split`, the same on every rank."""
+    """Features and labels of every sample of `split`, the same on every rank; a stop
+    signal (SIGTERM, SIGUSR1) ends it at the next batch, exit 3."""
     device = dist.get_dist_info().device
     encoder.eval().to(device)
     feats, labels, positions = [], [], []
-    for batch, pos in eval_batches(data, split, spec.img_size, progress):
-        feats.append(_encode(encoder, batch.model_input(device), spec).cpu())
-        labels.append(batch.labels.cpu())
-        positions.append(pos)
+    with PreemptionFlag() as stop:  # every rank yields as many batches: agreed at each
+        for batch, pos in eval_batches(data, split, spec.img_size, progress):
+            if dist.all_reduce_any(stop.requested):
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
+                raise CrateMAEError(f"stopped by {name} while extracting the features of "
+                                    f"data.{split}; run the same command again",
+                                    exit_code=EXIT_REQUEUE)
+            feats.append(_encode(encoder, batch.model_input(device), spec).cpu())
+            labels.append(batch.labels.cpu())
+            positions.append(pos)
     local = (torch.cat(positions), torch.cat(feats), torch.cat(labels))
     gathered = [dist.all_gather_tensors(t.to(dist.comm_device())) for t in local]
     pos, f, y = (torch.cat(parts).cpu() for parts in gathered)

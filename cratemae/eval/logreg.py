@@ -8,7 +8,7 @@ scores gathered, which gives the same choice as one process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from cratemae.distributed import dist
 from cratemae.eval.classify import topk_correct
 
-__all__ = ["LinearFit", "fit_logreg", "holdout_split", "select_weight_decay"]
+__all__ = ["FitStopped", "LinearFit", "fit_logreg", "holdout_split", "select_weight_decay"]
+
+
+class FitStopped(Exception):
+    """A fit left at an L-BFGS evaluation because `stop()` said so (a stop signal)."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,10 @@ def _work_dtype(device: torch.device) -> torch.dtype:
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
-               max_iter: int, device: torch.device) -> LinearFit:
-    """Fit on (N, d) features and (N,) labels."""
+               max_iter: int, device: torch.device,
+               stop: Callable[[], bool] | None = None) -> LinearFit:
+    """Fit on (N, d) features and (N,) labels; `FitStopped` as soon as `stop()` is true
+    (checked at every loss evaluation)."""
     dtype = _work_dtype(device)
     x, y = x.to(device, dtype), y.to(device)
     mean, std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)
@@ -58,6 +64,8 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay:
                             line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
+        if stop is not None and stop():
+            raise FitStopped
         opt.zero_grad()
         loss = F.cross_entropy(z @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
         loss.backward()
@@ -76,12 +84,13 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
 
 def select_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int,
                         grid: Sequence[float], fraction: float, seed: int, max_iter: int,
-                        device: torch.device) -> list[float]:
+                        device: torch.device, stop: Callable[[], bool] | None = None
+                        ) -> list[float]:
     """Held-out top-1 (percent) for each weight decay in `grid`; rank r fits grid[r::world]."""
     fit_idx, held_idx = holdout_split(len(y), fraction, seed)
     info = dist.get_dist_info()
     scores = torch.zeros(len(grid), dtype=torch.float64)
     for i in range(info.rank, len(grid), info.world_size):
-        fit = fit_logreg(x[fit_idx], y[fit_idx], num_classes, grid[i], max_iter, device)
+        fit = fit_logreg(x[fit_idx], y[fit_idx], num_classes, grid[i], max_iter, device, stop)
         scores[i] = fit.accuracy(x[held_idx], y[held_idx])[0]
     return dist.all_reduce_sum(scores.to(dist.comm_device())).cpu().tolist()

@@ -14,6 +14,7 @@ fewer; the protocol; the checkpoint, by path and SHA-256; the recipe).
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,12 @@ from cratemae.checkpoints import Resume
 from cratemae.data import build_data
 from cratemae.distributed import dist
 from cratemae.distributed.precision import resolve_precision
-from cratemae.errors import BadInputError
+from cratemae.errors import EXIT_REQUEUE, BadInputError, CrateMAEError
 from cratemae.eval.classify import Progress, classify
 from cratemae.eval.embeddings import read_probe_pair
 from cratemae.eval.features import CACHE_FORMAT, FeatureSet, FeatureSpec, cached_features
 from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
-from cratemae.eval.logreg import fit_logreg, select_weight_decay
+from cratemae.eval.logreg import FitStopped, fit_logreg, select_weight_decay
 from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
@@ -208,10 +209,18 @@ def _fit_and_score(recipe: Recipe, sets: dict[str, FeatureSet], num_classes: int
              "of data.train (L-BFGS, %d x %d features, up to %d iterations each)", len(grid),
              *train.features.shape, p.max_iter)
     scores: list[float] = []
+
+    def stop() -> bool:
+        return run.preempt.requested
+
     for start in range(0, len(grid), run.info.world_size):  # one fit per rank at a time
         part = grid[start : start + run.info.world_size]
-        scores += select_weight_decay(train.features, train.labels, num_classes, part,
-                                      p.holdout_fraction, recipe.run.seed, p.max_iter, device)
+        try:
+            scores += select_weight_decay(train.features, train.labels, num_classes, part,
+                                          p.holdout_fraction, recipe.run.seed, p.max_iter,
+                                          device, stop)
+        except FitStopped:
+            raise _stopped(run, f"fit {start + 1} of {fits}") from None
         for j, (wd, score) in enumerate(zip(part, scores[start:], strict=True)):
             log.info("weight decay %g: held-out top-1 %.2f%% (fit %d of %d)", wd, score,
                      start + j + 1, fits)
@@ -220,8 +229,11 @@ def _fit_and_score(recipe: Recipe, sets: dict[str, FeatureSet], num_classes: int
     _warn_at_edge(grid, scores, best)
     log.info("weight decay %g chosen; refitting on all %d training images (fit %d of %d)",
              grid[best], len(train.labels), fits, fits)
-    fit = fit_logreg(train.features, train.labels, num_classes, p.weight_decays[best],
-                     p.max_iter, device)
+    try:
+        fit = fit_logreg(train.features, train.labels, num_classes, p.weight_decays[best],
+                         p.max_iter, device, stop)
+    except FitStopped:
+        raise _stopped(run, f"fit {fits} of {fits}") from None
     on_progress("fit", fits, fits)
     top1, top5 = fit.accuracy(val.features, val.labels)
     return {"top1": top1, "top5": top5, "weight_decay": p.weight_decays[best],
@@ -230,6 +242,14 @@ def _fit_and_score(recipe: Recipe, sets: dict[str, FeatureSet], num_classes: int
             "train_images": len(train.labels), "val_images": len(val.labels),
             "feature_dim": int(train.features.shape[1]),
             "features_from_cache": train.from_cache and val.from_cache}
+
+
+def _stopped(run: RunSetup, where: str) -> CrateMAEError:
+    """The error (exit 3, as a stopped training run) of a probe stopped by a signal during
+    its fits: the same command fits again, on the features cached (or given)."""
+    name = signal.Signals(run.preempt.signum or signal.SIGTERM).name
+    return CrateMAEError(f"stopped by {name} during {where}; run the same command again to "
+                         "fit from the first", exit_code=EXIT_REQUEUE)
 
 
 def _warn_at_edge(grid: tuple[float, ...], scores: list[float], best: int) -> None:
