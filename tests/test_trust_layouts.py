@@ -268,6 +268,26 @@ def test_a_shards_json_listing_a_tar_twice_or_leaving_one_out_is_refused(tmp_pat
     assert [s.count for s in resolve_source(str(d), "train").shards] == [3, 4, 5]
 
 
+def test_one_tar_reached_twice_is_refused(tmp_path):
+    """A shard that is a link to another (its counts agree, so shards.json holds), or a list
+    naming one tar twice, read its samples twice (12 rows, 7 distinct keys, exit 0)."""
+    d = tmp_path / "s"
+    make_shards(d, [3, 3])
+    (d / "train-000001.tar").unlink()
+    (d / "train-000001.tar").symlink_to(d / "train-000000.tar")
+    with pytest.raises(BadInputError, match=r"^data.train: .*train-000001.tar and .*"
+                       r"train-000000.tar are one file; its samples would be read twice$"):
+        resolve_source(str(d), "train")
+    one = str(tmp_path / "s" / "train-000000.tar")
+    with pytest.raises(BadInputError, match=r"are one file"):
+        resolve_source([one, one], "train")
+    with pytest.raises(BadInputError, match=r"are one file"):
+        resolve_source([one, str(tmp_path / "s" / "." / "train-000000.tar")], "train")
+    (d / "train-000001.tar").unlink()
+    make_shards(tmp_path / "t", [3, 3])
+    assert len(resolve_source(str(tmp_path / "t"), "train").shards) == 2
+
+
 def test_a_fifo_named_as_a_shard_is_refused_not_skipped(tmp_path):
     """A `.tar` in a data folder that is a FIFO would make the epoch a shard short if it
     were skipped, and would block forever if it were opened: it is refused by name."""

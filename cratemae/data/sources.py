@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -95,9 +96,27 @@ def resolve_source(spec: str | list[str] | None, split: str) -> Source:
     shards = tuple(s for p in parts for s in p.shards)
     if not shards:
         raise BadInputError(f"data.{split} = {spec!r}: no shards or images found")
+    _refuse_one_file_twice(shards, split)
     names = next((p.class_names for p in parts if p.class_names is not None), None)
     return Source(shards, next(iter(classes), None), all(p.random_access for p in parts),
                   names)
+
+
+def _refuse_one_file_twice(shards: tuple[Shard, ...], split: str) -> None:
+    """Two local tar shards that are one file (a link, a path spelled twice, a list naming it
+    twice) would have its samples read twice: bad input naming both."""
+    seen: dict[tuple[int, int], int] = {}
+    for i, s in enumerate(shards):
+        if s.files is not None or s.records is not None or is_remote(s.url):
+            continue
+        try:
+            st = os.stat(s.url)
+        except OSError:
+            continue  # a missing tar is the reader's to report
+        first = seen.setdefault((st.st_dev, st.st_ino), i)
+        if first != i:
+            raise BadInputError(f"data.{split}: {s.url} and {shards[first].url} are one file; "
+                                "its samples would be read twice")
 
 
 def _resolve_one(spec: str, split: str) -> Source:

@@ -245,6 +245,25 @@ def _key_pieces(pieces: list[_Piece]) -> Iterator[tuple[np.ndarray, np.ndarray]]
         yield data, offsets - offsets[0]
 
 
+def _say_repeated_keys(pieces: list[_Piece]) -> None:
+    """Warn when sample keys repeat: a shard copied over another (the same images twice) or
+    shards that number their keys alike. Hashes, 8 bytes a sample, not the keys."""
+    def keys() -> Iterator[bytes]:
+        for data, offsets in _key_pieces(pieces):
+            raw = data.tobytes()
+            yield from (raw[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(),
+                                                 strict=True))
+
+    hashes = np.fromiter((hash(k) for k in keys()), dtype=np.int64)
+    ordered = np.sort(hashes)
+    twice = ordered[1:][ordered[1:] == ordered[:-1]]
+    if twice.size:
+        key = next(k for k in keys() if hash(k) == twice[0])
+        log.warning("%d of the %d sample keys repeat an earlier one (first %r): the data holds "
+                    "those samples more than once, or its shards number their keys alike",
+                    twice.size, hashes.size, key.decode("utf-8", "surrogateescape"))
+
+
 def assemble(out: Path, files: list[Path], layers: tuple[int, ...], fmt: str,
              meta: dict[str, Any], *, num_samples: int) -> dict[str, Any]:
     """The chunk `files` (of every rank) -> `out` ("safetensors" file or "npy" directory),
@@ -269,6 +288,7 @@ def assemble(out: Path, files: list[Path], layers: tuple[int, ...], fmt: str,
         raise BadInputError(f"{data}: a sample has label {top}, but its class list names "
                             f"{len(classes)} classes (labels 0..{len(classes) - 1}): the "
                             "labels and the class list disagree")
+    _say_repeated_keys(pieces)
     names = ["features", *[layer_name(i) for i in layers]]
     tensors = [TensorStream(x, np.dtype("float32"), (n, dim), _stream(pieces, x)) for x in names]
     if labelled:
