@@ -117,6 +117,28 @@ def test_a_pth_asking_for_other_globals_is_refused(reference, tmp_path, zip_form
     assert not (tmp_path / "out").exists()
 
 
+class _Runs:
+    """A pickle that would call `eval` on load."""
+
+    def __reduce__(self):
+        return (eval, ("1 + 1",))
+
+
+def test_a_protocol_4_pickle_is_refused_naming_its_global(tmp_path) -> None:
+    """torch's reader stops at protocol 4's FRAME opcode, before it names the global, and
+    its warning and message came out as they were (two lines, cut mid-sentence)."""
+    import pickle
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps(_Runs(), protocol=4))
+    run = cli("import-authors", path, "--out", tmp_path / "out")
+    assert run.exit_code == 2
+    assert run.stderr == (f"error: {path}: refused: the file asks to load builtins.eval; only "
+                          "argparse.Namespace is allowed (weights_only=True, no unsafe "
+                          "fallback)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_the_number_of_heads_a_width_unlike_the_preset_is_an_error(
     reference, tmp_path
 ) -> None:

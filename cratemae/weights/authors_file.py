@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ def _read_pickle(path: Path) -> Any:
     if refused:
         raise _refusal(path, refused)
     try:
-        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged or foreign file fails in many ways inside torch.load
         # Files in the legacy (non-zip) format can only be asked by loading them, and the
@@ -67,7 +69,43 @@ def _read_pickle(path: Path) -> Any:
         wanted = re.search(r"GLOBAL ([\w.]+)", str(err))
         if wanted:
             raise _refusal(path, [wanted.group(1)]) from None
+        unsafe = sorted(set(_legacy_globals(path)) - allowed - _torch_allowed())
+        if unsafe:  # protocol 4: torch stops at its FRAME opcode, before naming the global
+            raise _refusal(path, unsafe) from None
         raise BadInputError(f"{path}: not a loadable PyTorch checkpoint ({_short(err)})") from None
+
+
+def _legacy_globals(path: Path) -> list[str]:
+    """The globals a plain (not zip) pickle asks for, from its opcodes (`pickletools`
+    decodes them and runs nothing): GLOBAL's argument, or the last two strings before a
+    STACK_GLOBAL (protocol 4). A file that is no pickle gives what was found before it
+    broke off."""
+    import pickletools
+
+    found: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    strings.append(arg)
+    except Exception:  # not a pickle, or a damaged one: torch.load says what is wrong
+        pass
+    return found
+
+
+def _torch_allowed() -> set[str]:
+    """The globals torch's weights-only reader takes (tensors, storages, OrderedDict)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return set(_get_allowed_globals())
+    except Exception:  # another torch: name every global the file asks for
+        return set()
 
 
 def _refusal(path: Path, names: list[str]) -> BadInputError:
