@@ -231,22 +231,24 @@ def test_labels_past_the_class_list_are_refused_and_nothing_written(ckpt, tmp_pa
     assert read_embeddings(out)[1].tolist() == [0, 1, 2, 3]
 
 
-def test_repeated_sample_keys_are_said(ckpt, tmp_path) -> None:
+def test_repeated_sample_keys_are_said(ckpt, tmp_path, caplog) -> None:
     """A shard copied over another (the counts agree) made a file of 4 rows and 2 distinct
     keys with no word: embed cannot tell a copy from shards that number their keys alike,
     so it says so, with the first repeated key; distinct keys say nothing."""
+    import logging
     import shutil
 
     from data_fixtures import make_shards
 
     make_shards(tmp_path / "d", [2, 2], prefix="val")
+    caplog.set_level(logging.WARNING, logger="cratemae")
     run = cli(*_base(tmp_path / "d", ckpt, tmp_path / "a.safetensors"))
-    assert run.exit_code == 0 and "sample keys repeat" not in run.stderr, run.output
+    assert run.exit_code == 0 and "sample keys repeat" not in caplog.text, run.output
     shutil.copyfile(tmp_path / "d" / "val-000000.tar", tmp_path / "d" / "val-000001.tar")
     run = cli(*_base(tmp_path / "d", ckpt, tmp_path / "b.safetensors"))
     assert run.exit_code == 0, run.output
-    assert ("warning: 2 of the 4 sample keys repeat an earlier one (first 's0_0'): the data "
-            "holds those samples more than once") in run.stderr
+    assert ("2 of the 4 sample keys repeat an earlier one (first 's0_0'): the data holds those "
+            "samples more than once") in caplog.text
 
 
 # --- the probe's words --------------------------------------------------------------------

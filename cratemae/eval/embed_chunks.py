@@ -255,13 +255,14 @@ def _say_repeated_keys(pieces: list[_Piece]) -> None:
                                                  strict=True))
 
     hashes = np.fromiter((hash(k) for k in keys()), dtype=np.int64)
-    ordered = np.sort(hashes)
-    twice = ordered[1:][ordered[1:] == ordered[:-1]]
-    if twice.size:
-        key = next(k for k in keys() if hash(k) == twice[0])
+    unique, first_row, counts = np.unique(hashes, return_index=True, return_counts=True)
+    if unique.size < hashes.size:
+        row = int(first_row[counts > 1].min())  # the first key, in data-set order, seen again
+        key = next(k for i, k in enumerate(keys()) if i == row)
         log.warning("%d of the %d sample keys repeat an earlier one (first %r): the data holds "
                     "those samples more than once, or its shards number their keys alike",
-                    twice.size, hashes.size, key.decode("utf-8", "surrogateescape"))
+                    hashes.size - unique.size, hashes.size,
+                    key.decode("utf-8", "surrogateescape"))
 
 
 def assemble(out: Path, files: list[Path], layers: tuple[int, ...], fmt: str,
