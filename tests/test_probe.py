@@ -197,7 +197,7 @@ def test_demo_pretraining_learns_features_the_probe_scores_above_its_initialisat
 
 
 def test_the_probe_warns_when_the_chosen_weight_decay_is_at_the_edge(caplog) -> None:
-    from cratemae.tasks.probe import _warn_at_edge
+    from cratemae.eval.logreg import _warn_at_edge
 
     grid = (1e-4, 1e-3, 1e-2)
     with caplog.at_level(logging.WARNING, logger="cratemae"):

@@ -32,7 +32,7 @@ from cratemae.eval.classify import Progress, classify
 from cratemae.eval.embeddings import read_probe_pair
 from cratemae.eval.features import CACHE_FORMAT, FeatureSet, FeatureSpec, cached_features
 from cratemae.eval.labels import check_labels, class_names, resolve_num_classes
-from cratemae.eval.logreg import FitStopped, fit_logreg, select_weight_decay
+from cratemae.eval.logreg import FitStopped, best_of_grid, fit_logreg, select_weight_decay
 from cratemae.fs import atomic_write_json
 from cratemae.model import CrateEncoder
 from cratemae.recipe import Recipe, dump_recipe
@@ -209,29 +209,24 @@ def _fit_and_score(recipe: Recipe, sets: dict[str, FeatureSet], num_classes: int
              "of data.train (L-BFGS, %d x %d features, up to %d iterations each)", len(grid),
              *train.features.shape, p.max_iter)
     scores: list[float] = []
-
-    def stop() -> bool:
-        return run.preempt.requested
-
     for start in range(0, len(grid), run.info.world_size):  # one fit per rank at a time
         part = grid[start : start + run.info.world_size]
         try:
             scores += select_weight_decay(train.features, train.labels, num_classes, part,
                                           p.holdout_fraction, recipe.run.seed, p.max_iter,
-                                          device, stop)
+                                          device, run.preempt)
         except FitStopped:
             raise _stopped(run, f"fit {start + 1} of {fits}") from None
         for j, (wd, score) in enumerate(zip(part, scores[start:], strict=True)):
             log.info("weight decay %g: held-out top-1 %.2f%% (fit %d of %d)", wd, score,
                      start + j + 1, fits)
         on_progress("fit", len(scores), fits)
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # ties: the first
-    _warn_at_edge(grid, scores, best)
+    best = best_of_grid(grid, scores)
     log.info("weight decay %g chosen; refitting on all %d training images (fit %d of %d)",
              grid[best], len(train.labels), fits, fits)
     try:
         fit = fit_logreg(train.features, train.labels, num_classes, p.weight_decays[best],
-                         p.max_iter, device, stop)
+                         p.max_iter, device, run.preempt)
     except FitStopped:
         raise _stopped(run, f"fit {fits} of {fits}") from None
     on_progress("fit", fits, fits)
@@ -250,22 +245,6 @@ def _stopped(run: RunSetup, where: str) -> CrateMAEError:
     name = signal.Signals(run.preempt.signum or signal.SIGTERM).name
     return CrateMAEError(f"stopped by {name} during {where}; run the same command again to "
                          "fit from the first", exit_code=EXIT_REQUEUE)
-
-
-def _warn_at_edge(grid: tuple[float, ...], scores: list[float], best: int) -> None:
-    """Warn when the chosen weight decay is the grid's smallest or largest and beats its
-    neighbour: the best one may lie beyond the grid."""
-    ordered = sorted(range(len(grid)), key=lambda i: grid[i])
-    pos = ordered.index(best)
-    if len(grid) < 2 or pos not in (0, len(grid) - 1):
-        return
-    neighbour = ordered[1] if pos == 0 else ordered[-2]
-    if scores[best] > scores[neighbour] and dist.is_main_process():
-        side = "smallest" if pos == 0 else "largest"
-        log.warning("the chosen weight decay %g is the %s of probe.weight_decays %s and "
-                    "beats its neighbour (%.2f%% vs %.2f%%): a better one may lie beyond; "
-                    "extend the grid (--set 'probe.weight_decays=[...]')", grid[best], side,
-                    list(grid), scores[best], scores[neighbour])
 
 
 class LinearProbeModel(nn.Module):
